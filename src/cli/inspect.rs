@@ -1,0 +1,249 @@
+//! `dsflash inspect --model PATH [--json]`
+
+use crate::model::config::{AttnKind, ModelConfig};
+use crate::model::layout::{Component, bytes_per_token};
+use crate::model::Checkpoint;
+use clap::Args;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::io::Write;
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// Checkpoint directory or Hugging Face repo id (resolved in the local hub cache).
+    #[arg(long, default_value = crate::hub::DEFAULT_MODEL)]
+    pub model: String,
+    /// One JSON object on stdout instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize, Debug)]
+pub struct LayerInfo {
+    pub layer: usize,
+    pub name: String,
+    pub compress_ratio: usize,
+    pub attention: &'static str,
+    pub routing: &'static str,
+}
+
+/// What `inspect` reports (the `--json` object).
+#[derive(Serialize, Debug)]
+pub struct InspectReport {
+    pub model_dir: String,
+    pub tensor_count: usize,
+    pub total_bytes: u64,
+    pub bytes_per_token: u64,
+    pub shards: usize,
+    pub dtype_counts: BTreeMap<String, usize>,
+    pub components: BTreeMap<String, u64>,
+    pub layers: Vec<LayerInfo>,
+    pub extra_tensors: Vec<String>,
+    pub config: ConfigSummary,
+}
+
+#[derive(Serialize, Debug)]
+pub struct ConfigSummary {
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_nextn_predict_layers: usize,
+    pub num_attention_heads: usize,
+    pub head_dim: usize,
+    pub qk_rope_head_dim: usize,
+    pub q_lora_rank: usize,
+    pub o_groups: usize,
+    pub o_lora_rank: usize,
+    pub vocab_size: usize,
+    pub n_routed_experts: usize,
+    pub num_experts_per_tok: usize,
+    pub moe_intermediate_size: usize,
+    pub sliding_window: usize,
+    pub index_topk: usize,
+    pub index_n_heads: usize,
+    pub index_head_dim: usize,
+    pub hc_mult: usize,
+    pub max_position_embeddings: usize,
+}
+
+impl ConfigSummary {
+    fn of(c: &ModelConfig) -> Self {
+        ConfigSummary {
+            hidden_size: c.hidden_size,
+            num_hidden_layers: c.num_hidden_layers,
+            num_nextn_predict_layers: c.num_nextn_predict_layers,
+            num_attention_heads: c.num_attention_heads,
+            head_dim: c.head_dim,
+            qk_rope_head_dim: c.qk_rope_head_dim,
+            q_lora_rank: c.q_lora_rank,
+            o_groups: c.o_groups,
+            o_lora_rank: c.o_lora_rank,
+            vocab_size: c.vocab_size,
+            n_routed_experts: c.n_routed_experts,
+            num_experts_per_tok: c.num_experts_per_tok,
+            moe_intermediate_size: c.moe_intermediate_size,
+            sliding_window: c.sliding_window,
+            index_topk: c.index_topk,
+            index_n_heads: c.index_n_heads,
+            index_head_dim: c.index_head_dim,
+            hc_mult: c.hc_mult,
+            max_position_embeddings: c.max_position_embeddings,
+        }
+    }
+}
+
+impl InspectReport {
+    pub fn of(ck: &Checkpoint) -> Self {
+        let cfg = &ck.config;
+        let mut dtype_counts = BTreeMap::new();
+        for e in ck.tensors.values() {
+            *dtype_counts.entry(format!("{:?}", e.dtype)).or_insert(0) += 1;
+        }
+        // Components from the inventory, measured on the files' actual entries.
+        let mut components: BTreeMap<String, u64> =
+            Component::ALL.iter().map(|c| (c.name().to_string(), 0)).collect();
+        for spec in &ck.expected {
+            if let Some(e) = ck.entry(&spec.name) {
+                *components.entry(spec.component.name().into()).or_default() += (e.end - e.start) as u64;
+            }
+        }
+        let extra_bytes: u64 = ck
+            .extra
+            .iter()
+            .filter_map(|n| ck.entry(n))
+            .map(|e| (e.end - e.start) as u64)
+            .sum();
+        if extra_bytes > 0 {
+            components.insert("unused_extra".into(), extra_bytes);
+        }
+        let layers = (0..cfg.total_blocks())
+            .map(|l| LayerInfo {
+                layer: l,
+                name: if l < cfg.num_hidden_layers {
+                    format!("layers.{l}")
+                } else {
+                    format!("mtp.{}", l - cfg.num_hidden_layers)
+                },
+                compress_ratio: cfg.compress_ratio(l),
+                attention: cfg.attn_kind(l).name(),
+                routing: cfg.routing(l).name(),
+            })
+            .collect();
+        InspectReport {
+            model_dir: ck.dir.display().to_string(),
+            tensor_count: ck.tensors.len(),
+            total_bytes: ck.payload_bytes(),
+            bytes_per_token: bytes_per_token(cfg, &ck.expected),
+            shards: ck.shards.len(),
+            dtype_counts,
+            components,
+            layers,
+            extra_tensors: ck.extra.clone(),
+            config: ConfigSummary::of(cfg),
+        }
+    }
+}
+
+/// 159609485896 -> "159,609,485,896".
+pub fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn gib(n: u64) -> String {
+    format!("{:.2} GiB", n as f64 / (1u64 << 30) as f64)
+}
+
+pub fn run(a: &InspectArgs, verbose: bool) -> anyhow::Result<()> {
+    let dir = crate::hub::resolve_model(&a.model)?;
+    let ck = Checkpoint::open(&dir)?;
+    if verbose && !ck.extra.is_empty() {
+        eprintln!(
+            "note: ignoring {} tensors the model does not use (first: {})",
+            ck.extra.len(),
+            ck.extra[0]
+        );
+    }
+    let r = InspectReport::of(&ck);
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        serde_json::to_writer(&mut out, &r)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    let c = &ck.config;
+    writeln!(out, "model       {}", r.model_dir)?;
+    writeln!(
+        out,
+        "config      hidden {}, {} layers + {} MTP, {} heads x {} (rope {}), q_lora {}, o {} x {}, vocab {}",
+        c.hidden_size,
+        c.num_hidden_layers,
+        c.num_nextn_predict_layers,
+        c.num_attention_heads,
+        c.head_dim,
+        c.qk_rope_head_dim,
+        c.q_lora_rank,
+        c.o_groups,
+        c.o_lora_rank,
+        c.vocab_size
+    )?;
+    writeln!(
+        out,
+        "moe         {} routed experts (top-{}, x{}, {}) + {} shared, inter {}",
+        c.n_routed_experts,
+        c.num_experts_per_tok,
+        c.routed_scaling_factor,
+        c.scoring_func,
+        c.n_shared_experts,
+        c.moe_intermediate_size
+    )?;
+    writeln!(
+        out,
+        "attention   window {}, indexer top-{} ({} heads x {}), mHC x{} ({} Sinkhorn iters), context {}",
+        c.sliding_window,
+        c.index_topk,
+        c.index_n_heads,
+        c.index_head_dim,
+        c.hc_mult,
+        c.hc_sinkhorn_iters,
+        c.max_position_embeddings
+    )?;
+    let count = |k: AttnKind| (0..c.num_hidden_layers).filter(|&l| c.attn_kind(l) == k).count();
+    writeln!(
+        out,
+        "layers      {} sliding, {} CSA (ratio 4 + indexer), {} HCA (ratio 128); {} hash-routed",
+        count(AttnKind::Window),
+        count(AttnKind::Csa),
+        count(AttnKind::Hca),
+        c.num_hash_layers
+    )?;
+    for l in &r.layers {
+        writeln!(
+            out,
+            "  {:<10} ratio {:>3}  {:<7} {} routing",
+            l.name, l.compress_ratio, l.attention, l.routing
+        )?;
+    }
+    let dt: Vec<String> = r.dtype_counts.iter().map(|(k, v)| format!("{k} {}", thousands(*v as u64))).collect();
+    writeln!(out, "tensors     {} in {} shards ({})", thousands(r.tensor_count as u64), r.shards, dt.join(", "))?;
+    writeln!(out, "bytes       {} ({})", thousands(r.total_bytes), gib(r.total_bytes))?;
+    for (k, v) in &r.components {
+        writeln!(out, "  {:<20} {:>19} ({})", k, thousands(*v), gib(*v))?;
+    }
+    writeln!(
+        out,
+        "per token   {} bytes read per decoded token at batch 1 ({})",
+        thousands(r.bytes_per_token),
+        gib(r.bytes_per_token)
+    )?;
+    if !ck.extra.is_empty() {
+        writeln!(out, "unused      {} extra tensors ignored (--verbose lists the first)", ck.extra.len())?;
+    }
+    Ok(())
+}

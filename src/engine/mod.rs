@@ -1,0 +1,1 @@
+//! The model's forward pass and decode state.

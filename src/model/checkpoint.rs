@@ -1,0 +1,446 @@
+//! Opening a checkpoint directory: `config.json`, `model.safetensors.index.json` and every
+//! shard, each mmapped once. Headers are parsed by the `safetensors` crate from the mapped
+//! bytes; the tensors are then checked against the inventory the config implies (presence,
+//! dtype, shape, byte length) and every problem is reported at once.
+
+use super::config::{ConfigError, ModelConfig};
+use super::layout::{TensorSpec, inventory};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensorError, SafeTensors};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::ops::Deref;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+pub const SINGLE_FILE: &str = "model.safetensors";
+
+/// Why a checkpoint could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("{dir}: {msg}")]
+    Dir { dir: String, msg: String },
+    #[error("{file}: {msg}")]
+    File { file: String, msg: String },
+    /// Problems found while validating; each string names a file and/or tensor.
+    #[error("{}", format_problems(.dir, .problems))]
+    Invalid { dir: String, problems: Vec<String> },
+}
+
+fn format_problems(dir: &str, problems: &[String]) -> String {
+    match problems {
+        [one] => one.clone(),
+        many => {
+            let mut s = format!("{dir}: {} problems in the checkpoint:", many.len());
+            for p in many.iter().take(50) {
+                s.push_str("\n  - ");
+                s.push_str(p);
+            }
+            if many.len() > 50 {
+                s.push_str(&format!("\n  - ... and {} more", many.len() - 50));
+            }
+            s
+        }
+    }
+}
+
+/// A byte range of a mapped shard. Cheap to clone; keeps the mapping alive.
+#[derive(Clone)]
+pub struct Bytes {
+    map: Arc<Mmap>,
+    start: usize,
+    len: usize,
+}
+
+impl Bytes {
+    /// A sub-range (relative to this range).
+    pub fn slice(&self, start: usize, len: usize) -> Bytes {
+        assert!(start + len <= self.len, "slice out of range");
+        Bytes {
+            map: self.map.clone(),
+            start: self.start + start,
+            len,
+        }
+    }
+}
+
+impl Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.map[self.start..self.start + self.len]
+    }
+}
+
+impl std::fmt::Debug for Bytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Bytes({}..+{})", self.start, self.len)
+    }
+}
+
+/// One mapped shard file.
+pub struct Shard {
+    pub path: PathBuf,
+    pub file_name: String,
+    map: Arc<Mmap>,
+    /// 8 + JSON header length: where the data section starts.
+    pub data_start: usize,
+    pub file_len: u64,
+}
+
+/// Where one tensor lives.
+#[derive(Debug, Clone)]
+pub struct TensorEntry {
+    pub shard: usize,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    /// Absolute byte offsets inside the shard file.
+    pub start: usize,
+    pub end: usize,
+}
+
+/// An opened, validated checkpoint.
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub config: ModelConfig,
+    pub shards: Vec<Shard>,
+    pub tensors: HashMap<String, TensorEntry>,
+    /// Tensors present in the files that the model does not use (e.g. later releases'
+    /// speculative modules), sorted.
+    pub extra: Vec<String>,
+    /// The inventory the config implies (same order as `layout::inventory`).
+    pub expected: Vec<TensorSpec>,
+}
+
+#[derive(serde::Deserialize)]
+struct IndexFile {
+    weight_map: BTreeMap<String, String>,
+}
+
+fn dtype_name(d: Dtype) -> String {
+    format!("{d:?}")
+}
+
+impl Checkpoint {
+    /// Open and validate `dir`. Nothing is read beyond the headers.
+    pub fn open(dir: &Path) -> Result<Checkpoint, CheckpointError> {
+        let dir_s = dir.display().to_string();
+        let derr = |msg: String| CheckpointError::Dir {
+            dir: dir_s.clone(),
+            msg,
+        };
+        let meta = std::fs::metadata(dir).map_err(|e| derr(format!("cannot open model directory: {e}")))?;
+        if !meta.is_dir() {
+            return Err(derr("is not a directory (expected a checkpoint folder)".into()));
+        }
+        let config_path = dir.join("config.json");
+        let index_path = dir.join(INDEX_FILE);
+        let single_path = dir.join(SINGLE_FILE);
+        if !config_path.exists() && !index_path.exists() && !single_path.exists() {
+            return Err(derr(format!(
+                "not a checkpoint: no config.json and no {INDEX_FILE} (is the download complete?)"
+            )));
+        }
+        let config = ModelConfig::from_file(&config_path)?;
+
+        // Which tensors live in which file.
+        let weight_map: BTreeMap<String, String> = if index_path.exists() {
+            let text = std::fs::read(&index_path).map_err(|e| CheckpointError::File {
+                file: index_path.display().to_string(),
+                msg: format!("cannot read: {e}"),
+            })?;
+            let idx: IndexFile = serde_json::from_slice(&text).map_err(|e| CheckpointError::File {
+                file: index_path.display().to_string(),
+                msg: format!("not a valid safetensors index: {e}"),
+            })?;
+            idx.weight_map
+        } else if single_path.exists() {
+            BTreeMap::new()
+        } else {
+            return Err(derr(format!("no {INDEX_FILE} and no {SINGLE_FILE}")));
+        };
+        let mut shard_names: Vec<String> = weight_map.values().cloned().collect();
+        shard_names.sort();
+        shard_names.dedup();
+        if weight_map.is_empty() {
+            shard_names.push(SINGLE_FILE.to_string());
+        }
+
+        let mut problems = Vec::new();
+        let mut shards = Vec::new();
+        let mut tensors: HashMap<String, TensorEntry> = HashMap::new();
+        for name in &shard_names {
+            let path = dir.join(name);
+            let listed = weight_map.values().filter(|v| *v == name).count();
+            match map_shard(&path, name, listed) {
+                Err(p) => problems.push(p),
+                Ok((shard, entries)) => {
+                    let idx = shards.len();
+                    for (tname, mut e) in entries {
+                        e.shard = idx;
+                        if let Some(prev) = tensors.insert(tname.clone(), e) {
+                            problems.push(format!(
+                                "{name}: tensor {tname} also appears in {}",
+                                shard_names_of(&shards, prev.shard)
+                            ));
+                        }
+                    }
+                    shards.push(shard);
+                }
+            }
+        }
+        // The index must agree with the shard headers.
+        let open_shards: Vec<&str> = shards.iter().map(|s| s.file_name.as_str()).collect();
+        for (tname, file) in &weight_map {
+            if !open_shards.contains(&file.as_str()) {
+                continue; // the shard itself is already reported
+            }
+            match tensors.get(tname) {
+                Some(e) if shards[e.shard].file_name == *file => {}
+                Some(e) => problems.push(format!(
+                    "{INDEX_FILE} puts tensor {tname} in {file}, but it is in {}",
+                    shards[e.shard].file_name
+                )),
+                None => problems.push(format!(
+                    "{file}: tensor {tname} is listed in {INDEX_FILE} but missing from the shard's header"
+                )),
+            }
+        }
+
+        let expected = inventory(&config);
+        let mut known = std::collections::HashSet::with_capacity(expected.len());
+        let failed_shards = !problems.is_empty() && shards.len() < shard_names.len();
+        for spec in &expected {
+            known.insert(spec.name.as_str());
+            match tensors.get(&spec.name) {
+                None => {
+                    // A tensor that the index places in a shard we could not open is covered
+                    // by that shard's error already.
+                    let in_failed_shard = weight_map
+                        .get(&spec.name)
+                        .is_some_and(|f| !open_shards.contains(&f.as_str()));
+                    if !in_failed_shard && !(failed_shards && weight_map.is_empty()) {
+                        problems.push(format!(
+                            "tensor {} is missing (expected {} {:?})",
+                            spec.name,
+                            dtype_name(spec.dtype),
+                            spec.shape
+                        ));
+                    }
+                }
+                Some(e) => {
+                    let file = &shards[e.shard].file_name;
+                    if e.dtype != spec.dtype {
+                        problems.push(format!(
+                            "{file}: tensor {} has dtype {}, expected {}",
+                            spec.name,
+                            dtype_name(e.dtype),
+                            dtype_name(spec.dtype)
+                        ));
+                    } else if e.shape != spec.shape {
+                        problems.push(format!(
+                            "{file}: tensor {} has shape {:?}, expected {:?}",
+                            spec.name, e.shape, spec.shape
+                        ));
+                    } else if e.end - e.start != spec.nbytes() {
+                        problems.push(format!(
+                            "{file}: tensor {} holds {} bytes, expected {}",
+                            spec.name,
+                            e.end - e.start,
+                            spec.nbytes()
+                        ));
+                    }
+                }
+            }
+        }
+        if !problems.is_empty() {
+            return Err(CheckpointError::Invalid {
+                dir: dir_s,
+                problems,
+            });
+        }
+        let mut extra: Vec<String> = tensors
+            .keys()
+            .filter(|k| !known.contains(k.as_str()))
+            .cloned()
+            .collect();
+        extra.sort();
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            config,
+            shards,
+            tensors,
+            extra,
+            expected,
+        })
+    }
+
+    /// The bytes of a tensor (zero-copy). Names come from the inventory, which `open`
+    /// validated, so a missing name is a programming error reported as such.
+    pub fn bytes(&self, name: &str) -> Result<Bytes, CheckpointError> {
+        let e = self.tensors.get(name).ok_or_else(|| CheckpointError::Dir {
+            dir: self.dir.display().to_string(),
+            msg: format!("tensor {name} is not in the checkpoint"),
+        })?;
+        let s = &self.shards[e.shard];
+        Ok(Bytes {
+            map: s.map.clone(),
+            start: e.start,
+            len: e.end - e.start,
+        })
+    }
+
+    pub fn entry(&self, name: &str) -> Option<&TensorEntry> {
+        self.tensors.get(name)
+    }
+
+    /// Sum of the payloads of every tensor in the files (extras included).
+    pub fn payload_bytes(&self) -> u64 {
+        self.tensors.values().map(|e| (e.end - e.start) as u64).sum()
+    }
+}
+
+fn shard_names_of(shards: &[Shard], i: usize) -> String {
+    shards
+        .get(i)
+        .map(|s| s.file_name.clone())
+        .unwrap_or_else(|| "another shard".into())
+}
+
+/// Map one shard and parse its header. Errors are one line naming the file.
+fn map_shard(
+    path: &Path,
+    name: &str,
+    listed: usize,
+) -> Result<(Shard, Vec<(String, TensorEntry)>), String> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!(
+                "{name}: shard is missing ({listed} tensors are listed in it by {INDEX_FILE})"
+            ));
+        }
+        Err(e) => return Err(format!("{name}: cannot open: {e}")),
+    };
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("{name}: cannot stat: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("{name}: cannot read: not a regular file"));
+    }
+    let file_len = meta.len();
+    if file_len < 8 {
+        return Err(format!(
+            "{name}: truncated: {file_len} bytes, smaller than a safetensors header"
+        ));
+    }
+    // SAFETY: the file is opened read-only and the mapping is never written through. Another
+    // process truncating it while we run would fault on access; that is the accepted
+    // contract of mmapping model files (llama.cpp and safetensors do the same).
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| format!("{name}: cannot mmap: {e}"))?;
+    let (n, metadata) = SafeTensors::read_metadata(&map).map_err(|e| describe_header_error(name, &map, e))?;
+    let data_start = 8 + n;
+    let mut entries = Vec::new();
+    for (tname, info) in metadata.tensors() {
+        entries.push((
+            tname,
+            TensorEntry {
+                shard: 0,
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                start: data_start + info.data_offsets.0,
+                end: data_start + info.data_offsets.1,
+            },
+        ));
+    }
+    Ok((
+        Shard {
+            path: path.to_path_buf(),
+            file_name: name.to_string(),
+            map: Arc::new(map),
+            data_start,
+            file_len,
+        },
+        entries,
+    ))
+}
+
+/// Turn a `safetensors` header error into one line naming the file and, where the crate
+/// does not, the tensor at fault.
+fn describe_header_error(name: &str, buf: &[u8], e: SafeTensorError) -> String {
+    let header_len = u64::from_le_bytes(buf[..8].try_into().unwrap_or([0; 8]));
+    match e {
+        SafeTensorError::InvalidHeaderLength | SafeTensorError::HeaderTooLarge => format!(
+            "{name}: truncated or corrupt: header claims {header_len} bytes but the file has {}",
+            buf.len()
+        ),
+        SafeTensorError::MetadataIncompleteBuffer => {
+            let want = declared_end(buf).map(|end| end + 8 + header_len as usize);
+            match want {
+                Some(w) if w > buf.len() => format!(
+                    "{name}: truncated: header describes {w} bytes, the file has {} ({} missing)",
+                    buf.len(),
+                    w - buf.len()
+                ),
+                Some(w) => format!(
+                    "{name}: header describes {w} bytes but the file has {} (trailing data or a header that lies)",
+                    buf.len()
+                ),
+                None => format!("{name}: header does not cover the file's data section"),
+            }
+        }
+        SafeTensorError::InvalidOffset(t) => format!(
+            "{name}: tensor {t}: data_offsets overlap, leave a gap, or point past the data section"
+        ),
+        SafeTensorError::TensorInvalidInfo => {
+            let who = mismatched_tensor(buf).unwrap_or_else(|| "a tensor".into());
+            format!("{name}: {who}: byte range does not match its dtype and shape")
+        }
+        SafeTensorError::InvalidHeader(_) => format!("{name}: header is not valid UTF-8"),
+        SafeTensorError::InvalidHeaderDeserialization(err) => {
+            format!("{name}: header is not valid safetensors JSON: {err}")
+        }
+        other => format!("{name}: invalid safetensors header: {other}"),
+    }
+}
+
+/// Parse the raw header JSON (only to diagnose an error the crate reported).
+fn raw_header(buf: &[u8]) -> Option<serde_json::Map<String, serde_json::Value>> {
+    let n = u64::from_le_bytes(buf.get(..8)?.try_into().ok()?) as usize;
+    let text = std::str::from_utf8(buf.get(8..8usize.checked_add(n)?)?).ok()?;
+    match serde_json::from_str(text).ok()? {
+        serde_json::Value::Object(m) => Some(m),
+        _ => None,
+    }
+}
+
+fn declared_end(buf: &[u8]) -> Option<usize> {
+    raw_header(buf)?
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .filter_map(|(_, v)| v.get("data_offsets")?.get(1)?.as_u64())
+        .max()
+        .map(|v| v as usize)
+}
+
+fn mismatched_tensor(buf: &[u8]) -> Option<String> {
+    let h = raw_header(buf)?;
+    for (k, v) in &h {
+        if k == "__metadata__" {
+            continue;
+        }
+        let dtype: Dtype = serde_json::from_value(v.get("dtype")?.clone()).ok()?;
+        let shape: Vec<usize> = serde_json::from_value(v.get("shape")?.clone()).ok()?;
+        let off: (usize, usize) = serde_json::from_value(v.get("data_offsets")?.clone()).ok()?;
+        let n: usize = shape.iter().product::<usize>() * dtype.bitsize() / 8;
+        if off.1.checked_sub(off.0) != Some(n) {
+            return Some(format!(
+                "tensor {k} ({dtype:?} {shape:?} needs {n} bytes, offsets give {})",
+                off.1 as i128 - off.0 as i128
+            ));
+        }
+    }
+    None
+}

@@ -1,0 +1,373 @@
+//! Typed, zero-copy views of every tensor the model uses, by the spec's names (§3).
+//! Large matrices stay in their stored format inside the mmap; the few small F32/BF16
+//! vectors (norm weights, sinks, biases, mHC parameters, `ape`) are decoded to f32 once.
+
+use super::checkpoint::{Bytes, Checkpoint, CheckpointError};
+use super::config::{AttnKind, ModelConfig, Routing};
+use super::formats::{FP4_GROUP, FP8_BLOCK, bf16_at, f32_at, i64_at};
+
+/// A linear layer's weight [rows = out, cols = in] in one of the stored formats.
+#[derive(Clone, Debug)]
+pub enum Weight {
+    /// E4M3 codes [rows, cols] + E8M0 scales [ceil(rows/128), ceil(cols/128)].
+    Fp8 {
+        rows: usize,
+        cols: usize,
+        codes: Bytes,
+        scales: Bytes,
+    },
+    /// Packed E2M1 [rows, cols/2] + E8M0 scales [rows, cols/32].
+    Fp4 {
+        rows: usize,
+        cols: usize,
+        packed: Bytes,
+        scales: Bytes,
+    },
+    /// BF16 [rows, cols].
+    Bf16 { rows: usize, cols: usize, data: Bytes },
+}
+
+impl Weight {
+    pub fn rows(&self) -> usize {
+        match self {
+            Weight::Fp8 { rows, .. } | Weight::Fp4 { rows, .. } | Weight::Bf16 { rows, .. } => *rows,
+        }
+    }
+    pub fn cols(&self) -> usize {
+        match self {
+            Weight::Fp8 { cols, .. } | Weight::Fp4 { cols, .. } | Weight::Bf16 { cols, .. } => *cols,
+        }
+    }
+    /// Bytes this weight occupies in the checkpoint (codes + scales).
+    pub fn stored_bytes(&self) -> usize {
+        match self {
+            Weight::Fp8 { codes, scales, .. } => codes.len() + scales.len(),
+            Weight::Fp4 { packed, scales, .. } => packed.len() + scales.len(),
+            Weight::Bf16 { data, .. } => data.len(),
+        }
+    }
+    /// Rows [r0, r0+n) of this weight as a weight of the same format (zero-copy).
+    /// For FP8 `r0` and `n` must be multiples of 128 (or reach the end).
+    pub fn row_slice(&self, r0: usize, n: usize) -> Weight {
+        match self {
+            Weight::Fp8 {
+                cols,
+                codes,
+                scales,
+                ..
+            } => {
+                debug_assert_eq!(r0 % FP8_BLOCK, 0);
+                let bc = cols.div_ceil(FP8_BLOCK);
+                Weight::Fp8 {
+                    rows: n,
+                    cols: *cols,
+                    codes: codes.slice(r0 * cols, n * cols),
+                    scales: scales.slice(r0 / FP8_BLOCK * bc, n.div_ceil(FP8_BLOCK) * bc),
+                }
+            }
+            Weight::Fp4 {
+                cols,
+                packed,
+                scales,
+                ..
+            } => Weight::Fp4 {
+                rows: n,
+                cols: *cols,
+                packed: packed.slice(r0 * cols / 2, n * cols / 2),
+                scales: scales.slice(r0 * cols / FP4_GROUP, n * cols / FP4_GROUP),
+            },
+            Weight::Bf16 { cols, data, .. } => Weight::Bf16 {
+                rows: n,
+                cols: *cols,
+                data: data.slice(r0 * cols * 2, n * cols * 2),
+            },
+        }
+    }
+}
+
+/// mHC parameters of one site (spec §5.3): fn [mix, hc·D], base [mix], scale [3].
+pub struct HcParams {
+    pub fn_: Vec<f32>,
+    pub base: Vec<f32>,
+    pub scale: Vec<f32>,
+}
+
+/// Compressor (spec §5.6): ape [r, c·d], wkv/wgate [c·d, D], norm [d].
+pub struct CompressorWeights {
+    pub ratio: usize,
+    /// Output row width d (head_dim for the main compressor, index_head_dim for the indexer's).
+    pub dim: usize,
+    pub ape: Vec<f32>,
+    pub wkv: Weight,
+    pub wgate: Weight,
+    pub norm: Vec<f32>,
+}
+
+impl CompressorWeights {
+    /// 2 for the overlapping ratio-4 compressor, 1 otherwise.
+    pub fn coff(&self) -> usize {
+        if self.ratio == 4 { 2 } else { 1 }
+    }
+}
+
+pub struct IndexerWeights {
+    pub wq_b: Weight,
+    pub weights_proj: Weight,
+    pub compressor: CompressorWeights,
+}
+
+pub struct AttnWeights {
+    pub sink: Vec<f32>,
+    pub wq_a: Weight,
+    pub q_norm: Vec<f32>,
+    pub wq_b: Weight,
+    pub wkv: Weight,
+    pub kv_norm: Vec<f32>,
+    pub wo_a: Weight,
+    pub wo_b: Weight,
+    pub compressor: Option<CompressorWeights>,
+    pub indexer: Option<IndexerWeights>,
+}
+
+/// w1 = gate proj, w3 = up proj, w2 = down proj.
+pub struct ExpertWeights {
+    pub w1: Weight,
+    pub w3: Weight,
+    pub w2: Weight,
+}
+
+pub struct MoeWeights {
+    pub gate: Weight,
+    pub bias: Option<Vec<f32>>,
+    /// tid2eid [vocab, k] int64 (hash layers).
+    pub tid2eid: Option<Bytes>,
+    pub experts: Vec<ExpertWeights>,
+    pub shared: ExpertWeights,
+}
+
+impl MoeWeights {
+    /// The hash-routed experts of a token (spec §5.10 step 3).
+    pub fn hashed_experts(&self, token: u32, k: usize) -> Option<Vec<usize>> {
+        let t = self.tid2eid.as_ref()?;
+        Some(
+            (0..k)
+                .map(|j| i64_at(t, token as usize * k + j) as usize)
+                .collect(),
+        )
+    }
+}
+
+pub struct BlockWeights {
+    pub layer: usize,
+    pub ratio: usize,
+    pub kind: AttnKind,
+    pub routing: Routing,
+    pub hc_attn: HcParams,
+    pub hc_ffn: HcParams,
+    pub attn_norm: Vec<f32>,
+    pub ffn_norm: Vec<f32>,
+    pub attn: AttnWeights,
+    pub ffn: MoeWeights,
+}
+
+/// The whole model (main layers; MTP blocks are validated and counted but not run yet).
+pub struct ModelWeights {
+    pub embed: Weight,
+    pub head: Weight,
+    pub norm: Vec<f32>,
+    pub hc_head_fn: Vec<f32>,
+    pub hc_head_base: Vec<f32>,
+    pub hc_head_scale: Vec<f32>,
+    pub layers: Vec<BlockWeights>,
+}
+
+struct Loader<'a> {
+    ck: &'a Checkpoint,
+}
+
+impl Loader<'_> {
+    fn shape(&self, name: &str) -> Result<Vec<usize>, CheckpointError> {
+        self.ck
+            .entry(name)
+            .map(|e| e.shape.clone())
+            .ok_or_else(|| CheckpointError::Dir {
+                dir: self.ck.dir.display().to_string(),
+                msg: format!("tensor {name} is not in the checkpoint"),
+            })
+    }
+    fn f32v(&self, name: &str) -> Result<Vec<f32>, CheckpointError> {
+        let b = self.ck.bytes(name)?;
+        Ok((0..b.len() / 4).map(|i| f32_at(&b, i)).collect())
+    }
+    fn bf16v(&self, name: &str) -> Result<Vec<f32>, CheckpointError> {
+        let b = self.ck.bytes(name)?;
+        Ok((0..b.len() / 2).map(|i| bf16_at(&b, i)).collect())
+    }
+    fn fp8(&self, base: &str) -> Result<Weight, CheckpointError> {
+        let w = format!("{base}.weight");
+        let s = self.shape(&w)?;
+        Ok(Weight::Fp8 {
+            rows: s[0],
+            cols: s[1],
+            codes: self.ck.bytes(&w)?,
+            scales: self.ck.bytes(&format!("{base}.scale"))?,
+        })
+    }
+    fn fp4(&self, base: &str) -> Result<Weight, CheckpointError> {
+        let w = format!("{base}.weight");
+        let s = self.shape(&w)?;
+        Ok(Weight::Fp4 {
+            rows: s[0],
+            cols: s[1] * 2,
+            packed: self.ck.bytes(&w)?,
+            scales: self.ck.bytes(&format!("{base}.scale"))?,
+        })
+    }
+    fn bf16m(&self, name: &str) -> Result<Weight, CheckpointError> {
+        let s = self.shape(name)?;
+        Ok(Weight::Bf16 {
+            rows: s[0],
+            cols: s[1],
+            data: self.ck.bytes(name)?,
+        })
+    }
+    fn hc(&self, p: &str, site: &str) -> Result<HcParams, CheckpointError> {
+        Ok(HcParams {
+            fn_: self.f32v(&format!("{p}hc_{site}_fn"))?,
+            base: self.f32v(&format!("{p}hc_{site}_base"))?,
+            scale: self.f32v(&format!("{p}hc_{site}_scale"))?,
+        })
+    }
+    fn compressor(&self, p: &str, ratio: usize, dim: usize) -> Result<CompressorWeights, CheckpointError> {
+        Ok(CompressorWeights {
+            ratio,
+            dim,
+            ape: self.f32v(&format!("{p}ape"))?,
+            wkv: self.bf16m(&format!("{p}wkv.weight"))?,
+            wgate: self.bf16m(&format!("{p}wgate.weight"))?,
+            norm: self.bf16v(&format!("{p}norm.weight"))?,
+        })
+    }
+    fn expert_fp8(&self, p: &str) -> Result<ExpertWeights, CheckpointError> {
+        Ok(ExpertWeights {
+            w1: self.fp8(&format!("{p}w1"))?,
+            w3: self.fp8(&format!("{p}w3"))?,
+            w2: self.fp8(&format!("{p}w2"))?,
+        })
+    }
+    fn block(&self, cfg: &ModelConfig, layer: usize) -> Result<BlockWeights, CheckpointError> {
+        let p = format!("layers.{layer}.");
+        let ratio = cfg.compress_ratio(layer);
+        let kind = cfg.attn_kind(layer);
+        let a = format!("{p}attn.");
+        let compressor = if ratio != 0 {
+            Some(self.compressor(&format!("{a}compressor."), ratio, cfg.head_dim)?)
+        } else {
+            None
+        };
+        let indexer = if kind == AttnKind::Csa {
+            Some(IndexerWeights {
+                wq_b: self.fp8(&format!("{a}indexer.wq_b"))?,
+                weights_proj: self.bf16m(&format!("{a}indexer.weights_proj.weight"))?,
+                compressor: self.compressor(&format!("{a}indexer.compressor."), 4, cfg.index_head_dim)?,
+            })
+        } else {
+            None
+        };
+        let attn = AttnWeights {
+            sink: self.f32v(&format!("{a}attn_sink"))?,
+            wq_a: self.fp8(&format!("{a}wq_a"))?,
+            q_norm: self.bf16v(&format!("{a}q_norm.weight"))?,
+            wq_b: self.fp8(&format!("{a}wq_b"))?,
+            wkv: self.fp8(&format!("{a}wkv"))?,
+            kv_norm: self.bf16v(&format!("{a}kv_norm.weight"))?,
+            wo_a: self.fp8(&format!("{a}wo_a"))?,
+            wo_b: self.fp8(&format!("{a}wo_b"))?,
+            compressor,
+            indexer,
+        };
+        let f = format!("{p}ffn.");
+        let routing = cfg.routing(layer);
+        let experts = (0..cfg.n_routed_experts)
+            .map(|j| {
+                Ok(ExpertWeights {
+                    w1: self.fp4(&format!("{f}experts.{j}.w1"))?,
+                    w3: self.fp4(&format!("{f}experts.{j}.w3"))?,
+                    w2: self.fp4(&format!("{f}experts.{j}.w2"))?,
+                })
+            })
+            .collect::<Result<Vec<_>, CheckpointError>>()?;
+        let ffn = MoeWeights {
+            gate: self.bf16m(&format!("{f}gate.weight"))?,
+            bias: match routing {
+                Routing::Score => Some(self.f32v(&format!("{f}gate.bias"))?),
+                Routing::Hash => None,
+            },
+            tid2eid: match routing {
+                Routing::Hash => Some(self.ck.bytes(&format!("{f}gate.tid2eid"))?),
+                Routing::Score => None,
+            },
+            experts,
+            shared: self.expert_fp8(&format!("{f}shared_experts."))?,
+        };
+        Ok(BlockWeights {
+            layer,
+            ratio,
+            kind,
+            routing,
+            hc_attn: self.hc(&p, "attn")?,
+            hc_ffn: self.hc(&p, "ffn")?,
+            attn_norm: self.bf16v(&format!("{p}attn_norm.weight"))?,
+            ffn_norm: self.bf16v(&format!("{p}ffn_norm.weight"))?,
+            attn,
+            ffn,
+        })
+    }
+}
+
+impl ModelWeights {
+    /// Build the views. `ck` was validated by `Checkpoint::open`, so every name exists with
+    /// the right dtype and shape.
+    pub fn from_checkpoint(ck: &Checkpoint) -> Result<ModelWeights, CheckpointError> {
+        let cfg = &ck.config;
+        let l = Loader { ck };
+        let tid_check = |bw: &BlockWeights| -> Result<(), CheckpointError> {
+            // Hash tables are data a user's file supplies: an expert id out of range would be
+            // an out-of-bounds index later, so check it now.
+            if let Some(t) = &bw.ffn.tid2eid {
+                let n = t.len() / 8;
+                if let Some(i) = (0..n).find(|&i| {
+                    let v = i64_at(t, i);
+                    v < 0 || v as usize >= cfg.n_routed_experts
+                }) {
+                    return Err(CheckpointError::Dir {
+                        dir: ck.dir.display().to_string(),
+                        msg: format!(
+                            "tensor layers.{}.ffn.gate.tid2eid: entry {} is {}, expected an expert id < {}",
+                            bw.layer,
+                            i,
+                            i64_at(t, i),
+                            cfg.n_routed_experts
+                        ),
+                    });
+                }
+            }
+            Ok(())
+        };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let b = l.block(cfg, i)?;
+            tid_check(&b)?;
+            layers.push(b);
+        }
+        Ok(ModelWeights {
+            embed: l.bf16m("embed.weight")?,
+            head: l.bf16m("head.weight")?,
+            norm: l.bf16v("norm.weight")?,
+            hc_head_fn: l.f32v("hc_head_fn")?,
+            hc_head_base: l.f32v("hc_head_base")?,
+            hc_head_scale: l.f32v("hc_head_scale")?,
+            layers,
+        })
+    }
+}
