@@ -340,21 +340,7 @@ fn map_shard(
     // process truncating it while we run would fault on access; that is the accepted
     // contract of mmapping model files (llama.cpp and safetensors do the same).
     let map = unsafe { Mmap::map(&file) }.map_err(|e| format!("{name}: cannot mmap: {e}"))?;
-    let (n, metadata) = SafeTensors::read_metadata(&map).map_err(|e| describe_header_error(name, &map, e))?;
-    let data_start = 8 + n;
-    let mut entries = Vec::new();
-    for (tname, info) in metadata.tensors() {
-        entries.push((
-            tname,
-            TensorEntry {
-                shard: 0,
-                dtype: info.dtype,
-                shape: info.shape.clone(),
-                start: data_start + info.data_offsets.0,
-                end: data_start + info.data_offsets.1,
-            },
-        ));
-    }
+    let (data_start, entries) = parse_shard_header(name, &map)?;
     Ok((
         Shard {
             path: path.to_path_buf(),
@@ -367,17 +353,54 @@ fn map_shard(
     ))
 }
 
+/// Parse a whole shard's bytes (header + data) with the `safetensors` crate. Returns where
+/// the data section starts and every tensor's absolute byte range; errors are one line
+/// naming `name` and, where possible, the tensor.
+pub fn parse_shard_header(
+    name: &str,
+    buf: &[u8],
+) -> Result<(usize, Vec<(String, TensorEntry)>), String> {
+    let (n, metadata) =
+        SafeTensors::read_metadata(buf).map_err(|e| describe_header_error(name, buf, e))?;
+    let data_start = 8 + n;
+    let entries = metadata
+        .tensors()
+        .into_iter()
+        .map(|(tname, info)| {
+            (
+                tname,
+                TensorEntry {
+                    shard: 0,
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    start: data_start + info.data_offsets.0,
+                    end: data_start + info.data_offsets.1,
+                },
+            )
+        })
+        .collect();
+    Ok((data_start, entries))
+}
+
 /// Turn a `safetensors` header error into one line naming the file and, where the crate
 /// does not, the tensor at fault.
 fn describe_header_error(name: &str, buf: &[u8], e: SafeTensorError) -> String {
-    let header_len = u64::from_le_bytes(buf[..8].try_into().unwrap_or([0; 8]));
+    let header_len = buf
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .unwrap_or(0);
     match e {
+        SafeTensorError::HeaderTooSmall => format!(
+            "{name}: truncated: {} bytes, smaller than a safetensors header",
+            buf.len()
+        ),
         SafeTensorError::InvalidHeaderLength | SafeTensorError::HeaderTooLarge => format!(
             "{name}: truncated or corrupt: header claims {header_len} bytes but the file has {}",
             buf.len()
         ),
         SafeTensorError::MetadataIncompleteBuffer => {
-            let want = declared_end(buf).map(|end| end + 8 + header_len as usize);
+            let want = declared_end(buf).map(|end| end.saturating_add(8 + header_len as usize));
             match want {
                 Some(w) if w > buf.len() => format!(
                     "{name}: truncated: header describes {w} bytes, the file has {} ({} missing)",
@@ -434,7 +457,14 @@ fn mismatched_tensor(buf: &[u8]) -> Option<String> {
         let dtype: Dtype = serde_json::from_value(v.get("dtype")?.clone()).ok()?;
         let shape: Vec<usize> = serde_json::from_value(v.get("shape")?.clone()).ok()?;
         let off: (usize, usize) = serde_json::from_value(v.get("data_offsets")?.clone()).ok()?;
-        let n: usize = shape.iter().product::<usize>() * dtype.bitsize() / 8;
+        let n = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .and_then(|e| e.checked_mul(dtype.bitsize()))
+            .map(|b| b / 8);
+        let Some(n) = n else {
+            return Some(format!("tensor {k} (shape {shape:?} overflows)"));
+        };
         if off.1.checked_sub(off.0) != Some(n) {
             return Some(format!(
                 "tensor {k} ({dtype:?} {shape:?} needs {n} bytes, offsets give {})",

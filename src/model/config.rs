@@ -224,6 +224,28 @@ impl ModelConfig {
                 return err(f, "must be > 0".into());
             }
         }
+        // Plausibility caps: a corrupt config must not make us plan terabytes of tensors.
+        let caps = [
+            ("vocab_size", self.vocab_size, 1 << 22),
+            ("hidden_size", self.hidden_size, 1 << 16),
+            ("num_hidden_layers", self.num_hidden_layers, 1 << 10),
+            ("num_nextn_predict_layers", self.num_nextn_predict_layers, 16),
+            ("num_attention_heads", self.num_attention_heads, 1 << 10),
+            ("head_dim", self.head_dim, 1 << 12),
+            ("q_lora_rank", self.q_lora_rank, 1 << 16),
+            ("o_lora_rank", self.o_lora_rank, 1 << 16),
+            ("moe_intermediate_size", self.moe_intermediate_size, 1 << 16),
+            ("n_routed_experts", self.n_routed_experts, 1 << 12),
+            ("index_n_heads", self.index_n_heads, 1 << 10),
+            ("index_head_dim", self.index_head_dim, 1 << 12),
+            ("hc_mult", self.hc_mult, 64),
+            ("hc_sinkhorn_iters", self.hc_sinkhorn_iters, 1 << 10),
+        ];
+        for (f, v, cap) in caps {
+            if v > cap {
+                return err(f, format!("{v} is implausibly large (at most {cap} supported)"));
+            }
+        }
         let want_ratios = self.num_hidden_layers + self.num_nextn_predict_layers;
         if self.compress_ratios.len() != want_ratios {
             return err(

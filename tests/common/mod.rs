@@ -1,0 +1,87 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_dsflash")
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+pub fn run(args: &[&str]) -> Output {
+    Command::new(bin()).args(args).output().expect("run dsflash")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Copy a fixture checkpoint directory (files only) into a fresh temp dir.
+pub fn copy_dir(src: &Path) -> tempfile::TempDir {
+    let t = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), t.path().join(e.file_name())).unwrap();
+        }
+    }
+    t
+}
+
+/// Split a safetensors file into (header JSON, data section).
+pub fn read_shard(path: &Path) -> (serde_json::Value, Vec<u8>) {
+    let b = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+    let h = serde_json::from_slice(&b[8..8 + n]).unwrap();
+    (h, b[8 + n..].to_vec())
+}
+
+pub fn write_shard(path: &Path, header: &serde_json::Value, data: &[u8]) {
+    let mut h = serde_json::to_vec(header).unwrap();
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&h);
+    out.extend_from_slice(data);
+    std::fs::write(path, out).unwrap();
+}
+
+/// Edit a shard's header in place.
+pub fn edit_header(path: &Path, f: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {
+    let (mut h, data) = read_shard(path);
+    f(h.as_object_mut().unwrap());
+    write_shard(path, &h, &data);
+}
+
+/// Read a safetensors file of goldens into name -> (dtype, shape, bytes).
+pub fn read_safetensors(path: &Path) -> std::collections::HashMap<String, (String, Vec<usize>, Vec<u8>)> {
+    let (h, data) = read_shard(path);
+    let mut out = std::collections::HashMap::new();
+    for (k, v) in h.as_object().unwrap() {
+        if k == "__metadata__" {
+            continue;
+        }
+        let dtype = v["dtype"].as_str().unwrap().to_string();
+        let shape: Vec<usize> = serde_json::from_value(v["shape"].clone()).unwrap();
+        let o: (usize, usize) = serde_json::from_value(v["data_offsets"].clone()).unwrap();
+        out.insert(k.clone(), (dtype, shape, data[o.0..o.1].to_vec()));
+    }
+    out
+}
+
+pub fn as_f32(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+pub fn as_i64(b: &[u8]) -> Vec<i64> {
+    b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
+}
