@@ -1,1 +1,17 @@
-//! The model's forward pass and decode state.
+//! The model's forward pass and decode state, one module per concept of the spec (§5–6).
+//! Model code here does not know which device runs it: heavy math goes through `backend`.
+
+pub mod attention;
+pub mod compressor;
+pub mod hyper;
+pub mod indexer;
+pub mod kv_cache;
+pub mod model;
+pub mod moe;
+pub mod numerics;
+pub mod rope;
+pub mod session;
+
+pub use model::{Engine, Want};
+pub use numerics::Numerics;
+pub use session::{Session, SessionError};

@@ -85,3 +85,59 @@ pub fn as_f32(b: &[u8]) -> Vec<f32> {
 pub fn as_i64(b: &[u8]) -> Vec<i64> {
     b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
 }
+
+/// Goldens of one oracle prompt.
+pub struct Golden {
+    pub name: String,
+    pub input_ids: Vec<u32>,
+    /// [L, vocab]
+    pub prefill_logits: Vec<f32>,
+    pub greedy_tokens: Vec<u32>,
+    /// [n, vocab]; row 0 = last prefill row.
+    pub greedy_step_logits: Vec<f32>,
+}
+
+/// Load every prompt of an oracle goldens file.
+pub fn goldens(path: &Path) -> Vec<Golden> {
+    let g = read_safetensors(path);
+    let mut names: Vec<String> = g
+        .keys()
+        .filter_map(|k| k.strip_suffix(".input_ids").map(|s| s.to_string()))
+        .collect();
+    names.sort_by_key(|n| g[&format!("{n}.input_ids")].1[0]);
+    names
+        .into_iter()
+        .map(|n| Golden {
+            input_ids: as_i64(&g[&format!("{n}.input_ids")].2).iter().map(|&v| v as u32).collect(),
+            prefill_logits: as_f32(&g[&format!("{n}.prefill_logits")].2),
+            greedy_tokens: as_i64(&g[&format!("{n}.greedy_tokens")].2).iter().map(|&v| v as u32).collect(),
+            greedy_step_logits: as_f32(&g[&format!("{n}.greedy_step_logits")].2),
+            name: n,
+        })
+        .collect()
+}
+
+/// max_j |a_j - b_j| / max_j |b_j| for each row of `vocab` values; returns the worst row's
+/// value and its index.
+pub fn max_rel_err(got: &[f32], want: &[f32], vocab: usize) -> (f32, usize) {
+    assert_eq!(got.len(), want.len(), "logit shapes differ");
+    let mut worst = (0f32, 0usize);
+    for (i, (g, w)) in got.chunks(vocab).zip(want.chunks(vocab)).enumerate() {
+        let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let err = g.iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+        if !(err <= worst.0) {
+            worst = (err, i);
+        }
+    }
+    worst
+}
+
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}

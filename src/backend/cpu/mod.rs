@@ -1,0 +1,9 @@
+//! CPU kernels: matrix products that read weights in their stored formats (FP8 with 128x128
+//! scales, FP4 with 1x32 scales, BF16) straight from the mmap, dequantizing a tile of rows at
+//! a time, and the small vector operations of the forward pass.
+
+mod linear;
+mod ops;
+
+pub use linear::{linear, linear_range};
+pub use ops::*;

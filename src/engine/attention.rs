@@ -1,0 +1,181 @@
+//! Attention of one block (spec §5.4–5.9): low-rank query with per-head RMS, one shared K=V
+//! head, partial interleaved RoPE, a 128-key sliding window plus compressed rows (all of
+//! them for HCA, the indexer's top-k for CSA), per-head sinks, inverse RoPE on the output
+//! and the grouped output projection.
+
+use super::compressor::CompressorState;
+use super::indexer::{self, IndexerQuery};
+use super::kv_cache::WindowRing;
+use super::numerics::Numerics;
+use super::rope::Rope;
+use crate::backend::cpu::{dot, linear, linear_range, rms_norm, rms_norm_rows, rms_norm_unweighted};
+use crate::model::config::{AttnKind, ModelConfig};
+use crate::model::weights::AttnWeights;
+use rayon::prelude::*;
+
+/// Decode state of one block's attention.
+#[derive(Debug, Clone)]
+pub struct AttnState {
+    pub window: WindowRing,
+    /// Main compressor (CSA and HCA layers).
+    pub comp: Option<CompressorState>,
+    /// The indexer's own compressor (CSA layers).
+    pub index: Option<CompressorState>,
+}
+
+impl AttnState {
+    pub fn new(cfg: &ModelConfig, w: &AttnWeights) -> AttnState {
+        AttnState {
+            window: WindowRing::new(cfg.sliding_window, cfg.head_dim),
+            comp: w.compressor.as_ref().map(CompressorState::new),
+            index: w.indexer.as_ref().map(|ix| CompressorState::new(&ix.compressor)),
+        }
+    }
+
+    pub fn allocated_bytes(&self) -> usize {
+        self.window.allocated_bytes()
+            + self.comp.as_ref().map_or(0, |c| c.allocated_bytes())
+            + self.index.as_ref().map_or(0, |c| c.allocated_bytes())
+    }
+}
+
+/// What a block's attention needs besides weights and state.
+pub struct AttnCtx<'a> {
+    pub cfg: &'a ModelConfig,
+    pub kind: AttnKind,
+    pub rope: &'a Rope,
+    pub numerics: Numerics,
+}
+
+/// Attention for `t` tokens at positions t0..t0+t. `x` is the normed block input [t, D];
+/// returns [t, D]. Updates the window, compressors and indexer state.
+pub fn forward(ctx: &AttnCtx, w: &AttnWeights, st: &mut AttnState, x: &[f32], t0: usize, t: usize) -> Vec<f32> {
+    let cfg = ctx.cfg;
+    let (d, h, hd) = (cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim);
+    let nope = cfg.nope_dim();
+    let eps = cfg.rms_norm_eps;
+    let num = ctx.numerics;
+
+    // Query path: q_lat = q_norm(wq_a x); q = wq_b q_lat; per-head RMS; RoPE.
+    let mut q_lat = linear(&w.wq_a, &num.gemm_input(x, d), t);
+    rms_norm_rows(&mut q_lat, &w.q_norm, eps);
+    let ql = cfg.q_lora_rank;
+    let mut q = linear(&w.wq_b, &num.gemm_input(&q_lat, ql), t);
+    for (k, qt) in q.chunks_mut(h * hd).enumerate() {
+        for head in qt.chunks_mut(hd) {
+            rms_norm_unweighted(head, eps);
+            ctx.rope.apply(head, t0 + k, false);
+        }
+    }
+
+    // Key/value path: kv = kv_norm(wkv x), RoPE on the trailing dims, (QAT) FP8 nope dims.
+    let mut kv = linear(&w.wkv, &num.gemm_input(x, d), t);
+    for (k, row) in kv.chunks_mut(hd).enumerate() {
+        rms_norm(row, &w.kv_norm, eps);
+        ctx.rope.apply(row, t0 + k, false);
+        num.kv_row(row, nope);
+    }
+
+    // Compressors run on the same normed x; rows completed in this chunk are visible to the
+    // later queries of the chunk by the causality rule.
+    if let (Some(cw), Some(cs)) = (&w.compressor, st.comp.as_mut()) {
+        let a = linear(&cw.wkv, x, t);
+        let z = linear(&cw.wgate, x, t);
+        cs.feed_chunk(cw, ctx.rope, eps, &a, &z, t0, |row| num.kv_row(row, nope));
+    }
+    let mut iq = Vec::new();
+    let mut iw = Vec::new();
+    let (ih, ihd) = (cfg.index_n_heads, cfg.index_head_dim);
+    if let (Some(iwts), Some(is)) = (&w.indexer, st.index.as_mut()) {
+        let a = linear(&iwts.compressor.wkv, x, t);
+        let z = linear(&iwts.compressor.wgate, x, t);
+        is.feed_chunk(&iwts.compressor, ctx.rope, eps, &a, &z, t0, |row| num.indexer_vec(row));
+        iq = linear(&iwts.wq_b, &num.gemm_input(&q_lat, ql), t);
+        for (k, qt) in iq.chunks_mut(ih * ihd).enumerate() {
+            for head in qt.chunks_mut(ihd) {
+                ctx.rope.apply(head, t0 + k, false);
+                num.indexer_vec(head);
+            }
+        }
+        iw = linear(&iwts.weights_proj, x, t);
+        let s = (ihd as f32).powf(-0.5) * (ih as f32).powf(-0.5);
+        iw.iter_mut().for_each(|v| *v *= s);
+    }
+
+    // Core attention, one query at a time (in parallel).
+    let win = cfg.sliding_window;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let st_ro = &*st;
+    let kv_ro = &kv;
+    let mut o = vec![0f32; t * h * hd];
+    o.par_chunks_mut(h * hd).enumerate().for_each(|(k, ok)| {
+        let p = t0 + k;
+        // Keys: the window p-win+1..=p (earlier chunks from the ring), then compressed rows.
+        let lo = (p + 1).saturating_sub(win);
+        let mut keys: Vec<&[f32]> = (lo..=p)
+            .map(|j| if j >= t0 { &kv_ro[(j - t0) * hd..(j - t0 + 1) * hd] } else { st_ro.window.get(j) })
+            .collect();
+        if let Some(cs) = &st_ro.comp {
+            let n_vis = cs.visible(p);
+            match ctx.kind {
+                AttnKind::Hca => keys.extend((0..n_vis).map(|i| cs.rows.row(i))),
+                AttnKind::Csa => {
+                    let is = st_ro.index.as_ref().expect("CSA layer has an indexer");
+                    let query = IndexerQuery {
+                        q: &iq[k * ih * ihd..(k + 1) * ih * ihd],
+                        w: &iw[k * ih..(k + 1) * ih],
+                    };
+                    let sel = indexer::select(is, &query, n_vis, ihd, cfg.index_topk, num);
+                    keys.extend(sel.into_iter().map(|i| cs.rows.row(i)));
+                }
+                AttnKind::Window => {}
+            }
+        }
+        let mut logits = vec![0f32; keys.len()];
+        for (hh, oh) in ok.chunks_mut(hd).enumerate() {
+            let qh = &q[k * h * hd + hh * hd..k * h * hd + (hh + 1) * hd];
+            let sink = w.sink[hh];
+            let mut m = sink;
+            for (lg, key) in logits.iter_mut().zip(&keys) {
+                *lg = dot(qh, key) * scale;
+                m = m.max(*lg);
+            }
+            let mut den = (sink - m).exp();
+            for lg in logits.iter_mut() {
+                *lg = (*lg - m).exp();
+                den += *lg;
+            }
+            oh.fill(0.0);
+            for (a, key) in logits.iter().zip(&keys) {
+                let a = a / den;
+                for (o, v) in oh.iter_mut().zip(key.iter()) {
+                    *o += a * v;
+                }
+            }
+            // Inverse RoPE at the query's position makes the value contribution relative.
+            ctx.rope.apply(oh, p, true);
+        }
+    });
+
+    // The window ring now takes this chunk's keys (after every query read the old ones).
+    for k in t.saturating_sub(win)..t {
+        st.window.put(t0 + k, &kv[k * hd..(k + 1) * hd]);
+    }
+
+    // Grouped output projection: group g = heads g·H/G.., rows g·o_lora.. of wo_a.
+    let (g, ol) = (cfg.o_groups, cfg.o_lora_rank);
+    let gin = h * hd / g;
+    let mut y = vec![0f32; t * g * ol];
+    let mut xg = vec![0f32; t * gin];
+    let mut yg = vec![0f32; t * ol];
+    for gi in 0..g {
+        for k in 0..t {
+            xg[k * gin..(k + 1) * gin].copy_from_slice(&o[k * h * hd + gi * gin..k * h * hd + (gi + 1) * gin]);
+        }
+        linear_range(&w.wo_a, gi * ol..(gi + 1) * ol, &xg, t, &mut yg);
+        for k in 0..t {
+            y[k * g * ol + gi * ol..k * g * ol + (gi + 1) * ol].copy_from_slice(&yg[k * ol..(k + 1) * ol]);
+        }
+    }
+    linear(&w.wo_b, &num.gemm_input(&y, g * ol), t)
+}

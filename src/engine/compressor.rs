@@ -1,0 +1,144 @@
+//! The KV compressor (spec §5.6): every `ratio` tokens become one row, a per-channel softmax
+//! over the tokens' gates (ape added) weighting their projections. Ratio 4 overlaps: a row
+//! pools the previous window's first halves and the current window's second halves.
+//! The state carries the incomplete window across chunk boundaries (spec §6.3).
+
+use super::kv_cache::RowStore;
+use super::rope::Rope;
+use crate::backend::cpu::rms_norm;
+use crate::model::weights::CompressorWeights;
+
+/// Row-store block size (rows per allocation).
+const BLOCK_ROWS: usize = 256;
+
+#[derive(Debug, Clone)]
+pub struct CompressorState {
+    ratio: usize,
+    dim: usize,
+    coff: usize,
+    /// Projections and gates (+ape) of the current window's tokens: [ratio, coff·dim] each.
+    pending_kv: Vec<f32>,
+    pending_gate: Vec<f32>,
+    n_pending: usize,
+    /// First halves of the last complete window (ratio 4 only): [ratio, dim] each.
+    prev_kv: Vec<f32>,
+    prev_gate: Vec<f32>,
+    has_prev: bool,
+    /// Emitted rows (after norm, RoPE and the numerics' rounding).
+    pub rows: RowStore,
+}
+
+impl CompressorState {
+    pub fn new(w: &CompressorWeights) -> CompressorState {
+        let (r, d, c) = (w.ratio, w.dim, w.coff());
+        CompressorState {
+            ratio: r,
+            dim: d,
+            coff: c,
+            pending_kv: vec![0.0; r * c * d],
+            pending_gate: vec![0.0; r * c * d],
+            n_pending: 0,
+            prev_kv: vec![0.0; r * d],
+            prev_gate: vec![0.0; r * d],
+            has_prev: false,
+            rows: RowStore::new(d, BLOCK_ROWS),
+        }
+    }
+
+    pub fn ratio(&self) -> usize {
+        self.ratio
+    }
+
+    /// Rows visible to a query at position `p`: i < ⌊(p+1)/ratio⌋ (spec §5.6 step 6).
+    pub fn visible(&self, p: usize) -> usize {
+        ((p + 1) / self.ratio).min(self.rows.len())
+    }
+
+    /// Feed one token's projection `a` and gate `z` (both coff·dim, ape not yet added) at
+    /// absolute position `pos`. Returns the pooled, un-normalised row when the token
+    /// completes a window.
+    fn feed(&mut self, ape: &[f32], a: &[f32], z: &[f32], pos: usize) -> Option<Vec<f32>> {
+        let (r, d, cd) = (self.ratio, self.dim, self.coff * self.dim);
+        let s = pos % r;
+        debug_assert_eq!(s, self.n_pending, "compressor fed out of order");
+        self.pending_kv[s * cd..(s + 1) * cd].copy_from_slice(a);
+        for (j, g) in self.pending_gate[s * cd..(s + 1) * cd].iter_mut().enumerate() {
+            *g = z[j] + ape[s * cd + j];
+        }
+        self.n_pending += 1;
+        if self.n_pending < r {
+            return None;
+        }
+        let mut out = vec![0f32; d];
+        let mut wts = Vec::with_capacity(2 * r);
+        let mut vals = Vec::with_capacity(2 * r);
+        for (e, o) in out.iter_mut().enumerate() {
+            wts.clear();
+            vals.clear();
+            if self.coff == 2 {
+                if self.has_prev {
+                    for t in 0..r {
+                        wts.push(self.prev_gate[t * d + e]);
+                        vals.push(self.prev_kv[t * d + e]);
+                    }
+                }
+                for t in 0..r {
+                    wts.push(self.pending_gate[t * cd + d + e]);
+                    vals.push(self.pending_kv[t * cd + d + e]);
+                }
+            } else {
+                for t in 0..r {
+                    wts.push(self.pending_gate[t * cd + e]);
+                    vals.push(self.pending_kv[t * cd + e]);
+                }
+            }
+            let m = wts.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let mut den = 0f32;
+            let mut num = 0f32;
+            for (g, v) in wts.iter().zip(&vals) {
+                let ex = (g - m).exp();
+                den += ex;
+                num += ex * v;
+            }
+            *o = num / den;
+        }
+        if self.coff == 2 {
+            for t in 0..r {
+                self.prev_kv[t * d..(t + 1) * d].copy_from_slice(&self.pending_kv[t * cd..t * cd + d]);
+                self.prev_gate[t * d..(t + 1) * d].copy_from_slice(&self.pending_gate[t * cd..t * cd + d]);
+            }
+            self.has_prev = true;
+        }
+        self.n_pending = 0;
+        Some(out)
+    }
+
+    /// Feed a chunk: `a`, `z` are [t, coff·dim] for positions t0.. . Completed rows are
+    /// normalised, rotated at their window's first position (i·ratio) and passed through
+    /// `finish` (the numerics' rounding), then stored.
+    pub fn feed_chunk(
+        &mut self,
+        w: &CompressorWeights,
+        rope: &Rope,
+        eps: f32,
+        a: &[f32],
+        z: &[f32],
+        t0: usize,
+        finish: impl Fn(&mut [f32]),
+    ) {
+        let cd = self.coff * self.dim;
+        for (k, (ak, zk)) in a.chunks_exact(cd).zip(z.chunks_exact(cd)).enumerate() {
+            if let Some(mut row) = self.feed(&w.ape, ak, zk, t0 + k) {
+                let i = self.rows.len();
+                rms_norm(&mut row, &w.norm, eps);
+                rope.apply(&mut row, i * self.ratio, false);
+                finish(&mut row);
+                self.rows.push(&row);
+            }
+        }
+    }
+
+    pub fn allocated_bytes(&self) -> usize {
+        self.rows.allocated_bytes() + 4 * (self.pending_kv.len() * 2 + self.prev_kv.len() * 2)
+    }
+}

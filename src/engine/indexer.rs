@@ -1,0 +1,43 @@
+//! Lightning indexer (spec §5.7): scores every visible compressed row of a ratio-4 layer for
+//! a query and keeps the top-k. score(p, i) = Σ_h w_h · ReLU(q_h · K_i), with
+//! w = weights_proj · x · ihd^-½ · IH^-½. Selected indices address the main compressor's rows.
+
+use super::compressor::CompressorState;
+use crate::backend::cpu::{dot, top_k};
+use super::numerics::Numerics;
+
+/// Per-query inputs of the indexer (one token).
+pub struct IndexerQuery<'a> {
+    /// [IH, ihd] query heads, RoPE'd (and rounded, in reference numerics).
+    pub q: &'a [f32],
+    /// [IH] head weights, already scaled.
+    pub w: &'a [f32],
+}
+
+/// Scores of the first `n_vis` indexer rows for one query.
+pub fn scores(st: &CompressorState, q: &IndexerQuery, n_vis: usize, ihd: usize, numerics: Numerics) -> Vec<f32> {
+    (0..n_vis)
+        .map(|i| {
+            let k = st.rows.row(i);
+            let s: f32 = q
+                .q
+                .chunks_exact(ihd)
+                .zip(q.w)
+                .map(|(qh, wh)| wh * dot(qh, k).max(0.0))
+                .sum();
+            numerics.index_score(s)
+        })
+        .collect()
+}
+
+/// The rows a query attends to: all of them while there are at most `topk`, else the
+/// `topk` best-scoring, in ascending index order.
+pub fn select(st: &CompressorState, q: &IndexerQuery, n_vis: usize, ihd: usize, topk: usize, numerics: Numerics) -> Vec<usize> {
+    if n_vis <= topk {
+        return (0..n_vis).collect();
+    }
+    let s = scores(st, q, n_vis, ihd, numerics);
+    let mut idx = top_k(&s, topk);
+    idx.sort_unstable();
+    idx
+}

@@ -1,0 +1,121 @@
+//! Decode state storage (spec §6): growing row stores allocated in fixed-size blocks as the
+//! sequence grows (never one max-context allocation), and the fixed sliding-window ring.
+
+/// Rows of one width, appended over time, stored in blocks of `block_rows` rows.
+#[derive(Debug, Clone)]
+pub struct RowStore {
+    width: usize,
+    block_rows: usize,
+    blocks: Vec<Box<[f32]>>,
+    len: usize,
+}
+
+impl RowStore {
+    pub fn new(width: usize, block_rows: usize) -> RowStore {
+        RowStore {
+            width,
+            block_rows: block_rows.max(1),
+            blocks: Vec::new(),
+            len: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    pub fn push(&mut self, row: &[f32]) {
+        debug_assert_eq!(row.len(), self.width);
+        let (b, i) = (self.len / self.block_rows, self.len % self.block_rows);
+        if b == self.blocks.len() {
+            self.blocks
+                .push(vec![0f32; self.block_rows * self.width].into_boxed_slice());
+        }
+        self.blocks[b][i * self.width..(i + 1) * self.width].copy_from_slice(row);
+        self.len += 1;
+    }
+
+    pub fn row(&self, i: usize) -> &[f32] {
+        debug_assert!(i < self.len);
+        let (b, j) = (i / self.block_rows, i % self.block_rows);
+        &self.blocks[b][j * self.width..(j + 1) * self.width]
+    }
+
+    /// Bytes allocated (whole blocks).
+    pub fn allocated_bytes(&self) -> usize {
+        self.blocks.len() * self.block_rows * self.width * 4
+    }
+
+    pub fn clear(&mut self) {
+        self.blocks.clear();
+        self.len = 0;
+    }
+}
+
+/// The last `size` rows by absolute position (slot = pos mod size).
+#[derive(Debug, Clone)]
+pub struct WindowRing {
+    width: usize,
+    size: usize,
+    data: Vec<f32>,
+}
+
+impl WindowRing {
+    pub fn new(size: usize, width: usize) -> WindowRing {
+        WindowRing {
+            width,
+            size,
+            data: vec![0f32; size * width],
+        }
+    }
+
+    pub fn put(&mut self, pos: usize, row: &[f32]) {
+        let s = pos % self.size;
+        self.data[s * self.width..(s + 1) * self.width].copy_from_slice(row);
+    }
+
+    /// Row for absolute position `pos` (caller guarantees it is among the last `size`).
+    pub fn get(&self, pos: usize) -> &[f32] {
+        let s = pos % self.size;
+        &self.data[s * self.width..(s + 1) * self.width]
+    }
+
+    pub fn allocated_bytes(&self) -> usize {
+        self.data.len() * 4
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_store_grows_in_blocks() {
+        let mut s = RowStore::new(3, 4);
+        assert_eq!(s.allocated_bytes(), 0);
+        for i in 0..9 {
+            s.push(&[i as f32, 0.0, -(i as f32)]);
+        }
+        assert_eq!(s.len(), 9);
+        assert_eq!(s.row(6), &[6.0, 0.0, -6.0]);
+        assert_eq!(s.allocated_bytes(), 3 * 4 * 3 * 4); // three blocks of 4 rows
+    }
+
+    #[test]
+    fn ring_keeps_last_positions() {
+        let mut r = WindowRing::new(4, 1);
+        for p in 0..10 {
+            r.put(p, &[p as f32]);
+        }
+        assert_eq!(r.get(9), &[9.0]);
+        assert_eq!(r.get(6), &[6.0]);
+    }
+}

@@ -1,0 +1,157 @@
+//! The whole model: embedding into hc copies, the blocks (mHC around attention and MoE),
+//! the HC head, the final norm and the LM head (spec §5.1–5.11).
+
+use super::attention::{self, AttnCtx, AttnState};
+use super::hyper;
+use super::moe;
+use super::numerics::Numerics;
+use super::rope::Rope;
+use crate::backend::cpu::{linear, linear_range, rms_norm};
+use crate::model::config::ModelConfig;
+use crate::model::weights::{BlockWeights, ModelWeights};
+use crate::model::{Checkpoint, formats::dequant_bf16_row};
+use rayon::prelude::*;
+use std::path::Path;
+
+/// Which positions of a chunk need logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    None,
+    Last,
+    All,
+}
+
+/// A loaded model, ready to run sessions.
+pub struct Engine {
+    pub cfg: ModelConfig,
+    pub weights: ModelWeights,
+    /// RoPE table per main layer.
+    ropes: Vec<Rope>,
+    pub numerics: Numerics,
+}
+
+impl Engine {
+    /// Open and validate a checkpoint directory and build the weight views (no weight bytes
+    /// are copied; the few small vectors are decoded).
+    pub fn open(dir: &Path, numerics: Numerics) -> anyhow::Result<Engine> {
+        let ck = Checkpoint::open(dir)?;
+        Self::from_checkpoint(&ck, numerics)
+    }
+
+    pub fn from_checkpoint(ck: &Checkpoint, numerics: Numerics) -> anyhow::Result<Engine> {
+        let cfg = ck.config.clone();
+        if numerics == Numerics::Reference && !cfg.index_head_dim.is_power_of_two() {
+            anyhow::bail!(
+                "--numerics reference needs index_head_dim to be a power of two for the Hadamard rotation (config has {})",
+                cfg.index_head_dim
+            );
+        }
+        let weights = ModelWeights::from_checkpoint(ck)?;
+        let ropes = (0..cfg.num_hidden_layers)
+            .map(|l| Rope::for_ratio(&cfg, cfg.compress_ratio(l)))
+            .collect();
+        Ok(Engine {
+            cfg,
+            weights,
+            ropes,
+            numerics,
+        })
+    }
+
+    /// Fresh per-layer decode state.
+    pub fn new_state(&self) -> Vec<AttnState> {
+        self.weights
+            .layers
+            .iter()
+            .map(|b| AttnState::new(&self.cfg, &b.attn))
+            .collect()
+    }
+
+    /// One block on `t` tokens: x is the residual state [t, hc, D], updated in place.
+    fn block(&self, b: &BlockWeights, st: &mut AttnState, x: &mut [f32], tokens: &[u32], t0: usize) {
+        let cfg = &self.cfg;
+        let (d, hc) = (cfg.hidden_size, cfg.hc_mult);
+        let t = tokens.len();
+        let (iters, neps, heps) = (cfg.hc_sinkhorn_iters, cfg.rms_norm_eps, cfg.hc_eps);
+        let sublayer_input = |p: &crate::model::weights::HcParams, norm: &[f32], x: &[f32]| {
+            let mixes: Vec<hyper::HcMix> = x
+                .par_chunks(hc * d)
+                .map(|xt| hyper::mix(p, xt, hc, iters, neps, heps))
+                .collect();
+            let mut u = vec![0f32; t * d];
+            u.par_chunks_mut(d)
+                .zip(x.par_chunks(hc * d))
+                .zip(&mixes)
+                .for_each(|((ut, xt), m)| {
+                    ut.copy_from_slice(&hyper::collapse(&m.pre, xt, d));
+                    rms_norm(ut, norm, neps);
+                });
+            (mixes, u)
+        };
+        let write_back = |mixes: &[hyper::HcMix], f: &[f32], x: &mut [f32]| {
+            x.par_chunks_mut(hc * d)
+                .zip(f.par_chunks(d))
+                .zip(mixes)
+                .for_each(|((xt, ft), m)| hyper::expand(m, ft, xt, d));
+        };
+        // Attention site.
+        let (mixes, u) = sublayer_input(&b.hc_attn, &b.attn_norm, x);
+        let ctx = AttnCtx {
+            cfg,
+            kind: b.kind,
+            rope: &self.ropes[b.layer],
+            numerics: self.numerics,
+        };
+        let a = attention::forward(&ctx, &b.attn, st, &u, t0, t);
+        write_back(&mixes, &a, x);
+        // MoE site.
+        let (mixes, u) = sublayer_input(&b.hc_ffn, &b.ffn_norm, x);
+        let f = moe::forward(cfg, &b.ffn, &u, tokens, self.numerics);
+        write_back(&mixes, &f, x);
+    }
+
+    /// Run `tokens` (positions t0..) through the model, updating `state`. Returns logits for
+    /// the wanted positions: [n, vocab] with n = 0, 1 or tokens.len().
+    pub fn forward(&self, state: &mut [AttnState], tokens: &[u32], t0: usize, want: Want) -> Vec<f32> {
+        let cfg = &self.cfg;
+        let (d, hc) = (cfg.hidden_size, cfg.hc_mult);
+        let t = tokens.len();
+        // Embedding, copied into the hc residual streams.
+        let mut x = vec![0f32; t * hc * d];
+        let mut e = vec![0f32; d];
+        for (k, &tok) in tokens.iter().enumerate() {
+            if let crate::model::weights::Weight::Bf16 { data, .. } = &self.weights.embed {
+                dequant_bf16_row(&data[tok as usize * d * 2..(tok as usize + 1) * d * 2], &mut e);
+            }
+            for c in 0..hc {
+                x[(k * hc + c) * d..(k * hc + c + 1) * d].copy_from_slice(&e);
+            }
+        }
+        for (b, st) in self.weights.layers.iter().zip(state.iter_mut()) {
+            self.block(b, st, &mut x, tokens, t0);
+        }
+        let rows: Vec<usize> = match want {
+            Want::None => return Vec::new(),
+            Want::Last => vec![t - 1],
+            Want::All => (0..t).collect(),
+        };
+        let w = &self.weights;
+        let mut hidden = vec![0f32; rows.len() * d];
+        hidden
+            .par_chunks_mut(d)
+            .zip(&rows)
+            .for_each(|(h, &k)| {
+                let xt = &x[k * hc * d..(k + 1) * hc * d];
+                h.copy_from_slice(&hyper::head(&w.hc_head_fn, &w.hc_head_base, w.hc_head_scale[0], xt, d, cfg.rms_norm_eps, cfg.hc_eps));
+                rms_norm(h, &w.norm, cfg.rms_norm_eps);
+            });
+        linear(&w.head, &hidden, rows.len())
+    }
+
+    /// Logits of a single hidden row through the head (exposed for tests of the head path).
+    pub fn head_logits(&self, hidden: &[f32]) -> Vec<f32> {
+        let mut y = vec![0f32; self.cfg.vocab_size];
+        linear_range(&self.weights.head, 0..self.cfg.vocab_size, hidden, 1, &mut y);
+        y
+    }
+}

@@ -1,0 +1,108 @@
+//! Mixture of experts (spec §5.10): an fp32 router with sqrt(softplus) scores (selection
+//! bias only for choosing; hash layers take their experts from tid2eid), top-k weights
+//! normalised and scaled, SwiGLU experts with clamps, plus the shared expert.
+
+use super::numerics::Numerics;
+use crate::backend::cpu::{axpy, linear, silu, softplus, top_k};
+use crate::model::config::ModelConfig;
+use crate::model::weights::{ExpertWeights, MoeWeights};
+
+/// Experts chosen for one token and their weights.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub experts: Vec<usize>,
+    pub weights: Vec<f32>,
+}
+
+/// Route `t` tokens given router logits [t, E].
+pub fn route(cfg: &ModelConfig, w: &MoeWeights, logits: &[f32], tokens: &[u32]) -> Vec<Route> {
+    let e = cfg.n_routed_experts;
+    let k = cfg.num_experts_per_tok;
+    logits
+        .chunks_exact(e)
+        .zip(tokens)
+        .map(|(l, &tok)| {
+            let scores: Vec<f32> = l.iter().map(|&v| softplus(v).sqrt()).collect();
+            let experts = match (&w.bias, w.hashed_experts(tok, k)) {
+                (_, Some(hashed)) => hashed,
+                (Some(bias), None) => {
+                    let biased: Vec<f32> = scores.iter().zip(bias).map(|(s, b)| s + b).collect();
+                    top_k(&biased, k)
+                }
+                (None, None) => top_k(&scores, k),
+            };
+            let sum: f32 = experts.iter().map(|&i| scores[i]).sum::<f32>() + 1e-20;
+            let weights = experts
+                .iter()
+                .map(|&i| scores[i] / sum * cfg.routed_scaling_factor)
+                .collect();
+            Route { experts, weights }
+        })
+        .collect()
+}
+
+/// SwiGLU expert on `t` rows: w2 · (SiLU(min(w1 x, L)) ⊙ clamp(w3 x, ±L)). In reference
+/// numerics the routing weight multiplies the activation before the FP8-rounded w2 input
+/// (as the official code does); otherwise it is applied by the caller.
+fn expert(
+    e: &ExpertWeights,
+    x: &[f32],
+    t: usize,
+    limit: f32,
+    num: Numerics,
+    pre_weights: Option<&[f32]>,
+) -> Vec<f32> {
+    let d = e.w1.cols();
+    let xin = num.gemm_input(x, d);
+    let g = linear(&e.w1, &xin, t);
+    let u = linear(&e.w3, &xin, t);
+    let inter = e.w1.rows();
+    let mut act: Vec<f32> = g
+        .iter()
+        .zip(&u)
+        .map(|(&g, &u)| silu(g.min(limit)) * u.clamp(-limit, limit))
+        .collect();
+    if let Some(pw) = pre_weights {
+        for (row, &wt) in act.chunks_mut(inter).zip(pw) {
+            row.iter_mut().for_each(|v| *v *= wt);
+        }
+    }
+    linear(&e.w2, &num.gemm_input(&act, inter), t)
+}
+
+/// MoE output for `t` tokens: x [t, D] -> [t, D].
+pub fn forward(cfg: &ModelConfig, w: &MoeWeights, x: &[f32], tokens: &[u32], num: Numerics) -> Vec<f32> {
+    let d = cfg.hidden_size;
+    let t = tokens.len();
+    let limit = cfg.swiglu_limit;
+    // Router in fp32 on the BF16 weight (no activation rounding: it is not an FP8 GEMM).
+    let logits = linear(&w.gate, x, t);
+    let routes = route(cfg, w, &logits, tokens);
+    // Shared expert on every token, weight 1, clamped like the routed ones.
+    let mut y = expert(&w.shared, x, t, limit, num, None);
+    // Group tokens by expert so each expert's weights are read once per chunk.
+    let mut groups: Vec<Vec<(usize, f32)>> = vec![Vec::new(); cfg.n_routed_experts];
+    for (ti, r) in routes.iter().enumerate() {
+        for (&e, &wt) in r.experts.iter().zip(&r.weights) {
+            groups[e].push((ti, wt));
+        }
+    }
+    for (e, members) in groups.iter().enumerate() {
+        if members.is_empty() {
+            continue;
+        }
+        let n = members.len();
+        let mut xe = vec![0f32; n * d];
+        for (j, &(ti, _)) in members.iter().enumerate() {
+            xe[j * d..(j + 1) * d].copy_from_slice(&x[ti * d..(ti + 1) * d]);
+        }
+        let wts: Vec<f32> = members.iter().map(|m| m.1).collect();
+        let pre = (num == Numerics::Reference).then_some(wts.as_slice());
+        let out = expert(&w.experts[e], &xe, n, limit, num, pre);
+        for (j, &(ti, wt)) in members.iter().enumerate() {
+            let scale = if pre.is_some() { 1.0 } else { wt };
+            axpy(&mut y[ti * d..(ti + 1) * d], scale, &out[j * d..(j + 1) * d]);
+        }
+    }
+    y
+}

@@ -1,0 +1,94 @@
+//! The numerics switch (`--numerics`). `Ideal` is fp32 math on the dequantized weights, what
+//! transformers computes. `Reference` adds the official code's QAT roundings (spec §4.4):
+//! FP8 activations into every FP8/FP4 GEMM, FP8 on the KV non-rope dims, Hadamard + FP4 on
+//! the indexer's queries and keys, and bf16 indexer scores.
+
+use crate::model::formats::{bf16_to_f32, f32_to_bf16, fake_quant_e2m1_blocks, fake_quant_e4m3_blocks};
+use std::borrow::Cow;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Numerics {
+    /// fp32 on dequantized weights (transformers' semantics).
+    #[default]
+    Ideal,
+    /// Ideal plus the reference implementation's activation roundings (QAT simulation).
+    Reference,
+}
+
+impl Numerics {
+    /// Input of an FP8/FP4 GEMM: per row of `cols`, per 128-block, rounded to E4M3 with a
+    /// power-of-two scale.
+    pub fn gemm_input<'a>(self, x: &'a [f32], cols: usize) -> Cow<'a, [f32]> {
+        match self {
+            Numerics::Ideal => Cow::Borrowed(x),
+            Numerics::Reference => {
+                let mut v = x.to_vec();
+                for row in v.chunks_mut(cols) {
+                    fake_quant_e4m3_blocks(row, 128);
+                }
+                Cow::Owned(v)
+            }
+        }
+    }
+
+    /// A stored KV row (window or main compressor): FP8-simulate dims [0, nope) in 64-blocks.
+    pub fn kv_row(self, row: &mut [f32], nope: usize) {
+        if self == Numerics::Reference {
+            fake_quant_e4m3_blocks(&mut row[..nope], 64);
+        }
+    }
+
+    /// Indexer query heads / keys: Hadamard rotation then FP4 in 32-blocks.
+    pub fn indexer_vec(self, v: &mut [f32]) {
+        if self == Numerics::Reference {
+            hadamard(v);
+            fake_quant_e2m1_blocks(v, 32);
+        }
+    }
+
+    /// Indexer score as the reference's bf16 einsum leaves it.
+    pub fn index_score(self, s: f32) -> f32 {
+        match self {
+            Numerics::Ideal => s,
+            Numerics::Reference => bf16_to_f32(f32_to_bf16(s)),
+        }
+    }
+}
+
+/// Orthonormal Sylvester-order Walsh–Hadamard transform (length a power of two).
+pub fn hadamard(v: &mut [f32]) {
+    let n = v.len();
+    debug_assert!(n.is_power_of_two());
+    let mut h = 1;
+    while h < n {
+        for i in (0..n).step_by(2 * h) {
+            for j in i..i + h {
+                let (a, b) = (v[j], v[j + h]);
+                v[j] = a + b;
+                v[j + h] = a - b;
+            }
+        }
+        h *= 2;
+    }
+    let s = 1.0 / (n as f32).sqrt();
+    for x in v.iter_mut() {
+        *x *= s;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hadamard_is_orthonormal_sylvester() {
+        // H_4 (Sylvester) rows: ++++, +-+-, ++--, +--+ ; scaled by 1/2.
+        let mut e1 = vec![0.0, 1.0, 0.0, 0.0];
+        hadamard(&mut e1);
+        assert_eq!(e1, vec![0.5, -0.5, 0.5, -0.5]);
+        let mut v = vec![1.0, 2.0, 3.0, 4.0];
+        hadamard(&mut v);
+        hadamard(&mut v);
+        assert!(v.iter().zip([1.0, 2.0, 3.0, 4.0]).all(|(a, b)| (a - b).abs() < 1e-6));
+    }
+}

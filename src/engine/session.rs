@@ -1,0 +1,130 @@
+//! A conversation's decode state and the API the front ends use: prefill in chunks, decode
+//! one token, reset, truncate.
+
+use super::attention::AttnState;
+use super::model::{Engine, Want};
+
+/// Why a session refused work.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SessionError {
+    #[error("the prompt needs {needed} tokens of context but --ctx is {ctx} ({used} already used)")]
+    ContextFull { needed: usize, used: usize, ctx: usize },
+    #[error("token id {id} is out of range (vocab size {vocab})")]
+    BadToken { id: u32, vocab: usize },
+    #[error("nothing to prefill: empty token list")]
+    Empty,
+}
+
+pub struct Session<'e> {
+    engine: &'e Engine,
+    state: Vec<AttnState>,
+    tokens: Vec<u32>,
+    max_ctx: usize,
+    chunk: usize,
+}
+
+impl<'e> Session<'e> {
+    /// `max_ctx`: the most tokens this session may hold; `chunk`: prefill chunk size.
+    pub fn new(engine: &'e Engine, max_ctx: usize, chunk: usize) -> Session<'e> {
+        Session {
+            engine,
+            state: engine.new_state(),
+            tokens: Vec::new(),
+            max_ctx,
+            chunk: chunk.max(1),
+        }
+    }
+
+    /// Tokens processed so far (the next position).
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    fn check(&self, tokens: &[u32]) -> Result<(), SessionError> {
+        if tokens.is_empty() {
+            return Err(SessionError::Empty);
+        }
+        let vocab = self.engine.cfg.vocab_size;
+        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= vocab) {
+            return Err(SessionError::BadToken { id, vocab });
+        }
+        if self.tokens.len() + tokens.len() > self.max_ctx {
+            return Err(SessionError::ContextFull {
+                needed: self.tokens.len() + tokens.len(),
+                used: self.tokens.len(),
+                ctx: self.max_ctx,
+            });
+        }
+        Ok(())
+    }
+
+    /// Feed `tokens` in chunks. Returns logits for the wanted positions ([n, vocab]).
+    /// Checks the context cap and token ids before any compute.
+    pub fn prefill(&mut self, tokens: &[u32], want: Want) -> Result<Vec<f32>, SessionError> {
+        self.prefill_with_progress(tokens, want, |_| {})
+    }
+
+    /// `prefill`, calling `progress(done)` after each chunk.
+    pub fn prefill_with_progress(
+        &mut self,
+        tokens: &[u32],
+        want: Want,
+        mut progress: impl FnMut(usize),
+    ) -> Result<Vec<f32>, SessionError> {
+        self.check(tokens)?;
+        let mut out = Vec::new();
+        let n_chunks = tokens.len().div_ceil(self.chunk);
+        for (ci, c) in tokens.chunks(self.chunk).enumerate() {
+            let last = ci + 1 == n_chunks;
+            let w = match want {
+                Want::All => Want::All,
+                Want::Last if last => Want::Last,
+                _ => Want::None,
+            };
+            let t0 = self.tokens.len();
+            let logits = self.engine.forward(&mut self.state, c, t0, w);
+            out.extend_from_slice(&logits);
+            self.tokens.extend_from_slice(c);
+            progress(self.tokens.len() - t0 + ci * self.chunk);
+        }
+        Ok(out)
+    }
+
+    /// Feed one token; returns the logits for the next one.
+    pub fn decode_step(&mut self, token: u32) -> Result<Vec<f32>, SessionError> {
+        self.prefill(&[token], Want::Last)
+    }
+
+    /// Forget everything.
+    pub fn reset(&mut self) {
+        self.state = self.engine.new_state();
+        self.tokens.clear();
+    }
+
+    /// Keep only the first `n` tokens (e.g. to edit a conversation). The compressed state
+    /// cannot be rewound, so the kept prefix is prefilled again.
+    pub fn truncate(&mut self, n: usize) {
+        if n >= self.tokens.len() {
+            return;
+        }
+        let keep: Vec<u32> = self.tokens[..n].to_vec();
+        self.reset();
+        if !keep.is_empty() {
+            // Same ids and length as before: cannot fail the checks.
+            let _ = self.prefill(&keep, Want::None);
+        }
+    }
+
+    /// Bytes held by the decode state (window rings, compressor carry-over, compressed rows).
+    pub fn state_bytes(&self) -> usize {
+        self.state.iter().map(|s| s.allocated_bytes()).sum()
+    }
+}
