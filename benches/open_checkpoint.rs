@@ -17,9 +17,14 @@ fn status_kib(field: &str) -> u64 {
 }
 
 fn main() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-data/flash-sparse");
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-data/flash-sparse");
     if !dir.join("model.safetensors.index.json").exists() {
-        let cfg = std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/deepseek-v4-flash-config.json")).unwrap();
+        let cfg = std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/deepseek-v4-flash-config.json"),
+        )
+        .unwrap();
         synth::synth(&cfg, &dir, 0, true).expect("synth");
     }
     let rss0 = status_kib("VmRSS:");
@@ -34,7 +39,10 @@ fn main() {
     let hwm = status_kib("VmHWM:");
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let growth = hwm.saturating_sub(rss0) * 1024;
-    println!("open_checkpoint/flash-sparse: median {:.3} s (min {:.3} s) over 5 opens", times[2], times[0]);
+    println!(
+        "open_checkpoint/flash-sparse: median {:.3} s (min {:.3} s) over 5 opens",
+        times[2], times[0]
+    );
     println!(
         "  peak RSS {:.1} MiB (+{:.1} MiB over start) for {:.1} GB of weights: growth/weights = {:.2e}",
         hwm as f64 / 1024.0,

@@ -3,4 +3,4 @@
 # toolchain: no GPU, no CUDA toolkit, no PyTorch. Fixtures are committed under tests/fixtures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo test --locked --all-targets "$@"
+cargo test --locked --all-targets --features traps "$@"

@@ -14,7 +14,9 @@ pub fn hub_cache_dir() -> PathBuf {
     if let Some(p) = std::env::var_os("HF_HOME").filter(|p| !p.is_empty()) {
         return PathBuf::from(p).join("hub");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
     home.join(".cache").join("huggingface").join("hub")
 }
 
@@ -46,7 +48,9 @@ pub fn resolve_model(arg: &str) -> anyhow::Result<PathBuf> {
             hub_cache_dir().display()
         );
     }
-    anyhow::bail!("--model {arg}: no such directory (expected a checkpoint folder or a repo id like {DEFAULT_MODEL})")
+    anyhow::bail!(
+        "--model {arg}: no such directory (expected a checkpoint folder or a repo id like {DEFAULT_MODEL})"
+    )
 }
 
 #[cfg(test)]

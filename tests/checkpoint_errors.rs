@@ -14,7 +14,11 @@ fn expect_error(dir: &Path, must_contain: &[&str]) -> String {
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "exit code; stderr: {err}");
     assert!(!err.contains("panicked"), "panic: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "one line expected: {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "one line expected: {err}"
+    );
     assert!(err.starts_with("error: "), "{err}");
     for m in must_contain {
         assert!(err.contains(m), "expected {m:?} in: {err}");
@@ -32,7 +36,12 @@ fn truncated_shard() {
     let d = tiny();
     let p = d.path().join(S2);
     let len = std::fs::metadata(&p).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(len - 1000).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(len - 1000)
+        .unwrap();
     expect_error(d.path(), &[S2, "truncated", "1000 missing"]);
 }
 
@@ -80,7 +89,13 @@ fn overlapping_offsets() {
         let mut v: Vec<(String, u64, u64)> = h
             .iter()
             .filter(|(k, _)| *k != "__metadata__")
-            .map(|(k, v)| (k.clone(), v["data_offsets"][0].as_u64().unwrap(), v["data_offsets"][1].as_u64().unwrap()))
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v["data_offsets"][0].as_u64().unwrap(),
+                    v["data_offsets"][1].as_u64().unwrap(),
+                )
+            })
             .collect();
         v.sort_by_key(|x| x.1);
         let (name, s, e) = v[1].clone();
@@ -126,7 +141,10 @@ fn tensor_listed_in_index_but_not_in_shard() {
     assert_eq!(o.status.code(), Some(1));
     // Two problems, both reported (all at once, not only the first).
     assert!(err.contains("2 problems"), "{err}");
-    assert!(err.contains("norm.weight is listed in model.safetensors.index.json"), "{err}");
+    assert!(
+        err.contains("norm.weight is listed in model.safetensors.index.json"),
+        "{err}"
+    );
     assert!(err.contains("tensor norm.weight is missing"), "{err}");
 }
 
@@ -138,7 +156,10 @@ fn wrong_dtype() {
         h["layers.0.attn.attn_sink"]["dtype"] = "BF16".into();
         h["layers.0.attn.attn_sink"]["shape"] = serde_json::json!([8]);
     });
-    expect_error(d.path(), &[S1, "layers.0.attn.attn_sink", "dtype BF16, expected F32"]);
+    expect_error(
+        d.path(),
+        &[S1, "layers.0.attn.attn_sink", "dtype BF16, expected F32"],
+    );
 }
 
 #[test]
@@ -147,7 +168,10 @@ fn wrong_shape() {
     edit_header(&d.path().join(S1), |h| {
         h["layers.0.attn.attn_sink"]["shape"] = serde_json::json!([2, 2]);
     });
-    expect_error(d.path(), &["layers.0.attn.attn_sink", "shape [2, 2], expected [4]"]);
+    expect_error(
+        d.path(),
+        &["layers.0.attn.attn_sink", "shape [2, 2], expected [4]"],
+    );
 }
 
 fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
@@ -160,7 +184,9 @@ fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
 #[test]
 fn bad_config_field() {
     let d = tiny();
-    edit_config(d.path(), |v| v["compress_ratios"].as_array_mut().unwrap().push(4.into()));
+    edit_config(d.path(), |v| {
+        v["compress_ratios"].as_array_mut().unwrap().push(4.into())
+    });
     expect_error(d.path(), &["config.json", "`compress_ratios`", "7 entries"]);
 }
 
@@ -196,7 +222,10 @@ fn config_shapes_disagree_with_files() {
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1));
     assert!(err.contains("problems in the checkpoint"), "{err}");
-    assert!(err.contains("layers.4.attn.attn_sink") && err.contains("expected [8]"), "{err}");
+    assert!(
+        err.contains("layers.4.attn.attn_sink") && err.contains("expected [8]"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"));
 }
 
@@ -219,15 +248,29 @@ fn unreadable_shard() {
 #[test]
 fn corrupt_index() {
     let d = tiny();
-    std::fs::write(d.path().join("model.safetensors.index.json"), b"{\"weight_map\": [1,2]}").unwrap();
-    expect_error(d.path(), &["model.safetensors.index.json", "not a valid safetensors index"]);
+    std::fs::write(
+        d.path().join("model.safetensors.index.json"),
+        b"{\"weight_map\": [1,2]}",
+    )
+    .unwrap();
+    expect_error(
+        d.path(),
+        &[
+            "model.safetensors.index.json",
+            "not a valid safetensors index",
+        ],
+    );
 }
 
 #[test]
 fn model_path_that_does_not_exist() {
     let o = run(&["inspect", "--model", "/nonexistent/checkpoint"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("--model /nonexistent/checkpoint"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--model /nonexistent/checkpoint"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -243,7 +286,8 @@ fn hash_table_with_out_of_range_expert() {
     let d = tiny();
     let p = d.path().join(S1);
     let (h, mut data) = read_shard(&p);
-    let o: (usize, usize) = serde_json::from_value(h["layers.0.ffn.gate.tid2eid"]["data_offsets"].clone()).unwrap();
+    let o: (usize, usize) =
+        serde_json::from_value(h["layers.0.ffn.gate.tid2eid"]["data_offsets"].clone()).unwrap();
     data[o.0..o.0 + 8].copy_from_slice(&99i64.to_le_bytes());
     write_shard(&p, &h, &data);
     // inspect does not read payloads; loading the weights does (the `logits` path).
@@ -253,5 +297,8 @@ fn hash_table_with_out_of_range_expert() {
     .err()
     .unwrap()
     .to_string();
-    assert!(err.contains("layers.0.ffn.gate.tid2eid") && err.contains("99"), "{err}");
+    assert!(
+        err.contains("layers.0.ffn.gate.tid2eid") && err.contains("99"),
+        "{err}"
+    );
 }

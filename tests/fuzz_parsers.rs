@@ -4,8 +4,8 @@
 
 mod common;
 use common::fixture;
-use dsflash::model::checkpoint::parse_shard_header;
 use dsflash::model::ModelConfig;
+use dsflash::model::checkpoint::parse_shard_header;
 use proptest::prelude::*;
 
 fn shard_bytes() -> Vec<u8> {
@@ -21,7 +21,10 @@ fn config_text() -> String {
 fn check_header(buf: &[u8]) {
     if let Err(e) = parse_shard_header("fuzz.safetensors", buf) {
         assert!(!e.contains('\n'), "multi-line error: {e}");
-        assert!(e.starts_with("fuzz.safetensors"), "error names the file: {e}");
+        assert!(
+            e.starts_with("fuzz.safetensors"),
+            "error names the file: {e}"
+        );
     }
 }
 

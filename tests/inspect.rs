@@ -10,7 +10,11 @@ fn inspect_json(dir: &Path) -> serde_json::Value {
     let o = run(&["inspect", "--model", dir.to_str().unwrap(), "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
-    assert_eq!(out.trim_end().lines().count(), 1, "one JSON object on one line");
+    assert_eq!(
+        out.trim_end().lines().count(),
+        1,
+        "one JSON object on one line"
+    );
     serde_json::from_str(&out).expect("inspect --json parses")
 }
 
@@ -20,7 +24,8 @@ fn payload_on_disk(dir: &Path) -> (u64, usize) {
     let mut n = 0;
     for e in std::fs::read_dir(dir).unwrap() {
         let p = e.unwrap().path();
-        if p.extension().is_some_and(|x| x == "safetensors") && !p.ends_with("goldens.safetensors") {
+        if p.extension().is_some_and(|x| x == "safetensors") && !p.ends_with("goldens.safetensors")
+        {
             let mut f = std::fs::File::open(&p).unwrap();
             let mut b = [0u8; 8];
             std::io::Read::read_exact(&mut f, &mut b).unwrap();
@@ -45,12 +50,23 @@ fn tiny_fixture_numbers() {
     assert_eq!(j["dtype_counts"]["F8_E4M3"], 52);
     assert_eq!(j["dtype_counts"]["I8"], 144);
     assert_eq!(j["dtype_counts"]["F8_E8M0"], 52 + 144);
-    let comps: u64 = j["components"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
+    let comps: u64 = j["components"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
     assert_eq!(comps, 14_866_296, "components add up to the total");
     let layers = j["layers"].as_array().unwrap();
     let pat: Vec<(u64, &str, &str)> = layers
         .iter()
-        .map(|l| (l["compress_ratio"].as_u64().unwrap(), l["attention"].as_str().unwrap(), l["routing"].as_str().unwrap()))
+        .map(|l| {
+            (
+                l["compress_ratio"].as_u64().unwrap(),
+                l["attention"].as_str().unwrap(),
+                l["routing"].as_str().unwrap(),
+            )
+        })
         .collect();
     // The oracle README's layer table.
     assert_eq!(
@@ -68,14 +84,24 @@ fn tiny_fixture_numbers() {
     let o = run(&["inspect", "--model", dir.to_str().unwrap()]);
     assert!(o.status.success());
     let text = stdout(&o);
-    assert!(text.contains("14,866,296") && text.contains("1 sliding, 2 CSA"), "{text}");
+    assert!(
+        text.contains("14,866,296") && text.contains("1 sliding, 2 CSA"),
+        "{text}"
+    );
 }
 
 #[test]
 fn real_layout_via_sparse_synth() {
     let out = tempfile::tempdir().unwrap();
     let cfg = fixture("deepseek-v4-flash-config.json");
-    let o = run(&["synth", "--config", cfg.to_str().unwrap(), "--out", out.path().to_str().unwrap(), "--sparse"]);
+    let o = run(&[
+        "synth",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.path().to_str().unwrap(),
+        "--sparse",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let j = inspect_json(out.path());
     // Spec §2/§3.6.
@@ -96,8 +122,14 @@ fn real_layout_via_sparse_synth() {
     assert_eq!(j["dtype_counts"]["I64"], 3);
     let layers = j["layers"].as_array().unwrap();
     assert_eq!(layers.len(), 44);
-    assert_eq!(layers.iter().filter(|l| l["attention"] == "CSA").count(), 21);
-    assert_eq!(layers.iter().filter(|l| l["attention"] == "HCA").count(), 20);
+    assert_eq!(
+        layers.iter().filter(|l| l["attention"] == "CSA").count(),
+        21
+    );
+    assert_eq!(
+        layers.iter().filter(|l| l["attention"] == "HCA").count(),
+        20
+    );
     assert_eq!(layers.iter().filter(|l| l["routing"] == "hash").count(), 3);
     // The files hold exactly that payload, in 46 shards, and cost (almost) no disk.
     let (on_disk, shards) = payload_on_disk(out.path());
@@ -106,13 +138,24 @@ fn real_layout_via_sparse_synth() {
         .unwrap()
         .map(|e| e.unwrap().metadata().unwrap().blocks() * 512)
         .sum();
-    assert!(allocated < 64 << 20, "sparse files allocate {allocated} bytes");
+    assert!(
+        allocated < 64 << 20,
+        "sparse files allocate {allocated} bytes"
+    );
     // The index is the standard HF one and agrees.
-    let idx: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.path().join("model.safetensors.index.json")).unwrap()).unwrap();
+    let idx: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(out.path().join("model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(idx["metadata"]["total_size"], 159_609_485_896u64);
-    assert_eq!(idx["weight_map"]["layers.0.attn.wq_a.weight"], "model-00002-of-00046.safetensors");
-    assert_eq!(idx["weight_map"]["head.weight"], "model-00045-of-00046.safetensors");
+    assert_eq!(
+        idx["weight_map"]["layers.0.attn.wq_a.weight"],
+        "model-00002-of-00046.safetensors"
+    );
+    assert_eq!(
+        idx["weight_map"]["head.weight"],
+        "model-00045-of-00046.safetensors"
+    );
 }
 
 #[test]
@@ -121,17 +164,31 @@ fn synth_is_deterministic_and_valid() {
     let a = tempfile::tempdir().unwrap();
     let b = tempfile::tempdir().unwrap();
     for d in [&a, &b] {
-        let o = run(&["synth", "--config", cfg.to_str().unwrap(), "--out", d.path().to_str().unwrap(), "--seed", "7"]);
+        let o = run(&[
+            "synth",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            d.path().to_str().unwrap(),
+            "--seed",
+            "7",
+        ]);
         assert!(o.status.success(), "{}", stderr(&o));
     }
     let j = inspect_json(a.path());
     assert_eq!(j["tensor_count"], 508);
-    assert_eq!(j["total_bytes"], 14_866_296u64, "same layout as the oracle's tiny model");
+    assert_eq!(
+        j["total_bytes"], 14_866_296u64,
+        "same layout as the oracle's tiny model"
+    );
     for e in std::fs::read_dir(a.path()).unwrap() {
         let name = e.unwrap().file_name();
         let x = std::fs::read(a.path().join(&name)).unwrap();
         let y = std::fs::read(b.path().join(&name)).unwrap();
-        assert!(x == y, "{name:?} differs between two runs with the same seed");
+        assert!(
+            x == y,
+            "{name:?} differs between two runs with the same seed"
+        );
         if name.to_string_lossy().ends_with(".safetensors") {
             for (k, (dtype, _shape, bytes)) in read_safetensors(&a.path().join(&name)) {
                 match dtype.as_str() {
@@ -155,11 +212,24 @@ fn verbose_notes_unused_tensors() {
             .filter_map(|v| v.get("data_offsets").and_then(|o| o[1].as_u64()))
             .max()
             .unwrap();
-        h.insert("mtp.1.dspark.proj.weight".into(), serde_json::json!({"dtype": "F32", "shape": [0], "data_offsets": [end, end]}));
+        h.insert(
+            "mtp.1.dspark.proj.weight".into(),
+            serde_json::json!({"dtype": "F32", "shape": [0], "data_offsets": [end, end]}),
+        );
     });
-    let o = run(&["inspect", "--verbose", "--model", d.path().to_str().unwrap()]);
+    let o = run(&[
+        "inspect",
+        "--verbose",
+        "--model",
+        d.path().to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stderr(&o).contains("ignoring 1 tensors") && stderr(&o).contains("mtp.1.dspark.proj.weight"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("ignoring 1 tensors")
+            && stderr(&o).contains("mtp.1.dspark.proj.weight"),
+        "{}",
+        stderr(&o)
+    );
     let o = run(&["inspect", "--model", d.path().to_str().unwrap()]);
     assert!(stderr(&o).is_empty(), "no note without --verbose");
 }
@@ -178,7 +248,12 @@ fn repo_id_resolves_through_the_hub_cache() {
         std::fs::copy(e.path(), snap.join(e.file_name())).unwrap();
     }
     let o = std::process::Command::new(bin())
-        .args(["inspect", "--json", "--model", "deepseek-ai/DeepSeek-V4-Flash"])
+        .args([
+            "inspect",
+            "--json",
+            "--model",
+            "deepseek-ai/DeepSeek-V4-Flash",
+        ])
         .env("HF_HUB_CACHE", cache.path())
         .output()
         .unwrap();
@@ -192,5 +267,9 @@ fn repo_id_resolves_through_the_hub_cache() {
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("someone/missing-model") && stderr(&o).contains("cache"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("someone/missing-model") && stderr(&o).contains("cache"),
+        "{}",
+        stderr(&o)
+    );
 }

@@ -1,8 +1,8 @@
 //! `dsflash inspect --model PATH [--json]`
 
+use crate::model::Checkpoint;
 use crate::model::config::{AttnKind, ModelConfig};
 use crate::model::layout::{Component, bytes_per_token};
-use crate::model::Checkpoint;
 use clap::Args;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -99,11 +99,14 @@ impl InspectReport {
             *dtype_counts.entry(format!("{:?}", e.dtype)).or_insert(0) += 1;
         }
         // Components from the inventory, measured on the files' actual entries.
-        let mut components: BTreeMap<String, u64> =
-            Component::ALL.iter().map(|c| (c.name().to_string(), 0)).collect();
+        let mut components: BTreeMap<String, u64> = Component::ALL
+            .iter()
+            .map(|c| (c.name().to_string(), 0))
+            .collect();
         for spec in &ck.expected {
             if let Some(e) = ck.entry(&spec.name) {
-                *components.entry(spec.component.name().into()).or_default() += (e.end - e.start) as u64;
+                *components.entry(spec.component.name().into()).or_default() +=
+                    (e.end - e.start) as u64;
             }
         }
         let extra_bytes: u64 = ck
@@ -214,7 +217,11 @@ pub fn run(a: &InspectArgs, verbose: bool) -> anyhow::Result<()> {
         c.hc_sinkhorn_iters,
         c.max_position_embeddings
     )?;
-    let count = |k: AttnKind| (0..c.num_hidden_layers).filter(|&l| c.attn_kind(l) == k).count();
+    let count = |k: AttnKind| {
+        (0..c.num_hidden_layers)
+            .filter(|&l| c.attn_kind(l) == k)
+            .count()
+    };
     writeln!(
         out,
         "layers      {} sliding, {} CSA (ratio 4 + indexer), {} HCA (ratio 128); {} hash-routed",
@@ -230,9 +237,24 @@ pub fn run(a: &InspectArgs, verbose: bool) -> anyhow::Result<()> {
             l.name, l.compress_ratio, l.attention, l.routing
         )?;
     }
-    let dt: Vec<String> = r.dtype_counts.iter().map(|(k, v)| format!("{k} {}", thousands(*v as u64))).collect();
-    writeln!(out, "tensors     {} in {} shards ({})", thousands(r.tensor_count as u64), r.shards, dt.join(", "))?;
-    writeln!(out, "bytes       {} ({})", thousands(r.total_bytes), gib(r.total_bytes))?;
+    let dt: Vec<String> = r
+        .dtype_counts
+        .iter()
+        .map(|(k, v)| format!("{k} {}", thousands(*v as u64)))
+        .collect();
+    writeln!(
+        out,
+        "tensors     {} in {} shards ({})",
+        thousands(r.tensor_count as u64),
+        r.shards,
+        dt.join(", ")
+    )?;
+    writeln!(
+        out,
+        "bytes       {} ({})",
+        thousands(r.total_bytes),
+        gib(r.total_bytes)
+    )?;
     for (k, v) in &r.components {
         writeln!(out, "  {:<20} {:>19} ({})", k, thousands(*v), gib(*v))?;
     }
@@ -243,7 +265,11 @@ pub fn run(a: &InspectArgs, verbose: bool) -> anyhow::Result<()> {
         gib(r.bytes_per_token)
     )?;
     if !ck.extra.is_empty() {
-        writeln!(out, "unused      {} extra tensors ignored (--verbose lists the first)", ck.extra.len())?;
+        writeln!(
+            out,
+            "unused      {} extra tensors ignored (--verbose lists the first)",
+            ck.extra.len()
+        )?;
     }
     Ok(())
 }

@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use std::io::Write;
 
 #[derive(Parser, Debug)]
-#[command(name = "dsflash", version, about = "Run DeepSeek-V4-Flash on one workstation")]
+#[command(
+    name = "dsflash",
+    version,
+    about = "Run DeepSeek-V4-Flash on one workstation"
+)]
 pub struct Cli {
     /// Extra notes on stderr (e.g. tensors in the checkpoint that the model does not use).
     #[arg(long, short, global = true)]
@@ -42,8 +46,7 @@ pub fn main() -> i32 {
         Ok(()) => 0,
         Err(e) => {
             // Broken pipe on stdout (`| head`) is not an error worth reporting.
-            if e
-                .downcast_ref::<std::io::Error>()
+            if e.downcast_ref::<std::io::Error>()
                 .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
             {
                 return 0;

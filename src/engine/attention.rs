@@ -8,7 +8,10 @@ use super::indexer::{self, IndexerQuery};
 use super::kv_cache::WindowRing;
 use super::numerics::Numerics;
 use super::rope::Rope;
-use crate::backend::cpu::{dot, linear, linear_range, rms_norm, rms_norm_rows, rms_norm_unweighted};
+use super::traps::{Trap, Traps};
+use crate::backend::cpu::{
+    dot, linear, linear_range, rms_norm, rms_norm_rows, rms_norm_unweighted,
+};
 use crate::model::config::{AttnKind, ModelConfig};
 use crate::model::weights::AttnWeights;
 use rayon::prelude::*;
@@ -28,7 +31,10 @@ impl AttnState {
         AttnState {
             window: WindowRing::new(cfg.sliding_window, cfg.head_dim),
             comp: w.compressor.as_ref().map(CompressorState::new),
-            index: w.indexer.as_ref().map(|ix| CompressorState::new(&ix.compressor)),
+            index: w
+                .indexer
+                .as_ref()
+                .map(|ix| CompressorState::new(&ix.compressor)),
         }
     }
 
@@ -45,11 +51,19 @@ pub struct AttnCtx<'a> {
     pub kind: AttnKind,
     pub rope: &'a Rope,
     pub numerics: Numerics,
+    pub traps: &'a Traps,
 }
 
 /// Attention for `t` tokens at positions t0..t0+t. `x` is the normed block input [t, D];
 /// returns [t, D]. Updates the window, compressors and indexer state.
-pub fn forward(ctx: &AttnCtx, w: &AttnWeights, st: &mut AttnState, x: &[f32], t0: usize, t: usize) -> Vec<f32> {
+pub fn forward(
+    ctx: &AttnCtx,
+    w: &AttnWeights,
+    st: &mut AttnState,
+    x: &[f32],
+    t0: usize,
+    t: usize,
+) -> Vec<f32> {
     let cfg = ctx.cfg;
     let (d, h, hd) = (cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim);
     let nope = cfg.nope_dim();
@@ -63,7 +77,9 @@ pub fn forward(ctx: &AttnCtx, w: &AttnWeights, st: &mut AttnState, x: &[f32], t0
     let mut q = linear(&w.wq_b, &num.gemm_input(&q_lat, ql), t);
     for (k, qt) in q.chunks_mut(h * hd).enumerate() {
         for head in qt.chunks_mut(hd) {
-            rms_norm_unweighted(head, eps);
+            if !ctx.traps.has(Trap::NoQHeadNorm) {
+                rms_norm_unweighted(head, eps);
+            }
             ctx.rope.apply(head, t0 + k, false);
         }
     }
@@ -81,7 +97,9 @@ pub fn forward(ctx: &AttnCtx, w: &AttnWeights, st: &mut AttnState, x: &[f32], t0
     if let (Some(cw), Some(cs)) = (&w.compressor, st.comp.as_mut()) {
         let a = linear(&cw.wkv, x, t);
         let z = linear(&cw.wgate, x, t);
-        cs.feed_chunk(cw, ctx.rope, eps, &a, &z, t0, |row| num.kv_row(row, nope));
+        cs.feed_chunk(cw, ctx.rope, eps, &a, &z, t0, ctx.traps, |row| {
+            num.kv_row(row, nope)
+        });
     }
     let mut iq = Vec::new();
     let mut iw = Vec::new();
@@ -89,7 +107,16 @@ pub fn forward(ctx: &AttnCtx, w: &AttnWeights, st: &mut AttnState, x: &[f32], t0
     if let (Some(iwts), Some(is)) = (&w.indexer, st.index.as_mut()) {
         let a = linear(&iwts.compressor.wkv, x, t);
         let z = linear(&iwts.compressor.wgate, x, t);
-        is.feed_chunk(&iwts.compressor, ctx.rope, eps, &a, &z, t0, |row| num.indexer_vec(row));
+        is.feed_chunk(
+            &iwts.compressor,
+            ctx.rope,
+            eps,
+            &a,
+            &z,
+            t0,
+            ctx.traps,
+            |row| num.indexer_vec(row),
+        );
         iq = linear(&iwts.wq_b, &num.gemm_input(&q_lat, ql), t);
         for (k, qt) in iq.chunks_mut(ih * ihd).enumerate() {
             for head in qt.chunks_mut(ihd) {
@@ -111,22 +138,43 @@ pub fn forward(ctx: &AttnCtx, w: &AttnWeights, st: &mut AttnState, x: &[f32], t0
     o.par_chunks_mut(h * hd).enumerate().for_each(|(k, ok)| {
         let p = t0 + k;
         // Keys: the window p-win+1..=p (earlier chunks from the ring), then compressed rows.
+        let win = if ctx.traps.has(Trap::Window127) {
+            win - 1
+        } else {
+            win
+        };
         let lo = (p + 1).saturating_sub(win);
         let mut keys: Vec<&[f32]> = (lo..=p)
-            .map(|j| if j >= t0 { &kv_ro[(j - t0) * hd..(j - t0 + 1) * hd] } else { st_ro.window.get(j) })
+            .map(|j| {
+                if j >= t0 {
+                    &kv_ro[(j - t0) * hd..(j - t0 + 1) * hd]
+                } else {
+                    st_ro.window.get(j)
+                }
+            })
             .collect();
         if let Some(cs) = &st_ro.comp {
-            let n_vis = cs.visible(p);
+            let mut n_vis = cs.visible(p);
+            if ctx.traps.has(Trap::CompressedSeesIncomplete) {
+                n_vis = (n_vis + 1).min(cs.rows.len());
+            }
+            // Trap: drop rows whose tokens are still inside the window.
+            let skip_inside = |i: &usize| {
+                !(ctx.traps.has(Trap::CompressedSkipInsideWindow) && (i + 1) * cs.ratio() > lo)
+            };
             match ctx.kind {
-                AttnKind::Hca => keys.extend((0..n_vis).map(|i| cs.rows.row(i))),
+                AttnKind::Hca => {
+                    keys.extend((0..n_vis).filter(skip_inside).map(|i| cs.rows.row(i)))
+                }
                 AttnKind::Csa => {
                     let is = st_ro.index.as_ref().expect("CSA layer has an indexer");
                     let query = IndexerQuery {
                         q: &iq[k * ih * ihd..(k + 1) * ih * ihd],
                         w: &iw[k * ih..(k + 1) * ih],
                     };
-                    let sel = indexer::select(is, &query, n_vis, ihd, cfg.index_topk, num);
-                    keys.extend(sel.into_iter().map(|i| cs.rows.row(i)));
+                    let sel =
+                        indexer::select(is, &query, n_vis, ihd, cfg.index_topk, num, ctx.traps);
+                    keys.extend(sel.into_iter().filter(skip_inside).map(|i| cs.rows.row(i)));
                 }
                 AttnKind::Window => {}
             }
@@ -134,8 +182,12 @@ pub fn forward(ctx: &AttnCtx, w: &AttnWeights, st: &mut AttnState, x: &[f32], t0
         let mut logits = vec![0f32; keys.len()];
         for (hh, oh) in ok.chunks_mut(hd).enumerate() {
             let qh = &q[k * h * hd + hh * hd..k * h * hd + (hh + 1) * hd];
-            let sink = w.sink[hh];
-            let mut m = sink;
+            let sink = if ctx.traps.has(Trap::NoSink) {
+                f32::NEG_INFINITY
+            } else {
+                w.sink[hh]
+            };
+            let mut m = sink.max(f32::MIN);
             for (lg, key) in logits.iter_mut().zip(&keys) {
                 *lg = dot(qh, key) * scale;
                 m = m.max(*lg);
@@ -153,7 +205,9 @@ pub fn forward(ctx: &AttnCtx, w: &AttnWeights, st: &mut AttnState, x: &[f32], t0
                 }
             }
             // Inverse RoPE at the query's position makes the value contribution relative.
-            ctx.rope.apply(oh, p, true);
+            if !ctx.traps.has(Trap::NoInverseRope) {
+                ctx.rope.apply(oh, p, true);
+            }
         }
     });
 
@@ -168,13 +222,24 @@ pub fn forward(ctx: &AttnCtx, w: &AttnWeights, st: &mut AttnState, x: &[f32], t0
     let mut y = vec![0f32; t * g * ol];
     let mut xg = vec![0f32; t * gin];
     let mut yg = vec![0f32; t * ol];
+    let hpg = h / g;
     for gi in 0..g {
         for k in 0..t {
-            xg[k * gin..(k + 1) * gin].copy_from_slice(&o[k * h * hd + gi * gin..k * h * hd + (gi + 1) * gin]);
+            if ctx.traps.has(Trap::GroupsInterleaved) {
+                for j in 0..hpg {
+                    let head = j * g + gi;
+                    xg[k * gin + j * hd..k * gin + (j + 1) * hd]
+                        .copy_from_slice(&o[(k * h + head) * hd..(k * h + head + 1) * hd]);
+                }
+            } else {
+                xg[k * gin..(k + 1) * gin]
+                    .copy_from_slice(&o[k * h * hd + gi * gin..k * h * hd + (gi + 1) * gin]);
+            }
         }
         linear_range(&w.wo_a, gi * ol..(gi + 1) * ol, &xg, t, &mut yg);
         for k in 0..t {
-            y[k * g * ol + gi * ol..k * g * ol + (gi + 1) * ol].copy_from_slice(&yg[k * ol..(k + 1) * ol]);
+            y[k * g * ol + gi * ol..k * g * ol + (gi + 1) * ol]
+                .copy_from_slice(&yg[k * ol..(k + 1) * ol]);
         }
     }
     linear(&w.wo_b, &num.gemm_input(&y, g * ol), t)

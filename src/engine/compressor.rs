@@ -5,6 +5,7 @@
 
 use super::kv_cache::RowStore;
 use super::rope::Rope;
+use super::traps::{Trap, Traps};
 use crate::backend::cpu::rms_norm;
 use crate::model::weights::CompressorWeights;
 
@@ -57,18 +58,46 @@ impl CompressorState {
     /// Feed one token's projection `a` and gate `z` (both coff·dim, ape not yet added) at
     /// absolute position `pos`. Returns the pooled, un-normalised row when the token
     /// completes a window.
-    fn feed(&mut self, ape: &[f32], a: &[f32], z: &[f32], pos: usize) -> Option<Vec<f32>> {
+    fn feed(
+        &mut self,
+        ape: &[f32],
+        a: &[f32],
+        z: &[f32],
+        pos: usize,
+        traps: &Traps,
+    ) -> Option<Vec<f32>> {
         let (r, d, cd) = (self.ratio, self.dim, self.coff * self.dim);
         let s = pos % r;
         debug_assert_eq!(s, self.n_pending, "compressor fed out of order");
         self.pending_kv[s * cd..(s + 1) * cd].copy_from_slice(a);
-        for (j, g) in self.pending_gate[s * cd..(s + 1) * cd].iter_mut().enumerate() {
-            *g = z[j] + ape[s * cd + j];
+        for (j, g) in self.pending_gate[s * cd..(s + 1) * cd]
+            .iter_mut()
+            .enumerate()
+        {
+            *g = z[j]
+                + if traps.has(Trap::ApeIgnored) {
+                    0.0
+                } else {
+                    ape[s * cd + j]
+                };
+        }
+        if traps.has(Trap::CompressorScalarGate) {
+            let g = &mut self.pending_gate[s * cd..(s + 1) * cd];
+            for half in g.chunks_mut(self.dim) {
+                let mean = half.iter().sum::<f32>() / half.len() as f32;
+                half.fill(mean);
+            }
         }
         self.n_pending += 1;
         if self.n_pending < r {
             return None;
         }
+        // Trap: the overlap takes the wrong halves.
+        let (first, second) = if traps.has(Trap::OverlapHalvesSwapped) {
+            (d, 0)
+        } else {
+            (0, d)
+        };
         let mut out = vec![0f32; d];
         let mut wts = Vec::with_capacity(2 * r);
         let mut vals = Vec::with_capacity(2 * r);
@@ -81,10 +110,13 @@ impl CompressorState {
                         wts.push(self.prev_gate[t * d + e]);
                         vals.push(self.prev_kv[t * d + e]);
                     }
+                } else if traps.has(Trap::FirstRowZeroSlots) {
+                    wts.extend(std::iter::repeat_n(0.0, r));
+                    vals.extend(std::iter::repeat_n(0.0, r));
                 }
                 for t in 0..r {
-                    wts.push(self.pending_gate[t * cd + d + e]);
-                    vals.push(self.pending_kv[t * cd + d + e]);
+                    wts.push(self.pending_gate[t * cd + second + e]);
+                    vals.push(self.pending_kv[t * cd + second + e]);
                 }
             } else {
                 for t in 0..r {
@@ -104,8 +136,10 @@ impl CompressorState {
         }
         if self.coff == 2 {
             for t in 0..r {
-                self.prev_kv[t * d..(t + 1) * d].copy_from_slice(&self.pending_kv[t * cd..t * cd + d]);
-                self.prev_gate[t * d..(t + 1) * d].copy_from_slice(&self.pending_gate[t * cd..t * cd + d]);
+                self.prev_kv[t * d..(t + 1) * d]
+                    .copy_from_slice(&self.pending_kv[t * cd + first..t * cd + first + d]);
+                self.prev_gate[t * d..(t + 1) * d]
+                    .copy_from_slice(&self.pending_gate[t * cd + first..t * cd + first + d]);
             }
             self.has_prev = true;
         }
@@ -124,14 +158,21 @@ impl CompressorState {
         a: &[f32],
         z: &[f32],
         t0: usize,
+        traps: &Traps,
         finish: impl Fn(&mut [f32]),
     ) {
         let cd = self.coff * self.dim;
         for (k, (ak, zk)) in a.chunks_exact(cd).zip(z.chunks_exact(cd)).enumerate() {
-            if let Some(mut row) = self.feed(&w.ape, ak, zk, t0 + k) {
+            if let Some(mut row) = self.feed(&w.ape, ak, zk, t0 + k, traps) {
                 let i = self.rows.len();
                 rms_norm(&mut row, &w.norm, eps);
-                rope.apply(&mut row, i * self.ratio, false);
+                // RoPE at the window's first position (the trap: its last).
+                let end = if traps.has(Trap::CompressedRopeAtWindowEnd) {
+                    self.ratio - 1
+                } else {
+                    0
+                };
+                rope.apply(&mut row, i * self.ratio + end, false);
                 finish(&mut row);
                 self.rows.push(&row);
             }

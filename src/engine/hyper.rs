@@ -1,6 +1,7 @@
 //! Manifold-constrained hyper-connections (mHC, spec §5.3) and the final HC head (§5.11).
 //! The residual state of a token is `hc` copies of a D-vector, stored row-major [hc, D].
 
+use super::traps::{Trap, Traps};
 use crate::backend::cpu::{dot, sigmoid};
 use crate::model::weights::HcParams;
 
@@ -17,7 +18,9 @@ pub struct HcMix {
 /// m = (fn · v) · ρ with v the flattened state and ρ = 1/sqrt(mean(v²) + eps).
 fn project(fn_: &[f32], v: &[f32], eps: f32) -> Vec<f32> {
     let rho = 1.0 / (v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32 + eps).sqrt();
-    fn_.chunks_exact(v.len()).map(|row| dot(row, v) * rho).collect()
+    fn_.chunks_exact(v.len())
+        .map(|row| dot(row, v) * rho)
+        .collect()
 }
 
 /// Sinkhorn–Knopp as the reference does it: row softmax + eps, a column normalisation,
@@ -57,13 +60,30 @@ pub fn sinkhorn(c: &mut [f32], hc: usize, iters: usize, eps: f32) {
 }
 
 /// Compute the site's coefficients from the token's state `x` [hc, D].
-pub fn mix(p: &HcParams, x: &[f32], hc: usize, iters: usize, norm_eps: f32, hc_eps: f32) -> HcMix {
+pub fn mix(
+    p: &HcParams,
+    x: &[f32],
+    hc: usize,
+    iters: usize,
+    norm_eps: f32,
+    hc_eps: f32,
+    traps: &Traps,
+) -> HcMix {
     let m = project(&p.fn_, x, norm_eps);
-    let pre = (0..hc)
+    let mut pre: Vec<f32> = (0..hc)
         .map(|i| sigmoid(m[i] * p.scale[0] + p.base[i]) + hc_eps)
         .collect();
+    if traps.has(Trap::PreNormalised) {
+        let s: f32 = pre.iter().sum();
+        pre.iter_mut().for_each(|v| *v /= s);
+    }
+    let two = if traps.has(Trap::PostNoDouble) {
+        1.0
+    } else {
+        2.0
+    };
     let post = (0..hc)
-        .map(|i| 2.0 * sigmoid(m[hc + i] * p.scale[1] + p.base[hc + i]))
+        .map(|i| two * sigmoid(m[hc + i] * p.scale[1] + p.base[hc + i]))
         .collect();
     let mut comb: Vec<f32> = (0..hc * hc)
         .map(|j| m[2 * hc + j] * p.scale[2] + p.base[2 * hc + j])
@@ -72,27 +92,38 @@ pub fn mix(p: &HcParams, x: &[f32], hc: usize, iters: usize, norm_eps: f32, hc_e
     HcMix { pre, post, comb }
 }
 
-/// u = Σ_i pre_i · X_i (the raw copies).
-pub fn collapse(pre: &[f32], x: &[f32], d: usize) -> Vec<f32> {
+/// u = Σ_i pre_i · X_i (the raw copies, not the RMS-normalised ones used for the mix).
+pub fn collapse(pre: &[f32], x: &[f32], d: usize, norm_eps: f32, traps: &Traps) -> Vec<f32> {
+    let rho = if traps.has(Trap::CollapseNormalised) {
+        1.0 / (x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32 + norm_eps).sqrt()
+    } else {
+        1.0
+    };
     let mut u = vec![0f32; d];
     for (i, w) in pre.iter().enumerate() {
         for (o, v) in u.iter_mut().zip(&x[i * d..(i + 1) * d]) {
-            *o += w * v;
+            *o += w * rho * v;
         }
     }
     u
 }
 
 /// X'_k = post_k · f + Σ_i C[i][k] · X_i (comb applied transposed), in place.
-pub fn expand(m: &HcMix, f: &[f32], x: &mut [f32], d: usize) {
+pub fn expand(m: &HcMix, f: &[f32], x: &mut [f32], d: usize, traps: &Traps) {
     let hc = m.pre.len();
     let old = x.to_vec();
+    let untransposed = traps.has(Trap::CombUntransposed);
     for k in 0..hc {
         let out = &mut x[k * d..(k + 1) * d];
         for (e, o) in out.iter_mut().enumerate() {
             let mut s = m.post[k] * f[e];
             for i in 0..hc {
-                s += m.comb[i * hc + k] * old[i * d + e];
+                let c = if untransposed {
+                    m.comb[k * hc + i]
+                } else {
+                    m.comb[i * hc + k]
+                };
+                s += c * old[i * d + e];
             }
             *o = s;
         }
@@ -100,14 +131,28 @@ pub fn expand(m: &HcMix, f: &[f32], x: &mut [f32], d: usize) {
 }
 
 /// Final HC head: h = Σ_i (sigmoid(m_i · scale + base_i) + eps) · X_i.
-pub fn head(fn_: &[f32], base: &[f32], scale: f32, x: &[f32], d: usize, norm_eps: f32, hc_eps: f32) -> Vec<f32> {
-    let m = project(fn_, x, norm_eps);
+/// `eps` = (norm eps, hc eps).
+pub fn head(
+    fn_: &[f32],
+    base: &[f32],
+    scale: f32,
+    x: &[f32],
+    d: usize,
+    eps: (f32, f32),
+    traps: &Traps,
+) -> Vec<f32> {
+    let m = project(fn_, x, eps.0);
+    let two = if traps.has(Trap::HcHeadTwoSigmoid) {
+        2.0
+    } else {
+        1.0
+    };
     let pre: Vec<f32> = m
         .iter()
         .zip(base)
-        .map(|(mi, b)| sigmoid(mi * scale + b) + hc_eps)
+        .map(|(mi, b)| two * sigmoid(mi * scale + b) + eps.1)
         .collect();
-    collapse(&pre, x, d)
+    collapse(&pre, x, d, eps.0, &Traps::default())
 }
 
 #[cfg(test)]

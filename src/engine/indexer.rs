@@ -3,8 +3,9 @@
 //! w = weights_proj · x · ihd^-½ · IH^-½. Selected indices address the main compressor's rows.
 
 use super::compressor::CompressorState;
-use crate::backend::cpu::{dot, top_k};
 use super::numerics::Numerics;
+use super::traps::{Trap, Traps};
+use crate::backend::cpu::{dot, top_k};
 
 /// Per-query inputs of the indexer (one token).
 pub struct IndexerQuery<'a> {
@@ -15,28 +16,50 @@ pub struct IndexerQuery<'a> {
 }
 
 /// Scores of the first `n_vis` indexer rows for one query.
-pub fn scores(st: &CompressorState, q: &IndexerQuery, n_vis: usize, ihd: usize, numerics: Numerics) -> Vec<f32> {
+pub fn scores(
+    st: &CompressorState,
+    q: &IndexerQuery,
+    n_vis: usize,
+    ihd: usize,
+    numerics: Numerics,
+    traps: &Traps,
+) -> Vec<f32> {
+    let relu_after = traps.has(Trap::IndexerReluAfterSum);
     (0..n_vis)
         .map(|i| {
             let k = st.rows.row(i);
-            let s: f32 = q
-                .q
-                .chunks_exact(ihd)
-                .zip(q.w)
-                .map(|(qh, wh)| wh * dot(qh, k).max(0.0))
-                .sum();
-            numerics.index_score(s)
+            // ReLU per head, before the (possibly negative) head weights.
+            let s: f32 =
+                q.q.chunks_exact(ihd)
+                    .zip(q.w)
+                    .map(|(qh, wh)| {
+                        if relu_after {
+                            wh * dot(qh, k)
+                        } else {
+                            wh * dot(qh, k).max(0.0)
+                        }
+                    })
+                    .sum();
+            numerics.index_score(if relu_after { s.max(0.0) } else { s })
         })
         .collect()
 }
 
 /// The rows a query attends to: all of them while there are at most `topk`, else the
 /// `topk` best-scoring, in ascending index order.
-pub fn select(st: &CompressorState, q: &IndexerQuery, n_vis: usize, ihd: usize, topk: usize, numerics: Numerics) -> Vec<usize> {
-    if n_vis <= topk {
+pub fn select(
+    st: &CompressorState,
+    q: &IndexerQuery,
+    n_vis: usize,
+    ihd: usize,
+    topk: usize,
+    numerics: Numerics,
+    traps: &Traps,
+) -> Vec<usize> {
+    if n_vis <= topk || traps.has(Trap::IndexerSelectAll) {
         return (0..n_vis).collect();
     }
-    let s = scores(st, q, n_vis, ihd, numerics);
+    let s = scores(st, q, n_vis, ihd, numerics, traps);
     let mut idx = top_k(&s, topk);
     idx.sort_unstable();
     idx

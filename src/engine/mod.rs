@@ -11,6 +11,7 @@ pub mod moe;
 pub mod numerics;
 pub mod rope;
 pub mod session;
+pub mod traps;
 
 pub use model::{Engine, Want};
 pub use numerics::Numerics;

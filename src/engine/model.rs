@@ -6,6 +6,9 @@ use super::hyper;
 use super::moe;
 use super::numerics::Numerics;
 use super::rope::Rope;
+#[cfg(feature = "traps")]
+use super::traps::Trap;
+use super::traps::Traps;
 use crate::backend::cpu::{linear, linear_range, rms_norm};
 use crate::model::config::ModelConfig;
 use crate::model::weights::{BlockWeights, ModelWeights};
@@ -28,6 +31,8 @@ pub struct Engine {
     /// RoPE table per main layer.
     ropes: Vec<Rope>,
     pub numerics: Numerics,
+    /// Injected faults (tests only; always empty without the `traps` feature).
+    pub traps: Traps,
 }
 
 impl Engine {
@@ -55,7 +60,50 @@ impl Engine {
             weights,
             ropes,
             numerics,
+            traps: Traps::default(),
         })
+    }
+
+    /// Re-introduce some of the spec's traps (tests of the oracle comparison).
+    #[cfg(feature = "traps")]
+    pub fn with_traps(mut self, traps: &[Trap]) -> Engine {
+        use crate::model::checkpoint::Bytes;
+        use crate::model::weights::Weight;
+        let t = Traps::with(traps);
+        self.ropes = (0..self.cfg.num_hidden_layers)
+            .map(|l| {
+                let ratio = if t.has(Trap::RopeYarnOnAllLayers) {
+                    4
+                } else {
+                    self.cfg.compress_ratio(l)
+                };
+                let mut r = Rope::for_ratio(&self.cfg, ratio);
+                r.traps = t.clone();
+                r
+            })
+            .collect();
+        for b in &mut self.weights.layers {
+            for e in b
+                .ffn
+                .experts
+                .iter_mut()
+                .chain(std::iter::once(&mut b.ffn.shared))
+            {
+                if t.has(Trap::W1W3Swapped) {
+                    std::mem::swap(&mut e.w1, &mut e.w3);
+                }
+                if t.has(Trap::Fp4NibbleSwap) {
+                    for w in [&mut e.w1, &mut e.w2, &mut e.w3] {
+                        if let Weight::Fp4 { packed, .. } = w {
+                            *packed =
+                                Bytes::from_vec(packed.iter().map(|b| b.rotate_left(4)).collect());
+                        }
+                    }
+                }
+            }
+        }
+        self.traps = t;
+        self
     }
 
     /// Fresh per-layer decode state.
@@ -68,7 +116,14 @@ impl Engine {
     }
 
     /// One block on `t` tokens: x is the residual state [t, hc, D], updated in place.
-    fn block(&self, b: &BlockWeights, st: &mut AttnState, x: &mut [f32], tokens: &[u32], t0: usize) {
+    fn block(
+        &self,
+        b: &BlockWeights,
+        st: &mut AttnState,
+        x: &mut [f32],
+        tokens: &[u32],
+        t0: usize,
+    ) {
         let cfg = &self.cfg;
         let (d, hc) = (cfg.hidden_size, cfg.hc_mult);
         let t = tokens.len();
@@ -76,14 +131,14 @@ impl Engine {
         let sublayer_input = |p: &crate::model::weights::HcParams, norm: &[f32], x: &[f32]| {
             let mixes: Vec<hyper::HcMix> = x
                 .par_chunks(hc * d)
-                .map(|xt| hyper::mix(p, xt, hc, iters, neps, heps))
+                .map(|xt| hyper::mix(p, xt, hc, iters, neps, heps, &self.traps))
                 .collect();
             let mut u = vec![0f32; t * d];
             u.par_chunks_mut(d)
                 .zip(x.par_chunks(hc * d))
                 .zip(&mixes)
                 .for_each(|((ut, xt), m)| {
-                    ut.copy_from_slice(&hyper::collapse(&m.pre, xt, d));
+                    ut.copy_from_slice(&hyper::collapse(&m.pre, xt, d, neps, &self.traps));
                     rms_norm(ut, norm, neps);
                 });
             (mixes, u)
@@ -92,7 +147,7 @@ impl Engine {
             x.par_chunks_mut(hc * d)
                 .zip(f.par_chunks(d))
                 .zip(mixes)
-                .for_each(|((xt, ft), m)| hyper::expand(m, ft, xt, d));
+                .for_each(|((xt, ft), m)| hyper::expand(m, ft, xt, d, &self.traps));
         };
         // Attention site.
         let (mixes, u) = sublayer_input(&b.hc_attn, &b.attn_norm, x);
@@ -101,18 +156,25 @@ impl Engine {
             kind: b.kind,
             rope: &self.ropes[b.layer],
             numerics: self.numerics,
+            traps: &self.traps,
         };
         let a = attention::forward(&ctx, &b.attn, st, &u, t0, t);
         write_back(&mixes, &a, x);
         // MoE site.
         let (mixes, u) = sublayer_input(&b.hc_ffn, &b.ffn_norm, x);
-        let f = moe::forward(cfg, &b.ffn, &u, tokens, self.numerics);
+        let f = moe::forward(cfg, &b.ffn, &u, tokens, self.numerics, &self.traps);
         write_back(&mixes, &f, x);
     }
 
     /// Run `tokens` (positions t0..) through the model, updating `state`. Returns logits for
     /// the wanted positions: [n, vocab] with n = 0, 1 or tokens.len().
-    pub fn forward(&self, state: &mut [AttnState], tokens: &[u32], t0: usize, want: Want) -> Vec<f32> {
+    pub fn forward(
+        &self,
+        state: &mut [AttnState],
+        tokens: &[u32],
+        t0: usize,
+        want: Want,
+    ) -> Vec<f32> {
         let cfg = &self.cfg;
         let (d, hc) = (cfg.hidden_size, cfg.hc_mult);
         let t = tokens.len();
@@ -121,7 +183,10 @@ impl Engine {
         let mut e = vec![0f32; d];
         for (k, &tok) in tokens.iter().enumerate() {
             if let crate::model::weights::Weight::Bf16 { data, .. } = &self.weights.embed {
-                dequant_bf16_row(&data[tok as usize * d * 2..(tok as usize + 1) * d * 2], &mut e);
+                dequant_bf16_row(
+                    &data[tok as usize * d * 2..(tok as usize + 1) * d * 2],
+                    &mut e,
+                );
             }
             for c in 0..hc {
                 x[(k * hc + c) * d..(k * hc + c + 1) * d].copy_from_slice(&e);
@@ -137,21 +202,32 @@ impl Engine {
         };
         let w = &self.weights;
         let mut hidden = vec![0f32; rows.len() * d];
-        hidden
-            .par_chunks_mut(d)
-            .zip(&rows)
-            .for_each(|(h, &k)| {
-                let xt = &x[k * hc * d..(k + 1) * hc * d];
-                h.copy_from_slice(&hyper::head(&w.hc_head_fn, &w.hc_head_base, w.hc_head_scale[0], xt, d, cfg.rms_norm_eps, cfg.hc_eps));
-                rms_norm(h, &w.norm, cfg.rms_norm_eps);
-            });
+        hidden.par_chunks_mut(d).zip(&rows).for_each(|(h, &k)| {
+            let xt = &x[k * hc * d..(k + 1) * hc * d];
+            h.copy_from_slice(&hyper::head(
+                &w.hc_head_fn,
+                &w.hc_head_base,
+                w.hc_head_scale[0],
+                xt,
+                d,
+                (cfg.rms_norm_eps, cfg.hc_eps),
+                &self.traps,
+            ));
+            rms_norm(h, &w.norm, cfg.rms_norm_eps);
+        });
         linear(&w.head, &hidden, rows.len())
     }
 
     /// Logits of a single hidden row through the head (exposed for tests of the head path).
     pub fn head_logits(&self, hidden: &[f32]) -> Vec<f32> {
         let mut y = vec![0f32; self.cfg.vocab_size];
-        linear_range(&self.weights.head, 0..self.cfg.vocab_size, hidden, 1, &mut y);
+        linear_range(
+            &self.weights.head,
+            0..self.cfg.vocab_size,
+            hidden,
+            1,
+            &mut y,
+        );
         y
     }
 }

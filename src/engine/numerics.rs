@@ -3,7 +3,9 @@
 //! FP8 activations into every FP8/FP4 GEMM, FP8 on the KV non-rope dims, Hadamard + FP4 on
 //! the indexer's queries and keys, and bf16 indexer scores.
 
-use crate::model::formats::{bf16_to_f32, f32_to_bf16, fake_quant_e2m1_blocks, fake_quant_e4m3_blocks};
+use crate::model::formats::{
+    bf16_to_f32, f32_to_bf16, fake_quant_e2m1_blocks, fake_quant_e4m3_blocks,
+};
 use std::borrow::Cow;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -89,6 +91,10 @@ mod tests {
         let mut v = vec![1.0, 2.0, 3.0, 4.0];
         hadamard(&mut v);
         hadamard(&mut v);
-        assert!(v.iter().zip([1.0, 2.0, 3.0, 4.0]).all(|(a, b)| (a - b).abs() < 1e-6));
+        assert!(
+            v.iter()
+                .zip([1.0, 2.0, 3.0, 4.0])
+                .all(|(a, b)| (a - b).abs() < 1e-6)
+        );
     }
 }

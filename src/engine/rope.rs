@@ -2,12 +2,16 @@
 //! `rope_dim` values of a vector, θ^(-2j/rope_dim) frequencies, optionally YaRN-scaled
 //! (compressed layers) — with no mscale anywhere.
 
+use super::traps::{Trap, Traps};
 use crate::model::config::ModelConfig;
 
 #[derive(Debug, Clone)]
 pub struct Rope {
     /// One frequency per pair (rope_dim / 2).
     pub inv_freq: Vec<f32>,
+    /// YaRN factor of this table, if scaled.
+    pub yarn_factor: Option<f64>,
+    pub traps: Traps,
 }
 
 impl Rope {
@@ -16,13 +20,26 @@ impl Rope {
         let inv_freq = (0..rope_dim / 2)
             .map(|j| (1.0 / theta.powf((2 * j) as f64 / rope_dim as f64)) as f32)
             .collect();
-        Rope { inv_freq }
+        Rope {
+            inv_freq,
+            yarn_factor: None,
+            traps: Traps::default(),
+        }
     }
 
     /// YaRN: pairs below `low` keep ω, pairs above `high` use ω/factor, linear ramp between.
-    pub fn yarn(theta: f64, rope_dim: usize, factor: f64, orig_len: f64, beta_fast: f64, beta_slow: f64) -> Rope {
+    pub fn yarn(
+        theta: f64,
+        rope_dim: usize,
+        factor: f64,
+        orig_len: f64,
+        beta_fast: f64,
+        beta_slow: f64,
+    ) -> Rope {
         let d = rope_dim as f64;
-        let corr = |n_rot: f64| d * (orig_len / (n_rot * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln());
+        let corr = |n_rot: f64| {
+            d * (orig_len / (n_rot * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln())
+        };
         let low = corr(beta_fast).floor().max(0.0);
         let high = corr(beta_slow).ceil().min(d - 1.0);
         let high = if high == low { high + 0.001 } else { high };
@@ -33,7 +50,11 @@ impl Rope {
                 (w / factor * ramp + w * (1.0 - ramp)) as f32
             })
             .collect();
-        Rope { inv_freq }
+        Rope {
+            inv_freq,
+            yarn_factor: Some(factor),
+            traps: Traps::default(),
+        }
     }
 
     /// The table a layer uses: θ=rope_theta without YaRN for window-only layers (ratio 0),
@@ -63,15 +84,31 @@ impl Rope {
     pub fn apply(&self, x: &mut [f32], pos: usize, inverse: bool) {
         let rd = self.rope_dim();
         let n = x.len();
-        let z = &mut x[n - rd..];
+        let z = if self.traps.has(Trap::RopeLeadingDims) {
+            &mut x[..rd]
+        } else {
+            &mut x[n - rd..]
+        };
+        let half = self.traps.has(Trap::RopeHalfSplit);
+        let mscale = match self.yarn_factor {
+            Some(f) if self.traps.has(Trap::RopeYarnMscale) => (0.1 * f.ln() + 1.0) as f32,
+            _ => 1.0,
+        };
         let p = pos as f32;
         for (j, &w) in self.inv_freq.iter().enumerate() {
             let ang = p * w; // fp32 angle, as the reference's complex64 table
             let (s, c) = (ang as f64).sin_cos();
             let (s, c) = (if inverse { -s as f32 } else { s as f32 }, c as f32);
-            let (a, b) = (z[2 * j], z[2 * j + 1]);
-            z[2 * j] = a * c - b * s;
-            z[2 * j + 1] = a * s + b * c;
+            let (s, c) = (s * mscale, c * mscale);
+            // Interleaved pairs (2j, 2j+1); the half-split trap pairs (j, j + rd/2).
+            let (i0, i1) = if half {
+                (j, j + rd / 2)
+            } else {
+                (2 * j, 2 * j + 1)
+            };
+            let (a, b) = (z[i0], z[i1]);
+            z[i0] = a * c - b * s;
+            z[i1] = a * s + b * c;
         }
     }
 

@@ -8,7 +8,11 @@ use super::model::{Engine, Want};
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum SessionError {
     #[error("the prompt needs {needed} tokens of context but --ctx is {ctx} ({used} already used)")]
-    ContextFull { needed: usize, used: usize, ctx: usize },
+    ContextFull {
+        needed: usize,
+        used: usize,
+        ctx: usize,
+    },
     #[error("token id {id} is out of range (vocab size {vocab})")]
     BadToken { id: u32, vocab: usize },
     #[error("nothing to prefill: empty token list")]

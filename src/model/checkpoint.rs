@@ -50,12 +50,22 @@ fn format_problems(dir: &str, problems: &[String]) -> String {
 /// A byte range of a mapped shard. Cheap to clone; keeps the mapping alive.
 #[derive(Clone)]
 pub struct Bytes {
-    map: Arc<Mmap>,
+    map: Arc<dyn AsRef<[u8]> + Send + Sync>,
     start: usize,
     len: usize,
 }
 
 impl Bytes {
+    /// Owned bytes (synthetic or transformed weights; the checkpoint itself is never copied).
+    pub fn from_vec(v: Vec<u8>) -> Bytes {
+        let len = v.len();
+        Bytes {
+            map: Arc::new(v),
+            start: 0,
+            len,
+        }
+    }
+
     /// A sub-range (relative to this range).
     pub fn slice(&self, start: usize, len: usize) -> Bytes {
         assert!(start + len <= self.len, "slice out of range");
@@ -70,7 +80,7 @@ impl Bytes {
 impl Deref for Bytes {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.map[self.start..self.start + self.len]
+        &(*self.map).as_ref()[self.start..self.start + self.len]
     }
 }
 
@@ -84,7 +94,7 @@ impl std::fmt::Debug for Bytes {
 pub struct Shard {
     pub path: PathBuf,
     pub file_name: String,
-    map: Arc<Mmap>,
+    map: Arc<dyn AsRef<[u8]> + Send + Sync>,
     /// 8 + JSON header length: where the data section starts.
     pub data_start: usize,
     pub file_len: u64,
@@ -131,9 +141,12 @@ impl Checkpoint {
             dir: dir_s.clone(),
             msg,
         };
-        let meta = std::fs::metadata(dir).map_err(|e| derr(format!("cannot open model directory: {e}")))?;
+        let meta = std::fs::metadata(dir)
+            .map_err(|e| derr(format!("cannot open model directory: {e}")))?;
         if !meta.is_dir() {
-            return Err(derr("is not a directory (expected a checkpoint folder)".into()));
+            return Err(derr(
+                "is not a directory (expected a checkpoint folder)".into(),
+            ));
         }
         let config_path = dir.join("config.json");
         let index_path = dir.join(INDEX_FILE);
@@ -151,10 +164,11 @@ impl Checkpoint {
                 file: index_path.display().to_string(),
                 msg: format!("cannot read: {e}"),
             })?;
-            let idx: IndexFile = serde_json::from_slice(&text).map_err(|e| CheckpointError::File {
-                file: index_path.display().to_string(),
-                msg: format!("not a valid safetensors index: {e}"),
-            })?;
+            let idx: IndexFile =
+                serde_json::from_slice(&text).map_err(|e| CheckpointError::File {
+                    file: index_path.display().to_string(),
+                    msg: format!("not a valid safetensors index: {e}"),
+                })?;
             idx.weight_map
         } else if single_path.exists() {
             BTreeMap::new()
@@ -298,7 +312,10 @@ impl Checkpoint {
 
     /// Sum of the payloads of every tensor in the files (extras included).
     pub fn payload_bytes(&self) -> u64 {
-        self.tensors.values().map(|e| (e.end - e.start) as u64).sum()
+        self.tensors
+            .values()
+            .map(|e| (e.end - e.start) as u64)
+            .sum()
     }
 }
 

@@ -158,7 +158,12 @@ impl ModelConfig {
         // Check the model type first: a llama config should say "unsupported model", not
         // "missing field q_lora_rank".
         match value.get("model_type") {
-            None => return Err(field("model_type", "missing (expected \"deepseek_v4\")".into())),
+            None => {
+                return Err(field(
+                    "model_type",
+                    "missing (expected \"deepseek_v4\")".into(),
+                ));
+            }
             Some(serde_json::Value::String(s)) if s == "deepseek_v4" => {}
             Some(other) => {
                 return Err(field(
@@ -229,7 +234,11 @@ impl ModelConfig {
             ("vocab_size", self.vocab_size, 1 << 22),
             ("hidden_size", self.hidden_size, 1 << 16),
             ("num_hidden_layers", self.num_hidden_layers, 1 << 10),
-            ("num_nextn_predict_layers", self.num_nextn_predict_layers, 16),
+            (
+                "num_nextn_predict_layers",
+                self.num_nextn_predict_layers,
+                16,
+            ),
             ("num_attention_heads", self.num_attention_heads, 1 << 10),
             ("head_dim", self.head_dim, 1 << 12),
             ("q_lora_rank", self.q_lora_rank, 1 << 16),
@@ -243,7 +252,10 @@ impl ModelConfig {
         ];
         for (f, v, cap) in caps {
             if v > cap {
-                return err(f, format!("{v} is implausibly large (at most {cap} supported)"));
+                return err(
+                    f,
+                    format!("{v} is implausibly large (at most {cap} supported)"),
+                );
             }
         }
         let want_ratios = self.num_hidden_layers + self.num_nextn_predict_layers;
@@ -271,7 +283,10 @@ impl ModelConfig {
         if self.num_key_value_heads != 1 {
             return err(
                 "num_key_value_heads",
-                format!("is {}, V4 has one shared K=V head", self.num_key_value_heads),
+                format!(
+                    "is {}, V4 has one shared K=V head",
+                    self.num_key_value_heads
+                ),
             );
         }
         if self.n_shared_experts != 1 {
@@ -324,15 +339,15 @@ impl ModelConfig {
             ("moe_intermediate_size", self.moe_intermediate_size),
         ] {
             if v % 32 != 0 {
-                return err(
-                    f,
-                    format!("{v} is not a multiple of 32 (FP4 scale groups)"),
-                );
+                return err(f, format!("{v} is not a multiple of 32 (FP4 scale groups)"));
             }
         }
         if self.compress_ratios.contains(&4) {
             if self.index_topk == 0 || self.index_n_heads == 0 {
-                return err("index_topk", "ratio-4 layers need index_topk > 0 and index_n_heads > 0".into());
+                return err(
+                    "index_topk",
+                    "ratio-4 layers need index_topk > 0 and index_n_heads > 0".into(),
+                );
             }
             if self.index_head_dim < self.qk_rope_head_dim {
                 return err(
@@ -352,13 +367,20 @@ impl ModelConfig {
         expect_str("topk_method", &self.topk_method, &["noaux_tc"])?;
         expect_str("rope_scaling.type", &self.rope_scaling.r#type, &["yarn"])?;
         let q = &self.quantization_config;
-        expect_str("quantization_config.quant_method", &q.quant_method, &["fp8"])?;
+        expect_str(
+            "quantization_config.quant_method",
+            &q.quant_method,
+            &["fp8"],
+        )?;
         expect_str("quantization_config.fmt", &q.fmt, &["e4m3"])?;
         expect_str("quantization_config.scale_fmt", &q.scale_fmt, &["ue8m0"])?;
         if q.weight_block_size != [128, 128] {
             return err(
                 "quantization_config.weight_block_size",
-                format!("{:?} is not supported (expected [128, 128])", q.weight_block_size),
+                format!(
+                    "{:?} is not supported (expected [128, 128])",
+                    q.weight_block_size
+                ),
             );
         }
         if let Some(d) = &self.expert_dtype {
@@ -376,7 +398,9 @@ impl ModelConfig {
         if self.attention_bias {
             return err("attention_bias", "true is not supported".into());
         }
-        if self.bos_token_id as usize >= self.vocab_size || self.eos_token_id as usize >= self.vocab_size {
+        if self.bos_token_id as usize >= self.vocab_size
+            || self.eos_token_id as usize >= self.vocab_size
+        {
             return err(
                 "eos_token_id",
                 format!("bos/eos ids must be < vocab_size {}", self.vocab_size),
@@ -385,8 +409,14 @@ impl ModelConfig {
         if !(self.rms_norm_eps > 0.0) || !(self.hc_eps >= 0.0) {
             return err("rms_norm_eps", "eps values must be positive".into());
         }
-        if !(self.rope_scaling.factor >= 1.0) || !(self.rope_theta > 0.0) || !(self.compress_rope_theta > 0.0) {
-            return err("rope_scaling.factor", "rope factor must be >= 1 and thetas > 0".into());
+        if !(self.rope_scaling.factor >= 1.0)
+            || !(self.rope_theta > 0.0)
+            || !(self.compress_rope_theta > 0.0)
+        {
+            return err(
+                "rope_scaling.factor",
+                "rope factor must be >= 1 and thetas > 0".into(),
+            );
         }
         Ok(())
     }
@@ -462,7 +492,10 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         let e = with(|v| v["compress_ratios"].as_array_mut().unwrap().push(4.into()));
-        assert!(e.contains("`compress_ratios`") && e.contains("45 entries"), "{e}");
+        assert!(
+            e.contains("`compress_ratios`") && e.contains("45 entries"),
+            "{e}"
+        );
         let e = with(|v| {
             v.as_object_mut().unwrap().remove("hidden_size");
         });

@@ -89,7 +89,12 @@ pub fn bf16_at(bytes: &[u8], i: usize) -> f32 {
 /// Read little-endian f32 element `i` of a byte slice.
 #[inline(always)]
 pub fn f32_at(bytes: &[u8], i: usize) -> f32 {
-    f32::from_le_bytes([bytes[4 * i], bytes[4 * i + 1], bytes[4 * i + 2], bytes[4 * i + 3]])
+    f32::from_le_bytes([
+        bytes[4 * i],
+        bytes[4 * i + 1],
+        bytes[4 * i + 2],
+        bytes[4 * i + 3],
+    ])
 }
 
 /// Read little-endian i64 element `i` of a byte slice.
@@ -151,7 +156,11 @@ pub fn f32_to_e2m1(x: f32) -> u8 {
             best_d = d;
         }
     }
-    let sign = if x.is_sign_negative() && best != 0 { 8 } else { 0 };
+    let sign = if x.is_sign_negative() && best != 0 {
+        8
+    } else {
+        0
+    };
     (best as u8) | sign
 }
 
@@ -368,7 +377,9 @@ mod tests {
     #[test]
     fn fp8_and_fp4_rows_follow_spec_layout() {
         // FP8: value = e4m3(code) · 2^(s-127), one scale byte per 128 columns.
-        let codes: Vec<u8> = (0..256).map(|i| if i < 128 { 0x38 } else { 0xC0 }).collect();
+        let codes: Vec<u8> = (0..256)
+            .map(|i| if i < 128 { 0x38 } else { 0xC0 })
+            .collect();
         let mut out = vec![0f32; 256];
         dequant_fp8_row(&codes, &[128, 125], &mut out);
         assert_eq!(out[0], 2.0); // 1.0 · 2^1

@@ -134,12 +134,37 @@ pub fn inventory(cfg: &ModelConfig) -> Vec<TensorSpec> {
             layer: None,
             expert: None,
         };
-        g.push("embed.weight".into(), Dtype::BF16, &[v, d], Component::Embed);
+        g.push(
+            "embed.weight".into(),
+            Dtype::BF16,
+            &[v, d],
+            Component::Embed,
+        );
         g.push("head.weight".into(), Dtype::BF16, &[v, d], Component::Head);
-        g.push("norm.weight".into(), Dtype::BF16, &[d], Component::FinalNorm);
-        g.push("hc_head_fn".into(), Dtype::F32, &[hc, hc * d], Component::FinalNorm);
-        g.push("hc_head_base".into(), Dtype::F32, &[hc], Component::FinalNorm);
-        g.push("hc_head_scale".into(), Dtype::F32, &[1], Component::FinalNorm);
+        g.push(
+            "norm.weight".into(),
+            Dtype::BF16,
+            &[d],
+            Component::FinalNorm,
+        );
+        g.push(
+            "hc_head_fn".into(),
+            Dtype::F32,
+            &[hc, hc * d],
+            Component::FinalNorm,
+        );
+        g.push(
+            "hc_head_base".into(),
+            Dtype::F32,
+            &[hc],
+            Component::FinalNorm,
+        );
+        g.push(
+            "hc_head_scale".into(),
+            Dtype::F32,
+            &[1],
+            Component::FinalNorm,
+        );
     }
     for layer in 0..cfg.total_blocks() {
         let is_mtp = layer >= cfg.num_hidden_layers;
@@ -177,8 +202,18 @@ fn block(cfg: &ModelConfig, layer: usize, p: &str, is_mtp: bool, out: &mut Vec<T
         b.push(format!("{p}hc_{part}_base"), Dtype::F32, &[mix], hcc);
         b.push(format!("{p}hc_{part}_scale"), Dtype::F32, &[3], hcc);
     }
-    b.push(format!("{p}attn_norm.weight"), Dtype::BF16, &[d], c(Component::Norms));
-    b.push(format!("{p}ffn_norm.weight"), Dtype::BF16, &[d], c(Component::Norms));
+    b.push(
+        format!("{p}attn_norm.weight"),
+        Dtype::BF16,
+        &[d],
+        c(Component::Norms),
+    );
+    b.push(
+        format!("{p}ffn_norm.weight"),
+        Dtype::BF16,
+        &[d],
+        c(Component::Norms),
+    );
     let at = c(Component::Attention);
     b.push(format!("{p}attn.attn_sink"), Dtype::F32, &[h], at);
     b.fp8(&format!("{p}attn.wq_a"), ql, d, at);
@@ -195,7 +230,12 @@ fn block(cfg: &ModelConfig, layer: usize, p: &str, is_mtp: bool, out: &mut Vec<T
         let cp = format!("{p}attn.compressor.");
         b.push(format!("{cp}ape"), Dtype::F32, &[ratio, coff * hd], cc);
         b.push(format!("{cp}wkv.weight"), Dtype::BF16, &[coff * hd, d], cc);
-        b.push(format!("{cp}wgate.weight"), Dtype::BF16, &[coff * hd, d], cc);
+        b.push(
+            format!("{cp}wgate.weight"),
+            Dtype::BF16,
+            &[coff * hd, d],
+            cc,
+        );
         b.push(format!("{cp}norm.weight"), Dtype::BF16, &[hd], cc);
         if cfg.attn_kind(layer) == AttnKind::Csa {
             let ic = c(Component::Indexer);
@@ -203,11 +243,31 @@ fn block(cfg: &ModelConfig, layer: usize, p: &str, is_mtp: bool, out: &mut Vec<T
             let ihd = cfg.index_head_dim;
             let ip = format!("{p}attn.indexer.");
             b.fp8(&format!("{ip}wq_b"), ih * ihd, ql, ic);
-            b.push(format!("{ip}weights_proj.weight"), Dtype::BF16, &[ih, d], ic);
+            b.push(
+                format!("{ip}weights_proj.weight"),
+                Dtype::BF16,
+                &[ih, d],
+                ic,
+            );
             b.push(format!("{ip}compressor.ape"), Dtype::F32, &[4, 2 * ihd], ic);
-            b.push(format!("{ip}compressor.wkv.weight"), Dtype::BF16, &[2 * ihd, d], ic);
-            b.push(format!("{ip}compressor.wgate.weight"), Dtype::BF16, &[2 * ihd, d], ic);
-            b.push(format!("{ip}compressor.norm.weight"), Dtype::BF16, &[ihd], ic);
+            b.push(
+                format!("{ip}compressor.wkv.weight"),
+                Dtype::BF16,
+                &[2 * ihd, d],
+                ic,
+            );
+            b.push(
+                format!("{ip}compressor.wgate.weight"),
+                Dtype::BF16,
+                &[2 * ihd, d],
+                ic,
+            );
+            b.push(
+                format!("{ip}compressor.norm.weight"),
+                Dtype::BF16,
+                &[ihd],
+                ic,
+            );
         }
     }
     let rc = c(Component::Router);
@@ -322,7 +382,10 @@ mod tests {
         .map(|(k, v)| (k.to_string(), v))
         .collect();
         assert_eq!(by, want);
-        let mtp: Vec<_> = inv.iter().filter(|t| t.component == Component::Mtp).collect();
+        let mtp: Vec<_> = inv
+            .iter()
+            .filter(|t| t.component == Component::Mtp)
+            .collect();
         assert_eq!(mtp.len(), 1_575);
         assert_eq!(
             mtp.iter().map(|t| t.nbytes() as u64).sum::<u64>(),
@@ -359,7 +422,10 @@ mod tests {
         let inv = inventory(&cfg);
         let find = |n: &str| inv.iter().find(|t| t.name == n).unwrap();
         assert_eq!(release_shard(&cfg, find("embed.weight")), (0, 46));
-        assert_eq!(release_shard(&cfg, find("layers.0.attn.wq_a.weight")), (1, 46));
+        assert_eq!(
+            release_shard(&cfg, find("layers.0.attn.wq_a.weight")),
+            (1, 46)
+        );
         assert_eq!(release_shard(&cfg, find("head.weight")), (44, 46));
         assert_eq!(release_shard(&cfg, find("mtp.0.e_proj.weight")), (45, 46));
     }

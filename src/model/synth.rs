@@ -117,7 +117,10 @@ pub fn synth(cfg_json: &[u8], out: &Path, seed: u64, sparse: bool) -> anyhow::Re
         std::fs::rename(&tmp, &path)?;
     }
     let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-    write_atomic(&out.join("model.safetensors.index.json"), &serde_json::to_vec_pretty(&index)?)?;
+    write_atomic(
+        &out.join("model.safetensors.index.json"),
+        &serde_json::to_vec_pretty(&index)?,
+    )?;
     write_atomic(&out.join("config.json"), cfg_json)?;
     Ok(SynthReport {
         shards: by_shard.len(),

@@ -24,18 +24,26 @@ pub enum Weight {
         scales: Bytes,
     },
     /// BF16 [rows, cols].
-    Bf16 { rows: usize, cols: usize, data: Bytes },
+    Bf16 {
+        rows: usize,
+        cols: usize,
+        data: Bytes,
+    },
 }
 
 impl Weight {
     pub fn rows(&self) -> usize {
         match self {
-            Weight::Fp8 { rows, .. } | Weight::Fp4 { rows, .. } | Weight::Bf16 { rows, .. } => *rows,
+            Weight::Fp8 { rows, .. } | Weight::Fp4 { rows, .. } | Weight::Bf16 { rows, .. } => {
+                *rows
+            }
         }
     }
     pub fn cols(&self) -> usize {
         match self {
-            Weight::Fp8 { cols, .. } | Weight::Fp4 { cols, .. } | Weight::Bf16 { cols, .. } => *cols,
+            Weight::Fp8 { cols, .. } | Weight::Fp4 { cols, .. } | Weight::Bf16 { cols, .. } => {
+                *cols
+            }
         }
     }
     /// Bytes this weight occupies in the checkpoint (codes + scales).
@@ -238,7 +246,12 @@ impl Loader<'_> {
             scale: self.f32v(&format!("{p}hc_{site}_scale"))?,
         })
     }
-    fn compressor(&self, p: &str, ratio: usize, dim: usize) -> Result<CompressorWeights, CheckpointError> {
+    fn compressor(
+        &self,
+        p: &str,
+        ratio: usize,
+        dim: usize,
+    ) -> Result<CompressorWeights, CheckpointError> {
         Ok(CompressorWeights {
             ratio,
             dim,
@@ -269,7 +282,11 @@ impl Loader<'_> {
             Some(IndexerWeights {
                 wq_b: self.fp8(&format!("{a}indexer.wq_b"))?,
                 weights_proj: self.bf16m(&format!("{a}indexer.weights_proj.weight"))?,
-                compressor: self.compressor(&format!("{a}indexer.compressor."), 4, cfg.index_head_dim)?,
+                compressor: self.compressor(
+                    &format!("{a}indexer.compressor."),
+                    4,
+                    cfg.index_head_dim,
+                )?,
             })
         } else {
             None

@@ -9,11 +9,16 @@ pub fn bin() -> &'static str {
 }
 
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 pub fn run(args: &[&str]) -> Output {
-    Command::new(bin()).args(args).output().expect("run dsflash")
+    Command::new(bin())
+        .args(args)
+        .output()
+        .expect("run dsflash")
 }
 
 pub fn stderr(o: &Output) -> String {
@@ -63,7 +68,9 @@ pub fn edit_header(path: &Path, f: impl FnOnce(&mut serde_json::Map<String, serd
 }
 
 /// Read a safetensors file of goldens into name -> (dtype, shape, bytes).
-pub fn read_safetensors(path: &Path) -> std::collections::HashMap<String, (String, Vec<usize>, Vec<u8>)> {
+pub fn read_safetensors(
+    path: &Path,
+) -> std::collections::HashMap<String, (String, Vec<usize>, Vec<u8>)> {
     let (h, data) = read_shard(path);
     let mut out = std::collections::HashMap::new();
     for (k, v) in h.as_object().unwrap() {
@@ -79,11 +86,15 @@ pub fn read_safetensors(path: &Path) -> std::collections::HashMap<String, (Strin
 }
 
 pub fn as_f32(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
 }
 
 pub fn as_i64(b: &[u8]) -> Vec<i64> {
-    b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
+    b.chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect()
 }
 
 /// Goldens of one oracle prompt.
@@ -108,9 +119,15 @@ pub fn goldens(path: &Path) -> Vec<Golden> {
     names
         .into_iter()
         .map(|n| Golden {
-            input_ids: as_i64(&g[&format!("{n}.input_ids")].2).iter().map(|&v| v as u32).collect(),
+            input_ids: as_i64(&g[&format!("{n}.input_ids")].2)
+                .iter()
+                .map(|&v| v as u32)
+                .collect(),
             prefill_logits: as_f32(&g[&format!("{n}.prefill_logits")].2),
-            greedy_tokens: as_i64(&g[&format!("{n}.greedy_tokens")].2).iter().map(|&v| v as u32).collect(),
+            greedy_tokens: as_i64(&g[&format!("{n}.greedy_tokens")].2)
+                .iter()
+                .map(|&v| v as u32)
+                .collect(),
             greedy_step_logits: as_f32(&g[&format!("{n}.greedy_step_logits")].2),
             name: n,
         })

@@ -1,8 +1,10 @@
 //! y = x · Wᵀ for a weight in its stored format.
 
-use crate::model::formats::{FP4_GROUP, FP8_BLOCK, dequant_bf16_row, dequant_fp4_row, dequant_fp8_row};
-use crate::model::weights::Weight;
 use super::ops::dot;
+use crate::model::formats::{
+    FP4_GROUP, FP8_BLOCK, dequant_bf16_row, dequant_fp4_row, dequant_fp8_row,
+};
+use crate::model::weights::Weight;
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -55,24 +57,22 @@ pub fn linear_range(w: &Weight, rows: Range<usize>, x: &[f32], t: usize, y: &mut
     }
     // Work in [rows, t] so each task owns a contiguous output block, then transpose.
     let mut yt = vec![0f32; n * t];
-    yt.par_chunks_mut(TILE_ROWS * t)
-        .enumerate()
-        .for_each_init(
-            || vec![0f32; TILE_ROWS * cols],
-            |wbuf, (tile, out)| {
-                let r0 = rows.start + tile * TILE_ROWS;
-                let nr = out.len() / t;
-                for i in 0..nr {
-                    dequant_row(w, r0 + i, &mut wbuf[i * cols..(i + 1) * cols]);
+    yt.par_chunks_mut(TILE_ROWS * t).enumerate().for_each_init(
+        || vec![0f32; TILE_ROWS * cols],
+        |wbuf, (tile, out)| {
+            let r0 = rows.start + tile * TILE_ROWS;
+            let nr = out.len() / t;
+            for i in 0..nr {
+                dequant_row(w, r0 + i, &mut wbuf[i * cols..(i + 1) * cols]);
+            }
+            for i in 0..nr {
+                let wr = &wbuf[i * cols..(i + 1) * cols];
+                for tt in 0..t {
+                    out[i * t + tt] = dot(wr, &x[tt * cols..(tt + 1) * cols]);
                 }
-                for i in 0..nr {
-                    let wr = &wbuf[i * cols..(i + 1) * cols];
-                    for tt in 0..t {
-                        out[i * t + tt] = dot(wr, &x[tt * cols..(tt + 1) * cols]);
-                    }
-                }
-            },
-        );
+            }
+        },
+    );
     if t == 1 {
         y.copy_from_slice(&yt);
     } else {

@@ -69,7 +69,13 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
 /// NaN counts as smallest.
 pub fn top_k(values: &[f32], k: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..values.len()).collect();
-    let key = |i: usize| if values[i].is_nan() { f32::NEG_INFINITY } else { values[i] };
+    let key = |i: usize| {
+        if values[i].is_nan() {
+            f32::NEG_INFINITY
+        } else {
+            values[i]
+        }
+    };
     let k = k.min(values.len());
     let cmp = |a: &usize, b: &usize| key(*b).total_cmp(&key(*a)).then(a.cmp(b));
     if k < idx.len() && k > 0 {
