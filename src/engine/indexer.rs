@@ -3,7 +3,6 @@
 //! w = weights_proj · x · ihd^-½ · IH^-½. Selected indices address the main compressor's rows.
 
 use super::compressor::CompressorState;
-use super::numerics::Numerics;
 use super::traps::{Trap, Traps};
 use crate::backend::cpu::{dot, top_k};
 
@@ -21,7 +20,6 @@ pub fn scores(
     q: &IndexerQuery,
     n_vis: usize,
     ihd: usize,
-    numerics: Numerics,
     traps: &Traps,
 ) -> Vec<f32> {
     let relu_after = traps.has(Trap::IndexerReluAfterSum);
@@ -40,7 +38,7 @@ pub fn scores(
                         }
                     })
                     .sum();
-            numerics.index_score(if relu_after { s.max(0.0) } else { s })
+            if relu_after { s.max(0.0) } else { s }
         })
         .collect()
 }
@@ -53,13 +51,12 @@ pub fn select(
     n_vis: usize,
     ihd: usize,
     topk: usize,
-    numerics: Numerics,
     traps: &Traps,
 ) -> Vec<usize> {
     if n_vis <= topk || traps.has(Trap::IndexerSelectAll) {
         return (0..n_vis).collect();
     }
-    let s = scores(st, q, n_vis, ihd, numerics, traps);
+    let s = scores(st, q, n_vis, ihd, traps);
     let mut idx = top_k(&s, topk);
     idx.sort_unstable();
     idx

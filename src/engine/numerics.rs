@@ -1,11 +1,10 @@
 //! The numerics switch (`--numerics`). `Ideal` is fp32 math on the dequantized weights, what
 //! transformers computes. `Reference` adds the official code's QAT roundings (spec §4.4):
 //! FP8 activations into every FP8/FP4 GEMM, FP8 on the KV non-rope dims, Hadamard + FP4 on
-//! the indexer's queries and keys, and bf16 indexer scores.
+//! the indexer's queries and keys. Activations stay fp32: the official code's bf16 activations
+//! (which also make its indexer scores bf16) are not simulated; see the README's "Numerics".
 
-use crate::model::formats::{
-    bf16_to_f32, f32_to_bf16, fake_quant_e2m1_blocks, fake_quant_e4m3_blocks,
-};
+use crate::model::formats::{fake_quant_e2m1_blocks, fake_quant_e4m3_blocks};
 use std::borrow::Cow;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -45,14 +44,6 @@ impl Numerics {
         if self == Numerics::Reference {
             hadamard(v);
             fake_quant_e2m1_blocks(v, 32);
-        }
-    }
-
-    /// Indexer score as the reference's bf16 einsum leaves it.
-    pub fn index_score(self, s: f32) -> f32 {
-        match self {
-            Numerics::Ideal => s,
-            Numerics::Reference => bf16_to_f32(f32_to_bf16(s)),
         }
     }
 }
