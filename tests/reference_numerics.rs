@@ -38,7 +38,11 @@ fn compare(num: Numerics, gold: &str, qat: &str) -> Vec<(String, Stats)> {
                 .zip(want.chunks(v))
                 .map(|(a, b)| max_rel_err(a, b, v).0)
                 .collect();
-            let agree = l.chunks(v).zip(want.chunks(v)).filter(|(a, b)| argmax(a) == argmax(b)).count() as f32
+            let agree = l
+                .chunks(v)
+                .zip(want.chunks(v))
+                .filter(|(a, b)| argmax(a) == argmax(b))
+                .count() as f32
                 / errs.len() as f32;
             (g.name, Stats { errs, agree })
         })
@@ -54,13 +58,22 @@ fn median(v: &[f32]) -> f32 {
 #[test]
 fn reference_matches_official_code_until_a_rounding_flips() {
     for (gold, qat) in [
-        ("tiny/goldens.safetensors", "goldens/tiny-official-qat.safetensors"),
-        ("goldens/tiny-a.safetensors", "goldens/tiny-a-official-qat.safetensors"),
+        (
+            "tiny/goldens.safetensors",
+            "goldens/tiny-official-qat.safetensors",
+        ),
+        (
+            "goldens/tiny-a.safetensors",
+            "goldens/tiny-a-official-qat.safetensors",
+        ),
     ] {
         for (name, st) in compare(Numerics::Reference, gold, qat) {
             let n = st.errs.len().min(24);
             let worst = st.errs[..n].iter().fold(0f32, |m, &e| m.max(e));
-            assert!(worst <= 1e-5, "{gold} {name}: first {n} positions rel err {worst:.2e}");
+            assert!(
+                worst <= 1e-5,
+                "{gold} {name}: first {n} positions rel err {worst:.2e}"
+            );
         }
     }
 }
@@ -77,7 +90,10 @@ fn reference_is_much_closer_to_official_than_ideal() {
         }
         let (mr, mi) = (median(&rs.errs), median(&is.errs));
         assert!(mr <= 0.1, "{name}: reference median {mr:.2e}");
-        assert!(mr * 4.0 <= mi, "{name}: reference median {mr:.2e} vs ideal {mi:.2e}");
+        assert!(
+            mr * 4.0 <= mi,
+            "{name}: reference median {mr:.2e} vs ideal {mi:.2e}"
+        );
         assert!(rs.agree >= 0.8, "{name}: argmax agreement {:.2}", rs.agree);
     }
 }

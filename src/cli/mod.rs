@@ -1,6 +1,7 @@
 //! Command line: `dsflash <subcommand>`. Exit codes: 0 ok, 1 runtime error, 2 usage error.
 
 mod inspect;
+pub mod run;
 mod synth;
 
 use clap::{Parser, Subcommand};
@@ -16,6 +17,9 @@ pub struct Cli {
     /// Extra notes on stderr (e.g. tensors in the checkpoint that the model does not use).
     #[arg(long, short, global = true)]
     pub verbose: bool,
+    /// Worker threads for the compute (default: one per core).
+    #[arg(long, global = true, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub threads: Option<u64>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -26,6 +30,10 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Write a random checkpoint in the official layout for any config (tests, benchmarks).
     Synth(synth::SynthArgs),
+    /// Logits of a prompt given as token ids, written as a float32 .npy [T, vocab].
+    Logits(run::LogitsArgs),
+    /// Continue a prompt given as token ids; prints the new ids.
+    Generate(run::GenerateArgs),
 }
 
 /// Run the CLI; returns the process exit code.
@@ -38,9 +46,17 @@ pub fn main() -> i32 {
             return code;
         }
     };
+    if let Some(n) = cli.threads {
+        // Fails only if a pool already exists (not the case at start-up).
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n as usize)
+            .build_global();
+    }
     let result = match &cli.command {
         Command::Inspect(a) => inspect::run(a, cli.verbose),
         Command::Synth(a) => synth::run(a),
+        Command::Logits(a) => run::logits(a),
+        Command::Generate(a) => run::generate(a),
     };
     match result {
         Ok(()) => 0,

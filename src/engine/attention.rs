@@ -172,8 +172,7 @@ pub fn forward(
                         q: &iq[k * ih * ihd..(k + 1) * ih * ihd],
                         w: &iw[k * ih..(k + 1) * ih],
                     };
-                    let sel =
-                        indexer::select(is, &query, n_vis, ihd, cfg.index_topk, ctx.traps);
+                    let sel = indexer::select(is, &query, n_vis, ihd, cfg.index_topk, ctx.traps);
                     keys.extend(sel.into_iter().filter(skip_inside).map(|i| cs.rows.row(i)));
                 }
                 AttnKind::Window => {}

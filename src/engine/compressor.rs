@@ -150,6 +150,7 @@ impl CompressorState {
     /// Feed a chunk: `a`, `z` are [t, coff·dim] for positions t0.. . Completed rows are
     /// normalised, rotated at their window's first position (i·ratio) and passed through
     /// `finish` (the numerics' rounding), then stored.
+    #[allow(clippy::too_many_arguments)] // the chunk, its position, and the layer's rope/eps/traps
     pub fn feed_chunk(
         &mut self,
         w: &CompressorWeights,

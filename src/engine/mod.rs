@@ -10,6 +10,7 @@ pub mod model;
 pub mod moe;
 pub mod numerics;
 pub mod rope;
+pub mod sampler;
 pub mod session;
 pub mod traps;
 

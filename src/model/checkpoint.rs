@@ -235,7 +235,8 @@ impl Checkpoint {
                     let in_failed_shard = weight_map
                         .get(&spec.name)
                         .is_some_and(|f| !open_shards.contains(&f.as_str()));
-                    if !in_failed_shard && !(failed_shards && weight_map.is_empty()) {
+                    let covered = in_failed_shard || (failed_shards && weight_map.is_empty());
+                    if !covered {
                         problems.push(format!(
                             "tensor {} is missing (expected {} {:?})",
                             spec.name,

@@ -406,13 +406,18 @@ impl ModelConfig {
                 format!("bos/eos ids must be < vocab_size {}", self.vocab_size),
             );
         }
-        if !(self.rms_norm_eps > 0.0) || !(self.hc_eps >= 0.0) {
+        // Written so that NaN fails too.
+        let positive = |v: f64| v.is_finite() && v > 0.0;
+        let eps_ok =
+            positive(self.rms_norm_eps as f64) && self.hc_eps.is_finite() && self.hc_eps >= 0.0;
+        if !eps_ok {
             return err("rms_norm_eps", "eps values must be positive".into());
         }
-        if !(self.rope_scaling.factor >= 1.0)
-            || !(self.rope_theta > 0.0)
-            || !(self.compress_rope_theta > 0.0)
-        {
+        let rope_ok = self.rope_scaling.factor.is_finite()
+            && self.rope_scaling.factor >= 1.0
+            && positive(self.rope_theta)
+            && positive(self.compress_rope_theta);
+        if !rope_ok {
             return err(
                 "rope_scaling.factor",
                 "rope factor must be >= 1 and thetas > 0".into(),

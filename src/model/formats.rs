@@ -338,8 +338,11 @@ mod tests {
         assert_eq!(f32_to_e4m3(1.1875), 0x3A);
         assert_eq!(f32_to_e4m3(1e9), 0x7E);
         assert_eq!(f32_to_e4m3(-1e9), 0xFE);
-        // 15/16 sits halfway between 0.875 (0x36) and 1.0 (0x38, the exponent carry).
-        assert_eq!(f32_to_e4m3(0.9375), 0x38);
+        // 31/32 sits halfway between 0.9375 (0x37, odd mantissa) and 1.0 (0x38, the exponent
+        // carry, even): ties go to 0x38.
+        assert_eq!(f32_to_e4m3(0.96875), 0x38);
+        // Subnormal grid: 1.5·2^-9 is halfway between codes 1 and 2: ties to 2.
+        assert_eq!(f32_to_e4m3(1.5 * 2f32.powi(-9)), 0x02);
     }
 
     #[test]
@@ -383,7 +386,7 @@ mod tests {
         let mut out = vec![0f32; 256];
         dequant_fp8_row(&codes, &[128, 125], &mut out);
         assert_eq!(out[0], 2.0); // 1.0 · 2^1
-        assert_eq!(out[200], -0.25); // -2.0 · 2^-3
+        assert_eq!(out[200], -0.5); // -2.0 · 2^(125-127)
         // FP4: low nibble = even column. 0x72: low 2 -> 1.0, high 7 -> 6.0.
         let mut packed = vec![0u8; 32];
         packed[0] = 0x72;
@@ -433,7 +436,8 @@ mod tests {
         fake_quant_e4m3_blocks(&mut x, 64);
         // amax 100 -> scale 2^-2 (100/448 = 0.223 -> 0.25); 0.3/0.25 = 1.2 -> 1.25 -> 0.3125.
         assert_eq!(x[0], 0.3125);
-        assert_eq!(x[2], 100.0);
+        // 100/0.25 = 400, halfway between 384 (m=4, even) and 416 (m=5): 384 -> 96.
+        assert_eq!(x[2], 96.0);
         let mut y = vec![0.7f32, 3.0, -12.0];
         fake_quant_e2m1_blocks(&mut y, 32);
         // amax 12 -> scale 2 (12/6); 0.35 -> 0.5 -> 1.0; 1.5 -> 3.0; -6 -> -12.

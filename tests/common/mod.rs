@@ -142,7 +142,7 @@ pub fn max_rel_err(got: &[f32], want: &[f32], vocab: usize) -> (f32, usize) {
     for (i, (g, w)) in got.chunks(vocab).zip(want.chunks(vocab)).enumerate() {
         let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
         let err = g.iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
-        if !(err <= worst.0) {
+        if err > worst.0 || err.is_nan() {
             worst = (err, i);
         }
     }

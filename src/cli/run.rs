@@ -1,0 +1,208 @@
+//! `dsflash logits` and `dsflash generate`: the fidelity interfaces (token ids in, logits or
+//! ids out; no tokenizer needed).
+
+use crate::engine::sampler::{Sampler, SamplerConfig};
+use crate::engine::{Engine, Numerics, Session, Want};
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use std::io::Write;
+use std::path::PathBuf;
+
+/// Options shared by everything that runs the model.
+#[derive(Args, Debug, Clone)]
+pub struct EngineArgs {
+    /// Checkpoint directory or Hugging Face repo id (resolved in the local hub cache).
+    #[arg(long, default_value = crate::hub::DEFAULT_MODEL)]
+    pub model: String,
+    /// Context cap in tokens (default: the model's maximum). The KV cache grows in blocks
+    /// as needed up to this; a longer prompt is refused before any compute.
+    #[arg(long)]
+    pub ctx: Option<usize>,
+    /// Prefill chunk size in tokens: activation memory is bounded by the chunk.
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..))]
+    pub prefill_chunk: u64,
+    /// `reference`: the official code's QAT roundings (FP8 activations and KV, FP4 indexer);
+    /// `ideal`: plain fp32 on the dequantized weights (transformers' semantics).
+    #[arg(long, value_enum, default_value_t = Numerics::Reference)]
+    pub numerics: Numerics,
+}
+
+impl EngineArgs {
+    pub fn open(&self) -> anyhow::Result<Engine> {
+        let dir = crate::hub::resolve_model(&self.model)?;
+        Engine::open(&dir, self.numerics)
+    }
+
+    pub fn session<'e>(&self, e: &'e Engine) -> anyhow::Result<Session<'e>> {
+        let max = e.cfg.max_position_embeddings;
+        let ctx = self.ctx.unwrap_or(max);
+        if ctx == 0 || ctx > max {
+            bail!("--ctx {ctx}: must be between 1 and the model's maximum context {max}");
+        }
+        Ok(Session::new(e, ctx, self.prefill_chunk as usize))
+    }
+}
+
+/// Parse `--tokens 1,2,3`.
+pub fn parse_tokens(s: &str) -> anyhow::Result<Vec<u32>> {
+    let ids: Result<Vec<u32>, _> = s
+        .split(',')
+        .map(|t| t.trim())
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            t.parse::<u32>()
+                .map_err(|_| anyhow::anyhow!("--tokens: {t:?} is not a token id"))
+        })
+        .collect();
+    let ids = ids?;
+    if ids.is_empty() {
+        bail!("--tokens: no token ids given (expected e.g. --tokens 0,123,456)");
+    }
+    Ok(ids)
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq)]
+pub enum Positions {
+    All,
+    Last,
+}
+
+#[derive(Args, Debug)]
+pub struct LogitsArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Prompt token ids, comma-separated.
+    #[arg(long)]
+    pub tokens: String,
+    /// Output file: float32 NumPy array [T, vocab] (T = 1 with --positions last).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value_t = Positions::All)]
+    pub positions: Positions,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq)]
+pub enum Format {
+    /// Comma-separated token ids on one line.
+    Ids,
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Prompt token ids, comma-separated.
+    #[arg(long)]
+    pub tokens: String,
+    /// Tokens to generate (generation also stops at the end-of-sequence id).
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 = greedy. Model card default 1.0.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Keep generating past the end-of-sequence id.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    #[arg(long, value_enum, default_value_t = Format::Ids)]
+    pub format: Format,
+}
+
+/// Prefill with a progress bar on stderr (hidden when stderr is not a terminal).
+fn prefill(s: &mut Session, tokens: &[u32], want: Want) -> anyhow::Result<Vec<f32>> {
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(tokens.len() as u64),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "prefill {bar:30} {pos}/{len} tokens {per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let out = s.prefill_with_progress(tokens, want, |done| bar.set_position(done as u64));
+    bar.finish_and_clear();
+    Ok(out?)
+}
+
+/// Write a float32 [rows, cols] array as a NumPy .npy file (v1.0), atomically.
+pub fn write_npy(
+    path: &std::path::Path,
+    data: &[f32],
+    rows: usize,
+    cols: usize,
+) -> anyhow::Result<()> {
+    let mut header =
+        format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
+    // magic (6) + version (2) + length (2) + header + '\n' must be a multiple of 64.
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut buf = Vec::with_capacity(10 + header.len() + data.len() * 4);
+    buf.extend_from_slice(b"\x93NUMPY\x01\x00");
+    buf.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    buf.extend_from_slice(header.as_bytes());
+    for v in data {
+        buf.extend_from_slice(&v.to_le_bytes());
+    }
+    crate::model::synth::write_atomic(path, &buf)
+        .with_context(|| format!("--out {}", path.display()))
+}
+
+pub fn logits(a: &LogitsArgs) -> anyhow::Result<()> {
+    let tokens = parse_tokens(&a.tokens)?;
+    let e = a.engine.open()?;
+    let mut s = a.engine.session(&e)?;
+    let want = if a.positions == Positions::All {
+        Want::All
+    } else {
+        Want::Last
+    };
+    let l = prefill(&mut s, &tokens, want)?;
+    let v = e.cfg.vocab_size;
+    write_npy(&a.out, &l, l.len() / v, v)
+}
+
+pub fn generate(a: &GenerateArgs) -> anyhow::Result<()> {
+    let tokens = parse_tokens(&a.tokens)?;
+    // NaN fails every comparison, so it is refused too.
+    let valid =
+        a.temperature >= 0.0 && a.top_p > 0.0 && a.top_p <= 1.0 && (0.0..=1.0).contains(&a.min_p);
+    if !valid {
+        bail!("sampling flags: need --temperature >= 0, 0 < --top-p <= 1, 0 <= --min-p <= 1");
+    }
+    let e = a.engine.open()?;
+    let mut s = a.engine.session(&e)?;
+    let mut sampler = Sampler::new(SamplerConfig {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        min_p: a.min_p,
+        seed: a.seed,
+    });
+    let eos = e.cfg.eos_token_id;
+    let mut logits = prefill(&mut s, &tokens, Want::Last)?;
+    let mut out = std::io::stdout().lock();
+    for i in 0..a.max_tokens {
+        let tok = sampler.sample(&logits);
+        if i > 0 {
+            write!(out, ",")?;
+        }
+        write!(out, "{tok}")?;
+        out.flush()?;
+        if (tok == eos && !a.ignore_eos) || i + 1 == a.max_tokens {
+            break;
+        }
+        logits = s.decode_step(tok)?;
+    }
+    writeln!(out)?;
+    Ok(())
+}
