@@ -26,3 +26,11 @@ for x in b c; do
   cp "$tmp/$x"/{config.json,model-00001-of-00002.safetensors,model-00002-of-00002.safetensors,model.safetensors.index.json,goldens.safetensors,goldens.json} $F/tiny-$x/
 done
 rm -rf "$tmp"
+# tiny-vocab: the full 129,280 vocabulary (pairs with the real tokenizer for CLI tests), D 64,
+# 3 layers. Only the checkpoint and goldens.json (greedy tokens) are kept: the full-vocab logits
+# would be 20+ MB.
+tmp=$(mktemp -d)
+$PY $O/make_tiny.py --out "$tmp/v" --seed 31 --config-overrides $F/tiny-vocab/overrides.json \
+    --prompts p5=5,p40=40 --new-tokens 8
+cp "$tmp/v"/{config.json,model-00001-of-00002.safetensors,model-00002-of-00002.safetensors,model.safetensors.index.json,goldens.json} $F/tiny-vocab/
+rm -rf "$tmp"

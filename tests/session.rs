@@ -85,3 +85,27 @@ fn kv_state_grows_in_blocks_not_up_front() {
     assert!(big < 8 << 20, "state for 500 tokens is {big} bytes");
     assert!(big >= small);
 }
+
+#[test]
+fn rewind_to_a_mark_matches_the_oracle() {
+    // Mark mid-window (position 301: a partly filled ratio-4 window, HCA carry-over of 45
+    // tokens), wander off for 150 tokens (new compressed rows, the ring overwritten), rewind,
+    // continue with the real prompt.
+    let e = Engine::open(&fixture("tiny"), Numerics::Ideal).unwrap();
+    let g = long();
+    let v = e.cfg.vocab_size;
+    let mut s = Session::new(&e, 4096, 64);
+    s.prefill(&g.input_ids[..301], Want::None).unwrap();
+    let m = s.mark();
+    assert_eq!(m.len(), 301);
+    let detour: Vec<u32> = (0..150).map(|i| (i * 37 % 1000) as u32).collect();
+    s.prefill(&detour, Want::None).unwrap();
+    assert!(s.rewind(&m));
+    assert_eq!(s.len(), 301);
+    let l = s.prefill(&g.input_ids[301..], Want::All).unwrap();
+    let (err, _) = max_rel_err(&l, &g.prefill_logits[301 * v..], v);
+    assert!(err <= 1e-4, "{err:.2e}");
+    // A mark from beyond the current position is refused.
+    let mut t = Session::new(&e, 4096, 64);
+    assert!(!t.rewind(&m));
+}

@@ -127,7 +127,10 @@ fn prefill(s: &mut Session, tokens: &[u32], want: Want) -> anyhow::Result<Vec<f3
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let out = s.prefill_with_progress(tokens, want, |done| bar.set_position(done as u64));
+    let out = s.prefill_with_progress(tokens, want, |done| {
+        bar.set_position(done as u64);
+        true
+    });
     bar.finish_and_clear();
     Ok(out?)
 }

@@ -26,7 +26,34 @@ pub struct AttnState {
     pub index: Option<CompressorState>,
 }
 
+/// A block's attention state at some position: the window ring (a copy) and the compressors'
+/// marks. Costs the ring (window x head_dim floats), not the context.
+#[derive(Debug, Clone)]
+pub struct AttnMark {
+    window: WindowRing,
+    comp: Option<super::compressor::CompressorMark>,
+    index: Option<super::compressor::CompressorMark>,
+}
+
 impl AttnState {
+    pub fn mark(&self) -> AttnMark {
+        AttnMark {
+            window: self.window.clone(),
+            comp: self.comp.as_ref().map(|c| c.mark()),
+            index: self.index.as_ref().map(|c| c.mark()),
+        }
+    }
+
+    pub fn restore(&mut self, m: &AttnMark) {
+        self.window.clone_from(&m.window);
+        if let (Some(c), Some(cm)) = (self.comp.as_mut(), &m.comp) {
+            c.restore(cm);
+        }
+        if let (Some(c), Some(cm)) = (self.index.as_mut(), &m.index) {
+            c.restore(cm);
+        }
+    }
+
     pub fn new(cfg: &ModelConfig, w: &AttnWeights) -> AttnState {
         AttnState {
             window: WindowRing::new(cfg.sliding_window, cfg.head_dim),

@@ -12,6 +12,18 @@ use crate::model::weights::CompressorWeights;
 /// Row-store block size (rows per allocation).
 const BLOCK_ROWS: usize = 256;
 
+/// A compressor's state at some position (see `CompressorState::mark`).
+#[derive(Debug, Clone)]
+pub struct CompressorMark {
+    pending_kv: Vec<f32>,
+    pending_gate: Vec<f32>,
+    n_pending: usize,
+    prev_kv: Vec<f32>,
+    prev_gate: Vec<f32>,
+    has_prev: bool,
+    rows: usize,
+}
+
 #[derive(Debug, Clone)]
 pub struct CompressorState {
     ratio: usize,
@@ -178,6 +190,30 @@ impl CompressorState {
                 self.rows.push(&row);
             }
         }
+    }
+
+    /// Everything needed to come back to this point: the carry-over and the row count
+    /// (rows are append-only, so they are not copied).
+    pub fn mark(&self) -> CompressorMark {
+        CompressorMark {
+            pending_kv: self.pending_kv.clone(),
+            pending_gate: self.pending_gate.clone(),
+            n_pending: self.n_pending,
+            prev_kv: self.prev_kv.clone(),
+            prev_gate: self.prev_gate.clone(),
+            has_prev: self.has_prev,
+            rows: self.rows.len(),
+        }
+    }
+
+    pub fn restore(&mut self, m: &CompressorMark) {
+        self.pending_kv.clone_from(&m.pending_kv);
+        self.pending_gate.clone_from(&m.pending_gate);
+        self.n_pending = m.n_pending;
+        self.prev_kv.clone_from(&m.prev_kv);
+        self.prev_gate.clone_from(&m.prev_gate);
+        self.has_prev = m.has_prev;
+        self.rows.truncate(m.rows);
     }
 
     pub fn allocated_bytes(&self) -> usize {

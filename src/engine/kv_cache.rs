@@ -54,6 +54,14 @@ impl RowStore {
         self.blocks.len() * self.block_rows * self.width * 4
     }
 
+    /// Keep the first `n` rows (blocks past them are freed).
+    pub fn truncate(&mut self, n: usize) {
+        if n < self.len {
+            self.len = n;
+            self.blocks.truncate(n.div_ceil(self.block_rows));
+        }
+    }
+
     pub fn clear(&mut self) {
         self.blocks.clear();
         self.len = 0;

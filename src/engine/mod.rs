@@ -16,4 +16,4 @@ pub mod traps;
 
 pub use model::{Engine, Want};
 pub use numerics::Numerics;
-pub use session::{Session, SessionError};
+pub use session::{Mark, Session, SessionError};

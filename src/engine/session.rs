@@ -1,7 +1,7 @@
 //! A conversation's decode state and the API the front ends use: prefill in chunks, decode
 //! one token, reset, truncate.
 
-use super::attention::AttnState;
+use super::attention::{AttnMark, AttnState};
 use super::model::{Engine, Want};
 
 /// Why a session refused work.
@@ -17,6 +17,26 @@ pub enum SessionError {
     BadToken { id: u32, vocab: usize },
     #[error("nothing to prefill: empty token list")]
     Empty,
+    #[error("interrupted")]
+    Interrupted,
+}
+
+/// A point a session can be rewound to (see `Session::mark`).
+#[derive(Debug, Clone)]
+pub struct Mark {
+    tokens: usize,
+    layers: Vec<AttnMark>,
+}
+
+impl Mark {
+    /// Tokens the session held at the mark.
+    pub fn len(&self) -> usize {
+        self.tokens
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens == 0
+    }
 }
 
 pub struct Session<'e> {
@@ -73,15 +93,16 @@ impl<'e> Session<'e> {
     /// Feed `tokens` in chunks. Returns logits for the wanted positions ([n, vocab]).
     /// Checks the context cap and token ids before any compute.
     pub fn prefill(&mut self, tokens: &[u32], want: Want) -> Result<Vec<f32>, SessionError> {
-        self.prefill_with_progress(tokens, want, |_| {})
+        self.prefill_with_progress(tokens, want, |_| true)
     }
 
-    /// `prefill`, calling `progress(done)` after each chunk.
+    /// `prefill`, calling `progress(done)` after each chunk; `progress` returning false stops
+    /// at that chunk boundary with `Interrupted` (the tokens fed so far stay in the session).
     pub fn prefill_with_progress(
         &mut self,
         tokens: &[u32],
         want: Want,
-        mut progress: impl FnMut(usize),
+        mut progress: impl FnMut(usize) -> bool,
     ) -> Result<Vec<f32>, SessionError> {
         self.check(tokens)?;
         let mut out = Vec::new();
@@ -97,7 +118,10 @@ impl<'e> Session<'e> {
             let logits = self.engine.forward(&mut self.state, c, t0, w);
             out.extend_from_slice(&logits);
             self.tokens.extend_from_slice(c);
-            progress(self.tokens.len() - t0 + ci * self.chunk);
+            let done = ((ci + 1) * self.chunk).min(tokens.len());
+            if !progress(done) && !last {
+                return Err(SessionError::Interrupted);
+            }
         }
         Ok(out)
     }
@@ -113,8 +137,30 @@ impl<'e> Session<'e> {
         self.tokens.clear();
     }
 
-    /// Keep only the first `n` tokens (e.g. to edit a conversation). The compressed state
-    /// cannot be rewound, so the kept prefix is prefilled again.
+    /// A rewind point at the current position. Cheap: copies the window rings and the
+    /// compressors' carry-over, not the context.
+    pub fn mark(&self) -> Mark {
+        Mark {
+            tokens: self.tokens.len(),
+            layers: self.state.iter().map(|s| s.mark()).collect(),
+        }
+    }
+
+    /// Go back to `m`, which must have been taken on this session at or before its current
+    /// position (a mark from a rewound-past position is refused and nothing changes).
+    pub fn rewind(&mut self, m: &Mark) -> bool {
+        if m.tokens > self.tokens.len() || m.layers.len() != self.state.len() {
+            return false;
+        }
+        for (s, lm) in self.state.iter_mut().zip(&m.layers) {
+            s.restore(lm);
+        }
+        self.tokens.truncate(m.tokens);
+        true
+    }
+
+    /// Keep only the first `n` tokens (e.g. to edit a conversation) without a mark: the
+    /// compressed state is rebuilt by prefilling the kept prefix again.
     pub fn truncate(&mut self, n: usize) {
         if n >= self.tokens.len() {
             return;
