@@ -1,11 +1,76 @@
 //! Command line: `dsflash <subcommand>`. Exit codes: 0 ok, 1 runtime error, 2 usage error.
 
+mod chat;
 mod inspect;
+mod oneshot;
+mod prompt;
 pub mod run;
 mod synth;
+pub mod talk;
 
-use clap::{Parser, Subcommand};
-use std::io::Write;
+use crate::model::chat_format::Mode;
+use clap::{Args, Parser, Subcommand};
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+
+/// `--think` / `--no-think` / `--think-max` (default: thinking).
+#[derive(Args, Debug, Clone, Default)]
+pub struct ModeArgs {
+    /// Reason before answering (the default; the model card's "Think High").
+    #[arg(long, group = "mode")]
+    pub think: bool,
+    /// Answer directly, without reasoning ("Non-think").
+    #[arg(long, group = "mode")]
+    pub no_think: bool,
+    /// Maximum reasoning effort ("Think Max"; the model card advises >= 384K context).
+    #[arg(long, group = "mode")]
+    pub think_max: bool,
+}
+
+impl ModeArgs {
+    pub fn mode(&self) -> Mode {
+        if self.no_think {
+            Mode::Chat
+        } else if self.think_max {
+            Mode::ThinkMax
+        } else {
+            Mode::Think
+        }
+    }
+}
+
+/// Talking to the model: `dsflash` (interactive on a terminal) or one-shot with `-p`/stdin.
+#[derive(Args, Debug, Clone)]
+pub struct TalkArgs {
+    /// One-shot: ask this and print the answer. With stdin not a terminal, stdin is read
+    /// and comes first, then a blank line, then this text.
+    #[arg(short = 'p', long = "prompt")]
+    pub prompt: Option<String>,
+    /// System prompt.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Most tokens to generate per answer (reasoning included).
+    #[arg(long, default_value_t = 8192)]
+    pub max_tokens: usize,
+    /// One-shot: print one JSON object (answer, reasoning, token counts, timings).
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub mode_args: ModeArgs,
+    /// tokenizer.json (default: the one in the model directory).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    #[command(flatten)]
+    pub engine: run::EngineArgs,
+    #[command(flatten)]
+    pub sampling: run::SamplerArgs,
+}
+
+impl TalkArgs {
+    pub fn mode(&self) -> Mode {
+        self.mode_args.mode()
+    }
+}
 
 #[derive(Parser, Debug)]
 #[command(
@@ -20,8 +85,10 @@ pub struct Cli {
     /// Worker threads for the compute (default: one per core).
     #[arg(long, global = true, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub threads: Option<u64>,
+    #[command(flatten)]
+    pub talk: TalkArgs,
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -34,6 +101,26 @@ pub enum Command {
     Logits(run::LogitsArgs),
     /// Continue a prompt given as token ids; prints the new ids.
     Generate(run::GenerateArgs),
+    /// Print a conversation rendered in the chat format (text or token ids).
+    Prompt(prompt::PromptArgs),
+}
+
+/// No subcommand: one-shot if there is a prompt or piped stdin, else the interactive chat.
+fn talk(cli: &Cli) -> anyhow::Result<i32> {
+    let a = &cli.talk;
+    let stdin_tty = std::io::stdin().is_terminal();
+    if a.prompt.is_some() || !stdin_tty {
+        let stdin = if stdin_tty {
+            None
+        } else {
+            Some(oneshot::read_stdin()?)
+        };
+        return oneshot::run(a, stdin, cli.verbose);
+    }
+    if a.json {
+        anyhow::bail!("--json is for one-shot use (-p TEXT or piped stdin)");
+    }
+    chat::run(a)
 }
 
 /// Run the CLI; returns the process exit code.
@@ -53,13 +140,15 @@ pub fn main() -> i32 {
             .build_global();
     }
     let result = match &cli.command {
-        Command::Inspect(a) => inspect::run(a, cli.verbose),
-        Command::Synth(a) => synth::run(a),
-        Command::Logits(a) => run::logits(a),
-        Command::Generate(a) => run::generate(a),
+        Some(Command::Inspect(a)) => inspect::run(a, cli.verbose).map(|_| 0),
+        Some(Command::Synth(a)) => synth::run(a).map(|_| 0),
+        Some(Command::Logits(a)) => run::logits(a).map(|_| 0),
+        Some(Command::Generate(a)) => run::generate(a).map(|_| 0),
+        Some(Command::Prompt(a)) => prompt::run(a).map(|_| 0),
+        None => talk(&cli),
     };
     match result {
-        Ok(()) => 0,
+        Ok(code) => code,
         Err(e) => {
             // Broken pipe on stdout (`| head`) is not an error worth reporting.
             if e.downcast_ref::<std::io::Error>()

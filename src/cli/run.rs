@@ -61,6 +61,48 @@ pub fn parse_tokens(s: &str) -> anyhow::Result<Vec<u32>> {
     Ok(ids)
 }
 
+/// Sampling options (defaults from the model card: temperature 1.0, top-p 1.0).
+#[derive(Args, Debug, Clone)]
+pub struct SamplerArgs {
+    /// Sampling temperature; 0 = greedy.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens up to this total probability (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Keep only the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Drop tokens less likely than min-p times the most likely one (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    /// Seed of the sampler: the same seed gives the same output.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl SamplerArgs {
+    pub fn config(&self) -> anyhow::Result<SamplerConfig> {
+        // NaN fails every comparison, so it is refused too.
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            bail!("--temperature {}: must be >= 0", self.temperature);
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            bail!("--top-p {}: must be in (0, 1]", self.top_p);
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            bail!("--min-p {}: must be in [0, 1]", self.min_p);
+        }
+        Ok(SamplerConfig {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            seed: self.seed,
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq)]
 pub enum Positions {
     All,
@@ -97,17 +139,8 @@ pub struct GenerateArgs {
     /// Tokens to generate (generation also stops at the end-of-sequence id).
     #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,
-    /// Sampling temperature; 0 = greedy. Model card default 1.0.
-    #[arg(long, default_value_t = 1.0)]
-    pub temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f32,
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    #[arg(long, default_value_t = 0.0)]
-    pub min_p: f32,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub sampling: SamplerArgs,
     /// Keep generating past the end-of-sequence id.
     #[arg(long)]
     pub ignore_eos: bool,
@@ -116,7 +149,7 @@ pub struct GenerateArgs {
 }
 
 /// Prefill with a progress bar on stderr (hidden when stderr is not a terminal).
-fn prefill(s: &mut Session, tokens: &[u32], want: Want) -> anyhow::Result<Vec<f32>> {
+pub fn prefill(s: &mut Session, tokens: &[u32], want: Want) -> anyhow::Result<Vec<f32>> {
     let bar = indicatif::ProgressBar::with_draw_target(
         Some(tokens.len() as u64),
         indicatif::ProgressDrawTarget::stderr(),
@@ -176,21 +209,9 @@ pub fn logits(a: &LogitsArgs) -> anyhow::Result<()> {
 
 pub fn generate(a: &GenerateArgs) -> anyhow::Result<()> {
     let tokens = parse_tokens(&a.tokens)?;
-    // NaN fails every comparison, so it is refused too.
-    let valid =
-        a.temperature >= 0.0 && a.top_p > 0.0 && a.top_p <= 1.0 && (0.0..=1.0).contains(&a.min_p);
-    if !valid {
-        bail!("sampling flags: need --temperature >= 0, 0 < --top-p <= 1, 0 <= --min-p <= 1");
-    }
+    let mut sampler = Sampler::new(a.sampling.config()?);
     let e = a.engine.open()?;
     let mut s = a.engine.session(&e)?;
-    let mut sampler = Sampler::new(SamplerConfig {
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        min_p: a.min_p,
-        seed: a.seed,
-    });
     let eos = e.cfg.eos_token_id;
     let mut logits = prefill(&mut s, &tokens, Want::Last)?;
     let mut out = std::io::stdout().lock();

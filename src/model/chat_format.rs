@@ -1,7 +1,7 @@
 //! The DeepSeek-V4 chat encoding (spec §8), data-driven: a `ChatFormat` table holds every
 //! literal, `render` holds the rules. A later variant (e.g. the 0731 release) is another table.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Literals of one chat format.
 #[derive(Debug, Clone)]
@@ -54,7 +54,7 @@ impl Mode {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     System,

@@ -1,0 +1,272 @@
+//! Interactive chat (`dsflash` on a terminal). The conversation's KV state is reused across
+//! turns; Ctrl+C stops an answer and returns to the prompt, Ctrl+D or /quit exits.
+//! Alt+Enter (or Ctrl+J) inserts a newline; pasted text keeps its newlines.
+
+use super::TalkArgs;
+use super::talk::{Sink, Talk, TurnStats, interrupt_flag, use_color};
+use crate::model::chat_format::{Message, Mode};
+use crate::model::tokenizer::Tokenizer;
+use rustyline::error::ReadlineError;
+use rustyline::{Cmd, DefaultEditor, KeyCode, KeyEvent, Modifiers};
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+
+const HELP: &str = "\
+commands:
+  /help            this help
+  /think           thinking mode (reason, then answer)
+  /nothink         answer directly
+  /system TEXT     set the system prompt (empty TEXT removes it); clears the conversation
+  /clear           forget the conversation (keeps the system prompt)
+  /read FILE       send FILE's contents as your message
+  /stats           tokens used and the last answer's speed
+  /save FILE       save the conversation as JSON messages
+  /load FILE       load a conversation saved with /save (or any OpenAI-style messages array)
+  /quit            exit (also Ctrl+D)
+keys: Enter sends; Alt+Enter or Ctrl+J inserts a newline; Ctrl+C stops an answer.";
+
+/// `$XDG_DATA_HOME/dsflash/history`, else `~/.local/share/dsflash/history`.
+pub fn history_path() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))?;
+    Some(base.join("dsflash").join("history"))
+}
+
+struct ChatSink {
+    color: bool,
+    in_reasoning: bool,
+}
+
+impl Sink for ChatSink {
+    fn reasoning(&mut self, text: &str) -> std::io::Result<()> {
+        let mut o = std::io::stdout().lock();
+        if !self.in_reasoning {
+            self.in_reasoning = true;
+            if self.color {
+                write!(o, "\x1b[2m")?;
+            } else {
+                write!(o, "[thinking] ")?;
+            }
+        }
+        write!(o, "{text}")?;
+        o.flush()
+    }
+    fn answer(&mut self, text: &str) -> std::io::Result<()> {
+        let mut o = std::io::stdout().lock();
+        if self.in_reasoning {
+            self.in_reasoning = false;
+            if self.color {
+                write!(o, "\x1b[0m")?;
+            }
+            writeln!(o)?;
+        }
+        write!(o, "{text}")?;
+        o.flush()
+    }
+}
+
+fn stats_line(s: &TurnStats, context: usize) -> String {
+    format!(
+        "[{} prompt tokens ({} new) at {:.1} tok/s | {} tokens at {:.1} tok/s | context {}{}]",
+        s.prompt_tokens,
+        s.prefilled_tokens,
+        s.prefill_tps(),
+        s.generated_tokens,
+        s.decode_tps(),
+        context,
+        if s.stop == "interrupted" {
+            " | interrupted"
+        } else {
+            ""
+        }
+    )
+}
+
+pub fn run(a: &TalkArgs) -> anyhow::Result<i32> {
+    let dir = crate::hub::resolve_model(&a.engine.model)?;
+    let tok = Tokenizer::from_file(&super::talk::tokenizer_path(a.tokenizer.as_ref(), &dir))?;
+    let engine = crate::engine::Engine::open(&dir, a.engine.numerics)?;
+    let mut talk = Talk::new(
+        &engine,
+        &tok,
+        &a.engine,
+        &a.sampling,
+        a.mode(),
+        a.max_tokens,
+    )?;
+    if let Some(s) = &a.system {
+        talk.set_system(s);
+    }
+    let stop = interrupt_flag();
+    let color = use_color(std::io::stdout().is_terminal());
+    let mut ed = DefaultEditor::new()?;
+    ed.bind_sequence(KeyEvent(KeyCode::Enter, Modifiers::ALT), Cmd::Newline);
+    ed.bind_sequence(KeyEvent::ctrl('J'), Cmd::Newline);
+    let hist = history_path();
+    if let Some(h) = &hist {
+        let _ = ed.load_history(h);
+    }
+    eprintln!(
+        "dsflash: {} ({} mode). /help for commands, Ctrl+D to exit.",
+        dir.display(),
+        if talk.mode.thinking() {
+            "thinking"
+        } else {
+            "chat"
+        }
+    );
+    let mut last: Option<TurnStats> = None;
+    loop {
+        let line = match ed.readline("> ") {
+            Ok(l) => l,
+            Err(ReadlineError::Interrupted) => continue,
+            Err(ReadlineError::Eof) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let input = line.trim();
+        if input.is_empty() {
+            continue;
+        }
+        let _ = ed.add_history_entry(line.as_str());
+        let user = if let Some(cmd) = input.strip_prefix('/') {
+            let (name, arg) = cmd.split_once(char::is_whitespace).unwrap_or((cmd, ""));
+            let arg = arg.trim();
+            match name {
+                "help" => {
+                    println!("{HELP}");
+                    continue;
+                }
+                "quit" | "exit" => break,
+                "think" => {
+                    talk.mode = Mode::Think;
+                    println!("thinking mode");
+                    continue;
+                }
+                "nothink" => {
+                    talk.mode = Mode::Chat;
+                    println!("chat mode (no thinking)");
+                    continue;
+                }
+                "system" => {
+                    talk.set_system(arg);
+                    talk.clear(true);
+                    println!(
+                        "system prompt {}; conversation cleared",
+                        if arg.is_empty() { "removed" } else { "set" }
+                    );
+                    continue;
+                }
+                "clear" => {
+                    talk.clear(true);
+                    println!("conversation cleared");
+                    continue;
+                }
+                "stats" => {
+                    println!(
+                        "{} messages, {} tokens of context in use (cap {})",
+                        talk.messages.len(),
+                        talk.session.len(),
+                        a.engine.ctx.unwrap_or(engine.cfg.max_position_embeddings)
+                    );
+                    if let Some(s) = &last {
+                        println!("last answer: {}", stats_line(s, talk.session.len()));
+                    }
+                    continue;
+                }
+                "save" => {
+                    if arg.is_empty() {
+                        println!("usage: /save FILE");
+                        continue;
+                    }
+                    let json = messages_json(&talk.messages);
+                    match crate::model::synth::write_atomic(
+                        std::path::Path::new(arg),
+                        json.as_bytes(),
+                    ) {
+                        Ok(()) => println!("saved {} messages to {arg}", talk.messages.len()),
+                        Err(e) => println!("error: {e}"),
+                    }
+                    continue;
+                }
+                "load" => {
+                    match std::fs::read(arg)
+                        .map_err(anyhow::Error::from)
+                        .and_then(|b| {
+                            serde_json::from_slice::<Vec<Message>>(&b).map_err(anyhow::Error::from)
+                        }) {
+                        Ok(m) => {
+                            let n = m.len();
+                            talk.messages = m;
+                            println!("loaded {n} messages from {arg}");
+                        }
+                        Err(e) => println!("error: /load {arg}: {e}"),
+                    }
+                    continue;
+                }
+                "read" => match std::fs::read(arg) {
+                    Ok(b) => match String::from_utf8(b) {
+                        Ok(s) => s,
+                        Err(_) => {
+                            println!("error: /read {arg}: not UTF-8 text");
+                            continue;
+                        }
+                    },
+                    Err(e) => {
+                        println!("error: /read {arg}: {e}");
+                        continue;
+                    }
+                },
+                other => {
+                    println!("unknown command /{other} (try /help)");
+                    continue;
+                }
+            }
+        } else {
+            line.clone()
+        };
+        stop.store(false, Ordering::SeqCst);
+        let mut sink = ChatSink {
+            color,
+            in_reasoning: false,
+        };
+        let r = talk.turn(&user, &mut sink, &stop);
+        if sink.in_reasoning && color {
+            print!("\x1b[0m");
+        }
+        println!();
+        match r {
+            Ok((_, s)) => {
+                eprintln!("{}", stats_line(&s, talk.session.len()));
+                last = Some(s);
+            }
+            Err(e) => eprintln!("error: {e}"),
+        }
+        stop.store(false, Ordering::SeqCst);
+    }
+    if let Some(h) = &hist {
+        if let Some(parent) = h.parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        let _ = ed.save_history(h);
+    }
+    Ok(0)
+}
+
+/// Messages as the OpenAI-style JSON array `/load` and `dsflash prompt --messages` read.
+fn messages_json(m: &[Message]) -> String {
+    let arr: Vec<serde_json::Value> = m
+        .iter()
+        .map(|m| {
+            let role = serde_json::to_value(m.role).unwrap_or_default();
+            let mut o = serde_json::json!({"role": role, "content": m.content});
+            if let Some(r) = &m.reasoning_content {
+                o["reasoning_content"] = r.clone().into();
+            }
+            o
+        })
+        .collect();
+    serde_json::to_string_pretty(&arr).unwrap_or_else(|_| "[]".into())
+}

@@ -1,0 +1,170 @@
+//! `dsflash -p TEXT` and `… | dsflash [-p TEXT]`: one question, one answer on stdout.
+//!
+//! Input rule: with stdin not a terminal, stdin is read whole (it must be UTF-8) and the user
+//! message is the stdin text, a blank line, then the `-p` text (either alone if the other is
+//! empty). Reasoning (thinking modes) goes to stderr, dimmed, and only when stderr is a
+//! terminal; `--json` prints one object with both instead.
+
+use super::TalkArgs;
+use super::talk::{Sink, Talk, TurnStats, interrupt_flag, use_color};
+use crate::model::tokenizer::Tokenizer;
+use std::io::{IsTerminal, Read, Write};
+use std::sync::atomic::Ordering;
+
+/// Exit code after SIGINT/SIGTERM (128 + SIGINT), as shells report it.
+pub const EXIT_INTERRUPTED: i32 = 130;
+
+/// Read all of stdin as UTF-8; the error names the byte offset of the first invalid byte.
+pub fn read_stdin() -> anyhow::Result<String> {
+    let mut buf = Vec::new();
+    std::io::stdin().read_to_end(&mut buf)?;
+    String::from_utf8(buf).map_err(|e| {
+        anyhow::anyhow!(
+            "stdin is not valid UTF-8 (first invalid byte at offset {}); convert it first, e.g. with iconv",
+            e.utf8_error().valid_up_to()
+        )
+    })
+}
+
+/// The user message from `-p` and stdin, per the rule above. None if both are empty.
+pub fn join_input(stdin: Option<&str>, prompt: Option<&str>) -> Option<String> {
+    let s = stdin.map(str::trim_end).filter(|s| !s.trim().is_empty());
+    let p = prompt.filter(|p| !p.trim().is_empty());
+    match (s, p) {
+        (Some(s), Some(p)) => Some(format!("{s}\n\n{p}")),
+        (Some(s), None) => Some(s.to_string()),
+        (None, Some(p)) => Some(p.to_string()),
+        (None, None) => None,
+    }
+}
+
+struct OneShotSink {
+    json: bool,
+    reasoning_tty: bool,
+    color: bool,
+    started_reasoning: bool,
+}
+
+impl Sink for OneShotSink {
+    fn reasoning(&mut self, text: &str) -> std::io::Result<()> {
+        if self.json || !self.reasoning_tty {
+            return Ok(());
+        }
+        let mut e = std::io::stderr().lock();
+        if self.color && !self.started_reasoning {
+            write!(e, "\x1b[2m")?;
+        }
+        self.started_reasoning = true;
+        write!(e, "{text}")?;
+        e.flush()
+    }
+    fn answer(&mut self, text: &str) -> std::io::Result<()> {
+        if self.started_reasoning && self.reasoning_tty {
+            let mut e = std::io::stderr().lock();
+            if self.color {
+                write!(e, "\x1b[0m")?;
+            }
+            writeln!(e)?;
+            self.started_reasoning = false;
+        }
+        if self.json {
+            return Ok(());
+        }
+        let mut o = std::io::stdout().lock();
+        write!(o, "{text}")?;
+        o.flush()
+    }
+}
+
+#[derive(serde::Serialize)]
+struct JsonOut<'a> {
+    answer: &'a str,
+    reasoning: Option<&'a str>,
+    mode: &'a str,
+    #[serde(flatten)]
+    stats: &'a TurnStats,
+    prefill_tokens_per_s: f64,
+    decode_tokens_per_s: f64,
+}
+
+/// Returns the process exit code.
+pub fn run(a: &TalkArgs, stdin: Option<String>, verbose: bool) -> anyhow::Result<i32> {
+    let Some(user) = join_input(stdin.as_deref(), a.prompt.as_deref()) else {
+        eprintln!("error: empty input: give a prompt with -p TEXT or on stdin");
+        return Ok(2);
+    };
+    let stop = interrupt_flag();
+    let dir = crate::hub::resolve_model(&a.engine.model)?;
+    let tok = Tokenizer::from_file(&super::talk::tokenizer_path(a.tokenizer.as_ref(), &dir))?;
+    let engine = crate::engine::Engine::open(&dir, a.engine.numerics)?;
+    let mode = a.mode();
+    let mut talk = Talk::new(&engine, &tok, &a.engine, &a.sampling, mode, a.max_tokens)?;
+    if let Some(s) = &a.system {
+        talk.set_system(s);
+    }
+    let err_tty = std::io::stderr().is_terminal();
+    let mut sink = OneShotSink {
+        json: a.json,
+        reasoning_tty: err_tty,
+        color: use_color(err_tty),
+        started_reasoning: false,
+    };
+    let (msg, stats) = talk.turn(&user, &mut sink, &stop)?;
+    if sink.started_reasoning && sink.color {
+        eprint!("\x1b[0m");
+    }
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        let j = JsonOut {
+            answer: &msg.content,
+            reasoning: msg.reasoning_content.as_deref(),
+            mode: match mode {
+                crate::model::chat_format::Mode::Chat => "chat",
+                crate::model::chat_format::Mode::Think => "think",
+                crate::model::chat_format::Mode::ThinkMax => "think-max",
+            },
+            stats: &stats,
+            prefill_tokens_per_s: stats.prefill_tps(),
+            decode_tokens_per_s: stats.decode_tps(),
+        };
+        serde_json::to_writer(&mut out, &j)?;
+    }
+    writeln!(out)?;
+    out.flush()?;
+    if err_tty || verbose {
+        eprintln!(
+            "[{} prompt tokens ({} prefilled) at {:.1} tok/s, {} generated at {:.1} tok/s, stop: {}]",
+            stats.prompt_tokens,
+            stats.prefilled_tokens,
+            stats.prefill_tps(),
+            stats.generated_tokens,
+            stats.decode_tps(),
+            stats.stop
+        );
+    }
+    Ok(if stop.load(Ordering::Relaxed) {
+        EXIT_INTERRUPTED
+    } else {
+        0
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn input_join_rule() {
+        assert_eq!(
+            join_input(Some("report\n"), Some("Summarise")).as_deref(),
+            Some("report\n\nSummarise")
+        );
+        assert_eq!(
+            join_input(Some("only stdin\n\n"), None).as_deref(),
+            Some("only stdin")
+        );
+        assert_eq!(join_input(Some("  \n"), Some("q")).as_deref(), Some("q"));
+        assert_eq!(join_input(None, Some("   ")), None);
+        assert_eq!(join_input(None, None), None);
+    }
+}

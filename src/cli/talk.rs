@@ -1,0 +1,288 @@
+//! A conversation with the model: messages rendered with the chat format, the KV state kept
+//! across turns (only what changed is prefilled), generation streamed as reasoning and answer
+//! pieces. Shared by the one-shot mode and the interactive chat.
+
+use super::run::{EngineArgs, SamplerArgs};
+use crate::engine::sampler::Sampler;
+use crate::engine::{Engine, Mark, Session, SessionError, Want};
+use crate::model::chat_format::{ChatFormat, DSV4, Message, Mode, Role, render};
+use crate::model::tokenizer::{StreamDecoder, Tokenizer};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+/// Rewind points kept (each costs the window rings, ~11 MB on the real model).
+const MAX_MARKS: usize = 4;
+
+/// What one assistant turn produced.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct TurnStats {
+    /// Tokens of the whole rendered prompt for this turn.
+    pub prompt_tokens: usize,
+    /// Of those, tokens actually prefilled (the rest was reused from the KV state).
+    pub prefilled_tokens: usize,
+    pub generated_tokens: usize,
+    pub prefill_seconds: f64,
+    pub decode_seconds: f64,
+    /// "eos", "length", "interrupted".
+    pub stop: &'static str,
+}
+
+impl TurnStats {
+    pub fn prefill_tps(&self) -> f64 {
+        self.prefilled_tokens as f64 / self.prefill_seconds.max(1e-9)
+    }
+    pub fn decode_tps(&self) -> f64 {
+        self.generated_tokens as f64 / self.decode_seconds.max(1e-9)
+    }
+}
+
+/// Where generated text goes as it arrives.
+pub trait Sink {
+    fn reasoning(&mut self, text: &str) -> std::io::Result<()>;
+    fn answer(&mut self, text: &str) -> std::io::Result<()>;
+}
+
+/// The tokenizer file: `--tokenizer`, else `tokenizer.json` in the model directory.
+pub fn tokenizer_path(explicit: Option<&PathBuf>, model_dir: &std::path::Path) -> PathBuf {
+    explicit
+        .cloned()
+        .unwrap_or_else(|| model_dir.join("tokenizer.json"))
+}
+
+pub struct Talk<'e> {
+    pub engine: &'e Engine,
+    pub tok: &'e Tokenizer,
+    pub fmt: &'static ChatFormat,
+    pub session: Session<'e>,
+    pub messages: Vec<Message>,
+    pub mode: Mode,
+    pub sampler: Sampler,
+    pub max_tokens: usize,
+    marks: Vec<Mark>,
+}
+
+impl<'e> Talk<'e> {
+    pub fn new(
+        engine: &'e Engine,
+        tok: &'e Tokenizer,
+        ea: &EngineArgs,
+        sa: &SamplerArgs,
+        mode: Mode,
+        max_tokens: usize,
+    ) -> anyhow::Result<Talk<'e>> {
+        if tok.vocab_size() > engine.cfg.vocab_size {
+            anyhow::bail!(
+                "tokenizer has {} ids but the model's vocab_size is {}: they do not belong together",
+                tok.vocab_size(),
+                engine.cfg.vocab_size
+            );
+        }
+        Ok(Talk {
+            engine,
+            tok,
+            fmt: &DSV4,
+            session: ea.session(engine)?,
+            messages: Vec::new(),
+            mode,
+            sampler: Sampler::new(sa.config()?),
+            max_tokens,
+            marks: Vec::new(),
+        })
+    }
+
+    /// Forget the conversation (keeps the system prompt if `keep_system`).
+    pub fn clear(&mut self, keep_system: bool) {
+        self.messages
+            .retain(|m| keep_system && m.role == Role::System);
+        self.session.reset();
+        self.marks.clear();
+    }
+
+    /// Set or replace the system prompt.
+    pub fn set_system(&mut self, text: &str) {
+        self.messages.retain(|m| m.role != Role::System);
+        if !text.is_empty() {
+            self.messages.insert(0, Message::new(Role::System, text));
+        }
+    }
+
+    /// Bring the session to `ids`: keep the longest reusable prefix (the KV state, or the
+    /// latest mark inside the common prefix), prefill the rest except the last token, mark,
+    /// then prefill the last token and return its logits.
+    fn sync(
+        &mut self,
+        ids: &[u32],
+        stop: &AtomicBool,
+        stats: &mut TurnStats,
+    ) -> Result<Vec<f32>, SessionError> {
+        let common = self
+            .session
+            .tokens()
+            .iter()
+            .zip(ids)
+            .take_while(|(a, b)| a == b)
+            .count();
+        if common < self.session.len() {
+            // Drop marks past the divergence; rewind to the latest one left.
+            self.marks.retain(|m| m.len() <= common);
+            match self.marks.last() {
+                Some(m) => {
+                    let m = m.clone();
+                    self.session.rewind(&m);
+                }
+                None => self.session.reset(),
+            }
+        }
+        // Always leave at least the last token to prefill (it yields the next logits).
+        if self.session.len() >= ids.len() {
+            let keep = ids.len() - 1;
+            self.marks.retain(|m| m.len() <= keep);
+            match self.marks.last().cloned() {
+                Some(m) => {
+                    self.session.rewind(&m);
+                }
+                None => self.session.reset(),
+            }
+        }
+        let t = Instant::now();
+        let start = self.session.len();
+        let rest = &ids[start..ids.len() - 1];
+        stats.prefilled_tokens = ids.len() - start;
+        if !rest.is_empty() {
+            self.session
+                .prefill_with_progress(rest, Want::None, |_| !stop.load(Ordering::Relaxed))?;
+            if stop.load(Ordering::Relaxed) {
+                return Err(SessionError::Interrupted);
+            }
+        }
+        self.marks.push(self.session.mark());
+        if self.marks.len() > MAX_MARKS {
+            self.marks.remove(0);
+        }
+        let logits = self.session.prefill(&ids[ids.len() - 1..], Want::Last)?;
+        stats.prefill_seconds = t.elapsed().as_secs_f64();
+        Ok(logits)
+    }
+
+    /// One assistant turn after the messages so far (the last one normally a user message).
+    /// Streams into `sink`; `stop` interrupts generation (the partial answer is kept).
+    pub fn respond(
+        &mut self,
+        sink: &mut dyn Sink,
+        stop: &AtomicBool,
+    ) -> anyhow::Result<(Message, TurnStats)> {
+        let text = render(self.fmt, &self.messages, self.mode)?;
+        let ids = self.tok.encode(&text)?;
+        let mut stats = TurnStats {
+            prompt_tokens: ids.len(),
+            ..Default::default()
+        };
+        let mut logits = self.sync(&ids, stop, &mut stats).map_err(|e| match e {
+            SessionError::ContextFull { needed, ctx, .. } => anyhow::anyhow!(
+                "the conversation needs {needed} tokens but --ctx is {ctx} (use a larger --ctx or /clear)"
+            ),
+            e => e.into(),
+        })?;
+        let mut reasoning = String::new();
+        let mut answer = String::new();
+        let mut in_reasoning = self.mode.thinking();
+        let mut dec = StreamDecoder::new();
+        let t = Instant::now();
+        stats.stop = "length";
+        for i in 0..self.max_tokens {
+            if stop.load(Ordering::Relaxed) {
+                stats.stop = "interrupted";
+                break;
+            }
+            let id = self.sampler.sample(&logits);
+            stats.generated_tokens += 1;
+            if id == self.fmt.eos_id {
+                stats.stop = "eos";
+                break;
+            }
+            if in_reasoning && id == self.fmt.think_close_id {
+                if let Some(p) = dec.flush(self.tok) {
+                    reasoning.push_str(&p);
+                    sink.reasoning(&p)?;
+                }
+                in_reasoning = false;
+            } else if let Some(p) = dec.push(self.tok, id) {
+                if in_reasoning {
+                    reasoning.push_str(&p);
+                    sink.reasoning(&p)?;
+                } else {
+                    answer.push_str(&p);
+                    sink.answer(&p)?;
+                }
+            }
+            if i + 1 == self.max_tokens {
+                break;
+            }
+            match self.session.decode_step(id) {
+                Ok(l) => logits = l,
+                Err(SessionError::ContextFull { .. }) => {
+                    stats.stop = "context";
+                    break;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if let Some(p) = dec.flush(self.tok) {
+            if in_reasoning {
+                reasoning.push_str(&p);
+                sink.reasoning(&p)?;
+            } else {
+                answer.push_str(&p);
+                sink.answer(&p)?;
+            }
+        }
+        stats.decode_seconds = t.elapsed().as_secs_f64();
+        let mut msg = Message::new(Role::Assistant, answer);
+        if self.mode.thinking() {
+            msg.reasoning_content = Some(reasoning);
+        }
+        Ok((msg, stats))
+    }
+
+    /// Add a user message, respond, and keep both in the conversation. On error the user
+    /// message is taken back, so the conversation is as before.
+    pub fn turn(
+        &mut self,
+        user: &str,
+        sink: &mut dyn Sink,
+        stop: &AtomicBool,
+    ) -> anyhow::Result<(Message, TurnStats)> {
+        self.messages.push(Message::new(Role::User, user));
+        match self.respond(sink, stop) {
+            Ok((m, s)) => {
+                self.messages.push(m.clone());
+                Ok((m, s))
+            }
+            Err(e) => {
+                self.messages.pop();
+                Err(e)
+            }
+        }
+    }
+}
+
+/// A flag set by SIGINT/SIGTERM (installed once per process).
+pub fn interrupt_flag() -> Arc<AtomicBool> {
+    static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+    FLAG.get_or_init(|| {
+        let f = Arc::new(AtomicBool::new(false));
+        let g = f.clone();
+        // If a handler cannot be installed the default signal behaviour stays: still a clean
+        // process exit, just without the partial-output bookkeeping.
+        let _ = ctrlc::set_handler(move || g.store(true, Ordering::SeqCst));
+        f
+    })
+    .clone()
+}
+
+/// ANSI dim for reasoning text, only on a terminal and without NO_COLOR.
+pub fn use_color(is_tty: bool) -> bool {
+    is_tty && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
