@@ -1,6 +1,6 @@
 //! Interactive chat (`dsflash` on a terminal). The conversation's KV state is reused across
 //! turns; Ctrl+C stops an answer and returns to the prompt, Ctrl+D or /quit exits.
-//! Alt+Enter (or Ctrl+J) inserts a newline; pasted text keeps its newlines.
+//! Alt+Enter inserts a newline; pasted text keeps its newlines.
 
 use super::TalkArgs;
 use super::talk::{Sink, Talk, TurnStats, interrupt_flag, use_color};
@@ -24,7 +24,8 @@ commands:
   /save FILE       save the conversation as JSON messages
   /load FILE       load a conversation saved with /save (or any OpenAI-style messages array)
   /quit            exit (also Ctrl+D)
-keys: Enter sends; Alt+Enter or Ctrl+J inserts a newline; Ctrl+C stops an answer.";
+keys: Enter sends; Alt+Enter inserts a newline (pasted text keeps its newlines);
+      Ctrl+C stops an answer; Ctrl+D exits.";
 
 /// `$XDG_DATA_HOME/dsflash/history`, else `~/.local/share/dsflash/history`.
 pub fn history_path() -> Option<PathBuf> {
@@ -104,7 +105,6 @@ pub fn run(a: &TalkArgs) -> anyhow::Result<i32> {
     let color = use_color(std::io::stdout().is_terminal());
     let mut ed = DefaultEditor::new()?;
     ed.bind_sequence(KeyEvent(KeyCode::Enter, Modifiers::ALT), Cmd::Newline);
-    ed.bind_sequence(KeyEvent::ctrl('J'), Cmd::Newline);
     let hist = history_path();
     if let Some(h) = &hist {
         let _ = ed.load_history(h);
