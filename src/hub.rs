@@ -20,6 +20,11 @@ pub fn hub_cache_dir() -> PathBuf {
     home.join(".cache").join("huggingface").join("hub")
 }
 
+/// Whether `--model` names a hub repo (not a path) that is missing from the cache.
+pub fn missing_repo(arg: &str) -> bool {
+    !Path::new(arg).exists() && looks_like_repo_id(arg) && resolve_model(arg).is_err()
+}
+
 fn looks_like_repo_id(s: &str) -> bool {
     let parts: Vec<&str> = s.split('/').collect();
     parts.len() == 2
@@ -44,7 +49,7 @@ pub fn resolve_model(arg: &str) -> anyhow::Result<PathBuf> {
             }
         }
         anyhow::bail!(
-            "--model {arg}: no such directory, and the repo is not in the Hugging Face cache at {} (download it first, or pass a local checkpoint directory)",
+            "--model {arg}: not in the Hugging Face cache at {}; download it with: dsflash download --model {arg}",
             hub_cache_dir().display()
         );
     }

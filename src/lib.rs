@@ -8,6 +8,7 @@
 
 pub mod backend;
 pub mod cli;
+pub mod download;
 pub mod engine;
 pub mod hub;
 pub mod model;

@@ -1,6 +1,7 @@
 //! Command line: `dsflash <subcommand>`. Exit codes: 0 ok, 1 runtime error, 2 usage error.
 
 mod chat;
+mod download;
 mod inspect;
 mod oneshot;
 mod prompt;
@@ -103,6 +104,8 @@ pub enum Command {
     Generate(run::GenerateArgs),
     /// Print a conversation rendered in the chat format (text or token ids).
     Prompt(prompt::PromptArgs),
+    /// Fetch a checkpoint into the Hugging Face cache (resumable, verified).
+    Download(download::DownloadArgs),
 }
 
 /// No subcommand: one-shot if there is a prompt or piped stdin, else the interactive chat.
@@ -120,11 +123,44 @@ fn talk(cli: &Cli) -> anyhow::Result<i32> {
     if a.json {
         anyhow::bail!("--json is for one-shot use (-p TEXT or piped stdin)");
     }
+    // First run on a terminal: offer to fetch a missing hub model (never asked in a pipe:
+    // there the error names the command to run).
+    if crate::hub::missing_repo(&a.engine.model) && std::io::stderr().is_terminal() {
+        eprint!(
+            "{} is not downloaded yet (about 160 GB into {}). Download it now? [y/N] ",
+            a.engine.model,
+            crate::hub::hub_cache_dir().display()
+        );
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if matches!(answer.trim(), "y" | "Y" | "yes") {
+            let o = crate::download::Options {
+                repo: a.engine.model.clone(),
+                revision: "main".into(),
+                ..Default::default()
+            };
+            crate::download::download(
+                &crate::download::Hub::from_env(),
+                &o,
+                &talk::interrupt_flag(),
+            )?;
+        } else {
+            anyhow::bail!(
+                "not downloaded; later: dsflash download --model {}",
+                a.engine.model
+            );
+        }
+    }
     chat::run(a)
 }
 
 /// Run the CLI; returns the process exit code.
 pub fn main() -> i32 {
+    // A file-size limit (ulimit -f) must surface as a write error we report, not kill us.
+    // SAFETY: setting a signal disposition to SIG_IGN at start-up, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -145,6 +181,7 @@ pub fn main() -> i32 {
         Some(Command::Logits(a)) => run::logits(a).map(|_| 0),
         Some(Command::Generate(a)) => run::generate(a).map(|_| 0),
         Some(Command::Prompt(a)) => prompt::run(a).map(|_| 0),
+        Some(Command::Download(a)) => download::run(a),
         None => talk(&cli),
     };
     match result {

@@ -1,0 +1,47 @@
+//! `dsflash download [--model REPO_ID] [--revision REV] [--dir PATH] [--force] [--extras]`
+
+use crate::download::{Hub, Options, download};
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct DownloadArgs {
+    /// Repository id on the hub.
+    #[arg(long, default_value = crate::hub::DEFAULT_MODEL)]
+    pub model: String,
+    /// Branch, tag or commit.
+    #[arg(long, default_value = "main")]
+    pub revision: String,
+    /// Put the files in this directory instead of the Hugging Face cache.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Download even if the pre-flight check says the disk or the memory is too small.
+    #[arg(long)]
+    pub force: bool,
+    /// Also fetch the release's reference code and encoder (inference/, encoding/).
+    #[arg(long)]
+    pub extras: bool,
+}
+
+pub fn run(a: &DownloadArgs) -> anyhow::Result<i32> {
+    let hub = Hub::from_env();
+    let stop = super::talk::interrupt_flag();
+    let o = Options {
+        repo: a.model.clone(),
+        revision: a.revision.clone(),
+        dir: a.dir.clone(),
+        force: a.force,
+        extras: a.extras,
+    };
+    let r = download(&hub, &o, &stop)?;
+    eprintln!(
+        "{}: {} files at {} ({} bytes fetched, {} already present) in {}",
+        a.model,
+        r.files,
+        &r.commit[..r.commit.len().min(12)],
+        r.bytes_fetched,
+        r.already_present,
+        r.location.display()
+    );
+    Ok(0)
+}
