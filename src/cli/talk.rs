@@ -187,6 +187,17 @@ impl<'e> Talk<'e> {
         })?;
         let mut reasoning = String::new();
         let mut answer = String::new();
+        // Route a decoded piece to the reasoning or the answer (and the sink).
+        let mut emit = |in_reasoning: bool, p: String| -> std::io::Result<()> {
+            if in_reasoning {
+                sink.reasoning(&p)?;
+                reasoning.push_str(&p);
+            } else {
+                sink.answer(&p)?;
+                answer.push_str(&p);
+            }
+            Ok(())
+        };
         let mut in_reasoning = self.mode.thinking();
         let mut dec = StreamDecoder::new();
         let t = Instant::now();
@@ -204,18 +215,11 @@ impl<'e> Talk<'e> {
             }
             if in_reasoning && id == self.fmt.think_close_id {
                 if let Some(p) = dec.flush(self.tok) {
-                    reasoning.push_str(&p);
-                    sink.reasoning(&p)?;
+                    emit(true, p)?;
                 }
                 in_reasoning = false;
             } else if let Some(p) = dec.push(self.tok, id) {
-                if in_reasoning {
-                    reasoning.push_str(&p);
-                    sink.reasoning(&p)?;
-                } else {
-                    answer.push_str(&p);
-                    sink.answer(&p)?;
-                }
+                emit(in_reasoning, p)?;
             }
             if i + 1 == self.max_tokens {
                 break;
@@ -230,13 +234,7 @@ impl<'e> Talk<'e> {
             }
         }
         if let Some(p) = dec.flush(self.tok) {
-            if in_reasoning {
-                reasoning.push_str(&p);
-                sink.reasoning(&p)?;
-            } else {
-                answer.push_str(&p);
-                sink.answer(&p)?;
-            }
+            emit(in_reasoning, p)?;
         }
         stats.decode_seconds = t.elapsed().as_secs_f64();
         let mut msg = Message::new(Role::Assistant, answer);
