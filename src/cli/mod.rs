@@ -1,5 +1,6 @@
 //! Command line: `dsflash <subcommand>`. Exit codes: 0 ok, 1 runtime error, 2 usage error.
 
+mod bench;
 mod chat;
 mod download;
 mod inspect;
@@ -106,6 +107,8 @@ pub enum Command {
     Prompt(prompt::PromptArgs),
     /// Fetch a checkpoint into the Hugging Face cache (resumable, verified).
     Download(download::DownloadArgs),
+    /// Measure bandwidth, FMA peak, the kernels and end-to-end decode/prefill.
+    Bench(bench::BenchArgs),
 }
 
 /// No subcommand: one-shot if there is a prompt or piped stdin, else the interactive chat.
@@ -182,6 +185,7 @@ pub fn main() -> i32 {
         Some(Command::Generate(a)) => run::generate(a).map(|_| 0),
         Some(Command::Prompt(a)) => prompt::run(a).map(|_| 0),
         Some(Command::Download(a)) => download::run(a),
+        Some(Command::Bench(a)) => bench::run(a).map(|_| 0),
         None => talk(&cli),
     };
     match result {

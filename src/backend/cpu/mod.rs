@@ -4,6 +4,8 @@
 
 mod linear;
 mod ops;
+pub mod probe;
+pub mod rowdot;
 
 pub use linear::{linear, linear_range};
 pub use ops::*;

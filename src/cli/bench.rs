@@ -1,0 +1,300 @@
+//! `dsflash bench [--json]`: this machine's read bandwidth and FMA peak, each kernel at the
+//! real V4-Flash shapes with working sets far larger than the caches, and end-to-end decode
+//! and prefill on a synthetic checkpoint with the real dimensions; every figure also as a
+//! ratio to the bound measured in the same run.
+
+use crate::backend::cpu::{linear, probe};
+use crate::engine::{Engine, Numerics, Session, Want};
+use crate::model::checkpoint::Bytes;
+use crate::model::synth::SplitMix64;
+use crate::model::weights::Weight;
+use clap::Args;
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// One JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Smaller buffers and fewer repetitions (a smoke run, not for reporting).
+    #[arg(long)]
+    pub quick: bool,
+    /// Skip the end-to-end runs (they write a ~9 GB synthetic checkpoint once).
+    #[arg(long)]
+    pub kernels_only: bool,
+    /// Where the synthetic real-dimension checkpoint lives (created on first use).
+    #[arg(long, default_value = ".cache/bench/flash-2layers")]
+    pub synth_dir: PathBuf,
+}
+
+#[derive(Serialize, Debug)]
+pub struct KernelResult {
+    pub name: String,
+    pub gbs: f64,
+    pub gflops: f64,
+    pub ratio: f64,
+}
+
+#[derive(Serialize, Debug)]
+pub struct Decode {
+    pub tokens_per_s: f64,
+    pub bytes_per_token: u64,
+    pub ratio: f64,
+}
+
+#[derive(Serialize, Debug)]
+pub struct Prefill {
+    pub tokens: usize,
+    pub tokens_per_s: f64,
+    pub gflops: f64,
+    pub ratio: f64,
+}
+
+#[derive(Serialize, Debug)]
+pub struct BenchReport {
+    pub threads: usize,
+    pub read_bandwidth_gbs: f64,
+    pub fma_peak_gflops: f64,
+    pub kernels: Vec<KernelResult>,
+    pub decode: Option<Decode>,
+    pub prefill: Option<Prefill>,
+}
+
+fn random_bytes(rng: &mut SplitMix64, n: usize, fix: impl Fn(u8) -> u8) -> Bytes {
+    let mut v = Vec::with_capacity(n + 8);
+    while v.len() < n {
+        v.extend_from_slice(&rng.next_u64().to_le_bytes());
+    }
+    v.truncate(n);
+    v.iter_mut().for_each(|b| *b = fix(*b));
+    Bytes::from_vec(v)
+}
+
+/// A random weight of the given format and shape (valid codes, scales near 1/sqrt(cols)).
+fn synth_weight(kind: &str, rows: usize, cols: usize, rng: &mut SplitMix64) -> Weight {
+    let scale = |_: u8| 120u8;
+    match kind {
+        "fp4" => Weight::Fp4 {
+            rows,
+            cols,
+            packed: random_bytes(rng, rows * cols / 2, |b| b),
+            scales: random_bytes(rng, rows * cols / 32, scale),
+        },
+        "fp8" => Weight::Fp8 {
+            rows,
+            cols,
+            codes: random_bytes(rng, rows * cols, |b| {
+                if b & 0x7F == 0x7F { b & 0xFE } else { b }
+            }),
+            scales: random_bytes(rng, rows.div_ceil(128) * cols.div_ceil(128), scale),
+        },
+        _ => Weight::Bf16 {
+            rows,
+            cols,
+            data: random_bytes(rng, rows * cols * 2, |b| b & 0xBF), // exponents kept small
+        },
+    }
+}
+
+/// Time matvecs over `copies` distinct matrices (so the working set exceeds the caches).
+fn bench_kernel(
+    name: &str,
+    kind: &str,
+    rows: usize,
+    cols: usize,
+    min_bytes: usize,
+    reps: usize,
+    bw: f64,
+    rng: &mut SplitMix64,
+) -> KernelResult {
+    let one = synth_weight(kind, rows, cols, rng).stored_bytes();
+    let copies = min_bytes.div_ceil(one).max(1);
+    let ws: Vec<Weight> = (0..copies)
+        .map(|_| synth_weight(kind, rows, cols, rng))
+        .collect();
+    let x: Vec<f32> = (0..cols)
+        .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.01)
+        .collect();
+    // Warm-up pass (page faults of the fresh buffers), then the best of `reps`.
+    for w in &ws {
+        std::hint::black_box(linear(w, &x, 1));
+    }
+    let mut best = f64::INFINITY;
+    for _ in 0..reps {
+        let t = Instant::now();
+        for w in &ws {
+            std::hint::black_box(linear(w, &x, 1));
+        }
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    let bytes = (one * copies) as f64;
+    let gbs = bytes / best / 1e9;
+    KernelResult {
+        name: format!("{name} {kind} {rows}x{cols}"),
+        gbs,
+        gflops: 2.0 * (rows * cols * copies) as f64 / best / 1e9,
+        ratio: gbs / bw,
+    }
+}
+
+/// The real config cut to two layers (one CSA with hash routing, one HCA), no MTP.
+fn two_layer_config() -> anyhow::Result<Vec<u8>> {
+    let mut v: serde_json::Value = serde_json::from_str(include_str!(
+        "../../tests/fixtures/deepseek-v4-flash-config.json"
+    ))?;
+    v["num_hidden_layers"] = 2.into();
+    v["num_hash_layers"] = 1.into();
+    v["num_nextn_predict_layers"] = 0.into();
+    v["compress_ratios"] = serde_json::json!([4, 128]);
+    Ok(serde_json::to_vec_pretty(&v)?)
+}
+
+/// Multiply-adds per token at batch 1: every dense matrix once, k routed experts per layer,
+/// the head.
+fn macs_per_token(e: &Engine) -> f64 {
+    let w = &e.weights;
+    let k = e.cfg.num_experts_per_tok as f64;
+    let mut macs = (w.head.rows() * w.head.cols()) as f64;
+    let m = |x: &Weight| (x.rows() * x.cols()) as f64;
+    for b in &w.layers {
+        let a = &b.attn;
+        macs +=
+            m(&a.wq_a) + m(&a.wq_b) + m(&a.wkv) + m(&a.wo_a) / e.cfg.o_groups as f64 + m(&a.wo_b);
+        if let Some(c) = &a.compressor {
+            macs += m(&c.wkv) + m(&c.wgate);
+        }
+        if let Some(ix) = &a.indexer {
+            macs +=
+                m(&ix.wq_b) + m(&ix.weights_proj) + m(&ix.compressor.wkv) + m(&ix.compressor.wgate);
+        }
+        let f = &b.ffn;
+        macs += m(&f.gate) + m(&f.shared.w1) + m(&f.shared.w2) + m(&f.shared.w3);
+        macs += k * (m(&f.experts[0].w1) + m(&f.experts[0].w2) + m(&f.experts[0].w3));
+    }
+    macs
+}
+
+fn end_to_end(a: &BenchArgs, bw: f64, peak: f64) -> anyhow::Result<(Decode, Prefill)> {
+    let cfg = two_layer_config()?;
+    let marker = a.synth_dir.join("model.safetensors.index.json");
+    let same = std::fs::read(a.synth_dir.join("config.json")).is_ok_and(|c| c == cfg);
+    if !(marker.exists() && same) {
+        eprintln!(
+            "bench: writing the 2-layer real-dimension checkpoint to {} (once, ~9 GB)",
+            a.synth_dir.display()
+        );
+        crate::model::synth::synth(&cfg, &a.synth_dir, 1, false)?;
+    }
+    let e = Engine::open(&a.synth_dir, Numerics::Reference)?;
+    let bytes_per_token =
+        crate::model::layout::bytes_per_token(&e.cfg, &crate::model::layout::inventory(&e.cfg));
+    let mut rng = SplitMix64::new(5);
+    let vocab = e.cfg.vocab_size as u64;
+    let mut toks =
+        |n: usize| -> Vec<u32> { (0..n).map(|_| (rng.next_u64() % vocab) as u32).collect() };
+    // Decode: a short prompt, then timed single-token steps.
+    let mut s = Session::new(&e, 1 << 16, 2048);
+    s.prefill(&toks(32), Want::Last)?;
+    let steps = if a.quick { 3 } else { 12 };
+    let step_toks = toks(steps);
+    let t = Instant::now();
+    for &tk in &step_toks {
+        s.decode_step(tk)?;
+    }
+    let dt = t.elapsed().as_secs_f64();
+    let tps = steps as f64 / dt;
+    let decode = Decode {
+        tokens_per_s: tps,
+        bytes_per_token,
+        ratio: bytes_per_token as f64 * tps / (bw * 1e9),
+    };
+    // Prefill: a fresh session, one batch of n tokens.
+    let n = if a.quick { 64 } else { 256 };
+    let mut s = Session::new(&e, 1 << 16, n);
+    let p = toks(n);
+    let t = Instant::now();
+    s.prefill(&p, Want::Last)?;
+    let dt = t.elapsed().as_secs_f64();
+    let gflops = 2.0 * macs_per_token(&e) * n as f64 / dt / 1e9;
+    let prefill = Prefill {
+        tokens: n,
+        tokens_per_s: n as f64 / dt,
+        gflops,
+        ratio: gflops / peak,
+    };
+    Ok((decode, prefill))
+}
+
+pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
+    let (buf, reps) = if a.quick {
+        (256usize << 20, 2)
+    } else {
+        (2usize << 30, 3)
+    };
+    let bw = probe::read_bandwidth(buf, reps);
+    let peak = probe::fma_peak(if a.quick { 0.3 } else { 1.0 });
+    eprintln!(
+        "bench: read bandwidth {bw:.1} GB/s, FMA peak {peak:.1} GFLOP/s ({} threads)",
+        rayon::current_num_threads()
+    );
+    let mut rng = SplitMix64::new(42);
+    let min = if a.quick {
+        64usize << 20
+    } else {
+        512usize << 20
+    };
+    let kreps = if a.quick { 1 } else { 3 };
+    let mut kernels = Vec::new();
+    for (name, kind, rows, cols) in [
+        ("expert w1/w3", "fp4", 2048, 4096),
+        ("expert w2", "fp4", 4096, 2048),
+        ("wq_b", "fp8", 32768, 1024),
+        ("wo_b", "fp8", 4096, 8192),
+        ("shared w1/w3", "fp8", 2048, 4096),
+        ("head", "bf16", 129280, 4096),
+    ] {
+        let r = bench_kernel(name, kind, rows, cols, min, kreps, bw, &mut rng);
+        eprintln!(
+            "  {:<32} {:>7.1} GB/s {:>7.1} GFLOP/s  {:>5.1}% of bandwidth",
+            r.name,
+            r.gbs,
+            r.gflops,
+            r.ratio * 100.0
+        );
+        kernels.push(r);
+    }
+    let (decode, prefill) = if a.kernels_only {
+        (None, None)
+    } else {
+        let (d, p) = end_to_end(a, bw, peak)?;
+        eprintln!(
+            "  decode  {:>7.2} tok/s x {:.2} GB/token = {:.1} GB/s, {:.1}% of bandwidth",
+            d.tokens_per_s,
+            d.bytes_per_token as f64 / 1e9,
+            d.tokens_per_s * d.bytes_per_token as f64 / 1e9,
+            d.ratio * 100.0
+        );
+        eprintln!(
+            "  prefill {:>7.1} tok/s at batch {}: {:.1} GFLOP/s, {:.1}% of FMA peak",
+            p.tokens_per_s,
+            p.tokens,
+            p.gflops,
+            p.ratio * 100.0
+        );
+        (Some(d), Some(p))
+    };
+    let report = BenchReport {
+        threads: rayon::current_num_threads(),
+        read_bandwidth_gbs: bw,
+        fma_peak_gflops: peak,
+        kernels,
+        decode,
+        prefill,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    Ok(())
+}
