@@ -107,6 +107,7 @@ mod x86 {
 
     /// # Safety
     /// Needs AVX2 and FMA.
+    #[allow(clippy::needless_range_loop)] // g also drives the pointer offsets
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn fp4_row_dot_avx2(packed: &[u8], scales: &[u8], x: &[f32]) -> f32 {
         let groups = packed.len() / (FP4_GROUP / 2);
@@ -175,6 +176,7 @@ mod x86 {
 
     /// # Safety
     /// Needs AVX2, FMA and F16C.
+    #[allow(clippy::needless_range_loop)] // blk also drives the column range
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn fp8_row_dot_avx2(codes: &[u8], scale_row: &[u8], x: &[f32]) -> f32 {
         let n = codes.len();
