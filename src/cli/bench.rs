@@ -99,16 +99,15 @@ fn synth_weight(kind: &str, rows: usize, cols: usize, rng: &mut SplitMix64) -> W
 }
 
 /// Time matvecs over `copies` distinct matrices (so the working set exceeds the caches).
+/// `shape` = (name, format, rows, cols).
 fn bench_kernel(
-    name: &str,
-    kind: &str,
-    rows: usize,
-    cols: usize,
+    shape: (&str, &str, usize, usize),
     min_bytes: usize,
     reps: usize,
     bw: f64,
     rng: &mut SplitMix64,
 ) -> KernelResult {
+    let (name, kind, rows, cols) = shape;
     let one = synth_weight(kind, rows, cols, rng).stored_bytes();
     let copies = min_bytes.div_ceil(one).max(1);
     let ws: Vec<Weight> = (0..copies)
@@ -247,7 +246,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     };
     let kreps = if a.quick { 1 } else { 3 };
     let mut kernels = Vec::new();
-    for (name, kind, rows, cols) in [
+    for shape in [
         ("expert w1/w3", "fp4", 2048, 4096),
         ("expert w2", "fp4", 4096, 2048),
         ("wq_b", "fp8", 32768, 1024),
@@ -255,7 +254,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
         ("shared w1/w3", "fp8", 2048, 4096),
         ("head", "bf16", 129280, 4096),
     ] {
-        let r = bench_kernel(name, kind, rows, cols, min, kreps, bw, &mut rng);
+        let r = bench_kernel(shape, min, kreps, bw, &mut rng);
         eprintln!(
             "  {:<32} {:>7.1} GB/s {:>7.1} GFLOP/s  {:>5.1}% of bandwidth",
             r.name,
