@@ -79,6 +79,12 @@ pub struct SamplerArgs {
     /// Seed of the sampler: the same seed gives the same output.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Repetition penalty on recently seen tokens (1 = off, the default).
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// How many recent tokens the repetition penalty considers.
+    #[arg(long, default_value_t = 256)]
+    pub repeat_last_n: usize,
 }
 
 impl SamplerArgs {
@@ -93,11 +99,19 @@ impl SamplerArgs {
         if !(0.0..=1.0).contains(&self.min_p) {
             bail!("--min-p {}: must be in [0, 1]", self.min_p);
         }
+        if !(self.repeat_penalty > 0.0 && self.repeat_penalty.is_finite()) {
+            bail!(
+                "--repeat-penalty {}: must be > 0 (1 = off)",
+                self.repeat_penalty
+            );
+        }
         Ok(SamplerConfig {
             temperature: self.temperature,
             top_k: self.top_k,
             top_p: self.top_p,
             min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
             seed: self.seed,
         })
     }
@@ -216,7 +230,7 @@ pub fn generate(a: &GenerateArgs) -> anyhow::Result<()> {
     let mut logits = prefill(&mut s, &tokens, Want::Last)?;
     let mut out = std::io::stdout().lock();
     for i in 0..a.max_tokens {
-        let tok = sampler.sample(&logits);
+        let tok = sampler.sample_after(&logits, s.tokens());
         if i > 0 {
             write!(out, ",")?;
         }

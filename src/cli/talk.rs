@@ -207,7 +207,7 @@ impl<'e> Talk<'e> {
                 stats.stop = "interrupted";
                 break;
             }
-            let id = self.sampler.sample(&logits);
+            let id = self.sampler.sample_after(&logits, self.session.tokens());
             stats.generated_tokens += 1;
             if id == self.fmt.eos_id {
                 stats.stop = "eos";

@@ -13,6 +13,11 @@ pub struct SamplerConfig {
     pub top_p: f32,
     /// Drop tokens below min_p times the top probability (0 = off).
     pub min_p: f32,
+    /// Repetition penalty on tokens already seen (1 = off, the default): a seen token's
+    /// positive logit is divided by it, a negative one multiplied.
+    pub repeat_penalty: f32,
+    /// How many of the latest tokens the penalty looks at.
+    pub repeat_last_n: usize,
     pub seed: u64,
 }
 
@@ -23,6 +28,8 @@ impl Default for SamplerConfig {
             top_k: 0,
             top_p: 1.0,
             min_p: 0.0,
+            repeat_penalty: 1.0,
+            repeat_last_n: 256,
             seed: 0,
         }
     }
@@ -52,6 +59,28 @@ impl Sampler {
 
     pub fn config(&self) -> &SamplerConfig {
         &self.cfg
+    }
+
+    /// Pick the next token id, given the tokens so far (for the repetition penalty).
+    pub fn sample_after(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        let c = &self.cfg;
+        if c.repeat_penalty == 1.0 || history.is_empty() {
+            return self.sample(logits);
+        }
+        let mut l = logits.to_vec();
+        let mut seen = std::collections::HashSet::new();
+        for &t in history.iter().rev().take(c.repeat_last_n) {
+            if seen.insert(t) {
+                if let Some(v) = l.get_mut(t as usize) {
+                    *v = if *v > 0.0 {
+                        *v / c.repeat_penalty
+                    } else {
+                        *v * c.repeat_penalty
+                    };
+                }
+            }
+        }
+        self.sample(&l)
     }
 
     /// Pick the next token id.
@@ -146,6 +175,28 @@ mod tests {
         });
         let draws: Vec<u32> = (0..200).map(|_| s.sample(&logits)).collect();
         assert!(draws.contains(&1) && draws.contains(&2) && !draws.contains(&0));
+    }
+
+    #[test]
+    fn repeat_penalty_is_off_by_default_and_penalises_seen_tokens() {
+        let logits = [2.0f32, 1.9, -1.0];
+        let mut s = Sampler::new(SamplerConfig {
+            temperature: 0.0,
+            ..Default::default()
+        });
+        assert_eq!(
+            s.sample_after(&logits, &[0, 0, 0]),
+            0,
+            "default 1.0: no penalty"
+        );
+        let mut s = Sampler::new(SamplerConfig {
+            temperature: 0.0,
+            repeat_penalty: 1.1,
+            ..Default::default()
+        });
+        // 2.0 / 1.1 = 1.818 < 1.9: token 1 wins once token 0 was seen.
+        assert_eq!(s.sample_after(&logits, &[0]), 1);
+        assert_eq!(s.sample_after(&logits, &[2]), 0);
     }
 
     #[test]
