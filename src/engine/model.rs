@@ -9,7 +9,7 @@ use super::rope::Rope;
 #[cfg(feature = "traps")]
 use super::traps::Trap;
 use super::traps::Traps;
-use crate::backend::cpu::{linear, linear_range, rms_norm};
+use crate::backend::cpu::{linear, rms_norm};
 use crate::model::config::ModelConfig;
 use crate::model::weights::{BlockWeights, ModelWeights};
 use crate::model::{Checkpoint, formats::dequant_bf16_row};
@@ -216,18 +216,5 @@ impl Engine {
             rms_norm(h, &w.norm, cfg.rms_norm_eps);
         });
         linear(&w.head, &hidden, rows.len())
-    }
-
-    /// Logits of a single hidden row through the head (exposed for tests of the head path).
-    pub fn head_logits(&self, hidden: &[f32]) -> Vec<f32> {
-        let mut y = vec![0f32; self.cfg.vocab_size];
-        linear_range(
-            &self.weights.head,
-            0..self.cfg.vocab_size,
-            hidden,
-            1,
-            &mut y,
-        );
-        y
     }
 }

@@ -4,7 +4,7 @@
 
 use super::checkpoint::{Bytes, Checkpoint, CheckpointError};
 use super::config::{AttnKind, ModelConfig, Routing};
-use super::formats::{FP4_GROUP, FP8_BLOCK, bf16_at, f32_at, i64_at};
+use super::formats::{bf16_at, f32_at, i64_at};
 
 /// A linear layer's weight [rows = out, cols = in] in one of the stored formats.
 #[derive(Clone, Debug)]
@@ -52,43 +52,6 @@ impl Weight {
             Weight::Fp8 { codes, scales, .. } => codes.len() + scales.len(),
             Weight::Fp4 { packed, scales, .. } => packed.len() + scales.len(),
             Weight::Bf16 { data, .. } => data.len(),
-        }
-    }
-    /// Rows [r0, r0+n) of this weight as a weight of the same format (zero-copy).
-    /// For FP8 `r0` and `n` must be multiples of 128 (or reach the end).
-    pub fn row_slice(&self, r0: usize, n: usize) -> Weight {
-        match self {
-            Weight::Fp8 {
-                cols,
-                codes,
-                scales,
-                ..
-            } => {
-                debug_assert_eq!(r0 % FP8_BLOCK, 0);
-                let bc = cols.div_ceil(FP8_BLOCK);
-                Weight::Fp8 {
-                    rows: n,
-                    cols: *cols,
-                    codes: codes.slice(r0 * cols, n * cols),
-                    scales: scales.slice(r0 / FP8_BLOCK * bc, n.div_ceil(FP8_BLOCK) * bc),
-                }
-            }
-            Weight::Fp4 {
-                cols,
-                packed,
-                scales,
-                ..
-            } => Weight::Fp4 {
-                rows: n,
-                cols: *cols,
-                packed: packed.slice(r0 * cols / 2, n * cols / 2),
-                scales: scales.slice(r0 * cols / FP4_GROUP, n * cols / FP4_GROUP),
-            },
-            Weight::Bf16 { cols, data, .. } => Weight::Bf16 {
-                rows: n,
-                cols: *cols,
-                data: data.slice(r0 * cols * 2, n * cols * 2),
-            },
         }
     }
 }
