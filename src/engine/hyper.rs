@@ -111,21 +111,24 @@ pub fn collapse(pre: &[f32], x: &[f32], d: usize, norm_eps: f32, traps: &Traps) 
 /// X'_k = post_k · f + Σ_i C[i][k] · X_i (comb applied transposed), in place.
 pub fn expand(m: &HcMix, f: &[f32], x: &mut [f32], d: usize, traps: &Traps) {
     let hc = m.pre.len();
-    let old = x.to_vec();
     let untransposed = traps.has(Trap::CombUntransposed);
-    for k in 0..hc {
-        let out = &mut x[k * d..(k + 1) * d];
-        for (e, o) in out.iter_mut().enumerate() {
+    // Channel by channel: the hc old values of channel e are read before any is overwritten.
+    let mut old = vec![0f32; hc];
+    for e in 0..d {
+        for (i, o) in old.iter_mut().enumerate() {
+            *o = x[i * d + e];
+        }
+        for k in 0..hc {
             let mut s = m.post[k] * f[e];
-            for i in 0..hc {
+            for (i, &xi) in old.iter().enumerate() {
                 let c = if untransposed {
                     m.comb[k * hc + i]
                 } else {
                     m.comb[i * hc + k]
                 };
-                s += c * old[i * d + e];
+                s += c * xi;
             }
-            *o = s;
+            x[k * d + e] = s;
         }
     }
 }
