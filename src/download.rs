@@ -659,29 +659,31 @@ pub fn download(hub: &Hub, o: &Options, stop: &AtomicBool) -> anyhow::Result<Rep
         Target::Cache { repo_dir } => repo_dir.clone(),
         Target::Dir(d) => d.clone(),
     };
-    if let Some(free) = free_bytes(&dir_for_space) {
-        if left > free && !o.force {
-            bail!(
-                "not enough disk space in {}: {} still to fetch, {} free (free some space or use --force)",
-                dir_for_space.display(),
-                gb(left),
-                gb(free)
-            );
-        }
+    if let Some(free) = free_bytes(&dir_for_space)
+        && left > free
+        && !o.force
+    {
+        bail!(
+            "not enough disk space in {}: {} still to fetch, {} free (free some space or use --force)",
+            dir_for_space.display(),
+            gb(left),
+            gb(free)
+        );
     }
     let weights: u64 = remotes
         .iter()
         .filter(|r| r.name.ends_with(".safetensors"))
         .map(|r| r.size)
         .sum();
-    if let Some(ram) = total_ram() {
-        if weights > ram && !o.force {
-            bail!(
-                "{} of weights exceed this machine's {} of RAM (no GPU counted): every token would read experts from disk. Use --force to download anyway",
-                gb(weights),
-                gb(ram)
-            );
-        }
+    if let Some(ram) = total_ram()
+        && weights > ram
+        && !o.force
+    {
+        bail!(
+            "{} of weights exceed this machine's {} of RAM (no GPU counted): every token would read experts from disk. Use --force to download anyway",
+            gb(weights),
+            gb(ram)
+        );
     }
     let bars = Bars::new(total, have);
     let mut fetched = 0;

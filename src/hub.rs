@@ -43,10 +43,10 @@ pub fn resolve_model(arg: &str) -> anyhow::Result<PathBuf> {
     }
     if looks_like_repo_id(arg) {
         let cache = hf_hub::Cache::new(hub_cache_dir());
-        if let Some(cfg) = cache.model(arg.to_string()).get("config.json") {
-            if let Some(dir) = cfg.parent() {
-                return Ok(dir.to_path_buf());
-            }
+        if let Some(cfg) = cache.model(arg.to_string()).get("config.json")
+            && let Some(dir) = cfg.parent()
+        {
+            return Ok(dir.to_path_buf());
         }
         anyhow::bail!(
             "--model {arg}: not in the Hugging Face cache at {}; download it with: dsflash download --model {arg}",

@@ -78,7 +78,7 @@ proptest! {
         let k = &keys[which.index(keys.len())];
         h[k] = serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [start as u64, start as u64 + len]});
         let mut hb = serde_json::to_vec(&h).unwrap();
-        while hb.len() % 8 != 0 { hb.push(b' '); }
+        while !hb.len().is_multiple_of(8) { hb.push(b' '); }
         let mut out = (hb.len() as u64).to_le_bytes().to_vec();
         out.extend(hb);
         out.extend_from_slice(data);

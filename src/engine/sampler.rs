@@ -70,14 +70,14 @@ impl Sampler {
         let mut l = logits.to_vec();
         let mut seen = std::collections::HashSet::new();
         for &t in history.iter().rev().take(c.repeat_last_n) {
-            if seen.insert(t) {
-                if let Some(v) = l.get_mut(t as usize) {
-                    *v = if *v > 0.0 {
-                        *v / c.repeat_penalty
-                    } else {
-                        *v * c.repeat_penalty
-                    };
-                }
+            if seen.insert(t)
+                && let Some(v) = l.get_mut(t as usize)
+            {
+                *v = if *v > 0.0 {
+                    *v / c.repeat_penalty
+                } else {
+                    *v * c.repeat_penalty
+                };
             }
         }
         self.sample(&l)

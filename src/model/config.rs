@@ -314,7 +314,7 @@ impl ModelConfig {
             );
         }
         if self.qk_rope_head_dim == 0
-            || self.qk_rope_head_dim % 2 != 0
+            || !self.qk_rope_head_dim.is_multiple_of(2)
             || self.qk_rope_head_dim > self.head_dim
         {
             return err(
@@ -325,7 +325,7 @@ impl ModelConfig {
                 ),
             );
         }
-        if self.num_attention_heads % self.o_groups != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.o_groups) {
             return err(
                 "o_groups",
                 format!(

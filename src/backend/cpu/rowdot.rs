@@ -27,7 +27,8 @@ pub fn fp4_row_dot(packed: &[u8], scales: &[u8], x: &[f32]) -> f32 {
 pub fn fp8_row_dot(codes: &[u8], scale_row: &[u8], x: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if codes.len() % 16 == 0 && has_avx2_fma() && std::is_x86_feature_detected!("f16c") {
+        if codes.len().is_multiple_of(16) && has_avx2_fma() && std::is_x86_feature_detected!("f16c")
+        {
             // SAFETY: AVX2, FMA and F16C are available (checked).
             return unsafe { x86::fp8_row_dot_avx2(codes, scale_row, x) };
         }
@@ -39,7 +40,7 @@ pub fn fp8_row_dot(codes: &[u8], scale_row: &[u8], x: &[f32]) -> f32 {
 pub fn bf16_row_dot(bytes: &[u8], x: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if bytes.len() % 32 == 0 && has_avx2_fma() {
+        if bytes.len().is_multiple_of(32) && has_avx2_fma() {
             // SAFETY: AVX2 and FMA are available (checked).
             return unsafe { x86::bf16_row_dot_avx2(bytes, x) };
         }
@@ -197,7 +198,7 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn bf16_row_dot_avx2(bytes: &[u8], x: &[f32]) -> f32 {
         let n = bytes.len() / 2;
-        assert!(x.len() >= n && n % 16 == 0, "bf16 row shapes");
+        assert!(x.len() >= n && n.is_multiple_of(16), "bf16 row shapes");
         // SAFETY (whole block): 16 elements (32 bytes) per step inside `bytes` and `x`.
         unsafe {
             let mut a0 = _mm256_setzero_ps();
@@ -229,7 +230,7 @@ mod x86 {
     pub unsafe fn fp8_row_dot_avx2(codes: &[u8], scale_row: &[u8], x: &[f32]) -> f32 {
         let n = codes.len();
         assert!(
-            x.len() >= n && n % 16 == 0 && scale_row.len() >= n.div_ceil(FP8_BLOCK),
+            x.len() >= n && n.is_multiple_of(16) && scale_row.len() >= n.div_ceil(FP8_BLOCK),
             "fp8 row shapes"
         );
         // SAFETY (whole block): loads stay inside `codes` (16 at a time, n % 16 == 0) and `x`.
