@@ -84,7 +84,8 @@ pub struct Cli {
     /// Extra notes on stderr (e.g. tensors in the checkpoint that the model does not use).
     #[arg(long, short, global = true)]
     pub verbose: bool,
-    /// Worker threads for the compute (default: one per core).
+    /// Worker threads for the compute (default: one per physical core; hyper-threads share
+    /// a core's FMA units and would only contend).
     #[arg(long, global = true, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub threads: Option<u64>,
     #[command(flatten)]
@@ -172,12 +173,14 @@ pub fn main() -> i32 {
             return code;
         }
     };
-    if let Some(n) = cli.threads {
-        // Fails only if a pool already exists (not the case at start-up).
-        let _ = rayon::ThreadPoolBuilder::new()
-            .num_threads(n as usize)
-            .build_global();
-    }
+    let threads = cli
+        .threads
+        .map(|n| n as usize)
+        .unwrap_or_else(crate::backend::cpu::topology::physical_cores);
+    // Fails only if a pool already exists (not the case at start-up).
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global();
     let result = match &cli.command {
         Some(Command::Inspect(a)) => inspect::run(a, cli.verbose).map(|_| 0),
         Some(Command::Synth(a)) => synth::run(a).map(|_| 0),

@@ -6,6 +6,7 @@ mod linear;
 mod ops;
 pub mod probe;
 pub mod rowdot;
+pub mod topology;
 
 pub use linear::{linear, linear_range};
 pub use ops::*;
