@@ -72,16 +72,6 @@ unsafe fn sum_chunk_avx2(c: &[u64]) -> u64 {
         .fold(0u64, |x, &y| x.wrapping_add(y))
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn chunk_sums_agree() {
-        let v: Vec<u64> = (0..1003u64).map(|i| i * 2654435761).collect();
-        let want = v.iter().fold(0u64, |a, &b| a.wrapping_add(b));
-        assert_eq!(super::sum_chunk(&v), want);
-    }
-}
-
 /// Peak fp32 FMA throughput in GFLOP/s (2 flops per FMA) over all threads, ~`seconds` long.
 pub fn fma_peak(seconds: f64) -> f64 {
     let threads = rayon::current_num_threads();
@@ -146,4 +136,14 @@ unsafe fn fma_loop_avx2(n: u64) -> f32 {
     // SAFETY: out has 8 f32 slots.
     unsafe { _mm256_storeu_ps(out.as_mut_ptr(), s) };
     out.iter().sum()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn chunk_sums_agree() {
+        let v: Vec<u64> = (0..1003u64).map(|i| i * 2654435761).collect();
+        let want = v.iter().fold(0u64, |a, &b| a.wrapping_add(b));
+        assert_eq!(super::sum_chunk(&v), want);
+    }
 }
