@@ -230,6 +230,19 @@ mod x86 {
         }
     }
 
+    /// 16 E4M3 codes -> 16 f16 bit patterns: sign to bit 15, exponent and mantissa shifted
+    /// by 7. The value is 2^-8 of the code's (the bias difference goes into the block scale);
+    /// exact for every finite code, subnormals included.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn e4m3x16_to_f16(codes: __m128i) -> __m256i {
+        let b = _mm256_cvtepu8_epi16(codes);
+        _mm256_or_si256(
+            _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8),
+            _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7F)), 7),
+        )
+    }
+
     /// 16 codes per step: E4M3 -> f16 bits in a 256-bit register, one `vcvtph2ps` to 16 floats.
     ///
     /// # Safety
@@ -244,21 +257,14 @@ mod x86 {
         );
         // SAFETY (whole block): loads stay inside `codes` (16 at a time) and `x`.
         unsafe {
-            let sign = _mm256_set1_epi16(0x80);
-            let body = _mm256_set1_epi16(0x7F);
             let mut total = _mm512_setzero_ps();
             for blk in 0..n.div_ceil(FP8_BLOCK) {
                 let end = ((blk + 1) * FP8_BLOCK).min(n);
                 let mut acc = _mm512_setzero_ps();
                 let mut c = blk * FP8_BLOCK;
                 while c < end {
-                    let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(
-                        codes.as_ptr().add(c) as *const __m128i
-                    ));
-                    let h = _mm256_or_si256(
-                        _mm256_slli_epi16(_mm256_and_si256(b, sign), 8),
-                        _mm256_slli_epi16(_mm256_and_si256(b, body), 7),
-                    );
+                    let h =
+                        e4m3x16_to_f16(_mm_loadu_si128(codes.as_ptr().add(c) as *const __m128i));
                     acc = _mm512_fmadd_ps(
                         _mm512_cvtph_ps(h),
                         _mm512_loadu_ps(x.as_ptr().add(c)),
@@ -288,24 +294,14 @@ mod x86 {
         );
         // SAFETY (whole block): loads stay inside `codes` (16 at a time, n % 16 == 0) and `x`.
         unsafe {
-            let sign = _mm256_set1_epi16(0x80);
-            let body = _mm256_set1_epi16(0x7F);
             let mut total = _mm256_setzero_ps();
             for blk in 0..n.div_ceil(FP8_BLOCK) {
                 let end = ((blk + 1) * FP8_BLOCK).min(n);
                 let mut acc = _mm256_setzero_ps();
                 let mut c = blk * FP8_BLOCK;
                 while c < end {
-                    // E4M3 -> f16 bits: sign to bit 15, exponent+mantissa shifted by 7; the
-                    // bias difference (2^8) goes into the block scale. Exact for every
-                    // finite code, subnormals included.
-                    let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(
-                        codes.as_ptr().add(c) as *const __m128i
-                    ));
-                    let h = _mm256_or_si256(
-                        _mm256_slli_epi16(_mm256_and_si256(b, sign), 8),
-                        _mm256_slli_epi16(_mm256_and_si256(b, body), 7),
-                    );
+                    let h =
+                        e4m3x16_to_f16(_mm_loadu_si128(codes.as_ptr().add(c) as *const __m128i));
                     let f0 = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
                     let f1 = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
                     let xp = x.as_ptr().add(c);
