@@ -531,6 +531,27 @@ pub fn total_ram() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Memory of the NVIDIA GPUs, bytes (0 without `nvidia-smi`). Asked through the driver's
+/// own tool so that no CUDA library is needed at build or run time.
+pub fn total_vram() -> u64 {
+    std::process::Command::new("nvidia-smi")
+        .args(["--query-gpu=memory.total", "--format=csv,noheader,nounits"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| parse_nvidia_smi_mib(&String::from_utf8_lossy(&o.stdout)))
+        .unwrap_or(0)
+}
+
+/// One MiB figure per GPU, one per line -> total bytes.
+pub fn parse_nvidia_smi_mib(s: &str) -> u64 {
+    s.lines()
+        .filter_map(|l| l.trim().parse::<u64>().ok())
+        .sum::<u64>()
+        << 20
+}
+
 fn gb(b: u64) -> String {
     format!("{:.1} GB", b as f64 / 1e9)
 }
@@ -675,15 +696,16 @@ pub fn download(hub: &Hub, o: &Options, stop: &AtomicBool) -> anyhow::Result<Rep
         .filter(|r| r.name.ends_with(".safetensors"))
         .map(|r| r.size)
         .sum();
-    if let Some(ram) = total_ram()
-        && weights > ram
-        && !o.force
-    {
-        bail!(
-            "{} of weights exceed this machine's {} of RAM (no GPU counted): every token would read experts from disk. Use --force to download anyway",
-            gb(weights),
-            gb(ram)
-        );
+    if let Some(ram) = total_ram() {
+        let vram = total_vram();
+        if weights > ram + vram && !o.force {
+            bail!(
+                "{} of weights exceed this machine's {} of RAM + {} of GPU memory: every token would read experts from disk. Use --force to download anyway",
+                gb(weights),
+                gb(ram),
+                gb(vram)
+            );
+        }
     }
     let bars = Bars::new(total, have);
     let mut fetched = 0;
@@ -724,4 +746,16 @@ pub fn download(hub: &Hub, o: &Options, stop: &AtomicBool) -> anyhow::Result<Rep
         location: target.visible_path(&commit, ""),
         commit,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn nvidia_smi_memory_lines() {
+        assert_eq!(
+            super::parse_nvidia_smi_mib("24576\n81559\n"),
+            (24576 + 81559) << 20
+        );
+        assert_eq!(super::parse_nvidia_smi_mib("No devices were found\n"), 0);
+    }
 }

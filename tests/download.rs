@@ -430,3 +430,69 @@ fn first_run_on_a_terminal_offers_the_download() {
     p.exp_eof().unwrap();
     assert!(snapshot(cache.path()).join(S2).exists());
 }
+
+#[test]
+fn memory_preflight_counts_ram_and_gpu_memory() {
+    // The hub says the second shard is 1 GB more than this machine's RAM.
+    let ram: u64 = std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap()
+        * 1024;
+    let cache = tempfile::tempdir().unwrap();
+    let free = {
+        let o = Command::new("df")
+            .args(["-B1", "--output=avail"])
+            .arg(cache.path())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .nth(1)
+            .unwrap()
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+    };
+    let fake = ram + (1 << 30);
+    assert!(
+        free > fake + (1 << 30),
+        "this check needs {} bytes of free disk, {free} free",
+        fake + (1 << 30)
+    );
+    let server = HubServer::start(REPO, files());
+    server.with_file(S2, |f| f.fake_size = Some(fake));
+    let bin_dir = tempfile::tempdir().unwrap();
+    let run_with_path = |path: &str| {
+        Command::new(bin())
+            .args(["download", "--model", REPO])
+            .env("HF_ENDPOINT", &server.url)
+            .env("HF_HUB_CACHE", cache.path())
+            .env("PATH", path)
+            .env_remove("HF_HUB_OFFLINE")
+            .output()
+            .unwrap()
+    };
+    // No GPU: refused, naming RAM and GPU memory, before any shard byte.
+    let o = run_with_path(bin_dir.path().to_str().unwrap());
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        e.contains("of RAM + 0.0 GB of GPU memory") && e.contains("--force"),
+        "{e}"
+    );
+    assert_eq!(server.gets(S2), 0);
+    // A 4 GB GPU (a stand-in nvidia-smi on PATH) makes RAM + VRAM enough: the check passes
+    // and the download proceeds (then fails on the advertised size, which it cannot get).
+    let smi = bin_dir.path().join("nvidia-smi");
+    std::fs::write(&smi, "#!/bin/sh\necho 4096\n").unwrap();
+    let mut p = std::fs::metadata(&smi).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut p, 0o755);
+    std::fs::set_permissions(&smi, p).unwrap();
+    let o = run_with_path(&format!("{}:/usr/bin:/bin", bin_dir.path().display()));
+    let e = stderr(&o);
+    assert!(!e.contains("GPU memory"), "{e}");
+    assert!(server.gets(S2) > 0, "the shard was requested: {e}");
+}
