@@ -256,7 +256,8 @@ impl Client {
         }
     }
 
-    /// Fetch `r` into `target`, resuming a partial file; verifies size and sha256.
+    /// Fetch `r` into `target` as a complete, verified blob (size and sha256), resuming a
+    /// partial file; the caller makes it visible under its name (`Target::publish`).
     /// Returns the bytes transferred.
     fn fetch(
         &self,
@@ -326,7 +327,6 @@ impl Client {
             }
         }
         std::fs::rename(&partial, &final_path)?;
-        target.publish(r)?;
         Ok(fetched)
     }
 
@@ -723,7 +723,8 @@ pub fn download(hub: &Hub, o: &Options, stop: &AtomicBool) -> anyhow::Result<Rep
         if n == 0 {
             present += 1;
         }
-        // A file completed earlier still needs its snapshot link (e.g. after a crash).
+        // Visible under its name only now; also links a file completed in an earlier run
+        // whose link is missing (e.g. after a crash).
         target.publish(r)?;
         fetched += n;
     }
@@ -736,7 +737,7 @@ pub fn download(hub: &Hub, o: &Options, stop: &AtomicBool) -> anyhow::Result<Rep
             if let Some(p) = r.parent() {
                 std::fs::create_dir_all(p)?;
             }
-            crate::model::synth::write_atomic(&r, commit.as_bytes())?;
+            crate::fsutil::write_atomic(&r, commit.as_bytes())?;
         }
     }
     Ok(Report {

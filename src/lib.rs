@@ -10,5 +10,6 @@ pub mod backend;
 pub mod cli;
 pub mod download;
 pub mod engine;
+pub mod fsutil;
 pub mod hub;
 pub mod model;

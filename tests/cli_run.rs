@@ -2,8 +2,7 @@
 
 mod common;
 use common::*;
-use std::io::Read;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 fn short_golden() -> Golden {
     goldens(&fixture("tiny/goldens.safetensors"))
@@ -225,28 +224,16 @@ fn bad_inputs_name_the_flag() {
 #[test]
 fn closed_stdout_is_a_clean_exit() {
     // `dsflash generate ... | head -c 3`: the reader goes away mid-output.
-    let mut child = Command::new(bin())
-        .args([
-            "generate",
-            "--model",
-            fixture("tiny").to_str().unwrap(),
-            "--tokens",
-            "0,5,9",
-            "--max-tokens",
-            "200",
-            "--temperature",
-            "0",
-            "--ignore-eos",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = child.stdout.take().unwrap();
-    let mut buf = [0u8; 3];
-    out.read_exact(&mut buf).unwrap();
-    drop(out);
-    let o = child.wait_with_output().unwrap();
+    let mut c = Command::new(bin());
+    c.args([
+        "generate",
+        "--model",
+        fixture("tiny").to_str().unwrap(),
+        "--tokens",
+        "0,5,9",
+    ])
+    .args(["--max-tokens", "200", "--temperature", "0", "--ignore-eos"]);
+    let o = close_stdout_early(c);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(!stderr(&o).contains("panicked"));
 }

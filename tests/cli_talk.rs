@@ -148,18 +148,7 @@ fn prompt_command_text_and_ids() {
 
 #[test]
 fn closed_stdout_is_a_clean_exit() {
-    let mut c = talk_cmd_n(5000, &["-p", "Hello there"]);
-    let mut child = c
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = child.stdout.take().unwrap();
-    let mut buf = [0u8; 3];
-    out.read_exact(&mut buf).unwrap();
-    drop(out);
-    let o = child.wait_with_output().unwrap();
+    let o = close_stdout_early(talk_cmd_n(5000, &["-p", "Hello there"]));
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(!stderr(&o).contains("panicked"));
 }

@@ -5,7 +5,6 @@
 use super::TalkArgs;
 use super::talk::{Sink, Talk, TurnStats, interrupt_flag, use_color};
 use crate::model::chat_format::{Message, Mode};
-use crate::model::tokenizer::Tokenizer;
 use rustyline::error::ReadlineError;
 use rustyline::{Cmd, DefaultEditor, KeyCode, KeyEvent, Modifiers};
 use std::io::{IsTerminal, Write};
@@ -87,20 +86,8 @@ fn stats_line(s: &TurnStats, context: usize) -> String {
 }
 
 pub fn run(a: &TalkArgs) -> anyhow::Result<i32> {
-    let dir = crate::hub::resolve_model(&a.engine.model)?;
-    let tok = Tokenizer::from_file(&super::talk::tokenizer_path(a.tokenizer.as_ref(), &dir))?;
-    let engine = crate::engine::Engine::open(&dir, a.engine.numerics)?;
-    let mut talk = Talk::new(
-        &engine,
-        &tok,
-        &a.engine,
-        &a.sampling,
-        a.mode(),
-        a.max_tokens,
-    )?;
-    if let Some(s) = &a.system {
-        talk.set_system(s);
-    }
+    let (dir, engine, tok) = super::talk::load(a)?;
+    let mut talk = Talk::new(&engine, &tok, a)?;
     let stop = interrupt_flag();
     let color = use_color(std::io::stdout().is_terminal());
     let mut ed = DefaultEditor::new()?;
@@ -181,11 +168,9 @@ pub fn run(a: &TalkArgs) -> anyhow::Result<i32> {
                         println!("usage: /save FILE");
                         continue;
                     }
-                    let json = messages_json(&talk.messages);
-                    match crate::model::synth::write_atomic(
-                        std::path::Path::new(arg),
-                        json.as_bytes(),
-                    ) {
+                    // The OpenAI-style array that /load and `dsflash prompt --messages` read.
+                    let json = serde_json::to_string_pretty(&talk.messages)?;
+                    match crate::fsutil::write_atomic(std::path::Path::new(arg), json.as_bytes()) {
                         Ok(()) => println!("saved {} messages to {arg}", talk.messages.len()),
                         Err(e) => println!("error: {e}"),
                     }
@@ -253,20 +238,4 @@ pub fn run(a: &TalkArgs) -> anyhow::Result<i32> {
         let _ = ed.save_history(h);
     }
     Ok(0)
-}
-
-/// Messages as the OpenAI-style JSON array `/load` and `dsflash prompt --messages` read.
-fn messages_json(m: &[Message]) -> String {
-    let arr: Vec<serde_json::Value> = m
-        .iter()
-        .map(|m| {
-            let role = serde_json::to_value(m.role).unwrap_or_default();
-            let mut o = serde_json::json!({"role": role, "content": m.content});
-            if let Some(r) = &m.reasoning_content {
-                o["reasoning_content"] = r.clone().into();
-            }
-            o
-        })
-        .collect();
-    serde_json::to_string_pretty(&arr).unwrap_or_else(|_| "[]".into())
 }

@@ -39,56 +39,8 @@ pub struct InspectReport {
     pub components: BTreeMap<String, u64>,
     pub layers: Vec<LayerInfo>,
     pub extra_tensors: Vec<String>,
-    pub config: ConfigSummary,
-}
-
-#[derive(Serialize, Debug)]
-pub struct ConfigSummary {
-    pub hidden_size: usize,
-    pub num_hidden_layers: usize,
-    pub num_nextn_predict_layers: usize,
-    pub num_attention_heads: usize,
-    pub head_dim: usize,
-    pub qk_rope_head_dim: usize,
-    pub q_lora_rank: usize,
-    pub o_groups: usize,
-    pub o_lora_rank: usize,
-    pub vocab_size: usize,
-    pub n_routed_experts: usize,
-    pub num_experts_per_tok: usize,
-    pub moe_intermediate_size: usize,
-    pub sliding_window: usize,
-    pub index_topk: usize,
-    pub index_n_heads: usize,
-    pub index_head_dim: usize,
-    pub hc_mult: usize,
-    pub max_position_embeddings: usize,
-}
-
-impl ConfigSummary {
-    fn of(c: &ModelConfig) -> Self {
-        ConfigSummary {
-            hidden_size: c.hidden_size,
-            num_hidden_layers: c.num_hidden_layers,
-            num_nextn_predict_layers: c.num_nextn_predict_layers,
-            num_attention_heads: c.num_attention_heads,
-            head_dim: c.head_dim,
-            qk_rope_head_dim: c.qk_rope_head_dim,
-            q_lora_rank: c.q_lora_rank,
-            o_groups: c.o_groups,
-            o_lora_rank: c.o_lora_rank,
-            vocab_size: c.vocab_size,
-            n_routed_experts: c.n_routed_experts,
-            num_experts_per_tok: c.num_experts_per_tok,
-            moe_intermediate_size: c.moe_intermediate_size,
-            sliding_window: c.sliding_window,
-            index_topk: c.index_topk,
-            index_n_heads: c.index_n_heads,
-            index_head_dim: c.index_head_dim,
-            hc_mult: c.hc_mult,
-            max_position_embeddings: c.max_position_embeddings,
-        }
-    }
+    /// The checkpoint's config.json as parsed.
+    pub config: ModelConfig,
 }
 
 impl InspectReport {
@@ -141,7 +93,7 @@ impl InspectReport {
             components,
             layers,
             extra_tensors: ck.extra.clone(),
-            config: ConfigSummary::of(cfg),
+            config: cfg.clone(),
         }
     }
 }

@@ -7,7 +7,6 @@
 
 use super::TalkArgs;
 use super::talk::{Sink, Talk, TurnStats, interrupt_flag, use_color};
-use crate::model::tokenizer::Tokenizer;
 use std::io::{IsTerminal, Read, Write};
 use std::sync::atomic::Ordering;
 
@@ -94,14 +93,9 @@ pub fn run(a: &TalkArgs, stdin: Option<String>, verbose: bool) -> anyhow::Result
         return Ok(2);
     };
     let stop = interrupt_flag();
-    let dir = crate::hub::resolve_model(&a.engine.model)?;
-    let tok = Tokenizer::from_file(&super::talk::tokenizer_path(a.tokenizer.as_ref(), &dir))?;
-    let engine = crate::engine::Engine::open(&dir, a.engine.numerics)?;
+    let (_, engine, tok) = super::talk::load(a)?;
     let mode = a.mode();
-    let mut talk = Talk::new(&engine, &tok, &a.engine, &a.sampling, mode, a.max_tokens)?;
-    if let Some(s) = &a.system {
-        talk.set_system(s);
-    }
+    let mut talk = Talk::new(&engine, &tok, a)?;
     let err_tty = std::io::stderr().is_terminal();
     let mut sink = OneShotSink {
         json: a.json,

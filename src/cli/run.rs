@@ -203,8 +203,7 @@ pub fn write_npy(
     for v in data {
         buf.extend_from_slice(&v.to_le_bytes());
     }
-    crate::model::synth::write_atomic(path, &buf)
-        .with_context(|| format!("--out {}", path.display()))
+    crate::fsutil::write_atomic(path, &buf).with_context(|| format!("--out {}", path.display()))
 }
 
 pub fn logits(a: &LogitsArgs) -> anyhow::Result<()> {

@@ -2,7 +2,7 @@
 //! across turns (only what changed is prefilled), generation streamed as reasoning and answer
 //! pieces. Shared by the one-shot mode and the interactive chat.
 
-use super::run::{EngineArgs, SamplerArgs};
+use super::TalkArgs;
 use crate::engine::sampler::Sampler;
 use crate::engine::{Engine, Mark, Session, SessionError, Want};
 use crate::model::chat_format::{ChatFormat, DSV4, Message, Mode, Role, render};
@@ -44,11 +44,17 @@ pub trait Sink {
     fn answer(&mut self, text: &str) -> std::io::Result<()>;
 }
 
-/// The tokenizer file: `--tokenizer`, else `tokenizer.json` in the model directory.
-pub fn tokenizer_path(explicit: Option<&PathBuf>, model_dir: &std::path::Path) -> PathBuf {
-    explicit
-        .cloned()
-        .unwrap_or_else(|| model_dir.join("tokenizer.json"))
+/// Resolve `--model`, then open the tokenizer (`--tokenizer`, else the model directory's
+/// `tokenizer.json`) and the engine.
+pub fn load(a: &TalkArgs) -> anyhow::Result<(PathBuf, Engine, Tokenizer)> {
+    let dir = crate::hub::resolve_model(&a.engine.model)?;
+    let tok_path = a
+        .tokenizer
+        .clone()
+        .unwrap_or_else(|| dir.join("tokenizer.json"));
+    let tok = Tokenizer::from_file(&tok_path)?;
+    let engine = Engine::open(&dir, a.engine.numerics)?;
+    Ok((dir, engine, tok))
 }
 
 pub struct Talk<'e> {
@@ -64,14 +70,8 @@ pub struct Talk<'e> {
 }
 
 impl<'e> Talk<'e> {
-    pub fn new(
-        engine: &'e Engine,
-        tok: &'e Tokenizer,
-        ea: &EngineArgs,
-        sa: &SamplerArgs,
-        mode: Mode,
-        max_tokens: usize,
-    ) -> anyhow::Result<Talk<'e>> {
+    /// A conversation per the talk flags (mode, sampling, context, system prompt).
+    pub fn new(engine: &'e Engine, tok: &'e Tokenizer, a: &TalkArgs) -> anyhow::Result<Talk<'e>> {
         if tok.vocab_size() > engine.cfg.vocab_size {
             anyhow::bail!(
                 "tokenizer has {} ids but the model's vocab_size is {}: they do not belong together",
@@ -79,17 +79,21 @@ impl<'e> Talk<'e> {
                 engine.cfg.vocab_size
             );
         }
-        Ok(Talk {
+        let mut talk = Talk {
             engine,
             tok,
             fmt: &DSV4,
-            session: ea.session(engine)?,
+            session: a.engine.session(engine)?,
             messages: Vec::new(),
-            mode,
-            sampler: Sampler::new(sa.config()?),
-            max_tokens,
+            mode: a.mode(),
+            sampler: Sampler::new(a.sampling.config()?),
+            max_tokens: a.max_tokens,
             marks: Vec::new(),
-        })
+        };
+        if let Some(s) = &a.system {
+            talk.set_system(s);
+        }
+        Ok(talk)
     }
 
     /// Forget the conversation (keeps the system prompt if `keep_system`).
@@ -124,20 +128,11 @@ impl<'e> Talk<'e> {
             .zip(ids)
             .take_while(|(a, b)| a == b)
             .count();
-        if common < self.session.len() {
-            // Drop marks past the divergence; rewind to the latest one left.
-            self.marks.retain(|m| m.len() <= common);
-            match self.marks.last() {
-                Some(m) => {
-                    let m = m.clone();
-                    self.session.rewind(&m);
-                }
-                None => self.session.reset(),
-            }
-        }
-        // Always leave at least the last token to prefill (it yields the next logits).
-        if self.session.len() >= ids.len() {
-            let keep = ids.len() - 1;
+        // Reusable: the common prefix, but always leave the last token to prefill (it
+        // yields the next logits).
+        let keep = common.min(ids.len() - 1);
+        if keep < self.session.len() {
+            // Drop marks past that point; rewind to the latest one left.
             self.marks.retain(|m| m.len() <= keep);
             match self.marks.last().cloned() {
                 Some(m) => {

@@ -98,7 +98,9 @@ pub fn forward(
     let num = ctx.numerics;
 
     // Query path: q_lat = q_norm(wq_a x); q = wq_b q_lat; per-head RMS; RoPE.
-    let mut q_lat = linear(&w.wq_a, &num.gemm_input(x, d), t);
+    // The FP8 GEMM input (rounded once in reference numerics), shared by wq_a and wkv.
+    let xq = num.gemm_input(x, d);
+    let mut q_lat = linear(&w.wq_a, &xq, t);
     rms_norm_rows(&mut q_lat, &w.q_norm, eps);
     let ql = cfg.q_lora_rank;
     let mut q = linear(&w.wq_b, &num.gemm_input(&q_lat, ql), t);
@@ -112,7 +114,7 @@ pub fn forward(
     }
 
     // Key/value path: kv = kv_norm(wkv x), RoPE on the trailing dims, (QAT) FP8 nope dims.
-    let mut kv = linear(&w.wkv, &num.gemm_input(x, d), t);
+    let mut kv = linear(&w.wkv, &xq, t);
     for (k, row) in kv.chunks_mut(hd).enumerate() {
         rms_norm(row, &w.kv_norm, eps);
         ctx.rope.apply(row, t0 + k, false);

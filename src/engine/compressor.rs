@@ -12,23 +12,9 @@ use crate::model::weights::CompressorWeights;
 /// Row-store block size (rows per allocation).
 const BLOCK_ROWS: usize = 256;
 
-/// A compressor's state at some position (see `CompressorState::mark`).
+/// The carry-over of an incomplete window (spec §6.1): what a chunk boundary must keep.
 #[derive(Debug, Clone)]
-pub struct CompressorMark {
-    pending_kv: Vec<f32>,
-    pending_gate: Vec<f32>,
-    n_pending: usize,
-    prev_kv: Vec<f32>,
-    prev_gate: Vec<f32>,
-    has_prev: bool,
-    rows: usize,
-}
-
-#[derive(Debug, Clone)]
-pub struct CompressorState {
-    ratio: usize,
-    dim: usize,
-    coff: usize,
+struct Carry {
     /// Projections and gates (+ape) of the current window's tokens: [ratio, coff·dim] each.
     pending_kv: Vec<f32>,
     pending_gate: Vec<f32>,
@@ -37,6 +23,22 @@ pub struct CompressorState {
     prev_kv: Vec<f32>,
     prev_gate: Vec<f32>,
     has_prev: bool,
+}
+
+/// A compressor's state at some position (see `CompressorState::mark`): the carry-over and
+/// the row count (rows are append-only, so they are not copied).
+#[derive(Debug, Clone)]
+pub struct CompressorMark {
+    carry: Carry,
+    rows: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct CompressorState {
+    ratio: usize,
+    dim: usize,
+    coff: usize,
+    carry: Carry,
     /// Emitted rows (after norm, RoPE and the numerics' rounding).
     pub rows: RowStore,
 }
@@ -48,12 +50,14 @@ impl CompressorState {
             ratio: r,
             dim: d,
             coff: c,
-            pending_kv: vec![0.0; r * c * d],
-            pending_gate: vec![0.0; r * c * d],
-            n_pending: 0,
-            prev_kv: vec![0.0; r * d],
-            prev_gate: vec![0.0; r * d],
-            has_prev: false,
+            carry: Carry {
+                pending_kv: vec![0.0; r * c * d],
+                pending_gate: vec![0.0; r * c * d],
+                n_pending: 0,
+                prev_kv: vec![0.0; r * d],
+                prev_gate: vec![0.0; r * d],
+                has_prev: false,
+            },
             rows: RowStore::new(d, BLOCK_ROWS),
         }
     }
@@ -80,9 +84,9 @@ impl CompressorState {
     ) -> Option<Vec<f32>> {
         let (r, d, cd) = (self.ratio, self.dim, self.coff * self.dim);
         let s = pos % r;
-        debug_assert_eq!(s, self.n_pending, "compressor fed out of order");
-        self.pending_kv[s * cd..(s + 1) * cd].copy_from_slice(a);
-        for (j, g) in self.pending_gate[s * cd..(s + 1) * cd]
+        debug_assert_eq!(s, self.carry.n_pending, "compressor fed out of order");
+        self.carry.pending_kv[s * cd..(s + 1) * cd].copy_from_slice(a);
+        for (j, g) in self.carry.pending_gate[s * cd..(s + 1) * cd]
             .iter_mut()
             .enumerate()
         {
@@ -94,14 +98,14 @@ impl CompressorState {
                 };
         }
         if traps.has(Trap::CompressorScalarGate) {
-            let g = &mut self.pending_gate[s * cd..(s + 1) * cd];
+            let g = &mut self.carry.pending_gate[s * cd..(s + 1) * cd];
             for half in g.chunks_mut(self.dim) {
                 let mean = half.iter().sum::<f32>() / half.len() as f32;
                 half.fill(mean);
             }
         }
-        self.n_pending += 1;
-        if self.n_pending < r {
+        self.carry.n_pending += 1;
+        if self.carry.n_pending < r {
             return None;
         }
         // Trap: the overlap takes the wrong halves.
@@ -117,23 +121,23 @@ impl CompressorState {
             wts.clear();
             vals.clear();
             if self.coff == 2 {
-                if self.has_prev {
+                if self.carry.has_prev {
                     for t in 0..r {
-                        wts.push(self.prev_gate[t * d + e]);
-                        vals.push(self.prev_kv[t * d + e]);
+                        wts.push(self.carry.prev_gate[t * d + e]);
+                        vals.push(self.carry.prev_kv[t * d + e]);
                     }
                 } else if traps.has(Trap::FirstRowZeroSlots) {
                     wts.extend(std::iter::repeat_n(0.0, r));
                     vals.extend(std::iter::repeat_n(0.0, r));
                 }
                 for t in 0..r {
-                    wts.push(self.pending_gate[t * cd + second + e]);
-                    vals.push(self.pending_kv[t * cd + second + e]);
+                    wts.push(self.carry.pending_gate[t * cd + second + e]);
+                    vals.push(self.carry.pending_kv[t * cd + second + e]);
                 }
             } else {
                 for t in 0..r {
-                    wts.push(self.pending_gate[t * cd + e]);
-                    vals.push(self.pending_kv[t * cd + e]);
+                    wts.push(self.carry.pending_gate[t * cd + e]);
+                    vals.push(self.carry.pending_kv[t * cd + e]);
                 }
             }
             let m = wts.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
@@ -148,14 +152,14 @@ impl CompressorState {
         }
         if self.coff == 2 {
             for t in 0..r {
-                self.prev_kv[t * d..(t + 1) * d]
-                    .copy_from_slice(&self.pending_kv[t * cd + first..t * cd + first + d]);
-                self.prev_gate[t * d..(t + 1) * d]
-                    .copy_from_slice(&self.pending_gate[t * cd + first..t * cd + first + d]);
+                self.carry.prev_kv[t * d..(t + 1) * d]
+                    .copy_from_slice(&self.carry.pending_kv[t * cd + first..t * cd + first + d]);
+                self.carry.prev_gate[t * d..(t + 1) * d]
+                    .copy_from_slice(&self.carry.pending_gate[t * cd + first..t * cd + first + d]);
             }
-            self.has_prev = true;
+            self.carry.has_prev = true;
         }
-        self.n_pending = 0;
+        self.carry.n_pending = 0;
         Some(out)
     }
 
@@ -192,31 +196,21 @@ impl CompressorState {
         }
     }
 
-    /// Everything needed to come back to this point: the carry-over and the row count
-    /// (rows are append-only, so they are not copied).
+    /// A point to come back to (cheap: the carry-over and a row count).
     pub fn mark(&self) -> CompressorMark {
         CompressorMark {
-            pending_kv: self.pending_kv.clone(),
-            pending_gate: self.pending_gate.clone(),
-            n_pending: self.n_pending,
-            prev_kv: self.prev_kv.clone(),
-            prev_gate: self.prev_gate.clone(),
-            has_prev: self.has_prev,
+            carry: self.carry.clone(),
             rows: self.rows.len(),
         }
     }
 
     pub fn restore(&mut self, m: &CompressorMark) {
-        self.pending_kv.clone_from(&m.pending_kv);
-        self.pending_gate.clone_from(&m.pending_gate);
-        self.n_pending = m.n_pending;
-        self.prev_kv.clone_from(&m.prev_kv);
-        self.prev_gate.clone_from(&m.prev_gate);
-        self.has_prev = m.has_prev;
+        self.carry.clone_from(&m.carry);
         self.rows.truncate(m.rows);
     }
 
     pub fn allocated_bytes(&self) -> usize {
-        self.rows.allocated_bytes() + 4 * (self.pending_kv.len() * 2 + self.prev_kv.len() * 2)
+        self.rows.allocated_bytes()
+            + 4 * (self.carry.pending_kv.len() * 2 + self.carry.prev_kv.len() * 2)
     }
 }

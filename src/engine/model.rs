@@ -9,10 +9,10 @@ use super::rope::Rope;
 #[cfg(feature = "traps")]
 use super::traps::Trap;
 use super::traps::Traps;
-use crate::backend::cpu::{linear, rms_norm};
+use crate::backend::cpu::{dequant_row, linear, rms_norm};
+use crate::model::Checkpoint;
 use crate::model::config::ModelConfig;
 use crate::model::weights::{BlockWeights, ModelWeights};
-use crate::model::{Checkpoint, formats::dequant_bf16_row};
 use rayon::prelude::*;
 use std::path::Path;
 
@@ -182,12 +182,7 @@ impl Engine {
         let mut x = vec![0f32; t * hc * d];
         let mut e = vec![0f32; d];
         for (k, &tok) in tokens.iter().enumerate() {
-            if let crate::model::weights::Weight::Bf16 { data, .. } = &self.weights.embed {
-                dequant_bf16_row(
-                    &data[tok as usize * d * 2..(tok as usize + 1) * d * 2],
-                    &mut e,
-                );
-            }
+            dequant_row(&self.weights.embed, tok as usize, &mut e);
             for c in 0..hc {
                 x[(k * hc + c) * d..(k * hc + c + 1) * d].copy_from_slice(&e);
             }

@@ -1,7 +1,7 @@
 //! `config.json` of a DeepSeek-V4 checkpoint (spec §1), parsed with serde and validated.
 //! Every error names the field at fault.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// What went wrong with a config file. Callers only report it; the variants keep messages
@@ -23,7 +23,7 @@ pub enum ConfigError {
     },
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 pub struct RopeScaling {
     #[serde(alias = "rope_type")]
     pub r#type: String,
@@ -33,7 +33,7 @@ pub struct RopeScaling {
     pub beta_slow: f64,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 pub struct QuantizationConfig {
     pub quant_method: String,
     pub fmt: String,
@@ -44,7 +44,7 @@ pub struct QuantizationConfig {
 }
 
 /// The model's hyper-parameters, with the Hugging Face `config.json` names.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 pub struct ModelConfig {
     pub model_type: String,
     pub vocab_size: usize,

@@ -121,29 +121,16 @@ pub fn synth(cfg_json: &[u8], out: &Path, seed: u64, sparse: bool) -> anyhow::Re
         std::fs::rename(&tmp, &path)?;
     }
     let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-    write_atomic(
+    crate::fsutil::write_atomic(
         &out.join("model.safetensors.index.json"),
         &serde_json::to_vec_pretty(&index)?,
     )?;
-    write_atomic(&out.join("config.json"), cfg_json)?;
+    crate::fsutil::write_atomic(&out.join("config.json"), cfg_json)?;
     Ok(SynthReport {
         shards: by_shard.len(),
         tensors: inv.len(),
         payload_bytes: total,
     })
-}
-
-/// Write `bytes` to `path` through a temp file and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, bytes).map_err(|e| anyhow::anyhow!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    Ok(())
 }
 
 /// Random but valid contents for one tensor: no NaN codes or scales, magnitudes like a

@@ -172,3 +172,19 @@ pub fn tokenizer_path() -> PathBuf {
     );
     p
 }
+
+/// Run `cmd` like `cmd | head -c 3`: read three bytes of stdout, close it, wait.
+pub fn close_stdout_early(mut cmd: Command) -> Output {
+    use std::io::Read;
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn dsflash");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut buf = [0u8; 3];
+    out.read_exact(&mut buf).expect("three bytes of output");
+    drop(out);
+    child.wait_with_output().expect("wait")
+}

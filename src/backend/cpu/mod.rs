@@ -8,5 +8,5 @@ pub mod probe;
 pub mod rowdot;
 pub mod topology;
 
-pub use linear::{linear, linear_range};
+pub use linear::{dequant_row, linear, linear_range};
 pub use ops::*;
