@@ -34,7 +34,7 @@ const fn e4m3_decode_const(b: u8) -> f32 {
     sign * frac * p
 }
 
-const fn build_e4m3_table() -> [f32; 256] {
+pub(crate) const fn build_e4m3_table() -> [f32; 256] {
     let mut t = [0.0f32; 256];
     let mut i = 0;
     while i < 256 {

@@ -1,7 +1,7 @@
 //! y = x · Wᵀ for a weight in its stored format.
 
 use super::ops::dot;
-use super::rowdot;
+use super::{bf16dot, rowdot};
 use crate::model::formats::{
     FP4_GROUP, FP8_BLOCK, dequant_bf16_row, dequant_fp4_row, dequant_fp8_row,
 };
@@ -221,6 +221,14 @@ fn gemm_tile_portable(w: &[f32], nr: usize, x: &[f32], t: usize, cols: usize, ou
 fn linear_fused(w: &Weight, rows: Range<usize>, x: &[f32], t: usize, y: &mut [f32]) {
     let cols = w.cols();
     let n = rows.len();
+    // Inputs that are exactly bf16 (the reference numerics' FP8 grid) take the bf16
+    // dot-product kernels where the CPU has them; the layout is prepared once per input row.
+    let prepared: Option<Vec<Vec<u16>>> = match w {
+        _ if !bf16dot::available() => None,
+        Weight::Fp4 { .. } => x.chunks(cols).map(bf16dot::prepare_fp4).collect(),
+        Weight::Fp8 { .. } => x.chunks(cols).map(bf16dot::prepare_fp8).collect(),
+        Weight::Bf16 { .. } => None,
+    };
     let mut yt = vec![0f32; n * t];
     yt.par_chunks_mut(FUSED_ROWS * t)
         .enumerate()
@@ -230,19 +238,27 @@ fn linear_fused(w: &Weight, rows: Range<usize>, x: &[f32], t: usize, y: &mut [f3
                 let r = r0 + i;
                 for tt in 0..t {
                     let xt = &x[tt * cols..(tt + 1) * cols];
+                    let xb = prepared.as_ref().map(|p| p[tt].as_slice());
                     out[i * t + tt] = match w {
                         Weight::Fp4 { packed, scales, .. } => {
                             let g = cols / FP4_GROUP;
-                            rowdot::fp4_row_dot(
+                            let (prow, srow) = (
                                 &packed[r * cols / 2..(r + 1) * cols / 2],
                                 &scales[r * g..(r + 1) * g],
-                                xt,
-                            )
+                            );
+                            match xb {
+                                Some(xb) => bf16dot::fp4_row_dot(prow, srow, xb),
+                                None => rowdot::fp4_row_dot(prow, srow, xt),
+                            }
                         }
                         Weight::Fp8 { codes, scales, .. } => {
                             let bc = cols.div_ceil(FP8_BLOCK);
                             let srow = &scales[(r / FP8_BLOCK) * bc..(r / FP8_BLOCK + 1) * bc];
-                            rowdot::fp8_row_dot(&codes[r * cols..(r + 1) * cols], srow, xt)
+                            let crow = &codes[r * cols..(r + 1) * cols];
+                            match xb {
+                                Some(xb) => bf16dot::fp8_row_dot(crow, srow, xb),
+                                None => rowdot::fp8_row_dot(crow, srow, xt),
+                            }
                         }
                         Weight::Bf16 { data, .. } => {
                             rowdot::bf16_row_dot(&data[r * cols * 2..(r + 1) * cols * 2], xt)

@@ -2,6 +2,7 @@
 //! scales, FP4 with 1x32 scales, BF16) straight from the mmap, dequantizing a tile of rows at
 //! a time, and the small vector operations of the forward pass.
 
+pub mod bf16dot;
 mod linear;
 mod ops;
 pub mod probe;
