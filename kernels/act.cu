@@ -1,0 +1,40 @@
+// Element-wise ops of the forward pass. blockDim.x = 256, gridDim.x = ceil(n / 256).
+#include "common.cuh"
+
+__device__ __forceinline__ float silu(float v) { return v / (1.0f + expf(-v)); }
+
+// Clamped SwiGLU (spec 5.10 step 5): out = SiLU(min(g, limit)) * clamp(u, -limit, limit),
+// optionally times a per-row routing weight (`row_w` [n / width], may be null).
+extern "C" __global__ void swiglu(const float* __restrict__ g, const float* __restrict__ u,
+                                  const float* __restrict__ row_w, float* __restrict__ out,
+                                  int n, int width, float limit) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float a = silu(fminf(g[i], limit)) * fminf(fmaxf(u[i], -limit), limit);
+    out[i] = row_w ? a * row_w[i / width] : a;
+}
+
+// y[i] += a * x[i]
+extern "C" __global__ void axpy(float* __restrict__ y, const float* __restrict__ x, float a,
+                                int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] += a * x[i];
+}
+
+// Interleaved partial RoPE on the trailing rope_dim values of each `width`-wide row:
+// pairs (2j, 2j+1) rotated by pos * inv_freq[j] (negated when `inverse`). Rows of one token
+// share `pos`; blockIdx.x = row, threadIdx.x = pair j. The angle is formed in fp32 as the
+// reference's complex64 table is, its sine and cosine in double.
+extern "C" __global__ void rope(float* x, const float* __restrict__ inv_freq, int width,
+                                int rope_dim, int pos, int inverse) {
+    int j = threadIdx.x;
+    if (j >= rope_dim / 2) return;
+    float* z = x + (size_t)blockIdx.x * width + (width - rope_dim);
+    float ang = (float)pos * inv_freq[j];
+    double s, c;
+    sincos((double)ang, &s, &c);
+    float sf = inverse ? -(float)s : (float)s, cf = (float)c;
+    float a = z[2 * j], b = z[2 * j + 1];
+    z[2 * j] = a * cf - b * sf;
+    z[2 * j + 1] = a * sf + b * cf;
+}
