@@ -99,3 +99,27 @@ fn a_compile_error_names_the_file_and_arch() {
         "{e}"
     );
 }
+
+#[test]
+fn cubins_are_cached_on_disk_and_reused() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    use dsflash::backend::cuda::cache::{cache_name, load_or_compile_in};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let unit = &KERNELS[0];
+    let (a, compiled) =
+        load_or_compile_in(Some(dir.path().to_path_buf()), unit, 89, 12080).expect("compile");
+    assert!(compiled);
+    let file = dir.path().join(cache_name(unit, 89, 12080));
+    assert_eq!(std::fs::read(&file).expect("cached"), a);
+    let (b, compiled) =
+        load_or_compile_in(Some(dir.path().to_path_buf()), unit, 89, 12080).expect("cached");
+    assert!(!compiled, "second load comes from the cache");
+    assert_eq!(a, b);
+    // A damaged file is recompiled, not trusted.
+    std::fs::write(&file, b"garbage").expect("write");
+    let (_, compiled) =
+        load_or_compile_in(Some(dir.path().to_path_buf()), unit, 89, 12080).expect("recompile");
+    assert!(compiled);
+}

@@ -1,5 +1,11 @@
-//! Kernels: compute on the stored formats without knowing the model. `cpu` is the portable
-//! implementation that every other device is checked against.
+//! Kernels and devices: compute on the stored formats without knowing the model. `cpu` is the
+//! portable implementation every other device is checked against; `device` is the interface
+//! (memory, uploads, launches, streams) that `cpu`, `sim` and `cuda` implement; `exec` is
+//! what the engine calls.
 
 pub mod cpu;
 pub mod cuda;
+pub mod device;
+pub mod exec;
+pub mod select;
+pub mod sim;

@@ -1,6 +1,7 @@
 //! `dsflash logits` and `dsflash generate`: the fidelity interfaces (token ids in, logits or
 //! ids out; no tokenizer needed).
 
+use crate::backend::select::DeviceChoice;
 use crate::engine::sampler::{Sampler, SamplerConfig};
 use crate::engine::{Engine, Numerics, Session, Want};
 use anyhow::{Context, bail};
@@ -25,12 +26,39 @@ pub struct EngineArgs {
     /// `ideal`: plain fp32 on the dequantized weights (transformers' semantics).
     #[arg(long, value_enum, default_value_t = Numerics::Reference)]
     pub numerics: Numerics,
+    /// Where the model's matrices run: `auto` (a CUDA GPU when one is usable, else the CPU),
+    /// `cpu`, `cuda`, or `sim:<capacity>` (a simulated device, e.g. sim:24G). Whatever does
+    /// not fit on the device runs on the CPU; a GPU that cannot be used gives a notice.
+    #[arg(long, default_value = "auto", value_parser = clap::value_parser!(DeviceChoice))]
+    pub device: DeviceChoice,
 }
 
 impl EngineArgs {
     pub fn open(&self) -> anyhow::Result<Engine> {
         let dir = crate::hub::resolve_model(&self.model)?;
-        Engine::open(&dir, self.numerics)
+        self.open_dir(&dir)
+    }
+
+    /// Open the checkpoint at `dir` and place it on the chosen device.
+    pub fn open_dir(&self, dir: &std::path::Path) -> anyhow::Result<Engine> {
+        let mut e = Engine::open(dir, self.numerics)?;
+        let opened = crate::backend::select::open(&self.device);
+        if let Some(n) = opened.notice {
+            eprintln!("{n}");
+        }
+        if let Some(dev) = opened.device {
+            let name = dev.name();
+            let p = e.use_device(dev)?;
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            eprintln!(
+                "dsflash: {name}: {} of {} matrices ({:.2} of {:.2} GiB) resident, the rest on the CPU",
+                p.resident,
+                p.total,
+                gib(p.resident_bytes),
+                gib(p.total_bytes)
+            );
+        }
+        Ok(e)
     }
 
     pub fn session<'e>(&self, e: &'e Engine) -> anyhow::Result<Session<'e>> {

@@ -53,7 +53,7 @@ pub fn load(a: &TalkArgs) -> anyhow::Result<(PathBuf, Engine, Tokenizer)> {
         .clone()
         .unwrap_or_else(|| dir.join("tokenizer.json"));
     let tok = Tokenizer::from_file(&tok_path)?;
-    let engine = Engine::open(&dir, a.engine.numerics)?;
+    let engine = a.engine.open_dir(&dir)?;
     Ok((dir, engine, tok))
 }
 

@@ -9,9 +9,8 @@ use super::kv_cache::WindowRing;
 use super::numerics::Numerics;
 use super::rope::Rope;
 use super::traps::{Trap, Traps};
-use crate::backend::cpu::{
-    dot, linear, linear_range, rms_norm, rms_norm_rows, rms_norm_unweighted,
-};
+use crate::backend::cpu::{dot, rms_norm, rms_norm_rows, rms_norm_unweighted};
+use crate::backend::exec::Exec;
 use crate::model::config::{AttnKind, ModelConfig};
 use crate::model::weights::AttnWeights;
 use rayon::prelude::*;
@@ -79,6 +78,7 @@ pub struct AttnCtx<'a> {
     pub rope: &'a Rope,
     pub numerics: Numerics,
     pub traps: &'a Traps,
+    pub exec: &'a Exec,
 }
 
 /// Attention for `t` tokens at positions t0..t0+t. `x` is the normed block input [t, D];
@@ -96,14 +96,15 @@ pub fn forward(
     let nope = cfg.nope_dim();
     let eps = cfg.rms_norm_eps;
     let num = ctx.numerics;
+    let ex = ctx.exec;
 
     // Query path: q_lat = q_norm(wq_a x); q = wq_b q_lat; per-head RMS; RoPE.
     // The FP8 GEMM input (rounded once in reference numerics), shared by wq_a and wkv.
     let xq = num.gemm_input(x, d);
-    let mut q_lat = linear(&w.wq_a, &xq, t);
+    let mut q_lat = ex.linear(&w.wq_a, &xq, t);
     rms_norm_rows(&mut q_lat, &w.q_norm, eps);
     let ql = cfg.q_lora_rank;
-    let mut q = linear(&w.wq_b, &num.gemm_input(&q_lat, ql), t);
+    let mut q = ex.linear(&w.wq_b, &num.gemm_input(&q_lat, ql), t);
     for (k, qt) in q.chunks_mut(h * hd).enumerate() {
         for head in qt.chunks_mut(hd) {
             if !ctx.traps.has(Trap::NoQHeadNorm) {
@@ -114,7 +115,7 @@ pub fn forward(
     }
 
     // Key/value path: kv = kv_norm(wkv x), RoPE on the trailing dims, (QAT) FP8 nope dims.
-    let mut kv = linear(&w.wkv, &xq, t);
+    let mut kv = ex.linear(&w.wkv, &xq, t);
     for (k, row) in kv.chunks_mut(hd).enumerate() {
         rms_norm(row, &w.kv_norm, eps);
         ctx.rope.apply(row, t0 + k, false);
@@ -124,8 +125,8 @@ pub fn forward(
     // Compressors run on the same normed x; rows completed in this chunk are visible to the
     // later queries of the chunk by the causality rule.
     if let (Some(cw), Some(cs)) = (&w.compressor, st.comp.as_mut()) {
-        let a = linear(&cw.wkv, x, t);
-        let z = linear(&cw.wgate, x, t);
+        let a = ex.linear(&cw.wkv, x, t);
+        let z = ex.linear(&cw.wgate, x, t);
         cs.feed_chunk(cw, ctx.rope, eps, &a, &z, t0, ctx.traps, |row| {
             num.kv_row(row, nope)
         });
@@ -134,8 +135,8 @@ pub fn forward(
     let mut iw = Vec::new();
     let (ih, ihd) = (cfg.index_n_heads, cfg.index_head_dim);
     if let (Some(iwts), Some(is)) = (&w.indexer, st.index.as_mut()) {
-        let a = linear(&iwts.compressor.wkv, x, t);
-        let z = linear(&iwts.compressor.wgate, x, t);
+        let a = ex.linear(&iwts.compressor.wkv, x, t);
+        let z = ex.linear(&iwts.compressor.wgate, x, t);
         is.feed_chunk(
             &iwts.compressor,
             ctx.rope,
@@ -146,14 +147,14 @@ pub fn forward(
             ctx.traps,
             |row| num.indexer_vec(row),
         );
-        iq = linear(&iwts.wq_b, &num.gemm_input(&q_lat, ql), t);
+        iq = ex.linear(&iwts.wq_b, &num.gemm_input(&q_lat, ql), t);
         for (k, qt) in iq.chunks_mut(ih * ihd).enumerate() {
             for head in qt.chunks_mut(ihd) {
                 ctx.rope.apply(head, t0 + k, false);
                 num.indexer_vec(head);
             }
         }
-        iw = linear(&iwts.weights_proj, x, t);
+        iw = ex.linear(&iwts.weights_proj, x, t);
         let s = (ihd as f32).powf(-0.5) * (ih as f32).powf(-0.5);
         iw.iter_mut().for_each(|v| *v *= s);
     }
@@ -264,11 +265,11 @@ pub fn forward(
                     .copy_from_slice(&o[k * h * hd + gi * gin..k * h * hd + (gi + 1) * gin]);
             }
         }
-        linear_range(&w.wo_a, gi * ol..(gi + 1) * ol, &xg, t, &mut yg);
+        ex.linear_range(&w.wo_a, gi * ol..(gi + 1) * ol, &xg, t, &mut yg);
         for k in 0..t {
             y[k * g * ol + gi * ol..k * g * ol + (gi + 1) * ol]
                 .copy_from_slice(&yg[k * ol..(k + 1) * ol]);
         }
     }
-    linear(&w.wo_b, &num.gemm_input(&y, g * ol), t)
+    ex.linear(&w.wo_b, &num.gemm_input(&y, g * ol), t)
 }

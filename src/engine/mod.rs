@@ -14,6 +14,6 @@ pub mod sampler;
 pub mod session;
 pub mod traps;
 
-pub use model::{Engine, Want};
+pub use model::{Engine, Placement, Want};
 pub use numerics::Numerics;
 pub use session::{Mark, Session, SessionError};

@@ -9,12 +9,15 @@ use super::rope::Rope;
 #[cfg(feature = "traps")]
 use super::traps::Trap;
 use super::traps::Traps;
-use crate::backend::cpu::{dequant_row, linear, rms_norm};
+use crate::backend::cpu::{dequant_row, rms_norm};
+use crate::backend::device::{Device, DeviceError};
+use crate::backend::exec::Exec;
 use crate::model::Checkpoint;
 use crate::model::config::ModelConfig;
 use crate::model::weights::{BlockWeights, ModelWeights};
 use rayon::prelude::*;
 use std::path::Path;
+use std::sync::Arc;
 
 /// Which positions of a chunk need logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +25,18 @@ pub enum Want {
     None,
     Last,
     All,
+}
+
+/// Tokens of activations the device's scratch buffers are sized for up front.
+const SCRATCH_TOKENS: usize = 64;
+
+/// How much of the model a device holds (matrices in priority order, a prefix of them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Placement {
+    pub resident: usize,
+    pub total: usize,
+    pub resident_bytes: u64,
+    pub total_bytes: u64,
 }
 
 /// A loaded model, ready to run sessions.
@@ -33,6 +48,8 @@ pub struct Engine {
     pub numerics: Numerics,
     /// Injected faults (tests only; always empty without the `traps` feature).
     pub traps: Traps,
+    /// Where the matrix products run (the CPU unless weights are placed on a device).
+    pub exec: Exec,
 }
 
 impl Engine {
@@ -61,7 +78,38 @@ impl Engine {
             ropes,
             numerics,
             traps: Traps::default(),
+            exec: Exec::cpu(),
         })
+    }
+
+    /// Run on `dev`: its matrices are made resident in priority order (dense, head, experts)
+    /// until the device is full; the rest stay on the CPU. Replaces any earlier placement.
+    pub fn use_device(&mut self, dev: Arc<dyn Device>) -> Result<Placement, DeviceError> {
+        self.exec = Exec::on(dev);
+        // Room for the activations of a 64-token chunk through the widest product first
+        // (longer chunks grow it, or run the products that do not fit on the CPU).
+        let mats = self.weights.matrices();
+        let (rows, cols) = mats
+            .iter()
+            .fold((0, 0), |(r, c), (_, w)| (r.max(w.rows()), c.max(w.cols())));
+        let mut p = Placement::default();
+        if !self
+            .exec
+            .reserve_scratch(4 * SCRATCH_TOKENS * cols, 4 * SCRATCH_TOKENS * rows)
+        {
+            p.total = mats.len();
+            p.total_bytes = mats.iter().map(|(_, w)| w.stored_bytes() as u64).sum();
+            return Ok(p);
+        }
+        for (_, w) in mats {
+            p.total += 1;
+            p.total_bytes += w.stored_bytes() as u64;
+            if p.resident == p.total - 1 && self.exec.make_resident(w)? {
+                p.resident += 1;
+                p.resident_bytes += w.stored_bytes() as u64;
+            }
+        }
+        Ok(p)
     }
 
     /// Re-introduce some of the spec's traps (tests of the oracle comparison).
@@ -157,12 +205,21 @@ impl Engine {
             rope: &self.ropes[b.layer],
             numerics: self.numerics,
             traps: &self.traps,
+            exec: &self.exec,
         };
         let a = attention::forward(&ctx, &b.attn, st, &u, t0, t);
         write_back(&mixes, &a, x);
         // MoE site.
         let (mixes, u) = sublayer_input(&b.hc_ffn, &b.ffn_norm, x);
-        let f = moe::forward(cfg, &b.ffn, &u, tokens, self.numerics, &self.traps);
+        let f = moe::forward(
+            cfg,
+            &self.exec,
+            &b.ffn,
+            &u,
+            tokens,
+            self.numerics,
+            &self.traps,
+        );
         write_back(&mixes, &f, x);
     }
 
@@ -210,6 +267,6 @@ impl Engine {
             ));
             rms_norm(h, &w.norm, cfg.rms_norm_eps);
         });
-        linear(&w.head, &hidden, rows.len())
+        self.exec.linear(&w.head, &hidden, rows.len())
     }
 }

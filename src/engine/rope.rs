@@ -3,6 +3,7 @@
 //! (compressed layers) — with no mscale anywhere.
 
 use super::traps::{Trap, Traps};
+use crate::backend::cpu::rotate_pairs;
 use crate::model::config::ModelConfig;
 
 #[derive(Debug, Clone)]
@@ -94,22 +95,7 @@ impl Rope {
             Some(f) if self.traps.has(Trap::RopeYarnMscale) => (0.1 * f.ln() + 1.0) as f32,
             _ => 1.0,
         };
-        let p = pos as f32;
-        for (j, &w) in self.inv_freq.iter().enumerate() {
-            let ang = p * w; // fp32 angle, as the reference's complex64 table
-            let (s, c) = (ang as f64).sin_cos();
-            let (s, c) = (if inverse { -s as f32 } else { s as f32 }, c as f32);
-            let (s, c) = (s * mscale, c * mscale);
-            // Interleaved pairs (2j, 2j+1); the half-split trap pairs (j, j + rd/2).
-            let (i0, i1) = if half {
-                (j, j + rd / 2)
-            } else {
-                (2 * j, 2 * j + 1)
-            };
-            let (a, b) = (z[i0], z[i1]);
-            z[i0] = a * c - b * s;
-            z[i1] = a * s + b * c;
-        }
+        rotate_pairs(z, &self.inv_freq, pos, inverse, mscale, half);
     }
 
     /// Apply to every `width`-wide row of `x` (e.g. all heads of a token) at one position.

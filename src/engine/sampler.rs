@@ -40,16 +40,7 @@ pub struct Sampler {
     rng: Rng,
 }
 
-/// Index of the largest value (the first one on ties); NaN is never chosen over a number.
-pub fn argmax(v: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] || v[best].is_nan() {
-            best = i;
-        }
-    }
-    best
-}
+pub use crate::backend::cpu::argmax;
 
 impl Sampler {
     pub fn new(cfg: SamplerConfig) -> Sampler {

@@ -152,6 +152,71 @@ pub struct ModelWeights {
     pub layers: Vec<BlockWeights>,
 }
 
+/// What a matrix is for: the order a device is filled in (dense first, then the head, then
+/// the routed experts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatrixRole {
+    /// Attention, compressor, indexer, router and shared-expert weights of a layer.
+    Dense {
+        layer: usize,
+    },
+    Head,
+    Expert {
+        layer: usize,
+        expert: usize,
+    },
+}
+
+impl BlockWeights {
+    /// The layer's dense matrices (everything but the routed experts).
+    pub fn dense_matrices(&self) -> Vec<&Weight> {
+        let a = &self.attn;
+        let mut v = vec![&a.wq_a, &a.wq_b, &a.wkv, &a.wo_a, &a.wo_b];
+        if let Some(c) = &a.compressor {
+            v.extend([&c.wkv, &c.wgate]);
+        }
+        if let Some(ix) = &a.indexer {
+            v.extend([
+                &ix.wq_b,
+                &ix.weights_proj,
+                &ix.compressor.wkv,
+                &ix.compressor.wgate,
+            ]);
+        }
+        let f = &self.ffn;
+        v.extend([&f.gate, &f.shared.w1, &f.shared.w3, &f.shared.w2]);
+        v
+    }
+}
+
+impl ModelWeights {
+    /// Every matrix the forward pass multiplies by (the embedding is read by rows, not
+    /// multiplied), dense ones first, then the head, then the routed experts.
+    pub fn matrices(&self) -> Vec<(MatrixRole, &Weight)> {
+        let mut v = Vec::new();
+        for b in &self.layers {
+            for w in b.dense_matrices() {
+                v.push((MatrixRole::Dense { layer: b.layer }, w));
+            }
+        }
+        v.push((MatrixRole::Head, &self.head));
+        for b in &self.layers {
+            for (e, x) in b.ffn.experts.iter().enumerate() {
+                for w in [&x.w1, &x.w3, &x.w2] {
+                    v.push((
+                        MatrixRole::Expert {
+                            layer: b.layer,
+                            expert: e,
+                        },
+                        w,
+                    ));
+                }
+            }
+        }
+        v
+    }
+}
+
 struct Loader<'a> {
     ck: &'a Checkpoint,
 }

@@ -3,11 +3,13 @@
 //! a time, and the small vector operations of the forward pass.
 
 pub mod bf16dot;
+mod device;
 mod linear;
 mod ops;
 pub mod probe;
 pub mod rowdot;
 pub mod topology;
 
+pub use device::CpuDevice;
 pub use linear::{dequant_row, linear, linear_range};
 pub use ops::*;

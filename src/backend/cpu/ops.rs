@@ -86,6 +86,111 @@ pub fn top_k(values: &[f32], k: usize) -> Vec<usize> {
     idx
 }
 
+/// The clamped SwiGLU activation: SiLU(min(g, L)) · clamp(u, -L, L). The gate is clamped
+/// from above only (spec §5.10 step 5, trap 13); `gate_lower` exists for fault injection.
+#[inline]
+pub fn swiglu(g: f32, u: f32, limit: f32, gate_lower: f32) -> f32 {
+    silu(g.clamp(gate_lower, limit)) * u.clamp(-limit, limit)
+}
+
+/// Index of the largest value (the first one on ties); NaN is never chosen over a number.
+pub fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] || v[best].is_nan() {
+            best = i;
+        }
+    }
+    best
+}
+
+/// In place: softmax(v / temperature).
+pub fn softmax_temp(v: &mut [f32], temperature: f32) {
+    let inv = 1.0 / temperature;
+    let m = v.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x * inv));
+    let mut s = 0f32;
+    for x in v.iter_mut() {
+        *x = (*x * inv - m).exp();
+        s += *x;
+    }
+    for x in v.iter_mut() {
+        *x /= s;
+    }
+}
+
+/// Rotate pairs of `z` by pos · inv_freq[j] (negated when `inverse`), times `mscale`: pairs
+/// (2j, 2j+1) (interleaved), or (j, j + len/2) with `half_split`. The angle is formed in fp32
+/// like the reference's complex64 table, its sine and cosine in f64.
+pub fn rotate_pairs(
+    z: &mut [f32],
+    inv_freq: &[f32],
+    pos: usize,
+    inverse: bool,
+    mscale: f32,
+    half_split: bool,
+) {
+    let rd = z.len();
+    let p = pos as f32;
+    for (j, &w) in inv_freq.iter().enumerate() {
+        let ang = p * w;
+        let (s, c) = (ang as f64).sin_cos();
+        let (s, c) = (if inverse { -s as f32 } else { s as f32 }, c as f32);
+        let (s, c) = (s * mscale, c * mscale);
+        let (i0, i1) = if half_split {
+            (j, j + rd / 2)
+        } else {
+            (2 * j, 2 * j + 1)
+        };
+        let (a, b) = (z[i0], z[i1]);
+        z[i0] = a * c - b * s;
+        z[i1] = a * s + b * c;
+    }
+}
+
+/// How one token's routing weights are formed (the switches exist for fault injection).
+#[derive(Debug, Clone, Copy)]
+pub struct RouteRule {
+    pub k: usize,
+    pub scale: f32,
+    /// Weights from score + bias instead of the unbiased score.
+    pub bias_in_weights: bool,
+    /// Divide by the chosen scores' sum.
+    pub normalize: bool,
+}
+
+/// One token's MoE routing (spec §5.10): scores = sqrt(softplus(logits)); experts = `hashed`
+/// if given, else the top k of score + bias; weights = their scores / sum · scale.
+pub fn route_token(
+    logits: &[f32],
+    bias: Option<&[f32]>,
+    hashed: Option<Vec<usize>>,
+    rule: RouteRule,
+) -> (Vec<usize>, Vec<f32>) {
+    let scores: Vec<f32> = logits.iter().map(|&v| softplus(v).sqrt()).collect();
+    let experts = match (bias, hashed) {
+        (_, Some(h)) => h,
+        (Some(b), None) => {
+            let biased: Vec<f32> = scores.iter().zip(b).map(|(s, b)| s + b).collect();
+            top_k(&biased, rule.k)
+        }
+        (None, None) => top_k(&scores, rule.k),
+    };
+    let score = |i: usize| match bias {
+        Some(b) if rule.bias_in_weights => scores[i] + b[i],
+        _ => scores[i],
+    };
+    let sum: f32 = if rule.normalize {
+        experts.iter().map(|&i| score(i)).sum::<f32>() + 1e-20
+    } else {
+        1.0
+    };
+    let weights = experts
+        .iter()
+        .map(|&i| score(i) / sum * rule.scale)
+        .collect();
+    (experts, weights)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,5 +213,17 @@ mod tests {
         assert_eq!(softplus(30.0), 30.0);
         assert!((softplus(0.0) - 2f32.ln()).abs() < 1e-7);
         assert!((silu(1.0) - 0.731_058_6).abs() < 1e-6);
+    }
+
+    #[test]
+    fn swiglu_clamps_gate_above_only_and_up_both_sides() {
+        // Hand-computed: silu(10) = 10·σ(10) = 9.999546; silu(-30) = -30·σ(-30) = -2.8072e-12.
+        let lo = f32::NEG_INFINITY;
+        assert!((swiglu(50.0, 1.0, 10.0, lo) - 9.999_546).abs() < 1e-5);
+        assert!((swiglu(-30.0, 1.0, 10.0, lo) - (-2.807_2e-12)).abs() < 1e-15);
+        // A gate clamped below at -10 would give silu(-10) = -4.54e-4 instead.
+        assert!((swiglu(-30.0, 1.0, 10.0, -10.0) - (-4.539_8e-4)).abs() < 1e-7);
+        assert_eq!(swiglu(1.0, 25.0, 10.0, lo), silu(1.0) * 10.0);
+        assert_eq!(swiglu(1.0, -25.0, 10.0, lo), silu(1.0) * -10.0);
     }
 }

@@ -1,0 +1,521 @@
+//! The CPU as a [`Device`]: buffers in host memory, ops run by the CPU kernels, work done at
+//! once (every stream is always idle). Weights are not copied: "uploading" keeps a view of
+//! the mmapped bytes. It is the reference every other device is compared with, and the
+//! memory under the simulated device.
+
+use super::{
+    argmax, axpy, linear_range, rms_norm, rms_norm_unweighted, rotate_pairs, route_token,
+    softmax_temp, swiglu,
+};
+use crate::backend::cpu::RouteRule;
+use crate::backend::device::{
+    Buf, DevWeight, Device, DeviceError, Event, Format, Op, Result, Stats, Stream, bytes_f32,
+    bytes_i32,
+};
+use crate::model::weights::Weight;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Default)]
+struct Memory {
+    bufs: HashMap<u64, Vec<u8>>,
+    weights: HashMap<u64, Weight>,
+    in_use: u64,
+}
+
+pub struct CpuDevice {
+    mem: Mutex<Memory>,
+    next: AtomicU64,
+    stats: Mutex<Stats>,
+    capacity: u64,
+}
+
+impl Default for CpuDevice {
+    fn default() -> Self {
+        CpuDevice::with_capacity(u64::MAX)
+    }
+}
+
+impl CpuDevice {
+    pub fn new() -> CpuDevice {
+        CpuDevice::default()
+    }
+
+    /// A CPU device that refuses allocations past `capacity` bytes (weights count their
+    /// stored size although they are not copied).
+    pub fn with_capacity(capacity: u64) -> CpuDevice {
+        CpuDevice {
+            mem: Mutex::new(Memory::default()),
+            next: AtomicU64::new(1),
+            stats: Mutex::new(Stats::default()),
+            capacity,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Memory> {
+        self.mem.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn charge(&self, m: &mut Memory, bytes: u64) -> Result<()> {
+        let free = self.capacity.saturating_sub(m.in_use);
+        if bytes > free {
+            return Err(DeviceError::OutOfMemory {
+                requested: bytes,
+                free,
+                capacity: self.capacity,
+            });
+        }
+        m.in_use += bytes;
+        Ok(())
+    }
+
+    fn count(&self, f: impl FnOnce(&mut Stats)) {
+        f(&mut self.stats.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+}
+
+fn shape(op: &'static str, msg: String) -> DeviceError {
+    DeviceError::Shape { op, msg }
+}
+
+/// f32 contents of buffer `b`, which must hold at least `n` values.
+fn get_f32(m: &Memory, b: Buf, n: usize, op: &'static str) -> Result<Vec<f32>> {
+    let v = m.bufs.get(&b.0).ok_or(DeviceError::Unknown(b.0))?;
+    if v.len() < 4 * n {
+        return Err(shape(
+            op,
+            format!("buffer {} holds {} bytes, needs {}", b.0, v.len(), 4 * n),
+        ));
+    }
+    Ok(bytes_f32(&v[..4 * n]))
+}
+
+fn put_f32(m: &mut Memory, b: Buf, vals: &[f32], op: &'static str) -> Result<()> {
+    let v = m.bufs.get_mut(&b.0).ok_or(DeviceError::Unknown(b.0))?;
+    let bytes = crate::backend::device::f32_bytes(vals);
+    if v.len() < bytes.len() {
+        return Err(shape(op, format!("output buffer {} too small", b.0)));
+    }
+    v[..bytes.len()].copy_from_slice(bytes);
+    Ok(())
+}
+
+fn put_i32(m: &mut Memory, b: Buf, vals: &[i32], op: &'static str) -> Result<()> {
+    let v = m.bufs.get_mut(&b.0).ok_or(DeviceError::Unknown(b.0))?;
+    if v.len() < 4 * vals.len() {
+        return Err(shape(op, format!("output buffer {} too small", b.0)));
+    }
+    for (c, x) in v.chunks_exact_mut(4).zip(vals) {
+        c.copy_from_slice(&x.to_le_bytes());
+    }
+    Ok(())
+}
+
+/// Run one op on host memory (shared by the CPU and simulated devices).
+fn run_op(m: &mut Memory, op: &Op) -> Result<()> {
+    match op {
+        Op::Linear { w, rows, x, y, t } => {
+            let wt = m
+                .weights
+                .get(&w.id)
+                .ok_or(DeviceError::Unknown(w.id))?
+                .clone();
+            if rows.end > wt.rows() {
+                return Err(shape("linear", format!("rows {rows:?} past {}", wt.rows())));
+            }
+            let xs = get_f32(m, *x, t * wt.cols(), "linear")?;
+            let mut ys = vec![0f32; t * rows.len()];
+            linear_range(&wt, rows.clone(), &xs, *t, &mut ys);
+            put_f32(m, *y, &ys, "linear")
+        }
+        Op::RmsNorm {
+            x,
+            w,
+            y,
+            rows,
+            n,
+            eps,
+        } => {
+            let mut xs = get_f32(m, *x, rows * n, "rms_norm")?;
+            let ws = w.map(|w| get_f32(m, w, *n, "rms_norm")).transpose()?;
+            for row in xs.chunks_mut(*n) {
+                match &ws {
+                    Some(ws) => rms_norm(row, ws, *eps),
+                    None => rms_norm_unweighted(row, *eps),
+                }
+            }
+            put_f32(m, *y, &xs, "rms_norm")
+        }
+        Op::Swiglu {
+            g,
+            u,
+            row_w,
+            out,
+            n,
+            width,
+            limit,
+        } => {
+            let gs = get_f32(m, *g, *n, "swiglu")?;
+            let us = get_f32(m, *u, *n, "swiglu")?;
+            let rw = row_w
+                .map(|b| get_f32(m, b, n.div_ceil(*width), "swiglu"))
+                .transpose()?;
+            let o: Vec<f32> = (0..*n)
+                .map(|i| {
+                    let a = swiglu(gs[i], us[i], *limit, f32::NEG_INFINITY);
+                    rw.as_ref().map_or(a, |r| a * r[i / width])
+                })
+                .collect();
+            put_f32(m, *out, &o, "swiglu")
+        }
+        Op::Axpy { y, x, a, n } => {
+            let xs = get_f32(m, *x, *n, "axpy")?;
+            let mut ys = get_f32(m, *y, *n, "axpy")?;
+            axpy(&mut ys, *a, &xs);
+            put_f32(m, *y, &ys, "axpy")
+        }
+        Op::Rope {
+            x,
+            inv_freq,
+            rows,
+            width,
+            rope_dim,
+            pos,
+            inverse,
+        } => {
+            if rope_dim > width || rope_dim % 2 != 0 {
+                return Err(shape(
+                    "rope",
+                    format!("rope_dim {rope_dim} in width {width}"),
+                ));
+            }
+            let f = get_f32(m, *inv_freq, rope_dim / 2, "rope")?;
+            let mut xs = get_f32(m, *x, rows * width, "rope")?;
+            for row in xs.chunks_mut(*width) {
+                rotate_pairs(&mut row[width - rope_dim..], &f, *pos, *inverse, 1.0, false);
+            }
+            put_f32(m, *x, &xs, "rope")
+        }
+        Op::RouteTopk {
+            logits,
+            bias,
+            hashed,
+            tokens,
+            n_experts,
+            k,
+            scale,
+            experts,
+            weights,
+        } => {
+            let l = get_f32(m, *logits, tokens * n_experts, "route_topk")?;
+            let b = bias
+                .map(|b| get_f32(m, b, *n_experts, "route_topk"))
+                .transpose()?;
+            let h = match hashed {
+                Some(hb) => {
+                    let v = m.bufs.get(&hb.0).ok_or(DeviceError::Unknown(hb.0))?;
+                    Some(bytes_i32(v))
+                }
+                None => None,
+            };
+            let rule = RouteRule {
+                k: *k,
+                scale: *scale,
+                bias_in_weights: false,
+                normalize: true,
+            };
+            let (mut ex, mut wt) = (Vec::new(), Vec::new());
+            for ti in 0..*tokens {
+                let hh = h.as_ref().map(|h| {
+                    h[ti * k..(ti + 1) * k]
+                        .iter()
+                        .map(|&e| e as usize)
+                        .collect()
+                });
+                let (e, w) = route_token(
+                    &l[ti * n_experts..(ti + 1) * n_experts],
+                    b.as_deref(),
+                    hh,
+                    rule,
+                );
+                ex.extend(e.iter().map(|&e| e as i32));
+                wt.extend(w);
+            }
+            put_i32(m, *experts, &ex, "route_topk")?;
+            put_f32(m, *weights, &wt, "route_topk")
+        }
+        Op::Argmax { x, rows, n, out } => {
+            let xs = get_f32(m, *x, rows * n, "argmax")?;
+            let idx: Vec<i32> = xs.chunks(*n).map(|r| argmax(r) as i32).collect();
+            put_i32(m, *out, &idx, "argmax")
+        }
+        Op::SoftmaxTemp {
+            x,
+            rows,
+            n,
+            temperature,
+        } => {
+            let mut xs = get_f32(m, *x, rows * n, "softmax_temp")?;
+            for r in xs.chunks_mut(*n) {
+                softmax_temp(r, *temperature);
+            }
+            put_f32(m, *x, &xs, "softmax_temp")
+        }
+    }
+}
+
+/// The CPU device's memory, lent to the simulated device (same results, its own accounting).
+pub(crate) struct HostMemory<'a>(std::sync::MutexGuard<'a, Memory>);
+
+impl CpuDevice {
+    pub(crate) fn host(&self) -> HostMemory<'_> {
+        HostMemory(self.lock())
+    }
+}
+
+impl HostMemory<'_> {
+    pub(crate) fn run(&mut self, op: &Op) -> Result<()> {
+        run_op(&mut self.0, op)
+    }
+}
+
+impl Device for CpuDevice {
+    fn name(&self) -> String {
+        "CPU".to_string()
+    }
+
+    fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    fn in_use(&self) -> u64 {
+        self.lock().in_use
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<Buf> {
+        let mut m = self.lock();
+        self.charge(&mut m, bytes as u64)?;
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        m.bufs.insert(id, vec![0u8; bytes]);
+        Ok(Buf(id))
+    }
+
+    fn free(&self, b: Buf) {
+        let mut m = self.lock();
+        if let Some(v) = m.bufs.remove(&b.0) {
+            m.in_use -= v.len() as u64;
+        }
+    }
+
+    fn write(&self, dst: Buf, src: &[u8], _s: Stream) -> Result<()> {
+        let mut m = self.lock();
+        let v = m.bufs.get_mut(&dst.0).ok_or(DeviceError::Unknown(dst.0))?;
+        if v.len() < src.len() {
+            return Err(shape(
+                "write",
+                format!("{} bytes into a buffer of {}", src.len(), v.len()),
+            ));
+        }
+        v[..src.len()].copy_from_slice(src);
+        self.count(|s| {
+            s.bytes_to_device += src.len() as u64;
+            s.transfers += 1;
+        });
+        Ok(())
+    }
+
+    fn read(&self, src: Buf, dst: &mut [u8], _s: Stream) -> Result<()> {
+        let m = self.lock();
+        let v = m.bufs.get(&src.0).ok_or(DeviceError::Unknown(src.0))?;
+        if v.len() < dst.len() {
+            return Err(shape(
+                "read",
+                format!("{} bytes from a buffer of {}", dst.len(), v.len()),
+            ));
+        }
+        dst.copy_from_slice(&v[..dst.len()]);
+        self.count(|s| {
+            s.bytes_to_host += dst.len() as u64;
+            s.transfers += 1;
+        });
+        Ok(())
+    }
+
+    fn upload_weight(&self, w: &Weight, _s: Stream) -> Result<DevWeight> {
+        let bytes = w.stored_bytes() as u64;
+        let mut m = self.lock();
+        self.charge(&mut m, bytes)?;
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        m.weights.insert(id, w.clone());
+        Ok(DevWeight {
+            id,
+            format: Format::of(w),
+            rows: w.rows(),
+            cols: w.cols(),
+            bytes,
+        })
+    }
+
+    fn free_weight(&self, w: DevWeight) {
+        let mut m = self.lock();
+        if m.weights.remove(&w.id).is_some() {
+            m.in_use -= w.bytes;
+        }
+    }
+
+    fn launch(&self, op: &Op, _s: Stream) -> Result<()> {
+        run_op(&mut self.lock(), op)?;
+        self.count(|s| s.launches += 1);
+        Ok(())
+    }
+
+    fn record(&self, _s: Stream) -> Result<Event> {
+        Ok(Event(0))
+    }
+
+    fn wait(&self, _s: Stream, _e: Event) -> Result<()> {
+        Ok(())
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn stats(&self) -> Stats {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::device::{bytes_f32, bytes_i32, f32_bytes};
+
+    fn buf(d: &CpuDevice, v: &[f32]) -> Buf {
+        let b = d.alloc(4 * v.len()).expect("alloc");
+        d.write(b, f32_bytes(v), Stream::COMPUTE).expect("write");
+        b
+    }
+
+    fn get(d: &CpuDevice, b: Buf, n: usize) -> Vec<u8> {
+        let mut out = vec![0u8; 4 * n];
+        d.read(b, &mut out, Stream::COMPUTE).expect("read");
+        out
+    }
+
+    #[test]
+    fn route_topk_by_hand() {
+        // scores = sqrt(ln(1 + e^l)); top 2 of [0, 1, 2, 3] are experts 3 and 2.
+        let d = CpuDevice::new();
+        let logits = buf(&d, &[0.0, 1.0, 2.0, 3.0]);
+        let (ex, wt) = (d.alloc(8).expect("alloc"), d.alloc(8).expect("alloc"));
+        let op = |bias, hashed| Op::RouteTopk {
+            logits,
+            bias,
+            hashed,
+            tokens: 1,
+            n_experts: 4,
+            k: 2,
+            scale: 1.5,
+            experts: ex,
+            weights: wt,
+        };
+        let s = |l: f64| (1.0 + l.exp()).ln().sqrt();
+        d.launch(&op(None, None), Stream::COMPUTE).expect("route");
+        assert_eq!(bytes_i32(&get(&d, ex, 2)), vec![3, 2]);
+        let w = bytes_f32(&get(&d, wt, 2));
+        let sum = s(3.0) + s(2.0);
+        assert!((w[0] as f64 - 1.5 * s(3.0) / sum).abs() < 1e-6);
+        assert!((w[1] as f64 - 1.5 * s(2.0) / sum).abs() < 1e-6);
+        // A bias that favours expert 0 chooses it, but the weight uses the unbiased score.
+        let bias = buf(&d, &[10.0, 0.0, 0.0, 0.0]);
+        d.launch(&op(Some(bias), None), Stream::COMPUTE)
+            .expect("route");
+        assert_eq!(bytes_i32(&get(&d, ex, 2)), vec![0, 3]);
+        let w = bytes_f32(&get(&d, wt, 2));
+        assert!((w[0] as f64 - 1.5 * s(0.0) / (s(0.0) + s(3.0))).abs() < 1e-6);
+        // Hash routing: the given experts, in the given order.
+        let h = d.alloc(8).expect("alloc");
+        let hb: Vec<u8> = [1i32, 2].iter().flat_map(|v| v.to_le_bytes()).collect();
+        d.write(h, &hb, Stream::COMPUTE).expect("write");
+        d.launch(&op(None, Some(h)), Stream::COMPUTE)
+            .expect("route");
+        assert_eq!(bytes_i32(&get(&d, ex, 2)), vec![1, 2]);
+    }
+
+    #[test]
+    fn small_ops_by_hand() {
+        let d = CpuDevice::new();
+        // argmax: first of the tied maxima.
+        let x = buf(&d, &[1.0, 5.0, 5.0, 2.0]);
+        let out = d.alloc(4).expect("alloc");
+        d.launch(
+            &Op::Argmax {
+                x,
+                rows: 1,
+                n: 4,
+                out,
+            },
+            Stream::COMPUTE,
+        )
+        .expect("argmax");
+        assert_eq!(bytes_i32(&get(&d, out, 1)), vec![1]);
+        // softmax([0, ln 3]) = [1/4, 3/4]; at temperature 2: [1/(1+√3), √3/(1+√3)].
+        let x = buf(&d, &[0.0, 3f32.ln(), 0.0, 3f32.ln()]);
+        let op = Op::SoftmaxTemp {
+            x,
+            rows: 1,
+            n: 2,
+            temperature: 1.0,
+        };
+        d.launch(&op, Stream::COMPUTE).expect("softmax");
+        let p = bytes_f32(&get(&d, x, 2));
+        assert!(
+            (p[0] - 0.25).abs() < 1e-6 && (p[1] - 0.75).abs() < 1e-6,
+            "{p:?}"
+        );
+        // RoPE by a quarter turn: the trailing pair (1, 0) becomes (0, 1); the rest stays.
+        let x = buf(&d, &[7.0, 8.0, 1.0, 0.0]);
+        let f = buf(&d, &[std::f32::consts::FRAC_PI_2]);
+        let op = Op::Rope {
+            x,
+            inv_freq: f,
+            rows: 1,
+            width: 4,
+            rope_dim: 2,
+            pos: 1,
+            inverse: false,
+        };
+        d.launch(&op, Stream::COMPUTE).expect("rope");
+        let r = bytes_f32(&get(&d, x, 4));
+        assert_eq!(&r[..2], &[7.0, 8.0]);
+        assert!(r[2].abs() < 1e-7 && (r[3] - 1.0).abs() < 1e-7, "{r:?}");
+        // SwiGLU with a per-row weight: silu(min(20, 10)) * clamp(-30) * 0.5 = silu(10) * -5.
+        let (g, u, rw) = (buf(&d, &[20.0]), buf(&d, &[-30.0]), buf(&d, &[0.5]));
+        let out = d.alloc(4).expect("alloc");
+        let op = Op::Swiglu {
+            g,
+            u,
+            row_w: Some(rw),
+            out,
+            n: 1,
+            width: 1,
+            limit: 10.0,
+        };
+        d.launch(&op, Stream::COMPUTE).expect("swiglu");
+        let want = 10.0 / (1.0 + (-10f32).exp()) * -5.0;
+        assert!((bytes_f32(&get(&d, out, 1))[0] - want).abs() < 1e-5);
+        // Unknown buffers are an error, not a panic.
+        let bad = Op::Axpy {
+            y: Buf(999),
+            x: Buf(998),
+            a: 1.0,
+            n: 1,
+        };
+        assert!(matches!(
+            d.launch(&bad, Stream::COMPUTE),
+            Err(DeviceError::Unknown(_))
+        ));
+    }
+}

@@ -1,0 +1,602 @@
+//! [`Device`] on an NVIDIA GPU through the CUDA driver API (cudarc, loaded at run time):
+//! buffers in device memory, the embedded kernels compiled for the GPU's architecture
+//! (cached on disk), a compute stream and a copy stream ordered by events.
+
+use super::cache;
+use super::sources::KERNELS;
+use crate::backend::device::{
+    Buf, DevWeight, Device, DeviceError, Event, Format, Op, Result, Stats, Stream,
+};
+use crate::model::weights::Weight;
+use cudarc::driver::{
+    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
+    PushKernelArg, sys,
+};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Memory left to the driver, other processes and the display: not handed to placement.
+const RESERVE: u64 = 512 << 20;
+
+struct DevWeightMem {
+    data: CudaSlice<u8>,
+    scales: Option<CudaSlice<u8>>,
+    info: DevWeight,
+}
+
+struct Mem {
+    bufs: HashMap<u64, CudaSlice<u8>>,
+    weights: HashMap<u64, DevWeightMem>,
+    events: Vec<CudaEvent>,
+    in_use: u64,
+}
+
+pub struct CudaDevice {
+    ctx: Arc<CudaContext>,
+    streams: [Arc<CudaStream>; 2],
+    funcs: HashMap<&'static str, CudaFunction>,
+    mem: Mutex<Mem>,
+    stats: Mutex<Stats>,
+    next: AtomicU64,
+    capacity: u64,
+    name: String,
+    /// Compute capability as an sm number (e.g. 89).
+    pub arch: u32,
+    /// Units compiled now (the rest came from the disk cache).
+    pub compiled_units: usize,
+}
+
+/// Why the CUDA device could not be opened (each gives the one-line notice).
+#[derive(Debug, thiserror::Error)]
+pub enum CudaOpenError {
+    #[error("no NVIDIA driver (libcuda.so) found")]
+    NoDriver,
+    #[error("the NVIDIA driver reports no GPU ({0})")]
+    NoGpu(String),
+    #[error("kernels could not be compiled: {0}")]
+    Compile(String),
+    #[error("CUDA error: {0}")]
+    Driver(String),
+}
+
+fn drv(e: impl std::fmt::Debug) -> DeviceError {
+    DeviceError::Backend(format!("CUDA: {e:?}"))
+}
+
+fn every_kernel_name() -> Vec<&'static str> {
+    KERNELS
+        .iter()
+        .flat_map(|u| {
+            u.text
+                .split("extern \"C\" __global__ void ")
+                .skip(1)
+                .filter_map(|rest| rest.split('(').next())
+                .map(|s| s.trim())
+        })
+        .collect()
+}
+
+impl CudaDevice {
+    /// Open GPU `ordinal`: driver, context, streams, kernels (compiled or from the cache).
+    pub fn open(ordinal: usize) -> std::result::Result<CudaDevice, CudaOpenError> {
+        if !super::driver_present() {
+            return Err(CudaOpenError::NoDriver);
+        }
+        // A driver older than the bindings can lack a symbol, which cudarc reports by
+        // panicking: turn that into the notice as well.
+        std::panic::catch_unwind(|| Self::open_inner(ordinal)).unwrap_or_else(|p| {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "driver panicked".into());
+            Err(CudaOpenError::Driver(msg))
+        })
+    }
+
+    fn open_inner(ordinal: usize) -> std::result::Result<CudaDevice, CudaOpenError> {
+        let n = CudaContext::device_count().map_err(|e| CudaOpenError::NoGpu(format!("{e:?}")))?;
+        if n <= ordinal as i32 {
+            return Err(CudaOpenError::NoGpu(format!("{n} devices")));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| CudaOpenError::Driver(format!("{e:?}")))?;
+        // Streams are ordered explicitly by the caller's events.
+        // SAFETY: no cudarc slice is shared across streams without an event of ours.
+        unsafe { ctx.disable_event_tracking() };
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| CudaOpenError::Driver(format!("{e:?}")))?;
+        let arch = (major * 10 + minor) as u32;
+        let mut driver = 0;
+        // SAFETY: one valid out-pointer.
+        unsafe { sys::cuDriverGetVersion(&mut driver) };
+        let gpu = ctx.name().unwrap_or_else(|_| "NVIDIA GPU".into());
+        let (free, total) = ctx
+            .mem_get_info()
+            .map_err(|e| CudaOpenError::Driver(format!("{e:?}")))?;
+        let mut funcs = HashMap::new();
+        let mut compiled_units = 0;
+        for unit in KERNELS {
+            let (cubin, compiled) = cache::load_or_compile(unit, arch, driver)
+                .map_err(|e| CudaOpenError::Compile(e.to_string()))?;
+            compiled_units += compiled as usize;
+            let module = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
+                .map_err(|e| CudaOpenError::Driver(format!("loading {}: {e:?}", unit.name)))?;
+            for name in every_kernel_name() {
+                if let Ok(f) = module.load_function(name) {
+                    funcs.insert(name, f);
+                }
+            }
+        }
+        let s0 = ctx
+            .new_stream()
+            .map_err(|e| CudaOpenError::Driver(format!("{e:?}")))?;
+        let s1 = ctx
+            .new_stream()
+            .map_err(|e| CudaOpenError::Driver(format!("{e:?}")))?;
+        let capacity = (free as u64).saturating_sub(RESERVE);
+        Ok(CudaDevice {
+            name: format!(
+                "{gpu} (sm_{arch}, {:.1} GiB, driver {}.{})",
+                total as f64 / (1u64 << 30) as f64,
+                driver / 1000,
+                driver % 1000 / 10
+            ),
+            ctx,
+            streams: [s0, s1],
+            funcs,
+            mem: Mutex::new(Mem {
+                bufs: HashMap::new(),
+                weights: HashMap::new(),
+                events: Vec::new(),
+                in_use: 0,
+            }),
+            stats: Mutex::new(Stats::default()),
+            next: AtomicU64::new(1),
+            capacity,
+            arch,
+            compiled_units,
+        })
+    }
+
+    fn stream(&self, s: Stream) -> &Arc<CudaStream> {
+        &self.streams[(s.0 as usize).min(1)]
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Mem> {
+        self.mem.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn reserve(&self, m: &mut Mem, bytes: u64) -> Result<()> {
+        let free = self.capacity.saturating_sub(m.in_use);
+        if bytes > free {
+            return Err(DeviceError::OutOfMemory {
+                requested: bytes,
+                free,
+                capacity: self.capacity,
+            });
+        }
+        m.in_use += bytes;
+        Ok(())
+    }
+
+    fn func(&self, name: &'static str) -> Result<&CudaFunction> {
+        self.funcs
+            .get(name)
+            .ok_or_else(|| DeviceError::Backend(format!("kernel {name} not loaded")))
+    }
+
+    /// Device address of a buffer (+ byte offset).
+    fn addr(&self, m: &Mem, b: Buf, s: &Arc<CudaStream>) -> Result<u64> {
+        let sl = m.bufs.get(&b.0).ok_or(DeviceError::Unknown(b.0))?;
+        Ok(sl.device_ptr(s).0)
+    }
+
+    fn count(&self, f: impl FnOnce(&mut Stats)) {
+        f(&mut self.stats.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// `Op::Linear`: GEMV kernels up to 4 input rows, the tiled GEMM above.
+    fn launch_linear(&self, m: &Mem, op: &Op, st: &Arc<CudaStream>) -> Result<()> {
+        let Op::Linear { w, rows, x, y, t } = op else {
+            return Err(DeviceError::Backend(
+                "launch_linear: not a linear op".into(),
+            ));
+        };
+        let (x, y, t) = (*x, *y, *t);
+        let dw = m.weights.get(&w.id).ok_or(DeviceError::Unknown(w.id))?;
+        let cols = w.cols;
+        let shape = |msg: String| DeviceError::Shape { op: "linear", msg };
+        if rows.end > w.rows {
+            return Err(shape(format!("rows {rows:?} past {}", w.rows)));
+        }
+        let (r0, n) = (rows.start, rows.len());
+        let data = dw.data.device_ptr(st).0;
+        let scales = dw.scales.as_ref().map(|s| s.device_ptr(st).0).unwrap_or(0);
+        // Row range as pointer offsets into the stored layout.
+        let (wp, sp) = match w.format {
+            Format::Fp4 => {
+                if !cols.is_multiple_of(32) {
+                    return Err(shape(format!("fp4 cols {cols} not a multiple of 32")));
+                }
+                (
+                    data + (r0 * cols / 2) as u64,
+                    scales + (r0 * cols / 32) as u64,
+                )
+            }
+            Format::Fp8 => {
+                if !r0.is_multiple_of(128) || !cols.is_multiple_of(32) {
+                    return Err(shape(format!(
+                        "fp8 rows from {r0} / cols {cols}: need 128-row blocks, cols % 32"
+                    )));
+                }
+                let bc = cols.div_ceil(128);
+                (data + (r0 * cols) as u64, scales + (r0 / 128 * bc) as u64)
+            }
+            Format::Bf16 => {
+                if !cols.is_multiple_of(32) {
+                    return Err(shape(format!("bf16 cols {cols} not a multiple of 32")));
+                }
+                (data + (2 * r0 * cols) as u64, 0)
+            }
+        };
+        let xp = self.addr(m, x, st)?;
+        let yp = self.addr(m, y, st)?;
+        let (rows_i, cols_i, t_i) = (n as i32, cols as i32, t as i32);
+        let gemv = t <= 4;
+        let (name, cfg) = if gemv {
+            let name = match w.format {
+                Format::Fp4 => "gemv_fp4",
+                Format::Fp8 => "gemv_fp8",
+                Format::Bf16 => "gemv_bf16",
+            };
+            (
+                name,
+                LaunchConfig {
+                    grid_dim: (n.div_ceil(8) as u32, t as u32, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+            )
+        } else {
+            let name = match w.format {
+                Format::Fp4 => "gemm_fp4",
+                Format::Fp8 => "gemm_fp8",
+                Format::Bf16 => "gemm_bf16",
+            };
+            (
+                name,
+                LaunchConfig {
+                    grid_dim: (n.div_ceil(64) as u32, t.div_ceil(64) as u32, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+            )
+        };
+        let f = self.func(name)?;
+        let mut b = st.launch_builder(f);
+        b.arg(&wp);
+        if w.format != Format::Bf16 {
+            b.arg(&sp);
+        }
+        b.arg(&xp).arg(&yp).arg(&rows_i).arg(&cols_i);
+        if !gemv {
+            b.arg(&t_i);
+        }
+        // SAFETY: the argument list matches the kernel's signature in kernels/gemv.cu or
+        // gemm.cu; every pointer addresses a live allocation of the sizes the shapes imply.
+        unsafe { b.launch(cfg) }.map_err(drv)?;
+        Ok(())
+    }
+}
+
+fn cfg1(blocks: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks.max(1) as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+impl Device for CudaDevice {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    fn in_use(&self) -> u64 {
+        self.lock().in_use
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<Buf> {
+        let mut m = self.lock();
+        self.reserve(&mut m, bytes as u64)?;
+        let sl = match self.streams[0].alloc_zeros::<u8>(bytes.max(1)) {
+            Ok(s) => s,
+            Err(e) => {
+                m.in_use -= bytes as u64;
+                return Err(drv(e));
+            }
+        };
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        m.bufs.insert(id, sl);
+        Ok(Buf(id))
+    }
+
+    fn free(&self, b: Buf) {
+        let mut m = self.lock();
+        if let Some(sl) = m.bufs.remove(&b.0) {
+            m.in_use -= sl.len() as u64;
+        }
+    }
+
+    fn write(&self, dst: Buf, src: &[u8], s: Stream) -> Result<()> {
+        let mut m = self.lock();
+        let st = self.stream(s).clone();
+        let sl = m.bufs.get_mut(&dst.0).ok_or(DeviceError::Unknown(dst.0))?;
+        if sl.len() < src.len() {
+            return Err(DeviceError::Shape {
+                op: "write",
+                msg: format!("{} bytes into a buffer of {}", src.len(), sl.len()),
+            });
+        }
+        let mut view = sl.slice_mut(0..src.len());
+        st.memcpy_htod(src, &mut view).map_err(drv)?;
+        self.count(|c| {
+            c.bytes_to_device += src.len() as u64;
+            c.transfers += 1;
+        });
+        Ok(())
+    }
+
+    fn read(&self, src: Buf, dst: &mut [u8], s: Stream) -> Result<()> {
+        let m = self.lock();
+        let st = self.stream(s).clone();
+        let sl = m.bufs.get(&src.0).ok_or(DeviceError::Unknown(src.0))?;
+        if sl.len() < dst.len() {
+            return Err(DeviceError::Shape {
+                op: "read",
+                msg: format!("{} bytes from a buffer of {}", dst.len(), sl.len()),
+            });
+        }
+        st.memcpy_dtoh(&sl.slice(0..dst.len()), dst).map_err(drv)?;
+        st.synchronize().map_err(drv)?;
+        self.count(|c| {
+            c.bytes_to_host += dst.len() as u64;
+            c.transfers += 1;
+        });
+        Ok(())
+    }
+
+    fn upload_weight(&self, w: &Weight, s: Stream) -> Result<DevWeight> {
+        let (data, scales): (&[u8], Option<&[u8]>) = match w {
+            Weight::Fp8 { codes, scales, .. } => (codes, Some(scales)),
+            Weight::Fp4 { packed, scales, .. } => (packed, Some(scales)),
+            Weight::Bf16 { data, .. } => (data, None),
+        };
+        let bytes = (data.len() + scales.map_or(0, |s| s.len())) as u64;
+        let mut m = self.lock();
+        self.reserve(&mut m, bytes)?;
+        let st = self.stream(s).clone();
+        let up = |src: &[u8]| -> Result<CudaSlice<u8>> { st.clone_htod(src).map_err(drv) };
+        let res = up(data).and_then(|d| Ok((d, scales.map(up).transpose()?)));
+        let (d, sc) = match res {
+            Ok(v) => v,
+            Err(e) => {
+                m.in_use -= bytes;
+                return Err(e);
+            }
+        };
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let info = DevWeight {
+            id,
+            format: Format::of(w),
+            rows: w.rows(),
+            cols: w.cols(),
+            bytes,
+        };
+        m.weights.insert(
+            id,
+            DevWeightMem {
+                data: d,
+                scales: sc,
+                info,
+            },
+        );
+        self.count(|c| {
+            c.bytes_to_device += bytes;
+            c.transfers += 1;
+        });
+        Ok(info)
+    }
+
+    fn free_weight(&self, w: DevWeight) {
+        let mut m = self.lock();
+        if let Some(dw) = m.weights.remove(&w.id) {
+            m.in_use -= dw.info.bytes;
+        }
+    }
+
+    fn launch(&self, op: &Op, s: Stream) -> Result<()> {
+        let m = self.lock();
+        let st = self.stream(s).clone();
+        let a = |b: Buf| self.addr(&m, b, &st);
+        let opt = |b: Option<Buf>| {
+            b.map(|b| self.addr(&m, b, &st))
+                .transpose()
+                .map(|p| p.unwrap_or(0))
+        };
+        match op {
+            Op::Linear { .. } => self.launch_linear(&m, op, &st)?,
+            Op::RmsNorm {
+                x,
+                w,
+                y,
+                rows,
+                n,
+                eps,
+            } => {
+                let (xp, wp, yp, n_i) = (a(*x)?, opt(*w)?, a(*y)?, *n as i32);
+                let mut b = st.launch_builder(self.func("rms_norm")?);
+                b.arg(&xp).arg(&wp).arg(&yp).arg(&n_i).arg(eps);
+                // SAFETY: matches kernels/norm.cu rms_norm; buffers hold rows x n floats.
+                unsafe { b.launch(cfg1(*rows, 256)) }.map_err(drv)?;
+            }
+            Op::Swiglu {
+                g,
+                u,
+                row_w,
+                out,
+                n,
+                width,
+                limit,
+            } => {
+                let (gp, up, rp, op_, n_i, w_i) = (
+                    a(*g)?,
+                    a(*u)?,
+                    opt(*row_w)?,
+                    a(*out)?,
+                    *n as i32,
+                    *width as i32,
+                );
+                let mut b = st.launch_builder(self.func("swiglu")?);
+                b.arg(&gp)
+                    .arg(&up)
+                    .arg(&rp)
+                    .arg(&op_)
+                    .arg(&n_i)
+                    .arg(&w_i)
+                    .arg(limit);
+                // SAFETY: matches kernels/act.cu swiglu; buffers hold n floats.
+                unsafe { b.launch(cfg1(n.div_ceil(256), 256)) }.map_err(drv)?;
+            }
+            Op::Axpy { y, x, a: alpha, n } => {
+                let (yp, xp, n_i) = (a(*y)?, a(*x)?, *n as i32);
+                let mut b = st.launch_builder(self.func("axpy")?);
+                b.arg(&yp).arg(&xp).arg(alpha).arg(&n_i);
+                // SAFETY: matches kernels/act.cu axpy; buffers hold n floats.
+                unsafe { b.launch(cfg1(n.div_ceil(256), 256)) }.map_err(drv)?;
+            }
+            Op::Rope {
+                x,
+                inv_freq,
+                rows,
+                width,
+                rope_dim,
+                pos,
+                inverse,
+            } => {
+                if rope_dim / 2 > 1024 || rope_dim > width {
+                    return Err(DeviceError::Shape {
+                        op: "rope",
+                        msg: format!("rope_dim {rope_dim}"),
+                    });
+                }
+                let (xp, fp) = (a(*x)?, a(*inv_freq)?);
+                let (w_i, r_i, p_i, inv_i) = (
+                    *width as i32,
+                    *rope_dim as i32,
+                    *pos as i32,
+                    *inverse as i32,
+                );
+                let mut b = st.launch_builder(self.func("rope")?);
+                b.arg(&xp)
+                    .arg(&fp)
+                    .arg(&w_i)
+                    .arg(&r_i)
+                    .arg(&p_i)
+                    .arg(&inv_i);
+                let threads = (rope_dim / 2).div_ceil(32).max(1) as u32 * 32;
+                // SAFETY: matches kernels/act.cu rope; x holds rows x width floats.
+                unsafe { b.launch(cfg1(*rows, threads)) }.map_err(drv)?;
+            }
+            Op::RouteTopk {
+                logits,
+                bias,
+                hashed,
+                tokens,
+                n_experts,
+                k,
+                scale,
+                experts,
+                weights,
+            } => {
+                if *n_experts > 1024 || *k > 16 {
+                    return Err(DeviceError::Shape {
+                        op: "route_topk",
+                        msg: format!("{n_experts} experts, top {k}"),
+                    });
+                }
+                let (lp, bp, hp, ep, wp) = (
+                    a(*logits)?,
+                    opt(*bias)?,
+                    opt(*hashed)?,
+                    a(*experts)?,
+                    a(*weights)?,
+                );
+                let (n_i, k_i) = (*n_experts as i32, *k as i32);
+                let mut b = st.launch_builder(self.func("route_topk")?);
+                b.arg(&lp)
+                    .arg(&bp)
+                    .arg(&hp)
+                    .arg(&n_i)
+                    .arg(&k_i)
+                    .arg(scale)
+                    .arg(&ep)
+                    .arg(&wp);
+                // SAFETY: matches kernels/router.cu route_topk; shapes as the op documents.
+                unsafe { b.launch(cfg1(*tokens, 256)) }.map_err(drv)?;
+            }
+            Op::Argmax { x, rows, n, out } => {
+                let (xp, op_, n_i) = (a(*x)?, a(*out)?, *n as i32);
+                let mut b = st.launch_builder(self.func("argmax")?);
+                b.arg(&xp).arg(&n_i).arg(&op_);
+                // SAFETY: matches kernels/sample.cu argmax.
+                unsafe { b.launch(cfg1(*rows, 1024)) }.map_err(drv)?;
+            }
+            Op::SoftmaxTemp {
+                x,
+                rows,
+                n,
+                temperature,
+            } => {
+                let (xp, n_i) = (a(*x)?, *n as i32);
+                let mut b = st.launch_builder(self.func("softmax_temp")?);
+                b.arg(&xp).arg(&n_i).arg(temperature);
+                // SAFETY: matches kernels/sample.cu softmax_temp.
+                unsafe { b.launch(cfg1(*rows, 1024)) }.map_err(drv)?;
+            }
+        }
+        self.count(|c| c.launches += 1);
+        Ok(())
+    }
+
+    fn record(&self, s: Stream) -> Result<Event> {
+        let ev = self.stream(s).record_event(None).map_err(drv)?;
+        let mut m = self.lock();
+        m.events.push(ev);
+        Ok(Event(m.events.len() as u64 - 1))
+    }
+
+    fn wait(&self, s: Stream, e: Event) -> Result<()> {
+        let m = self.lock();
+        let ev = m
+            .events
+            .get(e.0 as usize)
+            .ok_or(DeviceError::Unknown(e.0))?;
+        self.stream(s).wait(ev).map_err(drv)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.ctx.synchronize().map_err(drv)
+    }
+
+    fn stats(&self) -> Stats {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}

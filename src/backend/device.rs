@@ -1,0 +1,209 @@
+//! The device interface the engine's executor calls: memory with a capacity, uploads of
+//! tensor views, kernel launches, copies back, and streams ordered by events. Implemented by
+//! the CPU ([`super::cpu::CpuDevice`]: host memory, CPU kernels), the simulated device
+//! ([`super::sim::SimDevice`]: the CPU's results with a capacity and a transfer-cost clock)
+//! and CUDA ([`super::cuda::CudaDevice`]). Ops name buffers, never the model.
+
+use crate::model::weights::Weight;
+use std::ops::Range;
+
+/// A device buffer (bytes; the op says how they are read: f32 or i32, little-endian).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Buf(pub u64);
+
+/// A queue of work. Work on one stream runs in order; streams order each other by events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Stream(pub u32);
+
+impl Stream {
+    /// Kernels.
+    pub const COMPUTE: Stream = Stream(0);
+    /// Background copies (weight promotion), overlapped with compute.
+    pub const COPY: Stream = Stream(1);
+}
+
+/// A point in a stream's work, for another stream to wait on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Event(pub u64);
+
+/// Stored format of a weight on a device (the same bytes as in the checkpoint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Format {
+    Fp8,
+    Fp4,
+    Bf16,
+}
+
+/// A weight resident on a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DevWeight {
+    pub id: u64,
+    pub format: Format,
+    pub rows: usize,
+    pub cols: usize,
+    /// Device bytes it occupies (codes + scales).
+    pub bytes: u64,
+}
+
+impl Format {
+    pub fn of(w: &Weight) -> Format {
+        match w {
+            Weight::Fp8 { .. } => Format::Fp8,
+            Weight::Fp4 { .. } => Format::Fp4,
+            Weight::Bf16 { .. } => Format::Bf16,
+        }
+    }
+}
+
+/// The ops a device runs. f32 buffers unless noted; shapes in elements.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// y[t, j] = W[rows.start + j, :] · x[t, :]: x [t, cols], y [t, rows.len()].
+    Linear {
+        w: DevWeight,
+        rows: Range<usize>,
+        x: Buf,
+        y: Buf,
+        t: usize,
+    },
+    /// Per row of `n`: y = w ⊙ x / sqrt(mean(x²) + eps) (`w` None: unweighted). y may be x.
+    RmsNorm {
+        x: Buf,
+        w: Option<Buf>,
+        y: Buf,
+        rows: usize,
+        n: usize,
+        eps: f32,
+    },
+    /// out[i] = SiLU(min(g[i], limit)) · clamp(u[i], ±limit) (· row_w[i / width] if given).
+    Swiglu {
+        g: Buf,
+        u: Buf,
+        row_w: Option<Buf>,
+        out: Buf,
+        n: usize,
+        width: usize,
+        limit: f32,
+    },
+    /// y[i] += a · x[i]
+    Axpy { y: Buf, x: Buf, a: f32, n: usize },
+    /// Interleaved RoPE on the trailing `rope_dim` values of each of `rows` rows of `width`.
+    Rope {
+        x: Buf,
+        inv_freq: Buf,
+        rows: usize,
+        width: usize,
+        rope_dim: usize,
+        pos: usize,
+        inverse: bool,
+    },
+    /// Per token: sqrt-softplus scores, top-k of score + bias (or the i32 `hashed` experts
+    /// [tokens, k]), weights = chosen scores / their sum · scale. Outputs: `experts` i32
+    /// [tokens, k], `weights` f32 [tokens, k].
+    RouteTopk {
+        logits: Buf,
+        bias: Option<Buf>,
+        hashed: Option<Buf>,
+        tokens: usize,
+        n_experts: usize,
+        k: usize,
+        scale: f32,
+        experts: Buf,
+        weights: Buf,
+    },
+    /// out (i32) [rows] = index of each row's largest value (lowest index on ties).
+    Argmax {
+        x: Buf,
+        rows: usize,
+        n: usize,
+        out: Buf,
+    },
+    /// In place per row: softmax(x / temperature).
+    SoftmaxTemp {
+        x: Buf,
+        rows: usize,
+        n: usize,
+        temperature: f32,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("device out of memory: {requested} bytes requested, {free} of {capacity} bytes free")]
+    OutOfMemory {
+        requested: u64,
+        free: u64,
+        capacity: u64,
+    },
+    #[error("unknown device buffer or weight {0}")]
+    Unknown(u64),
+    #[error("{op}: {msg}")]
+    Shape { op: &'static str, msg: String },
+    #[error("{0}")]
+    Backend(String),
+}
+
+pub type Result<T> = std::result::Result<T, DeviceError>;
+
+/// Counters every device keeps (the simulated one also its modelled time).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Stats {
+    pub bytes_to_device: u64,
+    pub bytes_to_host: u64,
+    pub transfers: u64,
+    pub launches: u64,
+    /// Simulated device only: modelled seconds spent copying and computing.
+    pub modelled_copy_s: f64,
+    pub modelled_compute_s: f64,
+}
+
+pub trait Device: Send + Sync {
+    /// One line for notices and `/stats`, e.g. "NVIDIA H200 (sm_90, 139.8 GiB)".
+    fn name(&self) -> String;
+    /// Bytes of device memory this process may use.
+    fn capacity(&self) -> u64;
+    /// Bytes allocated now.
+    fn in_use(&self) -> u64;
+    fn alloc(&self, bytes: usize) -> Result<Buf>;
+    fn free(&self, b: Buf);
+    /// Copy host bytes into a buffer (from offset 0), ordered on `s`.
+    fn write(&self, dst: Buf, src: &[u8], s: Stream) -> Result<()>;
+    /// Copy a buffer's first `dst.len()` bytes back; returns when they are on the host.
+    fn read(&self, src: Buf, dst: &mut [u8], s: Stream) -> Result<()>;
+    /// Make a weight resident (the stored bytes as they are: codes and scales).
+    fn upload_weight(&self, w: &Weight, s: Stream) -> Result<DevWeight>;
+    fn free_weight(&self, w: DevWeight);
+    fn launch(&self, op: &Op, s: Stream) -> Result<()>;
+    /// An event after all work queued on `s` so far.
+    fn record(&self, s: Stream) -> Result<Event>;
+    /// Work queued on `s` from now on starts after `e`.
+    fn wait(&self, s: Stream, e: Event) -> Result<()>;
+    /// Block until every stream is idle.
+    fn synchronize(&self) -> Result<()>;
+    fn stats(&self) -> Stats;
+}
+
+/// f32 slice as bytes (little-endian hosts only: x86_64 and aarch64).
+pub fn f32_bytes(v: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding and any byte pattern is a valid u8; the length is scaled.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
+/// Mutable f32 slice as bytes.
+pub fn f32_bytes_mut(v: &mut [f32]) -> &mut [u8] {
+    // SAFETY: every byte pattern is a valid f32, so writes through the byte view are sound.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, std::mem::size_of_val(v)) }
+}
+
+/// Read f32/i32 values out of little-endian bytes.
+pub fn bytes_f32(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+pub fn bytes_i32(b: &[u8]) -> Vec<i32> {
+    b.chunks_exact(4)
+        .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}

@@ -1,0 +1,356 @@
+//! What the engine calls for its matrix products: [`Exec::linear`] runs on the device when
+//! the weight is resident there and on the CPU otherwise, so the model code never knows
+//! which device did the work. A device error is reported once (one line on stderr) and
+//! the CPU takes over: a broken driver costs speed, never an answer.
+
+use super::cpu;
+use super::device::{
+    Buf, DevWeight, Device, DeviceError, Op, Stats, Stream, f32_bytes, f32_bytes_mut,
+};
+use crate::model::weights::Weight;
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+/// Identity of a weight: the address of its stored bytes (stable: mmap or owned buffer).
+pub fn weight_key(w: &Weight) -> usize {
+    match w {
+        Weight::Fp8 { codes, .. } => codes.as_ptr() as usize,
+        Weight::Fp4 { packed, .. } => packed.as_ptr() as usize,
+        Weight::Bf16 { data, .. } => data.as_ptr() as usize,
+    }
+}
+
+/// Reusable input/output buffers on the device (grown on demand).
+#[derive(Default)]
+struct Scratch {
+    x: Option<(Buf, usize)>,
+    y: Option<(Buf, usize)>,
+}
+
+pub struct Exec {
+    dev: Option<Arc<dyn Device>>,
+    resident: RwLock<HashMap<usize, DevWeight>>,
+    scratch: Mutex<Scratch>,
+    failed: AtomicBool,
+}
+
+impl Default for Exec {
+    fn default() -> Self {
+        Exec::cpu()
+    }
+}
+
+impl Exec {
+    /// Everything on the CPU.
+    pub fn cpu() -> Exec {
+        Exec::with(None)
+    }
+
+    fn with(dev: Option<Arc<dyn Device>>) -> Exec {
+        Exec {
+            dev,
+            resident: RwLock::new(HashMap::new()),
+            scratch: Mutex::new(Scratch::default()),
+            failed: AtomicBool::new(false),
+        }
+    }
+
+    /// Resident weights run on `dev`, the rest on the CPU.
+    pub fn on(dev: Arc<dyn Device>) -> Exec {
+        Exec::with(Some(dev))
+    }
+
+    pub fn device(&self) -> Option<&Arc<dyn Device>> {
+        self.dev.as_ref()
+    }
+
+    /// Make `w` resident on the device. Ok(false): no device, or it does not fit.
+    pub fn make_resident(&self, w: &Weight) -> Result<bool, DeviceError> {
+        let Some(dev) = &self.dev else {
+            return Ok(false);
+        };
+        let key = weight_key(w);
+        if self.is_resident(w) {
+            return Ok(true);
+        }
+        match dev.upload_weight(w, Stream::COPY) {
+            Ok(dw) => {
+                self.resident
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key, dw);
+                Ok(true)
+            }
+            Err(DeviceError::OutOfMemory { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Allocate the activation buffers for products of up to `x_bytes` in and `y_bytes`
+    /// out ahead of the weights, so placement leaves them room. False if they do not fit.
+    pub fn reserve_scratch(&self, x_bytes: usize, y_bytes: usize) -> bool {
+        let Some(dev) = &self.dev else {
+            return false;
+        };
+        let mut sc = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        grow(dev.as_ref(), &mut sc.x, x_bytes).is_ok()
+            && grow(dev.as_ref(), &mut sc.y, y_bytes).is_ok()
+    }
+
+    /// Drop `w` from the device (its bytes stay in the checkpoint).
+    pub fn evict(&self, w: &Weight) {
+        let dw = self
+            .resident
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&weight_key(w));
+        if let (Some(dev), Some(dw)) = (&self.dev, dw) {
+            dev.free_weight(dw);
+        }
+    }
+
+    pub fn is_resident(&self, w: &Weight) -> bool {
+        self.resident
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&weight_key(w))
+    }
+
+    /// Bytes of weights resident on the device.
+    pub fn resident_bytes(&self) -> u64 {
+        self.resident
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|d| d.bytes)
+            .sum()
+    }
+
+    pub fn stats(&self) -> Option<Stats> {
+        self.dev.as_ref().map(|d| d.stats())
+    }
+
+    /// y = x · Wᵀ over all rows: `x` [t, cols] -> [t, rows].
+    pub fn linear(&self, w: &Weight, x: &[f32], t: usize) -> Vec<f32> {
+        let mut y = vec![0f32; t * w.rows()];
+        self.linear_range(w, 0..w.rows(), x, t, &mut y);
+        y
+    }
+
+    /// Rows `rows` of `w` applied to `t` input rows (see [`cpu::linear_range`]).
+    pub fn linear_range(&self, w: &Weight, rows: Range<usize>, x: &[f32], t: usize, y: &mut [f32]) {
+        if let Some(dev) = self
+            .dev
+            .as_ref()
+            .filter(|_| !self.failed.load(Ordering::Relaxed))
+        {
+            let dw = self
+                .resident
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&weight_key(w))
+                .copied();
+            if let Some(dw) = dw {
+                match self.device_linear(dev.as_ref(), dw, rows.clone(), x, t, y) {
+                    Ok(()) => return,
+                    // No room for this op's activations, or a shape the kernels do not
+                    // take: this product runs on the CPU, the device stays in use.
+                    Err(DeviceError::OutOfMemory { .. } | DeviceError::Shape { .. }) => {}
+                    Err(e) => {
+                        if !self.failed.swap(true, Ordering::Relaxed) {
+                            eprintln!(
+                                "dsflash: {} failed ({e}); continuing on the CPU",
+                                dev.name()
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        cpu::linear_range(w, rows, x, t, y)
+    }
+
+    fn device_linear(
+        &self,
+        dev: &dyn Device,
+        w: DevWeight,
+        rows: Range<usize>,
+        x: &[f32],
+        t: usize,
+        y: &mut [f32],
+    ) -> Result<(), DeviceError> {
+        let mut sc = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        let xb = grow(dev, &mut sc.x, 4 * x.len())?;
+        let yb = grow(dev, &mut sc.y, 4 * y.len())?;
+        dev.write(xb, f32_bytes(x), Stream::COMPUTE)?;
+        dev.launch(
+            &Op::Linear {
+                w,
+                rows,
+                x: xb,
+                y: yb,
+                t,
+            },
+            Stream::COMPUTE,
+        )?;
+        dev.read(yb, f32_bytes_mut(y), Stream::COMPUTE)
+    }
+}
+
+/// A scratch buffer of at least `bytes`, reallocated when too small.
+fn grow(
+    dev: &dyn Device,
+    slot: &mut Option<(Buf, usize)>,
+    bytes: usize,
+) -> Result<Buf, DeviceError> {
+    match slot {
+        Some((b, n)) if *n >= bytes => Ok(*b),
+        _ => {
+            if let Some((b, _)) = slot.take() {
+                dev.free(b);
+            }
+            let n = bytes.next_power_of_two().max(1 << 16);
+            let b = dev.alloc(n)?;
+            *slot = Some((b, n));
+            Ok(b)
+        }
+    }
+}
+
+impl Drop for Exec {
+    fn drop(&mut self) {
+        if let Some(dev) = &self.dev {
+            let sc = self.scratch.get_mut().unwrap_or_else(|p| p.into_inner());
+            for (b, _) in [sc.x.take(), sc.y.take()].into_iter().flatten() {
+                dev.free(b);
+            }
+            for (_, dw) in self
+                .resident
+                .get_mut()
+                .unwrap_or_else(|p| p.into_inner())
+                .drain()
+            {
+                dev.free_weight(dw);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuDevice;
+    use crate::backend::device::{Event, Result};
+    use crate::model::checkpoint::Bytes;
+    use crate::model::synth::SplitMix64;
+
+    /// A device whose kernels always fail (a driver gone bad mid-run).
+    struct Broken(CpuDevice);
+
+    impl Device for Broken {
+        fn name(&self) -> String {
+            "broken GPU".into()
+        }
+        fn capacity(&self) -> u64 {
+            self.0.capacity()
+        }
+        fn in_use(&self) -> u64 {
+            self.0.in_use()
+        }
+        fn alloc(&self, bytes: usize) -> Result<Buf> {
+            self.0.alloc(bytes)
+        }
+        fn free(&self, b: Buf) {
+            self.0.free(b)
+        }
+        fn write(&self, dst: Buf, src: &[u8], s: Stream) -> Result<()> {
+            self.0.write(dst, src, s)
+        }
+        fn read(&self, src: Buf, dst: &mut [u8], s: Stream) -> Result<()> {
+            self.0.read(src, dst, s)
+        }
+        fn upload_weight(&self, w: &Weight, s: Stream) -> Result<DevWeight> {
+            self.0.upload_weight(w, s)
+        }
+        fn free_weight(&self, w: DevWeight) {
+            self.0.free_weight(w)
+        }
+        fn launch(&self, _op: &Op, _s: Stream) -> Result<()> {
+            Err(DeviceError::Backend("CUDA_ERROR_LAUNCH_FAILED".into()))
+        }
+        fn record(&self, s: Stream) -> Result<Event> {
+            self.0.record(s)
+        }
+        fn wait(&self, s: Stream, e: Event) -> Result<()> {
+            self.0.wait(s, e)
+        }
+        fn synchronize(&self) -> Result<()> {
+            Ok(())
+        }
+        fn stats(&self) -> Stats {
+            self.0.stats()
+        }
+    }
+
+    fn weight(r: &mut SplitMix64) -> Weight {
+        let (rows, cols) = (48, 64);
+        Weight::Fp4 {
+            rows,
+            cols,
+            packed: Bytes::from_vec((0..rows * cols / 2).map(|_| r.next_u64() as u8).collect()),
+            scales: Bytes::from_vec(
+                (0..rows * cols / 32)
+                    .map(|_| 120 + (r.next_u64() % 8) as u8)
+                    .collect(),
+            ),
+        }
+    }
+
+    #[test]
+    fn resident_weights_run_on_the_device_others_on_the_cpu() {
+        let mut r = SplitMix64::new(5);
+        let (a, b) = (weight(&mut r), weight(&mut r));
+        let x: Vec<f32> = (0..3 * 64).map(|_| r.uniform()).collect();
+        let dev = Arc::new(CpuDevice::new());
+        let ex = Exec::on(dev.clone());
+        assert!(ex.make_resident(&a).expect("upload"));
+        assert!(ex.is_resident(&a) && !ex.is_resident(&b));
+        assert_eq!(ex.linear(&a, &x, 3), cpu::linear(&a, &x, 3));
+        assert_eq!(dev.stats().launches, 1);
+        assert_eq!(ex.linear(&b, &x, 3), cpu::linear(&b, &x, 3));
+        assert_eq!(
+            dev.stats().launches,
+            1,
+            "b is not resident: computed on the CPU"
+        );
+        ex.evict(&a);
+        assert!(!ex.is_resident(&a));
+        assert_eq!(ex.resident_bytes(), 0);
+    }
+
+    #[test]
+    fn a_failing_device_falls_back_to_the_cpu() {
+        let mut r = SplitMix64::new(6);
+        let a = weight(&mut r);
+        let x: Vec<f32> = (0..64).map(|_| r.uniform()).collect();
+        let ex = Exec::on(Arc::new(Broken(CpuDevice::new())));
+        assert!(ex.make_resident(&a).expect("upload"));
+        assert_eq!(ex.linear(&a, &x, 1), cpu::linear(&a, &x, 1));
+        assert!(
+            ex.failed.load(Ordering::Relaxed),
+            "the failure is remembered"
+        );
+        assert_eq!(ex.linear(&a, &x, 1), cpu::linear(&a, &x, 1));
+    }
+
+    #[test]
+    fn a_full_device_keeps_weights_on_the_cpu() {
+        let mut r = SplitMix64::new(7);
+        let a = weight(&mut r);
+        let ex = Exec::on(Arc::new(CpuDevice::with_capacity(100)));
+        assert!(!ex.make_resident(&a).expect("no error, just no room"));
+        assert!(Exec::cpu().make_resident(&a).is_ok_and(|placed| !placed));
+    }
+}

@@ -1,0 +1,132 @@
+//! The engine on a device: the simulated device (CPU memory with a capacity and a cost
+//! clock) holds none, part or all of the model's matrices, and the logits are the oracle's
+//! goldens every time, and bit-identical to the CPU-only engine (the device path must not
+//! change a single product). Also `--device` on the command line.
+
+mod common;
+use common::*;
+use dsflash::backend::device::Device;
+use dsflash::backend::sim::{SimCost, SimDevice};
+use dsflash::engine::{Engine, Numerics, Session, Want};
+use std::sync::Arc;
+
+const TOL: f32 = 1e-4;
+
+fn prefill_logits(e: &Engine, ids: &[u32], chunk: usize) -> Vec<f32> {
+    let mut s = Session::new(e, 1 << 20, chunk);
+    s.prefill(ids, Want::All).expect("prefill")
+}
+
+#[test]
+fn sim_device_at_every_capacity_matches_goldens_and_cpu_bit_for_bit() {
+    let dir = fixture("tiny-b");
+    let g = goldens(&fixture("tiny-b/goldens.safetensors"))
+        .into_iter()
+        .find(|g| g.input_ids.len() > 100)
+        .expect("a long golden prompt");
+    let v;
+    let cpu = {
+        let e = Engine::open(&dir, Numerics::Ideal).expect("open");
+        v = e.cfg.vocab_size;
+        prefill_logits(&e, &g.input_ids, 64)
+    };
+    let (err, at) = max_rel_err(&cpu, &g.prefill_logits, v);
+    assert!(err <= TOL, "cpu engine vs golden: {err:.2e} at {at}");
+    let total: u64 = {
+        let e = Engine::open(&dir, Numerics::Ideal).expect("open");
+        e.weights
+            .matrices()
+            .iter()
+            .map(|(_, w)| w.stored_bytes() as u64)
+            .sum()
+    };
+    for (label, capacity) in [
+        ("0 bytes", 0u64),
+        ("a third", total / 3),
+        ("all but the experts' last bytes", total - 1),
+        ("everything", total + (8 << 20)),
+    ] {
+        let mut e = Engine::open(&dir, Numerics::Ideal).expect("open");
+        let sim = Arc::new(SimDevice::new(capacity, SimCost::default()));
+        let p = e.use_device(sim.clone()).expect("placement");
+        match label {
+            "0 bytes" => assert_eq!(p.resident, 0),
+            "everything" => assert_eq!((p.resident, p.resident_bytes), (p.total, total)),
+            _ => assert!(0 < p.resident && p.resident < p.total, "{label}: {p:?}"),
+        }
+        assert!(sim.in_use() <= capacity);
+        let got = prefill_logits(&e, &g.input_ids, 64);
+        assert!(
+            got.iter()
+                .zip(&cpu)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{label}: device path changed the logits"
+        );
+        let (err, at) = max_rel_err(&got, &g.prefill_logits, v);
+        assert!(err <= TOL, "{label}: {err:.2e} at {at}");
+        let st = sim.stats();
+        assert!(st.bytes_to_device >= p.resident_bytes, "{label}: {st:?}");
+        if p.resident > 0 {
+            assert!(st.launches > 0 && st.bytes_to_host > 0, "{label}: {st:?}");
+            assert!(sim.elapsed() > 0.0);
+        } else {
+            assert_eq!(
+                st.launches, 0,
+                "{label}: nothing resident, nothing launched"
+            );
+        }
+    }
+}
+
+#[test]
+fn device_flag_cpu_sim_and_cuda_without_a_gpu() {
+    let dir = fixture("tiny");
+    let d = dir.to_str().expect("utf-8 path");
+    // The same greedy ids on the CPU and on a simulated 64 MiB device.
+    let args = |dev: &str| {
+        run(&[
+            "generate",
+            "--model",
+            d,
+            "--tokens",
+            "1,2,3,4,5",
+            "--max-tokens",
+            "6",
+            "--ignore-eos",
+            "--device",
+            dev,
+            "--numerics",
+            "ideal",
+        ])
+    };
+    let cpu = args("cpu");
+    assert!(cpu.status.success(), "{}", stderr(&cpu));
+    let sim = args("sim:64M");
+    assert!(sim.status.success(), "{}", stderr(&sim));
+    assert_eq!(stdout(&cpu), stdout(&sim));
+    assert!(
+        stderr(&sim).contains("simulated device"),
+        "{}",
+        stderr(&sim)
+    );
+    // No NVIDIA driver on CI: one notice line, then the CPU answer.
+    if !dsflash::backend::cuda::driver_present() {
+        let cuda = args("cuda");
+        assert!(cuda.status.success(), "{}", stderr(&cuda));
+        assert_eq!(stdout(&cuda), stdout(&cpu));
+        let err = stderr(&cuda);
+        let notice: Vec<&str> = err.lines().filter(|l| l.contains("CUDA")).collect();
+        assert_eq!(notice.len(), 1, "{}", stderr(&cuda));
+        assert!(notice[0].contains("running on the CPU"), "{}", notice[0]);
+    }
+    let bad = args("tpu");
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("--device"), "{}", stderr(&bad));
+    let bad = args("sim:lots");
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("'lots' is not a size"),
+        "{}",
+        stderr(&bad)
+    );
+}
