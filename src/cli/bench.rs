@@ -5,8 +5,7 @@
 
 use crate::backend::cpu::{linear, linear_range, probe};
 use crate::engine::{Engine, Numerics, Session, Want};
-use crate::model::checkpoint::Bytes;
-use crate::model::synth::SplitMix64;
+use crate::model::synth::{SplitMix64, random_weight};
 use crate::model::weights::Weight;
 use clap::Args;
 use serde::Serialize;
@@ -24,6 +23,10 @@ pub struct BenchArgs {
     /// Skip the end-to-end runs (they write a ~9 GB synthetic checkpoint once).
     #[arg(long)]
     pub kernels_only: bool,
+    /// Benchmark the CUDA GPU instead: matvec GB/s per format against the card's
+    /// device-to-device copy bandwidth, and FP8 GEMM TFLOP/s at prefill batch sizes.
+    #[arg(long)]
+    pub gpu: bool,
     /// Where the synthetic real-dimension checkpoint lives (created on first use).
     #[arg(long, default_value = ".cache/bench/flash-2layers")]
     pub synth_dir: PathBuf,
@@ -66,42 +69,6 @@ pub struct BenchReport {
     pub prefill: Option<Prefill>,
 }
 
-fn random_bytes(rng: &mut SplitMix64, n: usize, fix: impl Fn(u8) -> u8) -> Bytes {
-    let mut v = Vec::with_capacity(n + 8);
-    while v.len() < n {
-        v.extend_from_slice(&rng.next_u64().to_le_bytes());
-    }
-    v.truncate(n);
-    v.iter_mut().for_each(|b| *b = fix(*b));
-    Bytes::from_vec(v)
-}
-
-/// A random weight of the given format and shape (valid codes, scales near 1/sqrt(cols)).
-fn synth_weight(kind: &str, rows: usize, cols: usize, rng: &mut SplitMix64) -> Weight {
-    let scale = |_: u8| 120u8;
-    match kind {
-        "fp4" => Weight::Fp4 {
-            rows,
-            cols,
-            packed: random_bytes(rng, rows * cols / 2, |b| b),
-            scales: random_bytes(rng, rows * cols / 32, scale),
-        },
-        "fp8" => Weight::Fp8 {
-            rows,
-            cols,
-            codes: random_bytes(rng, rows * cols, |b| {
-                if b & 0x7F == 0x7F { b & 0xFE } else { b }
-            }),
-            scales: random_bytes(rng, rows.div_ceil(128) * cols.div_ceil(128), scale),
-        },
-        _ => Weight::Bf16 {
-            rows,
-            cols,
-            data: random_bytes(rng, rows * cols * 2, |b| b & 0xBF), // exponents kept small
-        },
-    }
-}
-
 /// Time matvecs over `copies` distinct matrices (so the working set exceeds the caches).
 /// `shape` = (name, format, rows, cols).
 fn bench_kernel(
@@ -112,10 +79,10 @@ fn bench_kernel(
     rng: &mut SplitMix64,
 ) -> KernelResult {
     let (name, kind, rows, cols) = shape;
-    let one = synth_weight(kind, rows, cols, rng).stored_bytes();
+    let one = random_weight(kind, rows, cols, rng).stored_bytes();
     let copies = min_bytes.div_ceil(one).max(1);
     let ws: Vec<Weight> = (0..copies)
-        .map(|_| synth_weight(kind, rows, cols, rng))
+        .map(|_| random_weight(kind, rows, cols, rng))
         .collect();
     // The input as the default numerics (`reference`) hands it to an FP8/FP4 product.
     let x: Vec<f32> = (0..cols)
@@ -263,6 +230,9 @@ fn end_to_end(a: &BenchArgs, bw: f64, peak: f64) -> anyhow::Result<(Decode, Pref
 }
 
 pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
+    if a.gpu {
+        return gpu(a);
+    }
     let (buf, reps) = if a.quick {
         (256usize << 20, 2)
     } else {
@@ -333,6 +303,138 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     };
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
+    }
+    Ok(())
+}
+
+#[derive(Serialize, Debug)]
+pub struct GpuKernel {
+    pub name: String,
+    pub gbs: f64,
+    /// Of the device-to-device copy bandwidth.
+    pub ratio: f64,
+}
+
+#[derive(Serialize, Debug)]
+pub struct GpuGemm {
+    pub name: String,
+    pub tokens: usize,
+    pub tflops: f64,
+}
+
+#[derive(Serialize, Debug)]
+pub struct GpuReport {
+    pub device: String,
+    pub copy_gbs: f64,
+    pub kernels: Vec<GpuKernel>,
+    pub gemm: Vec<GpuGemm>,
+}
+
+/// Seconds per launch of `op` (best of a few timed batches after a warm-up).
+fn time_op(
+    dev: &dyn crate::backend::device::Device,
+    op: &crate::backend::device::Op,
+    reps: usize,
+) -> anyhow::Result<f64> {
+    use crate::backend::device::Stream;
+    dev.launch(op, Stream::COMPUTE)?;
+    dev.synchronize()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let t = Instant::now();
+        for _ in 0..reps {
+            dev.launch(op, Stream::COMPUTE)?;
+        }
+        dev.synchronize()?;
+        best = best.min(t.elapsed().as_secs_f64() / reps as f64);
+    }
+    Ok(best)
+}
+
+/// `dsflash bench --gpu`: the CUDA kernels at real V4-Flash shapes, stacked so each launch
+/// streams far more than the L2 (e.g. the w1 of all 256 experts of a layer).
+fn gpu(a: &BenchArgs) -> anyhow::Result<()> {
+    use crate::backend::cuda::CudaDevice;
+    use crate::backend::device::{Device, Op, Stream};
+    let dev = CudaDevice::open(0).map_err(|e| anyhow::anyhow!("bench --gpu: {e}"))?;
+    let reps = if a.quick { 3 } else { 10 };
+    let copy = dev.copy_gbs(2 << 30, reps)?;
+    eprintln!(
+        "bench: {}: device-to-device copy {copy:.0} GB/s (read + write)",
+        dev.name()
+    );
+    let mut rng = SplitMix64::new(9);
+    let mut kernels = Vec::new();
+    for (name, kind, rows, cols) in [
+        ("256 experts' w1", "fp4", 256 * 2048, 4096),
+        ("256 experts' w2", "fp4", 256 * 4096, 2048),
+        ("8 layers' wq_b", "fp8", 8 * 32768, 1024),
+        ("8 layers' wo_b", "fp8", 8 * 4096, 8192),
+        ("head", "bf16", 129280, 4096),
+    ] {
+        let w = random_weight(kind, rows, cols, &mut rng);
+        let dw = dev.upload_weight(&w, Stream::COMPUTE)?;
+        let x = dev.alloc(4 * cols)?;
+        let y = dev.alloc(4 * rows)?;
+        let op = Op::Linear {
+            w: dw,
+            rows: 0..rows,
+            x,
+            y,
+            t: 1,
+        };
+        let dt = time_op(&dev, &op, reps)?;
+        let gbs = w.stored_bytes() as f64 / dt / 1e9;
+        let k = GpuKernel {
+            name: format!("{kind} matvec {rows}x{cols} ({name})"),
+            gbs,
+            ratio: gbs / copy,
+        };
+        eprintln!(
+            "  {:<44} {:>8.0} GB/s  {:>5.1}% of copy bandwidth",
+            k.name,
+            k.gbs,
+            100.0 * k.ratio
+        );
+        kernels.push(k);
+        dev.free(x);
+        dev.free(y);
+        dev.free_weight(dw);
+    }
+    let mut gemm = Vec::new();
+    let (rows, cols) = (4096usize, 4096usize);
+    let w = random_weight("fp8", rows, cols, &mut rng);
+    let dw = dev.upload_weight(&w, Stream::COMPUTE)?;
+    for t in [256usize, 1024, 4096] {
+        let x = dev.alloc(4 * t * cols)?;
+        let y = dev.alloc(4 * t * rows)?;
+        let op = Op::Linear {
+            w: dw,
+            rows: 0..rows,
+            x,
+            y,
+            t,
+        };
+        let dt = time_op(&dev, &op, reps)?;
+        let g = GpuGemm {
+            name: format!("fp8 gemm {rows}x{cols}"),
+            tokens: t,
+            tflops: 2.0 * (rows * cols * t) as f64 / dt / 1e12,
+        };
+        eprintln!("  {} at {t} tokens: {:.1} TFLOP/s", g.name, g.tflops);
+        gemm.push(g);
+        dev.free(x);
+        dev.free(y);
+    }
+    dev.free_weight(dw);
+    if a.json {
+        let r = GpuReport {
+            device: dev.name(),
+            copy_gbs: copy,
+            kernels,
+            gemm,
+        };
+        println!("{}", serde_json::to_string(&r)?);
     }
     Ok(())
 }

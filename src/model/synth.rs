@@ -2,9 +2,11 @@
 //! shards, index, config.json) for any config, deterministic per seed. With `sparse` the
 //! payloads are holes, so the real 160 GB layout costs no disk.
 
+use super::checkpoint::Bytes;
 use super::config::ModelConfig;
 use super::formats::{e8m0_ceil, f32_to_bf16};
 use super::layout::{TensorSpec, inventory, release_shard};
+use super::weights::Weight;
 use safetensors::Dtype;
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -237,4 +239,40 @@ fn fill(
         _ => buf.resize(n, 0),
     }
     debug_assert_eq!(buf.len(), n);
+}
+
+pub fn random_bytes(rng: &mut SplitMix64, n: usize, fix: impl Fn(u8) -> u8) -> Bytes {
+    let mut v = Vec::with_capacity(n + 8);
+    while v.len() < n {
+        v.extend_from_slice(&rng.next_u64().to_le_bytes());
+    }
+    v.truncate(n);
+    v.iter_mut().for_each(|b| *b = fix(*b));
+    Bytes::from_vec(v)
+}
+
+/// A random weight of the given format ("fp4", "fp8", else bf16) and shape (valid codes, scales near 1/sqrt(cols)).
+pub fn random_weight(kind: &str, rows: usize, cols: usize, rng: &mut SplitMix64) -> Weight {
+    let scale = |_: u8| 120u8;
+    match kind {
+        "fp4" => Weight::Fp4 {
+            rows,
+            cols,
+            packed: random_bytes(rng, rows * cols / 2, |b| b),
+            scales: random_bytes(rng, rows * cols / 32, scale),
+        },
+        "fp8" => Weight::Fp8 {
+            rows,
+            cols,
+            codes: random_bytes(rng, rows * cols, |b| {
+                if b & 0x7F == 0x7F { b & 0xFE } else { b }
+            }),
+            scales: random_bytes(rng, rows.div_ceil(128) * cols.div_ceil(128), scale),
+        },
+        _ => Weight::Bf16 {
+            rows,
+            cols,
+            data: random_bytes(rng, rows * cols * 2, |b| b & 0xBF), // exponents kept small
+        },
+    }
 }

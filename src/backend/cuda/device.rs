@@ -292,6 +292,24 @@ impl CudaDevice {
     }
 }
 
+impl CudaDevice {
+    /// Device-to-device copy bandwidth in GB/s, counting bytes read and written (the
+    /// memory's own throughput: the bound a weight-streaming kernel is measured against).
+    pub fn copy_gbs(&self, bytes: usize, reps: usize) -> Result<f64> {
+        let st = &self.streams[0];
+        let src = st.alloc_zeros::<u8>(bytes).map_err(drv)?;
+        let mut dst = st.alloc_zeros::<u8>(bytes).map_err(drv)?;
+        st.memcpy_dtod(&src, &mut dst).map_err(drv)?;
+        st.synchronize().map_err(drv)?;
+        let t = std::time::Instant::now();
+        for _ in 0..reps.max(1) {
+            st.memcpy_dtod(&src, &mut dst).map_err(drv)?;
+        }
+        st.synchronize().map_err(drv)?;
+        Ok(2.0 * (bytes * reps.max(1)) as f64 / t.elapsed().as_secs_f64() / 1e9)
+    }
+}
+
 fn cfg1(blocks: usize, threads: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (blocks.max(1) as u32, 1, 1),

@@ -1,0 +1,368 @@
+//! The CUDA device against the CPU device, op by op, on random inputs at real V4-Flash
+//! shapes; and the tiny oracle checkpoints with every matrix on the GPU against their
+//! goldens. Needs an NVIDIA GPU: without one each test says so and passes, unless
+//! DSFLASH_REQUIRE_GPU=1 (scripts/gpu_check.sh sets it), which turns a missing GPU into a
+//! failure.
+
+mod common;
+use common::*;
+use dsflash::backend::cpu::CpuDevice;
+use dsflash::backend::cuda::CudaDevice;
+use dsflash::backend::device::{
+    Buf, DevWeight, Device, Op, Stream, bytes_f32, bytes_i32, f32_bytes,
+};
+use dsflash::engine::{Engine, Numerics, Session, Want};
+use dsflash::model::synth::{SplitMix64, random_weight};
+use std::sync::{Arc, OnceLock};
+
+fn gpu() -> Option<Arc<CudaDevice>> {
+    static DEV: OnceLock<Result<Arc<CudaDevice>, String>> = OnceLock::new();
+    let d = DEV.get_or_init(|| CudaDevice::open(0).map(Arc::new).map_err(|e| e.to_string()));
+    match d {
+        Ok(d) => Some(d.clone()),
+        Err(e) => {
+            assert!(
+                std::env::var_os("DSFLASH_REQUIRE_GPU").is_none(),
+                "DSFLASH_REQUIRE_GPU is set but the CUDA device does not open: {e}"
+            );
+            eprintln!("no usable GPU ({e}): CUDA tests not exercised");
+            None
+        }
+    }
+}
+
+/// The same buffers on both devices.
+struct Pair<'a> {
+    cpu: CpuDevice,
+    gpu: &'a CudaDevice,
+}
+
+impl Pair<'_> {
+    fn f32(&self, v: &[f32]) -> (Buf, Buf) {
+        self.bytes(f32_bytes(v))
+    }
+
+    fn bytes(&self, b: &[u8]) -> (Buf, Buf) {
+        let c = self.cpu.alloc(b.len()).expect("cpu alloc");
+        self.cpu.write(c, b, Stream::COMPUTE).expect("cpu write");
+        let g = self.gpu.alloc(b.len()).expect("gpu alloc");
+        self.gpu.write(g, b, Stream::COMPUTE).expect("gpu write");
+        (c, g)
+    }
+
+    fn zeros(&self, bytes: usize) -> (Buf, Buf) {
+        self.bytes(&vec![0u8; bytes])
+    }
+
+    /// Run the op on both; return (cpu bytes, gpu bytes) of `out`.
+    fn run(&self, op: impl Fn(bool) -> Op, out: (Buf, Buf), bytes: usize) -> (Vec<u8>, Vec<u8>) {
+        self.cpu
+            .launch(&op(false), Stream::COMPUTE)
+            .expect("cpu op");
+        self.gpu.launch(&op(true), Stream::COMPUTE).expect("gpu op");
+        let mut a = vec![0u8; bytes];
+        let mut b = vec![0u8; bytes];
+        self.cpu
+            .read(out.0, &mut a, Stream::COMPUTE)
+            .expect("cpu read");
+        self.gpu
+            .read(out.1, &mut b, Stream::COMPUTE)
+            .expect("gpu read");
+        (a, b)
+    }
+
+    fn free(&self, bufs: &[(Buf, Buf)]) {
+        for &(c, g) in bufs {
+            self.cpu.free(c);
+            self.gpu.free(g);
+        }
+    }
+}
+
+fn pick<T: Copy>(gpu: bool, p: (T, T)) -> T {
+    if gpu { p.1 } else { p.0 }
+}
+
+/// |a - b| <= tol · scale element-wise.
+fn close(a: &[f32], b: &[f32], tol: f32, scale: &[f32], what: &str) {
+    assert_eq!(a.len(), b.len());
+    for i in 0..a.len() {
+        assert!(
+            (a[i] - b[i]).abs() <= tol * scale[i].max(1e-30),
+            "{what}[{i}]: cpu {} gpu {}",
+            a[i],
+            b[i]
+        );
+    }
+}
+
+#[test]
+fn linear_kernels_match_the_cpu_at_real_shapes() {
+    let Some(g) = gpu() else { return };
+    let p = Pair {
+        cpu: CpuDevice::new(),
+        gpu: &g,
+    };
+    let mut r = SplitMix64::new(77);
+    for (kind, rows, cols) in [
+        ("fp4", 2048, 4096),    // expert w1/w3
+        ("fp4", 4096, 2048),    // expert w2
+        ("fp8", 32768, 1024),   // wq_b
+        ("fp8", 4096, 8192),    // wo_b
+        ("bf16", 129280, 4096), // head
+    ] {
+        let w = random_weight(kind, rows, cols, &mut r);
+        let dw: (DevWeight, DevWeight) = (
+            p.cpu.upload_weight(&w, Stream::COPY).expect("cpu upload"),
+            g.upload_weight(&w, Stream::COPY).expect("gpu upload"),
+        );
+        for t in [1usize, 3, 64, 300] {
+            if kind == "bf16" && t > 3 {
+                continue; // the head runs at decode batch
+            }
+            let x: Vec<f32> = (0..t * cols).map(|_| r.uniform()).collect();
+            let xb = p.f32(&x);
+            let yb = p.zeros(4 * t * rows);
+            let (a, b) = p.run(
+                |gp| Op::Linear {
+                    w: pick(gp, dw),
+                    rows: 0..rows,
+                    x: pick(gp, xb),
+                    y: pick(gp, yb),
+                    t,
+                },
+                yb,
+                4 * t * rows,
+            );
+            let (a, b) = (bytes_f32(&a), bytes_f32(&b));
+            // Scale: Σ|W·x| per output, from the CPU's own dequantization.
+            let wabs = {
+                let mut deq = vec![0f32; cols];
+                let mut s = vec![0f32; t * rows];
+                for row in 0..rows {
+                    dsflash::backend::cpu::dequant_row(&w, row, &mut deq);
+                    for tt in 0..t {
+                        s[tt * rows + row] = deq
+                            .iter()
+                            .zip(&x[tt * cols..])
+                            .map(|(u, v)| (u * v).abs())
+                            .sum();
+                    }
+                }
+                s
+            };
+            close(&a, &b, 1e-5, &wabs, &format!("{kind} {rows}x{cols} t={t}"));
+            p.free(&[xb, yb]);
+        }
+        // A row range (as the grouped output projection uses).
+        let x: Vec<f32> = (0..cols).map(|_| r.uniform()).collect();
+        let xb = p.f32(&x);
+        let yb = p.zeros(4 * 1024);
+        let (a, b) = p.run(
+            |gp| Op::Linear {
+                w: pick(gp, dw),
+                rows: 1024..2048,
+                x: pick(gp, xb),
+                y: pick(gp, yb),
+                t: 1,
+            },
+            yb,
+            4 * 1024,
+        );
+        let (a, b) = (bytes_f32(&a), bytes_f32(&b));
+        let scale: Vec<f32> = a
+            .iter()
+            .map(|v| v.abs().max(1.0) * cols as f32 * 0.01)
+            .collect();
+        close(&a, &b, 1e-4, &scale, &format!("{kind} rows 1024..2048"));
+        p.free(&[xb, yb]);
+        p.cpu.free_weight(dw.0);
+        g.free_weight(dw.1);
+    }
+}
+
+#[test]
+fn small_kernels_match_the_cpu() {
+    let Some(g) = gpu() else { return };
+    let p = Pair {
+        cpu: CpuDevice::new(),
+        gpu: &g,
+    };
+    let mut r = SplitMix64::new(78);
+    let rnd = |r: &mut SplitMix64, n: usize, s: f32| -> Vec<f32> {
+        (0..n).map(|_| r.normal() * s).collect()
+    };
+    // RMSNorm over 64 rows of 4096, weighted and not.
+    let (rows, n) = (64usize, 4096usize);
+    let x = p.f32(&rnd(&mut r, rows * n, 3.0));
+    let w = p.f32(&rnd(&mut r, n, 1.0));
+    let y = p.zeros(4 * rows * n);
+    for wopt in [Some(w), None] {
+        let (a, b) = p.run(
+            |gp| Op::RmsNorm {
+                x: pick(gp, x),
+                w: wopt.map(|w| pick(gp, w)),
+                y: pick(gp, y),
+                rows,
+                n,
+                eps: 1e-6,
+            },
+            y,
+            4 * rows * n,
+        );
+        let (a, b) = (bytes_f32(&a), bytes_f32(&b));
+        let s: Vec<f32> = a.iter().map(|v| v.abs().max(1e-3)).collect();
+        close(&a, &b, 1e-5, &s, "rms_norm");
+    }
+    // SwiGLU with clamps (values past the limit on both sides) and per-row weights.
+    let n = 4 * 2048;
+    let (gv, uv) = (rnd(&mut r, n, 12.0), rnd(&mut r, n, 12.0));
+    let (gb, ub) = (p.f32(&gv), p.f32(&uv));
+    let rw = p.f32(&rnd(&mut r, 4, 1.0));
+    let out = p.zeros(4 * n);
+    let (a, b) = p.run(
+        |gp| Op::Swiglu {
+            g: pick(gp, gb),
+            u: pick(gp, ub),
+            row_w: Some(pick(gp, rw)),
+            out: pick(gp, out),
+            n,
+            width: 2048,
+            limit: 10.0,
+        },
+        out,
+        4 * n,
+    );
+    let (a, b) = (bytes_f32(&a), bytes_f32(&b));
+    let s: Vec<f32> = a.iter().map(|v| v.abs().max(1e-3)).collect();
+    close(&a, &b, 1e-5, &s, "swiglu");
+    // RoPE: 64 heads of 512 with 64 rope dims at position 70000, forward and inverse.
+    let (rows, width, rd) = (64usize, 512usize, 64usize);
+    let inv: Vec<f32> = (0..rd / 2)
+        .map(|j| 1.0 / 10000f32.powf(2.0 * j as f32 / rd as f32))
+        .collect();
+    let fb = p.f32(&inv);
+    let xv = rnd(&mut r, rows * width, 1.0);
+    for inverse in [false, true] {
+        let xb = p.f32(&xv);
+        let (a, b) = p.run(
+            |gp| Op::Rope {
+                x: pick(gp, xb),
+                inv_freq: pick(gp, fb),
+                rows,
+                width,
+                rope_dim: rd,
+                pos: 70000,
+                inverse,
+            },
+            xb,
+            4 * rows * width,
+        );
+        let (a, b) = (bytes_f32(&a), bytes_f32(&b));
+        close(&a, &b, 1e-5, &vec![4.0; a.len()], "rope");
+        p.free(&[xb]);
+    }
+    // Routing: 256 experts, top 6, with bias; 5 tokens.
+    let (tokens, ne, k) = (5usize, 256usize, 6usize);
+    let lb = p.f32(&rnd(&mut r, tokens * ne, 2.0));
+    let bb = p.f32(&rnd(&mut r, ne, 0.1));
+    let (eb, wb) = (p.zeros(4 * tokens * k), p.zeros(4 * tokens * k));
+    let op = |gp: bool| Op::RouteTopk {
+        logits: pick(gp, lb),
+        bias: Some(pick(gp, bb)),
+        hashed: None,
+        tokens,
+        n_experts: ne,
+        k,
+        scale: 1.5,
+        experts: pick(gp, eb),
+        weights: pick(gp, wb),
+    };
+    let (a, b) = p.run(op, eb, 4 * tokens * k);
+    assert_eq!(bytes_i32(&a), bytes_i32(&b), "route_topk experts");
+    let (mut c, mut d) = (vec![0u8; 4 * tokens * k], vec![0u8; 4 * tokens * k]);
+    p.cpu.read(wb.0, &mut c, Stream::COMPUTE).expect("read");
+    g.read(wb.1, &mut d, Stream::COMPUTE).expect("read");
+    close(
+        &bytes_f32(&c),
+        &bytes_f32(&d),
+        1e-6,
+        &vec![1.0; tokens * k],
+        "route_topk weights",
+    );
+    // Argmax and softmax over the vocabulary.
+    let v = 129280usize;
+    let lv = rnd(&mut r, 2 * v, 5.0);
+    let xb = p.f32(&lv);
+    let ob = p.zeros(8);
+    let (a, b) = p.run(
+        |gp| Op::Argmax {
+            x: pick(gp, xb),
+            rows: 2,
+            n: v,
+            out: pick(gp, ob),
+        },
+        ob,
+        8,
+    );
+    assert_eq!(bytes_i32(&a), bytes_i32(&b), "argmax");
+    let (a, b) = p.run(
+        |gp| Op::SoftmaxTemp {
+            x: pick(gp, xb),
+            rows: 2,
+            n: v,
+            temperature: 0.7,
+        },
+        xb,
+        8 * v,
+    );
+    let (a, b) = (bytes_f32(&a), bytes_f32(&b));
+    let s: Vec<f32> = a.iter().map(|v| v.max(1e-12)).collect();
+    close(&a, &b, 1e-4, &s, "softmax_temp");
+}
+
+#[test]
+fn tiny_checkpoints_fully_on_the_gpu_match_the_goldens() {
+    let Some(g) = gpu() else { return };
+    for (dir, goldens_file) in [
+        ("tiny", "tiny/goldens.safetensors"),
+        ("tiny-b", "tiny-b/goldens.safetensors"),
+        ("tiny-c", "tiny-c/goldens.safetensors"),
+    ] {
+        let mut e = Engine::open(&fixture(dir), Numerics::Ideal).expect("open");
+        let p = e.use_device(g.clone()).expect("placement");
+        assert_eq!(
+            p.resident, p.total,
+            "{dir}: the whole model fits on the card"
+        );
+        let v = e.cfg.vocab_size;
+        for gd in goldens(&fixture(goldens_file)) {
+            for chunk in [1usize << 20, 64] {
+                let mut s = Session::new(&e, 1 << 20, chunk);
+                let logits = s.prefill(&gd.input_ids, Want::All).expect("prefill");
+                let (err, at) = max_rel_err(&logits, &gd.prefill_logits, v);
+                assert!(
+                    err <= 1e-4,
+                    "{dir} {} chunk {chunk}: {err:.2e} at {at}",
+                    gd.name
+                );
+                let mut last = logits[logits.len() - v..].to_vec();
+                let mut toks = Vec::new();
+                for k in 0..gd.greedy_tokens.len() {
+                    let tok = argmax(&last);
+                    toks.push(tok);
+                    if k + 1 < gd.greedy_tokens.len() {
+                        last = s.decode_step(tok).expect("decode");
+                    }
+                }
+                assert_eq!(
+                    toks, gd.greedy_tokens,
+                    "{dir} {} greedy on the GPU",
+                    gd.name
+                );
+            }
+        }
+        let st = g.stats();
+        assert!(st.launches > 0, "{dir}: kernels ran on the GPU");
+    }
+}
