@@ -22,15 +22,17 @@ extern "C" __global__ void axpy(float* __restrict__ y, const float* __restrict__
 }
 
 // Interleaved partial RoPE on the trailing rope_dim values of each `width`-wide row:
-// pairs (2j, 2j+1) rotated by pos * inv_freq[j] (negated when `inverse`). Rows of one token
-// share `pos`; blockIdx.x = row, threadIdx.x = pair j. The angle is formed in fp32 as the
-// reference's complex64 table is, its sine and cosine in double.
+// pairs (2j, 2j+1) rotated by p * inv_freq[j] (negated when `inverse`), where row r is at
+// p = pos + r / rows_per_pos (the heads of one token share a position); blockIdx.x = row,
+// threadIdx.x = pair j. The angle is formed in fp32 as the reference's complex64 table is,
+// its sine and cosine in double.
 extern "C" __global__ void rope(float* x, const float* __restrict__ inv_freq, int width,
-                                int rope_dim, int pos, int inverse) {
+                                int rope_dim, int pos, int rows_per_pos, int inverse) {
     int j = threadIdx.x;
     if (j >= rope_dim / 2) return;
     float* z = x + (size_t)blockIdx.x * width + (width - rope_dim);
-    float ang = (float)pos * inv_freq[j];
+    int p = pos + (int)blockIdx.x / max(rows_per_pos, 1);
+    float ang = (float)p * inv_freq[j];
     double s, c;
     sincos((double)ang, &s, &c);
     float sf = inverse ? -(float)s : (float)s, cf = (float)c;

@@ -253,6 +253,7 @@ fn small_kernels_match_the_cpu() {
                 width,
                 rope_dim: rd,
                 pos: 70000,
+                rows_per_pos: 16, // 4 tokens of 16 heads
                 inverse,
             },
             xb,
@@ -319,6 +320,225 @@ fn small_kernels_match_the_cpu() {
     let (a, b) = (bytes_f32(&a), bytes_f32(&b));
     let s: Vec<f32> = a.iter().map(|v| v.max(1e-12)).collect();
     close(&a, &b, 1e-4, &s, "softmax_temp");
+}
+
+#[test]
+fn attention_hyper_and_indexer_kernels_match_the_cpu() {
+    let Some(g) = gpu() else { return };
+    let p = Pair {
+        cpu: CpuDevice::new(),
+        gpu: &g,
+    };
+    let mut r = SplitMix64::new(79);
+    let rnd = |r: &mut SplitMix64, n: usize, s: f32| -> Vec<f32> {
+        (0..n).map(|_| r.normal() * s).collect()
+    };
+    let i32b = |v: &[i32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    // Attention: 3 queries, 64 heads of 512, over subsets of a 640-row key table (128 window
+    // + 512 compressed rows), different counts per query.
+    let (t, heads, hd, table, max_keys) = (3usize, 64usize, 512usize, 640usize, 640usize);
+    let q = p.f32(&rnd(&mut r, t * heads * hd, 1.0));
+    let keys = p.f32(&rnd(&mut r, table * hd, 1.0));
+    let sink = p.f32(&rnd(&mut r, heads, 1.0));
+    let counts = [1i32, 200, 640];
+    let mut idx = vec![0i32; t * max_keys];
+    for (j, &c) in counts.iter().enumerate() {
+        for i in 0..c as usize {
+            idx[j * max_keys + i] = ((i * 7 + j * 13) % table) as i32;
+        }
+    }
+    let (ib, nb) = (p.bytes(&i32b(&idx)), p.bytes(&i32b(&counts)));
+    let out = p.zeros(4 * t * heads * hd);
+    let (a, b) = p.run(
+        |gp| Op::AttendSink {
+            q: pick(gp, q),
+            keys: pick(gp, keys),
+            idx: pick(gp, ib),
+            n_keys: pick(gp, nb),
+            max_keys,
+            sink: pick(gp, sink),
+            scale: 1.0 / (hd as f32).sqrt(),
+            out: pick(gp, out),
+            t,
+            heads,
+            hd,
+        },
+        out,
+        4 * t * heads * hd,
+    );
+    let (a, b) = (bytes_f32(&a), bytes_f32(&b));
+    close(&a, &b, 1e-4, &vec![1.0; a.len()], "attend_sink");
+    // mHC: hc 4, D 4096, 3 tokens, 20 Sinkhorn iterations; then collapse and expand with the
+    // coefficients, and the head weights.
+    let (t, hc, d) = (3usize, 4usize, 4096usize);
+    let mix = 2 * hc + hc * hc;
+    let x = p.f32(&rnd(&mut r, t * hc * d, 1.0));
+    let fnb = p.f32(&rnd(&mut r, mix * hc * d, 0.01));
+    let base = p.f32(&rnd(&mut r, mix, 0.5));
+    let coef = p.zeros(4 * t * mix);
+    let (a, b) = p.run(
+        |gp| Op::HcMix {
+            x: pick(gp, x),
+            fn_: pick(gp, fnb),
+            base: pick(gp, base),
+            scale: [0.5, 0.7, 1.3],
+            out: pick(gp, coef),
+            t,
+            hc,
+            d,
+            iters: 20,
+            norm_eps: 1e-6,
+            hc_eps: 1e-6,
+        },
+        coef,
+        4 * t * mix,
+    );
+    close(
+        &bytes_f32(&a),
+        &bytes_f32(&b),
+        1e-4,
+        &vec![1.0; t * mix],
+        "hc_mix",
+    );
+    let u = p.zeros(4 * t * d);
+    let (a, b) = p.run(
+        |gp| Op::HcCollapse {
+            x: pick(gp, x),
+            coef: pick(gp, coef),
+            stride: mix,
+            u: pick(gp, u),
+            t,
+            hc,
+            d,
+        },
+        u,
+        4 * t * d,
+    );
+    close(
+        &bytes_f32(&a),
+        &bytes_f32(&b),
+        1e-4,
+        &vec![4.0; t * d],
+        "hc_collapse",
+    );
+    let f = p.f32(&rnd(&mut r, t * d, 1.0));
+    let (a, b) = p.run(
+        |gp| Op::HcExpand {
+            x: pick(gp, x),
+            f: pick(gp, f),
+            coef: pick(gp, coef),
+            t,
+            hc,
+            d,
+        },
+        x,
+        4 * t * hc * d,
+    );
+    close(
+        &bytes_f32(&a),
+        &bytes_f32(&b),
+        1e-4,
+        &vec![4.0; t * hc * d],
+        "hc_expand",
+    );
+    let hfn = p.f32(&rnd(&mut r, hc * hc * d, 0.01));
+    let hbase = p.f32(&rnd(&mut r, hc, 0.5));
+    let hw = p.zeros(4 * t * hc);
+    let (a, b) = p.run(
+        |gp| Op::HcHead {
+            x: pick(gp, x),
+            fn_: pick(gp, hfn),
+            base: pick(gp, hbase),
+            scale: 0.9,
+            out: pick(gp, hw),
+            t,
+            hc,
+            d,
+            norm_eps: 1e-6,
+            hc_eps: 1e-6,
+        },
+        hw,
+        4 * t * hc,
+    );
+    close(
+        &bytes_f32(&a),
+        &bytes_f32(&b),
+        1e-5,
+        &vec![1.0; t * hc],
+        "hc_head",
+    );
+    // Indexer: 8192 compressed rows, 64 heads of 128; then the top 512 (with ties planted).
+    let (n, ih, ihd, k) = (8192usize, 64usize, 128usize, 512usize);
+    let iq = p.f32(&rnd(&mut r, ih * ihd, 1.0));
+    let iw = p.f32(&rnd(&mut r, ih, 0.1));
+    let ik = p.f32(&rnd(&mut r, n * ihd, 1.0));
+    let sc = p.zeros(4 * n);
+    let (a, b) = p.run(
+        |gp| Op::IndexerScores {
+            q: pick(gp, iq),
+            w: pick(gp, iw),
+            keys: pick(gp, ik),
+            out: pick(gp, sc),
+            n,
+            ih,
+            ihd,
+        },
+        sc,
+        4 * n,
+    );
+    let (a, b) = (bytes_f32(&a), bytes_f32(&b));
+    let scale: Vec<f32> = a.iter().map(|v| v.abs().max(1.0) * 10.0).collect();
+    close(&a, &b, 1e-5, &scale, "indexer_scores");
+    // Compressor pooling: 5 windows of ratio 4, 512 channels of a 1024-wide (overlapping) row.
+    let (windows, rr, dd, cd) = (5usize, 4usize, 512usize, 1024usize);
+    let kv = p.f32(&rnd(&mut r, windows * rr * cd, 1.0));
+    let gate = p.f32(&rnd(&mut r, windows * rr * cd, 2.0));
+    let pkv = p.f32(&rnd(&mut r, windows * rr * dd, 1.0));
+    let pg = p.f32(&rnd(&mut r, windows * rr * dd, 2.0));
+    let po = p.zeros(4 * windows * dd);
+    for with_prev in [true, false] {
+        let (a, b) = p.run(
+            |gp| Op::CompressPool {
+                kv: pick(gp, kv),
+                gate: pick(gp, gate),
+                prev_kv: with_prev.then(|| pick(gp, pkv)),
+                prev_gate: with_prev.then(|| pick(gp, pg)),
+                out: pick(gp, po),
+                windows,
+                r: rr,
+                d: dd,
+                cd,
+                off: dd,
+            },
+            po,
+            4 * windows * dd,
+        );
+        close(
+            &bytes_f32(&a),
+            &bytes_f32(&b),
+            1e-5,
+            &vec![4.0; windows * dd],
+            "compress_pool",
+        );
+    }
+    let mut tied = a.clone();
+    for i in (0..n).step_by(3) {
+        tied[i] = tied[0]; // many equal scores around the boundary
+    }
+    tied[5] = f32::NAN;
+    let tb = p.f32(&tied);
+    let ob = p.zeros(4 * k);
+    let (a, b) = p.run(
+        |gp| Op::TopkSelect {
+            scores: pick(gp, tb),
+            n,
+            k,
+            out: pick(gp, ob),
+        },
+        ob,
+        4 * k,
+    );
+    assert_eq!(bytes_i32(&a), bytes_i32(&b), "topk_select");
 }
 
 #[test]

@@ -13,6 +13,11 @@
 //!     under the f64 perturbation above;
 //! (b) over whole prompts, a median per-position error <= 0.1, at least 4x below the ideal
 //!     numerics' distance to the same reference, and argmax agreement >= 80 %.
+//!
+//! (a) holds for one order of the fp32 sums (the fp32 kernels'), so that check pins it: the
+//! bf16 dot-product kernels sum in another order (products exact, sums within an ulp), which
+//! on the 500-token prompt flips a rounding at position 7 instead of 25 — the same noise the
+//! official code shows under its own perturbation. (b) runs on whatever kernels the CPU picks.
 
 mod common;
 use common::*;
@@ -55,7 +60,15 @@ fn median(v: &[f32]) -> f32 {
     s[s.len() / 2]
 }
 
+/// (a) then (b), in one test because (a) switches the process's kernels.
 #[test]
+fn reference_numerics_against_the_official_code() {
+    dsflash::backend::cpu::bf16dot::set_enabled(false);
+    reference_matches_official_code_until_a_rounding_flips();
+    dsflash::backend::cpu::bf16dot::set_enabled(true);
+    reference_is_much_closer_to_official_than_ideal();
+}
+
 fn reference_matches_official_code_until_a_rounding_flips() {
     for (gold, qat) in [
         (
@@ -78,7 +91,6 @@ fn reference_matches_official_code_until_a_rounding_flips() {
     }
 }
 
-#[test]
 fn reference_is_much_closer_to_official_than_ideal() {
     let gold = "goldens/tiny-a.safetensors";
     let qat = "goldens/tiny-a-official-qat.safetensors";

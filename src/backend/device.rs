@@ -87,7 +87,8 @@ pub enum Op {
     },
     /// y[i] += a · x[i]
     Axpy { y: Buf, x: Buf, a: f32, n: usize },
-    /// Interleaved RoPE on the trailing `rope_dim` values of each of `rows` rows of `width`.
+    /// Interleaved RoPE on the trailing `rope_dim` values of each of `rows` rows of `width`;
+    /// row r is at position pos + r / rows_per_pos (e.g. all heads of a token share one).
     Rope {
         x: Buf,
         inv_freq: Buf,
@@ -95,7 +96,105 @@ pub enum Op {
         width: usize,
         rope_dim: usize,
         pos: usize,
+        rows_per_pos: usize,
         inverse: bool,
+    },
+    /// Attention with a per-head sink: query j of `t`, head h, over the n_keys[j] (i32) rows
+    /// idx[j, ..] (i32, [t, max_keys]) of `keys` [_, hd]; out [t, heads, hd].
+    AttendSink {
+        q: Buf,
+        keys: Buf,
+        idx: Buf,
+        n_keys: Buf,
+        max_keys: usize,
+        sink: Buf,
+        scale: f32,
+        out: Buf,
+        t: usize,
+        heads: usize,
+        hd: usize,
+    },
+    /// mHC site coefficients per token: x [t, hc, d], fn [2hc + hc², hc·d], base [2hc + hc²]
+    /// -> out [t, 2hc + hc²] = [pre | post | comb].
+    HcMix {
+        x: Buf,
+        fn_: Buf,
+        base: Buf,
+        scale: [f32; 3],
+        out: Buf,
+        t: usize,
+        hc: usize,
+        d: usize,
+        iters: usize,
+        norm_eps: f32,
+        hc_eps: f32,
+    },
+    /// HC head collapse weights per token: fn [hc, hc·d], base [hc] -> out [t, hc].
+    HcHead {
+        x: Buf,
+        fn_: Buf,
+        base: Buf,
+        scale: f32,
+        out: Buf,
+        t: usize,
+        hc: usize,
+        d: usize,
+        norm_eps: f32,
+        hc_eps: f32,
+    },
+    /// u[t, :] = Σ_i coef[t·stride + i] · x[t, i, :].
+    HcCollapse {
+        x: Buf,
+        coef: Buf,
+        stride: usize,
+        u: Buf,
+        t: usize,
+        hc: usize,
+        d: usize,
+    },
+    /// In place: x[t, k, :] = post_k · f[t, :] + Σ_i comb[i][k] · x[t, i, :] with coef
+    /// [t, 2hc + hc²] as `HcMix` writes it.
+    HcExpand {
+        x: Buf,
+        f: Buf,
+        coef: Buf,
+        t: usize,
+        hc: usize,
+        d: usize,
+    },
+    /// out[i] = Σ_h w[h] · ReLU(q[h, :] · keys[i, :]) for i < n: q [ih, ihd], w [ih].
+    IndexerScores {
+        q: Buf,
+        w: Buf,
+        keys: Buf,
+        out: Buf,
+        n: usize,
+        ih: usize,
+        ihd: usize,
+    },
+    /// Compressor pooling of `windows` complete windows: per channel, a softmax over the
+    /// gates of the previous window's kept halves (prev_*: [windows, r, d], if given) and the
+    /// current rows (kv / gate [windows, r, cd], the half at column `off`) weights the values.
+    /// out [windows, d].
+    CompressPool {
+        kv: Buf,
+        gate: Buf,
+        prev_kv: Option<Buf>,
+        prev_gate: Option<Buf>,
+        out: Buf,
+        windows: usize,
+        r: usize,
+        d: usize,
+        cd: usize,
+        off: usize,
+    },
+    /// out (i32) [k] = the indices of the k largest of scores[..n] (ties to the lower index),
+    /// ascending.
+    TopkSelect {
+        scores: Buf,
+        n: usize,
+        k: usize,
+        out: Buf,
     },
     /// Per token: sqrt-softplus scores, top-k of score + bias (or the i32 `hashed` experts
     /// [tokens, k]), weights = chosen scores / their sum · scale. Outputs: `experts` i32

@@ -109,6 +109,35 @@ impl SimDevice {
             Op::Argmax { rows, n, .. } | Op::SoftmaxTemp { rows, n, .. } => {
                 (8.0 * (rows * n) as f64, 0.0)
             }
+            Op::AttendSink {
+                max_keys,
+                t,
+                heads,
+                hd,
+                ..
+            } => {
+                let keys = (t * max_keys * hd) as f64;
+                (4.0 * keys * *heads as f64, 4.0 * keys * *heads as f64)
+            }
+            Op::HcMix { t, hc, d, .. } => {
+                let mix = 2 * hc + hc * hc;
+                (
+                    4.0 * (t * hc * d * (1 + mix)) as f64,
+                    2.0 * (t * mix * hc * d) as f64,
+                )
+            }
+            Op::HcHead { t, hc, d, .. } => (
+                4.0 * (t * hc * d * (1 + hc)) as f64,
+                2.0 * (t * hc * hc * d) as f64,
+            ),
+            Op::HcCollapse { t, hc, d, .. } | Op::HcExpand { t, hc, d, .. } => {
+                (8.0 * (t * hc * d) as f64, 2.0 * (t * hc * hc * d) as f64)
+            }
+            Op::IndexerScores { n, ih, ihd, .. } => {
+                (4.0 * (n * ihd) as f64, 2.0 * (n * ih * ihd) as f64)
+            }
+            Op::TopkSelect { n, .. } => (4.0 * 5.0 * *n as f64, 0.0),
+            Op::CompressPool { windows, r, cd, .. } => (8.0 * (windows * r * cd) as f64, 0.0),
         };
         c.latency_s + (bytes / (c.memory_gbs * 1e9)).max(flops / (c.tflops * 1e12))
     }

@@ -9,7 +9,7 @@ use super::kv_cache::WindowRing;
 use super::numerics::Numerics;
 use super::rope::Rope;
 use super::traps::{Trap, Traps};
-use crate::backend::cpu::{dot, rms_norm, rms_norm_rows, rms_norm_unweighted};
+use crate::backend::cpu::{attend_sink, rms_norm, rms_norm_rows, rms_norm_unweighted};
 use crate::backend::exec::Exec;
 use crate::model::config::{AttnKind, ModelConfig};
 use crate::model::weights::AttnWeights;
@@ -208,7 +208,7 @@ pub fn forward(
                 AttnKind::Window => {}
             }
         }
-        let mut logits = vec![0f32; keys.len()];
+        let mut logits = Vec::with_capacity(keys.len());
         for (hh, oh) in ok.chunks_mut(hd).enumerate() {
             let qh = &q[k * h * hd + hh * hd..k * h * hd + (hh + 1) * hd];
             let sink = if ctx.traps.has(Trap::NoSink) {
@@ -216,23 +216,7 @@ pub fn forward(
             } else {
                 w.sink[hh]
             };
-            let mut m = sink.max(f32::MIN);
-            for (lg, key) in logits.iter_mut().zip(&keys) {
-                *lg = dot(qh, key) * scale;
-                m = m.max(*lg);
-            }
-            let mut den = (sink - m).exp();
-            for lg in logits.iter_mut() {
-                *lg = (*lg - m).exp();
-                den += *lg;
-            }
-            oh.fill(0.0);
-            for (a, key) in logits.iter().zip(&keys) {
-                let a = a / den;
-                for (o, v) in oh.iter_mut().zip(key.iter()) {
-                    *o += a * v;
-                }
-            }
+            attend_sink(qh, &keys, sink, scale, &mut logits, oh);
             // Inverse RoPE at the query's position makes the value contribution relative.
             if !ctx.traps.has(Trap::NoInverseRope) {
                 ctx.rope.apply(oh, p, true);

@@ -6,7 +6,7 @@
 use super::kv_cache::RowStore;
 use super::rope::Rope;
 use super::traps::{Trap, Traps};
-use crate::backend::cpu::rms_norm;
+use crate::backend::cpu::{gated_pool, rms_norm};
 use crate::model::weights::CompressorWeights;
 
 /// Row-store block size (rows per allocation).
@@ -115,41 +115,28 @@ impl CompressorState {
             (0, d)
         };
         let mut out = vec![0f32; d];
-        let mut wts = Vec::with_capacity(2 * r);
-        let mut vals = Vec::with_capacity(2 * r);
-        for (e, o) in out.iter_mut().enumerate() {
-            wts.clear();
-            vals.clear();
-            if self.coff == 2 {
-                if self.carry.has_prev {
-                    for t in 0..r {
-                        wts.push(self.carry.prev_gate[t * d + e]);
-                        vals.push(self.carry.prev_kv[t * d + e]);
-                    }
-                } else if traps.has(Trap::FirstRowZeroSlots) {
-                    wts.extend(std::iter::repeat_n(0.0, r));
-                    vals.extend(std::iter::repeat_n(0.0, r));
-                }
-                for t in 0..r {
-                    wts.push(self.carry.pending_gate[t * cd + second + e]);
-                    vals.push(self.carry.pending_kv[t * cd + second + e]);
-                }
+        let c = &self.carry;
+        let (prev, zero_slots, off) = if self.coff == 2 {
+            let prev = c.has_prev.then_some((&c.prev_kv[..], &c.prev_gate[..]));
+            let zeros = if !c.has_prev && traps.has(Trap::FirstRowZeroSlots) {
+                r
             } else {
-                for t in 0..r {
-                    wts.push(self.carry.pending_gate[t * cd + e]);
-                    vals.push(self.carry.pending_kv[t * cd + e]);
-                }
-            }
-            let m = wts.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let mut den = 0f32;
-            let mut num = 0f32;
-            for (g, v) in wts.iter().zip(&vals) {
-                let ex = (g - m).exp();
-                den += ex;
-                num += ex * v;
-            }
-            *o = num / den;
-        }
+                0
+            };
+            (prev, zeros, second)
+        } else {
+            (None, 0, 0)
+        };
+        gated_pool(
+            prev,
+            zero_slots,
+            (&c.pending_kv, &c.pending_gate),
+            r,
+            d,
+            cd,
+            off,
+            &mut out,
+        );
         if self.coff == 2 {
             for t in 0..r {
                 self.carry.prev_kv[t * d..(t + 1) * d]

@@ -4,7 +4,7 @@
 
 use super::compressor::CompressorState;
 use super::traps::{Trap, Traps};
-use crate::backend::cpu::{dot, top_k};
+use crate::backend::cpu::{indexer_score, top_k};
 
 /// Per-query inputs of the indexer (one token).
 pub struct IndexerQuery<'a> {
@@ -24,22 +24,7 @@ pub fn scores(
 ) -> Vec<f32> {
     let relu_after = traps.has(Trap::IndexerReluAfterSum);
     (0..n_vis)
-        .map(|i| {
-            let k = st.rows.row(i);
-            // ReLU per head, before the (possibly negative) head weights.
-            let s: f32 =
-                q.q.chunks_exact(ihd)
-                    .zip(q.w)
-                    .map(|(qh, wh)| {
-                        if relu_after {
-                            wh * dot(qh, k)
-                        } else {
-                            wh * dot(qh, k).max(0.0)
-                        }
-                    })
-                    .sum();
-            if relu_after { s.max(0.0) } else { s }
-        })
+        .map(|i| indexer_score(q.q, q.w, st.rows.row(i), ihd, relu_after))
         .collect()
 }
 

@@ -141,7 +141,24 @@ pub fn f32_to_e4m3(x: f32) -> u8 {
 /// Round f32 to the E4M3FN grid (saturating), returned as f32.
 #[inline]
 pub fn round_e4m3(x: f32) -> f32 {
-    e4m3_to_f32(f32_to_e4m3(x))
+    // Bit arithmetic, equal to e4m3_to_f32(f32_to_e4m3(x)) for every input (tested).
+    let a = x.abs();
+    if a.is_nan() {
+        return e4m3_to_f32(0x7F);
+    }
+    let r = if a >= E4M3_MAX {
+        E4M3_MAX
+    } else if a < 0.015625 {
+        // Subnormal grid, multiples of 2^-9: round half to even with the 1.5·2^23 trick.
+        const M: f32 = 12_582_912.0;
+        ((a * 512.0 + M) - M) / 512.0
+    } else {
+        // Keep 3 mantissa bits, rounding half to even (a carry moves into the exponent).
+        let b = a.to_bits();
+        let half = (1u32 << 19) - 1 + ((b >> 20) & 1);
+        f32::from_bits((b + half) & !((1u32 << 20) - 1)).min(E4M3_MAX)
+    };
+    if x.is_sign_negative() { -r } else { r }
 }
 
 /// Encode |x| <= 6 to an E2M1 nibble: nearest value, ties to the even code.
@@ -168,6 +185,13 @@ pub fn f32_to_e2m1(x: f32) -> u8 {
 pub fn e8m0_ceil(x: f32) -> u8 {
     if x.is_nan() || x <= 0.0 {
         return 0;
+    }
+    let b = x.to_bits();
+    let exp = (b >> 23) & 0xFF;
+    if (1..255).contains(&exp) {
+        // A normal float: 2^(exp-127) times 1.m; the ceiling adds one unless m is 0.
+        let e = exp as i32 - 127 + i32::from(b & 0x7F_FFFF != 0);
+        return (e + 127).clamp(0, 254) as u8;
     }
     let mut e = x.log2().ceil() as i32;
     if 2f64.powi(e) < x as f64 {
@@ -299,6 +323,64 @@ pub fn fake_quant_e2m1_blocks(x: &mut [f32], block: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fast_e4m3_rounding_and_scale_ceiling_equal_the_reference_forms() {
+        let slow_round = |x: f32| e4m3_to_f32(f32_to_e4m3(x));
+        let slow_ceil = |x: f32| -> u8 {
+            let mut e = x.log2().ceil() as i32;
+            if 2f64.powi(e) < x as f64 {
+                e += 1;
+            }
+            if 2f64.powi(e - 1) >= x as f64 {
+                e -= 1;
+            }
+            (e + 127).clamp(0, 254) as u8
+        };
+        let mut r = crate::model::synth::SplitMix64::new(17);
+        let check = |x: f32| {
+            let (a, b) = (round_e4m3(x), slow_round(x));
+            assert!(
+                a == b || (a.is_nan() && b.is_nan()),
+                "round_e4m3({x:e}): {a:e} vs {b:e}"
+            );
+            if x > 0.0 && x.is_finite() && x.is_normal() {
+                assert_eq!(e8m0_ceil(x), slow_ceil(x), "e8m0_ceil({x:e})");
+            }
+        };
+        // Every E4M3 value, the midpoints between neighbours and one ulp either side.
+        for c in 0u8..0x7F {
+            let v = e4m3_to_f32(c);
+            let next = if c < 0x7E { e4m3_to_f32(c + 1) } else { 480.0 };
+            let mid = (v + next) / 2.0;
+            for y in [
+                v,
+                mid,
+                f32::from_bits(mid.to_bits() - 1),
+                f32::from_bits(mid.to_bits() + 1),
+            ] {
+                check(y);
+                check(-y);
+            }
+        }
+        for _ in 0..200_000 {
+            let e = (r.next_u64() % 40) as i32 - 30;
+            check((r.uniform() * 2.0 - 1.0) * 2f32.powi(e));
+        }
+        for x in [
+            0.0,
+            -0.0,
+            448.0,
+            464.0,
+            500.0,
+            f32::INFINITY,
+            f32::NAN,
+            1e-30,
+            0.015625,
+        ] {
+            check(x);
+        }
+    }
 
     #[test]
     fn e4m3_spec_examples() {

@@ -17,8 +17,23 @@ use crate::model::formats::{E2M1_TABLE, FP8_BLOCK, build_e4m3_table};
 /// the fp32 kernels.
 pub const CHUNK: usize = 128;
 
-/// Whether this CPU has the instructions (AVX-512 F/BW/VBMI and BF16).
+static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Turn these kernels off (or back on) for the whole process: the fp32 kernels then run
+/// everywhere. The results differ only in the order of the fp32 sums; a check that depends
+/// on one particular order (agreement with another implementation down to the last rounding
+/// flip of the reference numerics) pins the fp32 order with this.
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether these kernels run: the CPU has the instructions (AVX-512 F/BW/VBMI and BF16) and
+/// they are not turned off.
 pub fn available() -> bool {
+    ENABLED.load(std::sync::atomic::Ordering::Relaxed) && cpu_has()
+}
+
+fn cpu_has() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         use std::sync::OnceLock;
@@ -96,44 +111,139 @@ const E2M1_BF16: [u16; 16] = {
     t
 };
 
-/// Σ_c W[c]·x[c] for one FP4 row (`packed` cols/2 bytes, one E8M0 scale per 32 columns) and an
-/// input laid out by [`prepare_fp4`]. Needs [`available`] and cols % 128 == 0.
-pub fn fp4_row_dot(packed: &[u8], scales: &[u8], xp: &[u16]) -> f32 {
-    let cols = xp.len();
+/// Most inputs one pass over a row serves (each chunk of weights is turned into bf16 once
+/// and dotted with all of them).
+pub const MAX_INPUTS: usize = 8;
+
+/// out[j] = Σ_c W[c]·xs[j][c] for one FP4 row (`packed` cols/2 bytes, one E8M0 scale per 32
+/// columns) and up to [`MAX_INPUTS`] inputs laid out by [`prepare_fp4`]. Needs [`available`]
+/// and cols % 128 == 0.
+pub fn fp4_rows_dot(packed: &[u8], scales: &[u8], xs: &[&[u16]], out: &mut [f32]) {
+    let cols = 2 * packed.len();
     assert!(
         available()
             && cols.is_multiple_of(CHUNK)
-            && packed.len() == cols / 2
-            && scales.len() == cols / 32,
+            && scales.len() == cols / 32
+            && xs.len() <= MAX_INPUTS
+            && out.len() == xs.len()
+            && xs.iter().all(|x| x.len() == cols),
         "fp4 bf16 row shapes"
     );
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the instructions are available and the shapes match (asserted above).
     unsafe {
-        x86::fp4_row_dot(packed, scales, xp)
+        by_len!(xs, out, |a| x86::fp4_rows(packed, scales, a))
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("available() is false off x86_64")
 }
 
-/// Σ_c W[c]·x[c] for one FP8 row (E4M3 codes, the row's 128-block scales) and an input laid out
-/// by [`prepare_fp8`]. Needs [`available`] and cols % 128 == 0.
-pub fn fp8_row_dot(codes: &[u8], scale_row: &[u8], xp: &[u16]) -> f32 {
-    let cols = xp.len();
+/// out[j] = Σ_c W[c]·xs[j][c] for one FP8 row (E4M3 codes, the row's 128-block scales) and up
+/// to [`MAX_INPUTS`] inputs laid out by [`prepare_fp8`]. Needs [`available`] and
+/// cols % 128 == 0.
+pub fn fp8_rows_dot(codes: &[u8], scale_row: &[u8], xs: &[&[u16]], out: &mut [f32]) {
+    let cols = codes.len();
     assert!(
         available()
             && cols.is_multiple_of(CHUNK)
-            && codes.len() == cols
-            && scale_row.len() == cols / FP8_BLOCK,
+            && scale_row.len() == cols / FP8_BLOCK
+            && xs.len() <= MAX_INPUTS
+            && out.len() == xs.len()
+            && xs.iter().all(|x| x.len() == cols),
         "fp8 bf16 row shapes"
     );
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the instructions are available and the shapes match (asserted above).
     unsafe {
-        x86::fp8_row_dot(codes, scale_row, xp)
+        by_len!(xs, out, |a| x86::fp8_rows(codes, scale_row, a))
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("available() is false off x86_64")
+}
+
+/// Single-input forms (what decode uses).
+pub fn fp4_row_dot(packed: &[u8], scales: &[u8], xp: &[u16]) -> f32 {
+    let mut o = [0f32];
+    fp4_rows_dot(packed, scales, &[xp], &mut o);
+    o[0]
+}
+
+pub fn fp8_row_dot(codes: &[u8], scale_row: &[u8], xp: &[u16]) -> f32 {
+    let mut o = [0f32];
+    fp8_rows_dot(codes, scale_row, &[xp], &mut o);
+    o[0]
+}
+
+/// Run `$call` with `$a` bound to `$xs` as an array, so the kernel is instantiated for the
+/// number of inputs (0..=MAX_INPUTS, asserted by the callers).
+macro_rules! by_len {
+    ($xs:expr, $out:expr, |$a:ident| $call:expr) => {
+        match $xs.len() {
+            0 => {}
+            1 => {
+                let $a: [&[u16]; 1] = std::array::from_fn(|i| $xs[i]);
+                $out.copy_from_slice(&$call)
+            }
+            2 => {
+                let $a: [&[u16]; 2] = std::array::from_fn(|i| $xs[i]);
+                $out.copy_from_slice(&$call)
+            }
+            3 => {
+                let $a: [&[u16]; 3] = std::array::from_fn(|i| $xs[i]);
+                $out.copy_from_slice(&$call)
+            }
+            4 => {
+                let $a: [&[u16]; 4] = std::array::from_fn(|i| $xs[i]);
+                $out.copy_from_slice(&$call)
+            }
+            5 => {
+                let $a: [&[u16]; 5] = std::array::from_fn(|i| $xs[i]);
+                $out.copy_from_slice(&$call)
+            }
+            6 => {
+                let $a: [&[u16]; 6] = std::array::from_fn(|i| $xs[i]);
+                $out.copy_from_slice(&$call)
+            }
+            7 => {
+                let $a: [&[u16]; 7] = std::array::from_fn(|i| $xs[i]);
+                $out.copy_from_slice(&$call)
+            }
+            8 => {
+                let $a: [&[u16]; 8] = std::array::from_fn(|i| $xs[i]);
+                $out.copy_from_slice(&$call)
+            }
+            _ => unreachable!("at most MAX_INPUTS inputs (asserted)"),
+        }
+    };
+}
+use by_len;
+
+/// `x` as bf16 bits in its own order when every value is exactly a bf16 (see
+/// [`prepare_fp4`]); None otherwise.
+pub fn exact_rows(x: &[f32]) -> Option<Vec<u16>> {
+    x.iter().map(|&v| exact_bf16(v)).collect()
+}
+
+/// Columns per k-block of the GEMM: a block of the inputs (t rows of this many bf16) stays
+/// in L2 while every row of the weight tile passes over it.
+const GEMM_KB: usize = 1024;
+
+/// out[i, j] = W[i] · x[j] for a bf16 tile `w` [nr, cols] and inputs `x` [t, cols] (bf16
+/// bits), fp32 accumulation: 4 weight rows x 6 inputs per register block, k-blocked.
+/// Needs [`available`] and cols % 32 == 0.
+pub fn gemm_tile(w: &[u16], nr: usize, x: &[u16], t: usize, cols: usize, out: &mut [f32]) {
+    assert!(
+        available()
+            && cols.is_multiple_of(32)
+            && w.len() >= nr * cols
+            && x.len() >= t * cols
+            && out.len() >= nr * t,
+        "bf16 gemm tile shapes"
+    );
+    out[..nr * t].fill(0.0);
+    #[cfg(target_arch = "x86_64")]
+    for k0 in (0..cols).step_by(GEMM_KB) {
+        let kn = GEMM_KB.min(cols - k0);
+        // SAFETY: the instructions are available and every index stays inside the shapes
+        // asserted above (k0 + kn <= cols).
+        unsafe { x86::gemm_block(w, nr, x, t, cols, k0, kn, out) };
+    }
 }
 
 /// E4M3 magnitude (7 bits) -> bf16 bits of the value (sign added separately): subnormals
@@ -155,6 +265,9 @@ mod x86 {
     use crate::model::formats::{FP8_BLOCK, e8m0_to_f32};
     use std::arch::x86_64::*;
 
+    /// Bytes ahead of the current load that are prefetched (a hint: past the end is harmless).
+    const PREFETCH: usize = 1024;
+
     fn byte_tables<const N: usize>(t: &[u16; N]) -> ([u8; N], [u8; N]) {
         (t.map(|v| v as u8), t.map(|v| (v >> 8) as u8))
     }
@@ -170,16 +283,21 @@ mod x86 {
     /// Needs AVX-512 F/BW/BF16; `packed` = cols/2, `scales` = cols/32, `xp` = cols,
     /// cols % 128 == 0 (checked by the caller).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub unsafe fn fp4_row_dot(packed: &[u8], scales: &[u8], xp: &[u16]) -> f32 {
+    pub unsafe fn fp4_rows<const T: usize>(
+        packed: &[u8],
+        scales: &[u8],
+        xp: [&[u16]; T],
+    ) -> [f32; T] {
         let groups = scales.len();
+        let cols = 2 * packed.len();
         // SAFETY (whole block): per 128 columns the loads read 64 bytes of `packed` and
-        // 128 u16 of `xp`; the scale load is masked to the `groups` bytes there are. All
-        // inside the lengths the caller checked.
+        // 128 u16 of each input; the scale load is masked to the `groups` bytes there are.
+        // All inside the lengths the caller checked.
         unsafe {
             let lut =
                 _mm512_castsi256_si512(_mm256_loadu_si256(E2M1_BF16.as_ptr() as *const __m256i));
             let nib = _mm512_set1_epi16(0x0F);
-            let mut total = _mm512_setzero_ps();
+            let mut total = [_mm512_setzero_ps(); T];
             let mut s16 = _mm512_setzero_ps();
             let sidx: [__m512i; 4] = std::array::from_fn(|q| {
                 let q = 4 * q as i32;
@@ -188,30 +306,37 @@ mod x86 {
                     _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
                 )
             });
-            for c in 0..xp.len() / 128 {
+            for c in 0..cols / 128 {
                 if c % 4 == 0 {
                     s16 = e8m0x16(scales.as_ptr().add(4 * c), groups - 4 * c);
                 }
-                // Word m of the 64 bytes holds columns 4m..4m+4 of the chunk, one per nibble.
+                // Word m of the 64 bytes holds columns 4m..4m+4 of the chunk, one per nibble;
+                // the four nibble planes become bf16 once and serve every input.
                 let b = _mm512_loadu_si512(packed.as_ptr().add(64 * c) as *const __m512i);
-                let x = xp.as_ptr().add(128 * c) as *const __m512i;
-                let n = [
+                // The stream runs ahead of the hardware prefetcher at row starts.
+                _mm_prefetch::<_MM_HINT_T0>(
+                    packed.as_ptr().wrapping_add(64 * c + PREFETCH) as *const i8
+                );
+                let w = [
                     _mm512_and_si512(b, nib),
                     _mm512_and_si512(_mm512_srli_epi16(b, 4), nib),
                     _mm512_and_si512(_mm512_srli_epi16(b, 8), nib),
                     _mm512_srli_epi16(b, 12),
-                ];
-                let mut acc = [_mm512_setzero_ps(); 2];
-                for i in 0..4 {
-                    let w = _mm512_permutexvar_epi16(n[i], lut);
-                    acc[i & 1] =
-                        _mm512_dpbf16_ps(acc[i & 1], bh(w), bh(_mm512_loadu_si512(x.add(i))));
-                }
+                ]
+                .map(|n| bh(_mm512_permutexvar_epi16(n, lut)));
                 // Group 4c + j's scale over the four fp32 lanes of 128-bit lane j.
                 let sv = _mm512_permutexvar_ps(sidx[c % 4], s16);
-                total = _mm512_fmadd_ps(_mm512_add_ps(acc[0], acc[1]), sv, total);
+                for tt in 0..T {
+                    let x = xp[tt].as_ptr().add(128 * c) as *const __m512i;
+                    let mut acc = [_mm512_setzero_ps(); 2];
+                    for i in 0..4 {
+                        acc[i & 1] =
+                            _mm512_dpbf16_ps(acc[i & 1], w[i], bh(_mm512_loadu_si512(x.add(i))));
+                    }
+                    total[tt] = _mm512_fmadd_ps(_mm512_add_ps(acc[0], acc[1]), sv, total[tt]);
+                }
             }
-            _mm512_reduce_add_ps(total)
+            total.map(|v| _mm512_reduce_add_ps(v))
         }
     }
 
@@ -245,49 +370,159 @@ mod x86 {
         _mm512_castsi512_ps(f)
     }
 
+    /// Adds the k-block [k0, k0 + kn) of every out[i, j] (see `gemm_tile`).
+    ///
+    /// # Safety
+    /// Needs AVX-512 F/BF16; w [nr, cols], x [t, cols], out [nr, t]; k0 + kn <= cols,
+    /// kn % 32 == 0 (checked by the caller).
+    #[allow(clippy::too_many_arguments)] // the two operands, their shapes and the k-block
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn gemm_block(
+        w: &[u16],
+        nr: usize,
+        x: &[u16],
+        t: usize,
+        cols: usize,
+        k0: usize,
+        kn: usize,
+        out: &mut [f32],
+    ) {
+        let mut i = 0;
+        while i < nr {
+            let r = (nr - i).min(4);
+            let mut j = 0;
+            while j < t {
+                let c = (t - j).min(6);
+                // SAFETY: rows i..i+r of w, inputs j..j+c of x, columns k0..k0+kn: inside
+                // the shapes the caller checked.
+                unsafe {
+                    match (r, c) {
+                        (4, 6) => block::<4, 6>(w, x, cols, i, j, k0, kn, out, t),
+                        (4, _) => block_dyn::<4>(w, x, cols, i, j, c, k0, kn, out, t),
+                        (3, _) => block_dyn::<3>(w, x, cols, i, j, c, k0, kn, out, t),
+                        (2, _) => block_dyn::<2>(w, x, cols, i, j, c, k0, kn, out, t),
+                        _ => block_dyn::<1>(w, x, cols, i, j, c, k0, kn, out, t),
+                    }
+                }
+                j += c;
+            }
+            i += r;
+        }
+    }
+
+    /// R rows x C inputs over one k-block, accumulated in registers, added to `out`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn block<const R: usize, const C: usize>(
+        w: &[u16],
+        x: &[u16],
+        cols: usize,
+        i: usize,
+        j: usize,
+        k0: usize,
+        kn: usize,
+        out: &mut [f32],
+        t: usize,
+    ) {
+        // SAFETY: see gemm_block; pointers index rows/inputs within their slices.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); C]; R];
+            let wp: [*const u16; R] = std::array::from_fn(|a| w.as_ptr().add((i + a) * cols + k0));
+            let xp: [*const u16; C] = std::array::from_fn(|b| x.as_ptr().add((j + b) * cols + k0));
+            let mut k = 0;
+            while k < kn {
+                let wv: [__m512i; R] =
+                    std::array::from_fn(|a| _mm512_loadu_si512(wp[a].add(k) as *const _));
+                for b in 0..C {
+                    let xv = bh(_mm512_loadu_si512(xp[b].add(k) as *const _));
+                    for a in 0..R {
+                        acc[a][b] = _mm512_dpbf16_ps(acc[a][b], bh(wv[a]), xv);
+                    }
+                }
+                k += 32;
+            }
+            for a in 0..R {
+                for b in 0..C {
+                    out[(i + a) * t + j + b] += _mm512_reduce_add_ps(acc[a][b]);
+                }
+            }
+        }
+    }
+
+    /// `block` for a ragged edge (c < 6 inputs), one input at a time.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn block_dyn<const R: usize>(
+        w: &[u16],
+        x: &[u16],
+        cols: usize,
+        i: usize,
+        j: usize,
+        c: usize,
+        k0: usize,
+        kn: usize,
+        out: &mut [f32],
+        t: usize,
+    ) {
+        for b in 0..c {
+            // SAFETY: as in `block`, for the single input j + b.
+            unsafe { block::<R, 1>(w, x, cols, i, j + b, k0, kn, out, t) };
+        }
+    }
+
     /// # Safety
     /// Needs AVX-512 F/BW/VBMI/BF16; `codes` = `xp` = cols, `scale_row` = cols/128,
     /// cols % 128 == 0 (checked by the caller).
     #[allow(clippy::needless_range_loop)] // blk and half also drive the column offsets
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512bf16")]
-    pub unsafe fn fp8_row_dot(codes: &[u8], scale_row: &[u8], xp: &[u16]) -> f32 {
+    pub unsafe fn fp8_rows<const T: usize>(
+        codes: &[u8],
+        scale_row: &[u8],
+        xp: [&[u16]; T],
+    ) -> [f32; T] {
         let (lo_t, hi_t) = byte_tables(&E4M3_BF16);
         // SAFETY (whole block): per 128-column block the loads read 128 bytes of `codes` and
-        // 128 u16 of `xp`, inside the lengths the caller checked.
+        // 128 u16 of each input, inside the lengths the caller checked.
         unsafe {
             let ld = |t: &[u8; 128], h: usize| _mm512_loadu_si512(t.as_ptr().add(64 * h) as _);
             let (l0, l1, h0, h1) = (ld(&lo_t, 0), ld(&lo_t, 1), ld(&hi_t, 0), ld(&hi_t, 1));
             let mag = _mm512_set1_epi8(0x7F);
             let sign = _mm512_set1_epi8(0x80u8 as i8);
-            let mut total = _mm512_setzero_ps();
+            let mut total = [_mm512_setzero_ps(); T];
             for blk in 0..codes.len() / FP8_BLOCK {
-                let mut acc = [_mm512_setzero_ps(); 2];
+                let mut acc = [[_mm512_setzero_ps(); 2]; T];
                 for half in 0..2 {
                     let c0 = FP8_BLOCK * blk + 64 * half;
                     // Lane j = codes c0 + 16j .. c0 + 16j + 16.
                     let b = _mm512_loadu_si512(codes.as_ptr().add(c0) as *const __m512i);
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        codes.as_ptr().wrapping_add(c0 + PREFETCH) as *const i8
+                    );
                     let m = _mm512_and_si512(b, mag);
                     let l = _mm512_permutex2var_epi8(l0, m, l1);
                     let h = _mm512_or_si512(
                         _mm512_permutex2var_epi8(h0, m, h1),
                         _mm512_and_si512(b, sign),
                     );
-                    let x = xp.as_ptr().add(c0) as *const __m512i;
-                    acc[half] = _mm512_dpbf16_ps(
-                        acc[half],
+                    let (w0, w1) = (
                         bh(_mm512_unpacklo_epi8(l, h)),
-                        bh(_mm512_loadu_si512(x)),
-                    );
-                    acc[half] = _mm512_dpbf16_ps(
-                        acc[half],
                         bh(_mm512_unpackhi_epi8(l, h)),
-                        bh(_mm512_loadu_si512(x.add(1))),
                     );
+                    for tt in 0..T {
+                        let x = xp[tt].as_ptr().add(c0) as *const __m512i;
+                        acc[tt][half] =
+                            _mm512_dpbf16_ps(acc[tt][half], w0, bh(_mm512_loadu_si512(x)));
+                        acc[tt][half] =
+                            _mm512_dpbf16_ps(acc[tt][half], w1, bh(_mm512_loadu_si512(x.add(1))));
+                    }
                 }
                 let sc = _mm512_set1_ps(e8m0_to_f32(scale_row[blk]));
-                total = _mm512_fmadd_ps(_mm512_add_ps(acc[0], acc[1]), sc, total);
+                for tt in 0..T {
+                    total[tt] =
+                        _mm512_fmadd_ps(_mm512_add_ps(acc[tt][0], acc[tt][1]), sc, total[tt]);
+                }
             }
-            _mm512_reduce_add_ps(total)
+            total.map(|v| _mm512_reduce_add_ps(v))
         }
     }
 }
@@ -357,6 +592,99 @@ mod tests {
                 let want = E2M1_TABLE[n as usize] * 0.75 * e8m0_to_f32(scales[c / 32]);
                 let got = fp4_row_dot(&packed, &scales, &prepare_fp4(&x).expect("grid"));
                 assert_eq!(got, want, "column {c}, nibble {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn several_inputs_per_pass_equal_one_at_a_time() {
+        if !available() {
+            eprintln!("no AVX-512 BF16 on this CPU: kernel not exercised");
+            return;
+        }
+        let mut r = SplitMix64::new(23);
+        let cols = 1024;
+        let packed: Vec<u8> = (0..cols / 2).map(|_| r.next_u64() as u8).collect();
+        let s4: Vec<u8> = (0..cols / 32)
+            .map(|_| 115 + (r.next_u64() % 20) as u8)
+            .collect();
+        let codes: Vec<u8> = (0..cols)
+            .map(|_| r.next_u64() as u8)
+            .map(|c| if c & 0x7F == 0x7F { 0 } else { c })
+            .collect();
+        let s8: Vec<u8> = (0..cols / 128)
+            .map(|_| 120 + (r.next_u64() % 10) as u8)
+            .collect();
+        let xs: Vec<Vec<f32>> = (0..MAX_INPUTS).map(|_| grid_input(&mut r, cols)).collect();
+        for n in 1..=MAX_INPUTS {
+            let p4: Vec<Vec<u16>> = xs[..n]
+                .iter()
+                .map(|x| prepare_fp4(x).expect("grid"))
+                .collect();
+            let p8: Vec<Vec<u16>> = xs[..n]
+                .iter()
+                .map(|x| prepare_fp8(x).expect("grid"))
+                .collect();
+            let r4: Vec<&[u16]> = p4.iter().map(|v| v.as_slice()).collect();
+            let r8: Vec<&[u16]> = p8.iter().map(|v| v.as_slice()).collect();
+            let (mut o4, mut o8) = (vec![0f32; n], vec![0f32; n]);
+            fp4_rows_dot(&packed, &s4, &r4, &mut o4);
+            fp8_rows_dot(&codes, &s8, &r8, &mut o8);
+            for j in 0..n {
+                // Same instructions in the same order per input: bit-identical.
+                assert_eq!(
+                    o4[j],
+                    fp4_row_dot(&packed, &s4, r4[j]),
+                    "fp4 {n} inputs, #{j}"
+                );
+                assert_eq!(
+                    o8[j],
+                    fp8_row_dot(&codes, &s8, r8[j]),
+                    "fp8 {n} inputs, #{j}"
+                );
+                let p = fp4_row_dot_portable(&packed, &s4, &xs[j]);
+                assert!(
+                    (o4[j] - p).abs() <= 1e-5 * p.abs().max(1.0),
+                    "fp4 vs portable"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn gemm_tile_equals_f64_reference() {
+        if !available() {
+            eprintln!("no AVX-512 BF16 on this CPU: kernel not exercised");
+            return;
+        }
+        let mut r = SplitMix64::new(24);
+        // Ragged shapes: rows not a multiple of 4, inputs not of 6, cols across k-blocks.
+        for (nr, t, cols) in [
+            (7usize, 13usize, 1056usize),
+            (4, 6, 64),
+            (1, 1, 32),
+            (9, 5, 2080),
+        ] {
+            let w: Vec<f32> =
+                grid_input(&mut r, nr * cols.div_ceil(128) * 128)[..nr * cols].to_vec();
+            let x: Vec<f32> = grid_input(&mut r, t * cols.div_ceil(128) * 128)[..t * cols].to_vec();
+            let (wb, xb) = (exact_rows(&w).expect("grid"), exact_rows(&x).expect("grid"));
+            let mut out = vec![f32::NAN; nr * t];
+            gemm_tile(&wb, nr, &xb, t, cols, &mut out);
+            for i in 0..nr {
+                for j in 0..t {
+                    let (mut s, mut m) = (0f64, 0f64);
+                    for k in 0..cols {
+                        let p = w[i * cols + k] as f64 * x[j * cols + k] as f64;
+                        s += p;
+                        m += p.abs();
+                    }
+                    let v = out[i * t + j] as f64;
+                    assert!(
+                        (v - s).abs() <= 1e-6 * m.max(1e-30),
+                        "{nr}x{t}x{cols} [{i},{j}]: {v} vs {s}"
+                    );
+                }
             }
         }
     }

@@ -4,8 +4,8 @@
 //! memory under the simulated device.
 
 use super::{
-    argmax, axpy, linear_range, rms_norm, rms_norm_unweighted, rotate_pairs, route_token,
-    softmax_temp, swiglu,
+    argmax, attend_sink, axpy, gated_pool, hc, indexer_score, linear_range, rms_norm,
+    rms_norm_unweighted, rotate_pairs, route_token, softmax_temp, swiglu, top_k,
 };
 use crate::backend::cpu::RouteRule;
 use crate::backend::device::{
@@ -89,6 +89,18 @@ fn get_f32(m: &Memory, b: Buf, n: usize, op: &'static str) -> Result<Vec<f32>> {
         ));
     }
     Ok(bytes_f32(&v[..4 * n]))
+}
+
+/// i32 contents of buffer `b`, which must hold at least `n` values.
+fn get_i32(m: &Memory, b: Buf, n: usize, op: &'static str) -> Result<Vec<i32>> {
+    let v = m.bufs.get(&b.0).ok_or(DeviceError::Unknown(b.0))?;
+    if v.len() < 4 * n {
+        return Err(shape(
+            op,
+            format!("buffer {} holds {} bytes, needs {}", b.0, v.len(), 4 * n),
+        ));
+    }
+    Ok(bytes_i32(&v[..4 * n]))
 }
 
 fn put_f32(m: &mut Memory, b: Buf, vals: &[f32], op: &'static str) -> Result<()> {
@@ -182,6 +194,7 @@ fn run_op(m: &mut Memory, op: &Op) -> Result<()> {
             width,
             rope_dim,
             pos,
+            rows_per_pos,
             inverse,
         } => {
             if rope_dim > width || rope_dim % 2 != 0 {
@@ -192,10 +205,229 @@ fn run_op(m: &mut Memory, op: &Op) -> Result<()> {
             }
             let f = get_f32(m, *inv_freq, rope_dim / 2, "rope")?;
             let mut xs = get_f32(m, *x, rows * width, "rope")?;
-            for row in xs.chunks_mut(*width) {
-                rotate_pairs(&mut row[width - rope_dim..], &f, *pos, *inverse, 1.0, false);
+            let per = (*rows_per_pos).max(1);
+            for (r, row) in xs.chunks_mut(*width).enumerate() {
+                let p = pos + r / per;
+                rotate_pairs(&mut row[width - rope_dim..], &f, p, *inverse, 1.0, false);
             }
             put_f32(m, *x, &xs, "rope")
+        }
+        Op::AttendSink {
+            q,
+            keys,
+            idx,
+            n_keys,
+            max_keys,
+            sink,
+            scale,
+            out,
+            t,
+            heads,
+            hd,
+        } => {
+            let qs = get_f32(m, *q, t * heads * hd, "attend_sink")?;
+            let sk = get_f32(m, *sink, *heads, "attend_sink")?;
+            let ix = get_i32(m, *idx, t * max_keys, "attend_sink")?;
+            let nk = get_i32(m, *n_keys, *t, "attend_sink")?;
+            let kb = m.bufs.get(&keys.0).ok_or(DeviceError::Unknown(keys.0))?;
+            let ks = bytes_f32(kb);
+            let n_rows = ks.len() / hd;
+            let mut o = vec![0f32; t * heads * hd];
+            let mut logits = Vec::new();
+            for j in 0..*t {
+                let n = nk[j].clamp(0, *max_keys as i32) as usize;
+                let rows: Vec<&[f32]> = ix[j * max_keys..j * max_keys + n]
+                    .iter()
+                    .map(|&r| {
+                        let r = r as usize;
+                        if r >= n_rows {
+                            return Err(shape("attend_sink", format!("key row {r} past {n_rows}")));
+                        }
+                        Ok(&ks[r * hd..(r + 1) * hd])
+                    })
+                    .collect::<Result<_>>()?;
+                for (h, &sink_h) in sk.iter().enumerate() {
+                    let at = (j * heads + h) * hd;
+                    attend_sink(
+                        &qs[at..at + hd],
+                        &rows,
+                        sink_h,
+                        *scale,
+                        &mut logits,
+                        &mut o[at..at + hd],
+                    );
+                }
+            }
+            put_f32(m, *out, &o, "attend_sink")
+        }
+        Op::HcMix {
+            x,
+            fn_,
+            base,
+            scale,
+            out,
+            t,
+            hc,
+            d,
+            iters,
+            norm_eps,
+            hc_eps,
+        } => {
+            let mix = 2 * hc + hc * hc;
+            let xs = get_f32(m, *x, t * hc * d, "hc_mix")?;
+            let f = get_f32(m, *fn_, mix * hc * d, "hc_mix")?;
+            let b = get_f32(m, *base, mix, "hc_mix")?;
+            let mut o = Vec::with_capacity(t * mix);
+            for xt in xs.chunks(hc * d) {
+                o.extend(hc::coefficients(
+                    &f, &b, scale, xt, *hc, *iters, *norm_eps, *hc_eps,
+                ));
+            }
+            put_f32(m, *out, &o, "hc_mix")
+        }
+        Op::HcHead {
+            x,
+            fn_,
+            base,
+            scale,
+            out,
+            t,
+            hc,
+            d,
+            norm_eps,
+            hc_eps,
+        } => {
+            let xs = get_f32(m, *x, t * hc * d, "hc_head")?;
+            let f = get_f32(m, *fn_, hc * hc * d, "hc_head")?;
+            let b = get_f32(m, *base, *hc, "hc_head")?;
+            let mut o = Vec::with_capacity(t * hc);
+            for xt in xs.chunks(hc * d) {
+                o.extend(hc::head_weights(
+                    &f,
+                    &b,
+                    *scale,
+                    xt,
+                    (*norm_eps, *hc_eps),
+                    1.0,
+                ));
+            }
+            put_f32(m, *out, &o, "hc_head")
+        }
+        Op::HcCollapse {
+            x,
+            coef,
+            stride,
+            u,
+            t,
+            hc,
+            d,
+        } => {
+            let xs = get_f32(m, *x, t * hc * d, "hc_collapse")?;
+            let c = get_f32(m, *coef, t * stride, "hc_collapse")?;
+            let mut o = Vec::with_capacity(t * d);
+            for (j, xt) in xs.chunks(hc * d).enumerate() {
+                o.extend(hc::collapse(&c[j * stride..j * stride + hc], xt, *d, 1.0));
+            }
+            put_f32(m, *u, &o, "hc_collapse")
+        }
+        Op::HcExpand {
+            x,
+            f,
+            coef,
+            t,
+            hc,
+            d,
+        } => {
+            let mix = 2 * hc + hc * hc;
+            let mut xs = get_f32(m, *x, t * hc * d, "hc_expand")?;
+            let fs = get_f32(m, *f, t * d, "hc_expand")?;
+            let c = get_f32(m, *coef, t * mix, "hc_expand")?;
+            for (j, xt) in xs.chunks_mut(hc * d).enumerate() {
+                let cj = &c[j * mix..(j + 1) * mix];
+                hc::expand(
+                    &cj[*hc..2 * hc],
+                    &cj[2 * hc..],
+                    &fs[j * d..(j + 1) * d],
+                    xt,
+                    *d,
+                    false,
+                );
+            }
+            put_f32(m, *x, &xs, "hc_expand")
+        }
+        Op::IndexerScores {
+            q,
+            w,
+            keys,
+            out,
+            n,
+            ih,
+            ihd,
+        } => {
+            let qs = get_f32(m, *q, ih * ihd, "indexer_scores")?;
+            let ws = get_f32(m, *w, *ih, "indexer_scores")?;
+            let ks = get_f32(m, *keys, n * ihd, "indexer_scores")?;
+            let o: Vec<f32> = ks
+                .chunks(*ihd)
+                .map(|k| indexer_score(&qs, &ws, k, *ihd, false))
+                .collect();
+            put_f32(m, *out, &o, "indexer_scores")
+        }
+        Op::CompressPool {
+            kv,
+            gate,
+            prev_kv,
+            prev_gate,
+            out,
+            windows,
+            r,
+            d,
+            cd,
+            off,
+        } => {
+            if off + d > *cd {
+                return Err(shape(
+                    "compress_pool",
+                    format!("half at {off} + {d} past {cd}"),
+                ));
+            }
+            let n = windows * r;
+            let (kvs, gs) = (
+                get_f32(m, *kv, n * cd, "compress_pool")?,
+                get_f32(m, *gate, n * cd, "compress_pool")?,
+            );
+            let prev = match (prev_kv, prev_gate) {
+                (Some(a), Some(b)) => Some((
+                    get_f32(m, *a, n * d, "compress_pool")?,
+                    get_f32(m, *b, n * d, "compress_pool")?,
+                )),
+                _ => None,
+            };
+            let mut o = vec![0f32; windows * d];
+            for w in 0..*windows {
+                let cur = (
+                    &kvs[w * r * cd..(w + 1) * r * cd],
+                    &gs[w * r * cd..(w + 1) * r * cd],
+                );
+                let p = prev.as_ref().map(|(a, b)| {
+                    (
+                        &a[w * r * d..(w + 1) * r * d],
+                        &b[w * r * d..(w + 1) * r * d],
+                    )
+                });
+                gated_pool(p, 0, cur, *r, *d, *cd, *off, &mut o[w * d..(w + 1) * d]);
+            }
+            put_f32(m, *out, &o, "compress_pool")
+        }
+        Op::TopkSelect { scores, n, k, out } => {
+            if k > n {
+                return Err(shape("topk_select", format!("k {k} > n {n}")));
+            }
+            let s = get_f32(m, *scores, *n, "topk_select")?;
+            let mut idx = top_k(&s, *k);
+            idx.sort_unstable();
+            let v: Vec<i32> = idx.into_iter().map(|i| i as i32).collect();
+            put_i32(m, *out, &v, "topk_select")
         }
         Op::RouteTopk {
             logits,
@@ -485,6 +717,7 @@ mod tests {
             width: 4,
             rope_dim: 2,
             pos: 1,
+            rows_per_pos: 1,
             inverse: false,
         };
         d.launch(&op, Stream::COMPUTE).expect("rope");
@@ -517,5 +750,67 @@ mod tests {
             d.launch(&bad, Stream::COMPUTE),
             Err(DeviceError::Unknown(_))
         ));
+    }
+
+    #[test]
+    fn attention_rope_positions_and_topk_by_hand() {
+        let d = CpuDevice::new();
+        // One key with q·k = 0 and a sink of 0: weights e^0 / (e^0 + e^0) = 1/2 on the key.
+        let q = buf(&d, &[1.0, 0.0]);
+        let keys = buf(&d, &[9.0, 9.0, 0.0, 4.0]); // row 1 = [0, 4]
+        let sink = buf(&d, &[0.0]);
+        let idx = d.alloc(4).expect("alloc");
+        d.write(idx, &1i32.to_le_bytes(), Stream::COMPUTE)
+            .expect("write");
+        let nk = d.alloc(4).expect("alloc");
+        d.write(nk, &1i32.to_le_bytes(), Stream::COMPUTE)
+            .expect("write");
+        let out = d.alloc(8).expect("alloc");
+        let op = Op::AttendSink {
+            q,
+            keys,
+            idx,
+            n_keys: nk,
+            max_keys: 1,
+            sink,
+            scale: 1.0,
+            out,
+            t: 1,
+            heads: 1,
+            hd: 2,
+        };
+        d.launch(&op, Stream::COMPUTE).expect("attend");
+        assert_eq!(bytes_f32(&get(&d, out, 2)), vec![0.0, 2.0]);
+        // RoPE: the second row sits one position later (rows_per_pos 1): a half turn.
+        let x = buf(&d, &[1.0, 0.0, 1.0, 0.0]);
+        let f = buf(&d, &[std::f32::consts::FRAC_PI_2]);
+        let op = Op::Rope {
+            x,
+            inv_freq: f,
+            rows: 2,
+            width: 2,
+            rope_dim: 2,
+            pos: 1,
+            rows_per_pos: 1,
+            inverse: false,
+        };
+        d.launch(&op, Stream::COMPUTE).expect("rope");
+        let r = bytes_f32(&get(&d, x, 4));
+        assert!(r[0].abs() < 1e-6 && (r[1] - 1.0).abs() < 1e-6, "{r:?}");
+        assert!((r[2] + 1.0).abs() < 1e-6 && r[3].abs() < 1e-6, "{r:?}");
+        // Top 3 of [1, 5, 3, 5, 5] with ties to the lower index, ascending: {1, 3, 4}.
+        let s = buf(&d, &[1.0, 5.0, 3.0, 5.0, 5.0]);
+        let o = d.alloc(12).expect("alloc");
+        d.launch(
+            &Op::TopkSelect {
+                scores: s,
+                n: 5,
+                k: 3,
+                out: o,
+            },
+            Stream::COMPUTE,
+        )
+        .expect("topk");
+        assert_eq!(bytes_i32(&get(&d, o, 3)), vec![1, 3, 4]);
     }
 }

@@ -11,9 +11,15 @@ use std::ops::Range;
 
 /// Rows dequantized together (and handed to one rayon task).
 const TILE_ROWS: usize = 16;
+/// The same for the bf16 GEMM (its register block is 4 rows; more rows per tile re-use each
+/// k-block of the inputs from L2 more often).
+const TILE_ROWS_BF16: usize = 32;
 /// Up to this many input rows, quantized weights are read by the fused row-dot kernels
 /// (decode); above it, a tile is dequantized once and reused across the rows (prefill).
 const FUSED_MAX_T: usize = 4;
+/// With bf16 dot products the fused path converts each weight once per 8 inputs, which
+/// beats dequantizing a tile up to this many inputs (the routed experts during prefill).
+const FUSED_MAX_T_BF16: usize = 16;
 /// Rows per rayon task in the fused path.
 const FUSED_ROWS: usize = 64;
 
@@ -61,31 +67,51 @@ pub fn linear_range(w: &Weight, rows: Range<usize>, x: &[f32], t: usize, y: &mut
     if t == 0 || n == 0 {
         return;
     }
+    if let Some(xb) = prepare_bf16(w, x, t) {
+        return linear_fused_bf16(w, rows, &xb, y);
+    }
     if t <= FUSED_MAX_T {
         return linear_fused(w, rows, x, t, y);
     }
     // Work in [rows, t] so each task owns a contiguous output block, then transpose.
     let mut yt = vec![0f32; n * t];
-    yt.par_chunks_mut(TILE_ROWS * t).enumerate().for_each_init(
-        || vec![0f32; TILE_ROWS * cols],
-        |wbuf, (tile, out)| {
-            let r0 = rows.start + tile * TILE_ROWS;
-            let nr = out.len() / t;
-            for i in 0..nr {
-                dequant_row(w, r0 + i, &mut wbuf[i * cols..(i + 1) * cols]);
-            }
-            gemm_tile(&wbuf[..nr * cols], nr, x, t, cols, out);
-        },
-    );
-    if t == 1 {
-        y.copy_from_slice(&yt);
+    // Inputs that are exactly bf16 (the reference numerics) multiply on bf16 dot products:
+    // every dequantized FP8/FP4/BF16 weight is exactly a bf16 too, so only the order of the
+    // fp32 sums changes.
+    let xb = (bf16dot::available() && cols.is_multiple_of(32))
+        .then(|| bf16dot::exact_rows(x))
+        .flatten();
+    if let Some(xb) = xb {
+        yt.par_chunks_mut(TILE_ROWS_BF16 * t)
+            .enumerate()
+            .for_each_init(
+                || (vec![0f32; cols], vec![0u16; TILE_ROWS_BF16 * cols]),
+                |(row, wbuf), (tile, out)| {
+                    let r0 = rows.start + tile * TILE_ROWS_BF16;
+                    let nr = out.len() / t;
+                    for i in 0..nr {
+                        dequant_row(w, r0 + i, row);
+                        for (d, v) in wbuf[i * cols..(i + 1) * cols].iter_mut().zip(row.iter()) {
+                            *d = (v.to_bits() >> 16) as u16;
+                        }
+                    }
+                    bf16dot::gemm_tile(&wbuf[..nr * cols], nr, &xb, t, cols, out);
+                },
+            );
     } else {
-        for j in 0..n {
-            for tt in 0..t {
-                y[tt * n + j] = yt[j * t + tt];
-            }
-        }
+        yt.par_chunks_mut(TILE_ROWS * t).enumerate().for_each_init(
+            || vec![0f32; TILE_ROWS * cols],
+            |wbuf, (tile, out)| {
+                let r0 = rows.start + tile * TILE_ROWS;
+                let nr = out.len() / t;
+                for i in 0..nr {
+                    dequant_row(w, r0 + i, &mut wbuf[i * cols..(i + 1) * cols]);
+                }
+                gemm_tile(&wbuf[..nr * cols], nr, x, t, cols, out);
+            },
+        );
     }
+    transpose_into(&yt, n, t, y);
 }
 
 /// out[i, tt] = W[i] · x[tt] for a dequantized tile `w` [nr, cols] and inputs `x` [t, cols]:
@@ -221,14 +247,6 @@ fn gemm_tile_portable(w: &[f32], nr: usize, x: &[f32], t: usize, cols: usize, ou
 fn linear_fused(w: &Weight, rows: Range<usize>, x: &[f32], t: usize, y: &mut [f32]) {
     let cols = w.cols();
     let n = rows.len();
-    // Inputs that are exactly bf16 (the reference numerics' FP8 grid) take the bf16
-    // dot-product kernels where the CPU has them; the layout is prepared once per input row.
-    let prepared: Option<Vec<Vec<u16>>> = match w {
-        _ if !bf16dot::available() => None,
-        Weight::Fp4 { .. } => x.chunks(cols).map(bf16dot::prepare_fp4).collect(),
-        Weight::Fp8 { .. } => x.chunks(cols).map(bf16dot::prepare_fp8).collect(),
-        Weight::Bf16 { .. } => None,
-    };
     let mut yt = vec![0f32; n * t];
     yt.par_chunks_mut(FUSED_ROWS * t)
         .enumerate()
@@ -238,27 +256,19 @@ fn linear_fused(w: &Weight, rows: Range<usize>, x: &[f32], t: usize, y: &mut [f3
                 let r = r0 + i;
                 for tt in 0..t {
                     let xt = &x[tt * cols..(tt + 1) * cols];
-                    let xb = prepared.as_ref().map(|p| p[tt].as_slice());
                     out[i * t + tt] = match w {
                         Weight::Fp4 { packed, scales, .. } => {
                             let g = cols / FP4_GROUP;
-                            let (prow, srow) = (
+                            rowdot::fp4_row_dot(
                                 &packed[r * cols / 2..(r + 1) * cols / 2],
                                 &scales[r * g..(r + 1) * g],
-                            );
-                            match xb {
-                                Some(xb) => bf16dot::fp4_row_dot(prow, srow, xb),
-                                None => rowdot::fp4_row_dot(prow, srow, xt),
-                            }
+                                xt,
+                            )
                         }
                         Weight::Fp8 { codes, scales, .. } => {
                             let bc = cols.div_ceil(FP8_BLOCK);
                             let srow = &scales[(r / FP8_BLOCK) * bc..(r / FP8_BLOCK + 1) * bc];
-                            let crow = &codes[r * cols..(r + 1) * cols];
-                            match xb {
-                                Some(xb) => bf16dot::fp8_row_dot(crow, srow, xb),
-                                None => rowdot::fp8_row_dot(crow, srow, xt),
-                            }
+                            rowdot::fp8_row_dot(&codes[r * cols..(r + 1) * cols], srow, xt)
                         }
                         Weight::Bf16 { data, .. } => {
                             rowdot::bf16_row_dot(&data[r * cols * 2..(r + 1) * cols * 2], xt)
@@ -267,6 +277,69 @@ fn linear_fused(w: &Weight, rows: Range<usize>, x: &[f32], t: usize, y: &mut [f3
                 }
             }
         });
+    transpose_into(&yt, n, t, y);
+}
+
+/// `x` in the bf16 kernels' layout when they apply: an FP4/FP8 weight, this CPU, at most
+/// [`FUSED_MAX_T_BF16`] inputs, and every input exactly a bf16 (the reference numerics).
+fn prepare_bf16(w: &Weight, x: &[f32], t: usize) -> Option<Vec<Vec<u16>>> {
+    if t > FUSED_MAX_T_BF16 || !bf16dot::available() {
+        return None;
+    }
+    let cols = w.cols();
+    match w {
+        Weight::Fp4 { .. } => x.chunks(cols).map(bf16dot::prepare_fp4).collect(),
+        Weight::Fp8 { .. } => x.chunks(cols).map(bf16dot::prepare_fp8).collect(),
+        Weight::Bf16 { .. } => None,
+    }
+}
+
+/// The fused path on bf16 dot products: each row's weights become bf16 once per group of up
+/// to 8 inputs and are dotted with all of them.
+fn linear_fused_bf16(w: &Weight, rows: Range<usize>, xb: &[Vec<u16>], y: &mut [f32]) {
+    let cols = w.cols();
+    let (n, t) = (rows.len(), xb.len());
+    let xs: Vec<&[u16]> = xb.iter().map(|v| v.as_slice()).collect();
+    let mut yt = vec![0f32; n * t];
+    yt.par_chunks_mut(FUSED_ROWS * t)
+        .enumerate()
+        .for_each(|(ci, out)| {
+            let r0 = rows.start + ci * FUSED_ROWS;
+            for (i, o) in out.chunks_mut(t).enumerate() {
+                let r = r0 + i;
+                for (xg, og) in xs
+                    .chunks(bf16dot::MAX_INPUTS)
+                    .zip(o.chunks_mut(bf16dot::MAX_INPUTS))
+                {
+                    match w {
+                        Weight::Fp4 { packed, scales, .. } => {
+                            let g = cols / FP4_GROUP;
+                            bf16dot::fp4_rows_dot(
+                                &packed[r * cols / 2..(r + 1) * cols / 2],
+                                &scales[r * g..(r + 1) * g],
+                                xg,
+                                og,
+                            )
+                        }
+                        Weight::Fp8 { codes, scales, .. } => {
+                            let bc = cols.div_ceil(FP8_BLOCK);
+                            let srow = &scales[(r / FP8_BLOCK) * bc..(r / FP8_BLOCK + 1) * bc];
+                            bf16dot::fp8_rows_dot(&codes[r * cols..(r + 1) * cols], srow, xg, og)
+                        }
+                        Weight::Bf16 { .. } => unreachable!("prepare_bf16 refuses BF16 weights"),
+                    }
+                }
+            }
+        });
+    transpose_into(&yt, n, t, y);
+}
+
+/// y [t, n] from yt [n, t].
+fn transpose_into(yt: &[f32], n: usize, t: usize, y: &mut [f32]) {
+    if t == 1 {
+        y.copy_from_slice(yt);
+        return;
+    }
     for j in 0..n {
         for tt in 0..t {
             y[tt * n + j] = yt[j * t + tt];
@@ -372,6 +445,57 @@ mod tests {
                         .sum();
                     let (f, g) = (fused[row], tiled[tt * rows + row]);
                     assert!((f - g).abs() <= 1e-5 * m.max(1e-30), "{row}: {f} vs {g}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_path_on_grid_inputs_matches_f64() {
+        // Inputs on the reference numerics' grid take the bf16 kernels where the CPU has
+        // them: fused for t <= 16 (one and several inputs per pass), tiled above.
+        let mut r = SplitMix64::new(13);
+        let (rows, cols) = (70usize, 256usize);
+        let rb = |n: usize, r: &mut SplitMix64, f: &dyn Fn(u8) -> u8| {
+            Bytes::from_vec((0..n).map(|_| f(r.next_u64() as u8)).collect())
+        };
+        let ws = [
+            Weight::Fp4 {
+                rows,
+                cols,
+                packed: rb(rows * cols / 2, &mut r, &|b| b),
+                scales: rb(rows * cols / 32, &mut r, &|b| 115 + b % 20),
+            },
+            Weight::Fp8 {
+                rows,
+                cols,
+                codes: rb(rows * cols, &mut r, &|b| {
+                    if b & 0x7F == 0x7F { 0 } else { b }
+                }),
+                scales: rb(2, &mut r, &|b| 115 + b % 20), // 1 row-block x 2 column blocks
+            },
+        ];
+        for t in [1usize, 5, 16, 17, 40] {
+            let mut x: Vec<f32> = (0..t * cols).map(|_| r.uniform()).collect();
+            crate::model::formats::fake_quant_e4m3_blocks(&mut x, 128);
+            for w in &ws {
+                let y = linear(w, &x, t);
+                let mut deq = vec![0f32; cols];
+                for row in 0..rows {
+                    dequant_row(w, row, &mut deq);
+                    for tt in 0..t {
+                        let (mut s, mut m) = (0f64, 0f64);
+                        for k in 0..cols {
+                            let p = deq[k] as f64 * x[tt * cols + k] as f64;
+                            s += p;
+                            m += p.abs();
+                        }
+                        let v = y[tt * rows + row] as f64;
+                        assert!(
+                            (v - s).abs() <= 1e-6 * m.max(1e-30),
+                            "t {t} row {row}: {v} vs {s}"
+                        );
+                    }
                 }
             }
         }

@@ -4,6 +4,7 @@
 
 pub mod bf16dot;
 mod device;
+pub mod hc;
 mod linear;
 mod ops;
 pub mod probe;

@@ -86,6 +86,99 @@ pub fn top_k(values: &[f32], k: usize) -> Vec<usize> {
     idx
 }
 
+/// One query head against its keys (which are also the values) with a sink logit that only
+/// enlarges the softmax denominator (spec §5.8): out = Σ_i softmax_i(q·K_i·scale; sink) K_i.
+/// `logits` is scratch.
+pub fn attend_sink(
+    q: &[f32],
+    keys: &[&[f32]],
+    sink: f32,
+    scale: f32,
+    logits: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    logits.clear();
+    let mut m = sink.max(f32::MIN);
+    for key in keys {
+        let lg = dot(q, key) * scale;
+        m = m.max(lg);
+        logits.push(lg);
+    }
+    let mut den = (sink - m).exp();
+    for lg in logits.iter_mut() {
+        *lg = (*lg - m).exp();
+        den += *lg;
+    }
+    out.fill(0.0);
+    for (a, key) in logits.iter().zip(keys) {
+        let a = a / den;
+        for (o, v) in out.iter_mut().zip(key.iter()) {
+            *o += a * v;
+        }
+    }
+}
+
+/// Lightning-indexer score of one compressed row `k` for a query's heads `q` [IH, ihd] with
+/// head weights `w` [IH]: Σ_h w_h · ReLU(q_h · k) (`relu_after`: ReLU of the sum instead).
+pub fn indexer_score(q: &[f32], w: &[f32], k: &[f32], ihd: usize, relu_after: bool) -> f32 {
+    let s: f32 = q
+        .chunks_exact(ihd)
+        .zip(w)
+        .map(|(qh, wh)| {
+            if relu_after {
+                wh * dot(qh, k)
+            } else {
+                wh * dot(qh, k).max(0.0)
+            }
+        })
+        .sum();
+    if relu_after { s.max(0.0) } else { s }
+}
+
+/// One compressor window pooled (spec §5.6): per channel e < d, a softmax over the slots'
+/// gates weights their values. The slots are the previous window's kept halves (`prev`:
+/// values and gates [r, d]) when given, else `zero_slots` slots of gate and value 0 (fault
+/// injection), then the current window's rows (`cur`: values and gates [r, cd], the half
+/// starting at column `off`).
+#[allow(clippy::too_many_arguments)] // two slot sources, their shapes and the half offset
+pub fn gated_pool(
+    prev: Option<(&[f32], &[f32])>,
+    zero_slots: usize,
+    cur: (&[f32], &[f32]),
+    r: usize,
+    d: usize,
+    cd: usize,
+    off: usize,
+    out: &mut [f32],
+) {
+    let (cur_kv, cur_gate) = cur;
+    for (e, o) in out.iter_mut().enumerate().take(d) {
+        let gate = |t: usize| cur_gate[t * cd + off + e];
+        let mut m = (0..r).map(gate).fold(f32::NEG_INFINITY, f32::max);
+        if let Some((_, pg)) = prev {
+            m = (0..r).map(|t| pg[t * d + e]).fold(m, f32::max);
+        } else if zero_slots > 0 {
+            m = m.max(0.0);
+        }
+        let (mut den, mut num) = (0f32, 0f32);
+        if let Some((pv, pg)) = prev {
+            for t in 0..r {
+                let ex = (pg[t * d + e] - m).exp();
+                den += ex;
+                num += ex * pv[t * d + e];
+            }
+        } else {
+            den += zero_slots as f32 * (0.0 - m).exp();
+        }
+        for t in 0..r {
+            let ex = (gate(t) - m).exp();
+            den += ex;
+            num += ex * cur_kv[t * cd + off + e];
+        }
+        *o = num / den;
+    }
+}
+
 /// The clamped SwiGLU activation: SiLU(min(g, L)) · clamp(u, -L, L). The gate is clamped
 /// from above only (spec §5.10 step 5, trap 13); `gate_lower` exists for fault injection.
 #[inline]

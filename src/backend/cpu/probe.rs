@@ -138,6 +138,57 @@ unsafe fn fma_loop_avx2(n: u64) -> f32 {
     out.iter().sum()
 }
 
+/// Peak GFLOP/s (2 per multiply-add) of bf16 dot-product instructions (`vdpbf16ps`, 32
+/// multiply-adds each) on all threads, or None where the CPU has none. The bound for the
+/// prefill GEMM when it runs on them.
+pub fn bf16_dot_peak(seconds: f64) -> Option<f64> {
+    if !super::bf16dot::available() {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let threads = rayon::current_num_threads();
+        let iters = 2_000_000u64;
+        // SAFETY (both calls): the CPU has AVX-512 BF16 (checked by available()).
+        let t = Instant::now();
+        std::hint::black_box(unsafe { dp_loop(iters) });
+        let per_iter = t.elapsed().as_secs_f64() / iters as f64;
+        let n = ((seconds / per_iter) as u64).max(1000);
+        let t = Instant::now();
+        let s: f32 = (0..threads)
+            .into_par_iter()
+            .map(|_| unsafe { dp_loop(n) })
+            .sum();
+        let dt = t.elapsed().as_secs_f64();
+        std::hint::black_box(s);
+        Some((n as f64 * threads as f64 * 12.0 * 32.0 * 2.0) / dt / 1e9)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    None
+}
+
+/// 12 independent chains of `vdpbf16ps`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn dp_loop(n: u64) -> f32 {
+    use std::arch::x86_64::*;
+    // SAFETY: plain-data vector reinterpretation.
+    let bh = |v: __m512i| unsafe { std::mem::transmute::<__m512i, __m512bh>(v) };
+    let a = bh(_mm512_set1_epi16(0x3F80)); // 1.0
+    let b = bh(_mm512_set1_epi16(0x3400)); // 2^-23: the sums stay finite
+    let mut acc = [_mm512_setzero_ps(); 12];
+    for _ in 0..n {
+        for v in acc.iter_mut() {
+            *v = _mm512_dpbf16_ps(*v, a, b);
+        }
+    }
+    let mut s = acc[0];
+    for v in &acc[1..] {
+        s = _mm512_add_ps(s, *v);
+    }
+    _mm512_reduce_add_ps(s)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -507,6 +507,7 @@ impl Device for CudaDevice {
                 width,
                 rope_dim,
                 pos,
+                rows_per_pos,
                 inverse,
             } => {
                 if rope_dim / 2 > 1024 || rope_dim > width {
@@ -516,10 +517,11 @@ impl Device for CudaDevice {
                     });
                 }
                 let (xp, fp) = (a(*x)?, a(*inv_freq)?);
-                let (w_i, r_i, p_i, inv_i) = (
+                let (w_i, r_i, p_i, rp_i, inv_i) = (
                     *width as i32,
                     *rope_dim as i32,
                     *pos as i32,
+                    *rows_per_pos as i32,
                     *inverse as i32,
                 );
                 let mut b = st.launch_builder(self.func("rope")?);
@@ -528,10 +530,228 @@ impl Device for CudaDevice {
                     .arg(&w_i)
                     .arg(&r_i)
                     .arg(&p_i)
+                    .arg(&rp_i)
                     .arg(&inv_i);
                 let threads = (rope_dim / 2).div_ceil(32).max(1) as u32 * 32;
                 // SAFETY: matches kernels/act.cu rope; x holds rows x width floats.
                 unsafe { b.launch(cfg1(*rows, threads)) }.map_err(drv)?;
+            }
+            Op::AttendSink {
+                q,
+                keys,
+                idx,
+                n_keys,
+                max_keys,
+                sink,
+                scale,
+                out,
+                t,
+                heads,
+                hd,
+            } => {
+                if *hd > 512 || !hd.is_multiple_of(32) {
+                    return Err(DeviceError::Shape {
+                        op: "attend_sink",
+                        msg: format!("head dim {hd}: need a multiple of 32 up to 512"),
+                    });
+                }
+                let (qp, kp, ip, np, sp, op_) = (
+                    a(*q)?,
+                    a(*keys)?,
+                    a(*idx)?,
+                    a(*n_keys)?,
+                    a(*sink)?,
+                    a(*out)?,
+                );
+                let (mk, h_i, hd_i) = (*max_keys as i32, *heads as i32, *hd as i32);
+                let mut b = st.launch_builder(self.func("attend_sink")?);
+                b.arg(&qp)
+                    .arg(&kp)
+                    .arg(&ip)
+                    .arg(&np)
+                    .arg(&mk)
+                    .arg(&sp)
+                    .arg(scale);
+                b.arg(&op_).arg(&h_i).arg(&hd_i);
+                let cfg = LaunchConfig {
+                    grid_dim: (*t as u32, *heads as u32, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: matches kernels/attention.cu attend_sink; shapes as the op documents.
+                unsafe { b.launch(cfg) }.map_err(drv)?;
+            }
+            Op::HcMix {
+                x,
+                fn_,
+                base,
+                scale,
+                out,
+                t,
+                hc,
+                d,
+                iters,
+                norm_eps,
+                hc_eps,
+            } => {
+                if *hc > 8 {
+                    return Err(DeviceError::Shape {
+                        op: "hc_mix",
+                        msg: format!("hc {hc} > 8"),
+                    });
+                }
+                let (xp, fp, bp, op_) = (a(*x)?, a(*fn_)?, a(*base)?, a(*out)?);
+                let (hc_i, d_i, it_i) = (*hc as i32, *d as i32, *iters as i32);
+                let mut b = st.launch_builder(self.func("hc_mix")?);
+                b.arg(&xp)
+                    .arg(&fp)
+                    .arg(&bp)
+                    .arg(&scale[0])
+                    .arg(&scale[1])
+                    .arg(&scale[2]);
+                b.arg(&op_)
+                    .arg(&hc_i)
+                    .arg(&d_i)
+                    .arg(&it_i)
+                    .arg(norm_eps)
+                    .arg(hc_eps);
+                // SAFETY: matches kernels/hyper.cu hc_mix; shapes as the op documents.
+                unsafe { b.launch(cfg1(*t, 256)) }.map_err(drv)?;
+            }
+            Op::HcHead {
+                x,
+                fn_,
+                base,
+                scale,
+                out,
+                t,
+                hc,
+                d,
+                norm_eps,
+                hc_eps,
+            } => {
+                let (xp, fp, bp, op_) = (a(*x)?, a(*fn_)?, a(*base)?, a(*out)?);
+                let (hc_i, d_i) = (*hc as i32, *d as i32);
+                let mut b = st.launch_builder(self.func("hc_head")?);
+                b.arg(&xp)
+                    .arg(&fp)
+                    .arg(&bp)
+                    .arg(scale)
+                    .arg(&op_)
+                    .arg(&hc_i)
+                    .arg(&d_i);
+                b.arg(norm_eps).arg(hc_eps);
+                // SAFETY: matches kernels/hyper.cu hc_head.
+                unsafe { b.launch(cfg1(*t, 256)) }.map_err(drv)?;
+            }
+            Op::HcCollapse {
+                x,
+                coef,
+                stride,
+                u,
+                t,
+                hc,
+                d,
+            } => {
+                let (xp, cp, up) = (a(*x)?, a(*coef)?, a(*u)?);
+                let (s_i, hc_i, d_i) = (*stride as i32, *hc as i32, *d as i32);
+                let mut b = st.launch_builder(self.func("hc_collapse")?);
+                b.arg(&xp).arg(&cp).arg(&s_i).arg(&up).arg(&hc_i).arg(&d_i);
+                let cfg = LaunchConfig {
+                    grid_dim: (d.div_ceil(256) as u32, *t as u32, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: matches kernels/hyper.cu hc_collapse.
+                unsafe { b.launch(cfg) }.map_err(drv)?;
+            }
+            Op::HcExpand {
+                x,
+                f,
+                coef,
+                t,
+                hc,
+                d,
+            } => {
+                if *hc > 8 {
+                    return Err(DeviceError::Shape {
+                        op: "hc_expand",
+                        msg: format!("hc {hc} > 8"),
+                    });
+                }
+                let (xp, fp, cp) = (a(*x)?, a(*f)?, a(*coef)?);
+                let (hc_i, d_i) = (*hc as i32, *d as i32);
+                let mut b = st.launch_builder(self.func("hc_expand")?);
+                b.arg(&xp).arg(&fp).arg(&cp).arg(&hc_i).arg(&d_i);
+                let cfg = LaunchConfig {
+                    grid_dim: (d.div_ceil(256) as u32, *t as u32, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: matches kernels/hyper.cu hc_expand.
+                unsafe { b.launch(cfg) }.map_err(drv)?;
+            }
+            Op::IndexerScores {
+                q,
+                w,
+                keys,
+                out,
+                n,
+                ih,
+                ihd,
+            } => {
+                let (qp, wp, kp, op_) = (a(*q)?, a(*w)?, a(*keys)?, a(*out)?);
+                let (n_i, ih_i, ihd_i) = (*n as i32, *ih as i32, *ihd as i32);
+                let mut b = st.launch_builder(self.func("indexer_scores")?);
+                b.arg(&qp)
+                    .arg(&wp)
+                    .arg(&kp)
+                    .arg(&op_)
+                    .arg(&n_i)
+                    .arg(&ih_i)
+                    .arg(&ihd_i);
+                // SAFETY: matches kernels/indexer.cu indexer_scores.
+                unsafe { b.launch(cfg1(n.div_ceil(8), 256)) }.map_err(drv)?;
+            }
+            Op::CompressPool {
+                kv,
+                gate,
+                prev_kv,
+                prev_gate,
+                out,
+                windows,
+                r,
+                d,
+                cd,
+                off,
+            } => {
+                let (kp, gp, op_) = (a(*kv)?, a(*gate)?, a(*out)?);
+                let (pk, pg) = (opt(*prev_kv)?, opt(*prev_gate)?);
+                let (r_i, d_i, cd_i, off_i) = (*r as i32, *d as i32, *cd as i32, *off as i32);
+                let mut b = st.launch_builder(self.func("compress_pool")?);
+                b.arg(&kp).arg(&gp).arg(&pk).arg(&pg).arg(&op_);
+                b.arg(&r_i).arg(&d_i).arg(&cd_i).arg(&off_i);
+                let cfg = LaunchConfig {
+                    grid_dim: (d.div_ceil(256) as u32, *windows as u32, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: matches kernels/compressor.cu compress_pool.
+                unsafe { b.launch(cfg) }.map_err(drv)?;
+            }
+            Op::TopkSelect { scores, n, k, out } => {
+                if k > n {
+                    return Err(DeviceError::Shape {
+                        op: "topk_select",
+                        msg: format!("k {k} > n {n}"),
+                    });
+                }
+                let (sp, op_) = (a(*scores)?, a(*out)?);
+                let (n_i, k_i) = (*n as i32, *k as i32);
+                let mut b = st.launch_builder(self.func("topk_select")?);
+                b.arg(&sp).arg(&n_i).arg(&k_i).arg(&op_);
+                // SAFETY: matches kernels/indexer.cu topk_select (one block of 1024 threads).
+                unsafe { b.launch(cfg1(1, 1024)) }.map_err(drv)?;
             }
             Op::RouteTopk {
                 logits,

@@ -26,6 +26,10 @@ pub const KERNELS: &[Source] = embed![
     "act.cu",
     "router.cu",
     "sample.cu",
+    "attention.cu",
+    "hyper.cu",
+    "indexer.cu",
+    "compressor.cu",
 ];
 
 /// The unit that defines `kernel` (an `extern "C" __global__` name).
