@@ -16,6 +16,36 @@ pub struct InspectArgs {
     /// One JSON object on stdout instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Print the memory plan and its predicted decode/prefill speed instead (needs only the
+    /// config; without a downloaded model, the release's built-in config is used).
+    #[arg(long)]
+    pub plan: bool,
+    /// Plan for the three reference machines (RTX 4090 + 128 GB, RTX 5090 + 192 GB, no GPU
+    /// + 256 GB) instead of this one.
+    #[arg(long, requires = "plan")]
+    pub reference: bool,
+    /// GPU memory to plan with (e.g. 24G; default: this machine's, via nvidia-smi; 0 = none).
+    #[arg(long, value_parser = parse_size_arg)]
+    pub gpu_mem: Option<u64>,
+    /// RAM to plan with (default: this machine's).
+    #[arg(long, value_parser = parse_size_arg)]
+    pub ram: Option<u64>,
+    /// Context the KV state is sized for.
+    #[arg(long, default_value_t = 4096)]
+    pub ctx: usize,
+    /// RAM read bandwidth in GB/s (default: measured now, a few seconds).
+    #[arg(long)]
+    pub cpu_gbs: Option<f64>,
+    /// GPU memory bandwidth in GB/s (default 1000, an RTX 4090).
+    #[arg(long, default_value_t = 1000.0)]
+    pub gpu_gbs: f64,
+    /// Host-to-GPU bandwidth in GB/s (default 25, PCIe 4.0 x16).
+    #[arg(long, default_value_t = 25.0)]
+    pub pcie_gbs: f64,
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    crate::backend::sim::parse_size(s)
 }
 
 #[derive(Serialize, Debug)]
@@ -116,6 +146,9 @@ fn gib(n: u64) -> String {
 }
 
 pub fn run(a: &InspectArgs, verbose: bool) -> anyhow::Result<()> {
+    if a.plan {
+        return plan(a);
+    }
     let dir = crate::hub::resolve_model(&a.model)?;
     let ck = Checkpoint::open(&dir)?;
     if verbose && !ck.extra.is_empty() {
@@ -221,6 +254,100 @@ pub fn run(a: &InspectArgs, verbose: bool) -> anyhow::Result<()> {
             out,
             "unused      {} extra tensors ignored (--verbose lists the first)",
             ck.extra.len()
+        )?;
+    }
+    Ok(())
+}
+
+/// `inspect --plan`: the memory plan and roofline prediction for this machine (or the three
+/// reference machines with `--reference`).
+fn plan(a: &InspectArgs) -> anyhow::Result<()> {
+    use crate::engine::plan::{Machine, Plan, plan, reference_machines};
+    let (cfg, source) = match crate::hub::resolve_model(&a.model) {
+        Ok(dir) => (
+            ModelConfig::from_file(&dir.join("config.json"))?,
+            format!("{}", dir.join("config.json").display()),
+        ),
+        Err(_) if a.model == crate::hub::DEFAULT_MODEL => (
+            ModelConfig::from_json_bytes(
+                include_str!("../../tests/fixtures/deepseek-v4-flash-config.json").as_bytes(),
+                "built-in config.json",
+            )?,
+            format!("{} (built-in config; weights not downloaded)", a.model),
+        ),
+        Err(e) => return Err(e),
+    };
+    let machines = if a.reference {
+        reference_machines()
+    } else {
+        let cpu_gbs = match a.cpu_gbs {
+            Some(v) => v,
+            None => crate::backend::cpu::probe::read_bandwidth(1 << 30, 2),
+        };
+        let gpu_mem = a.gpu_mem.unwrap_or_else(crate::download::total_vram);
+        vec![Machine {
+            name: "this machine".into(),
+            gpu_mem,
+            gpu_gbs: if gpu_mem > 0 { a.gpu_gbs } else { 0.0 },
+            gpu_tflops: if gpu_mem > 0 { 200.0 } else { 0.0 },
+            pcie_gbs: if gpu_mem > 0 { a.pcie_gbs } else { 0.0 },
+            ram: a.ram.or_else(crate::download::total_ram).unwrap_or(0),
+            cpu_gbs,
+            cpu_tflops: 0.1 * rayon::current_num_threads() as f64,
+        }]
+    };
+    let plans: Vec<Plan> = machines.iter().map(|m| plan(&cfg, m, a.ctx)).collect();
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        serde_json::to_writer(&mut out, &plans)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    writeln!(out, "config      {source}")?;
+    for p in &plans {
+        let m = &p.machine;
+        writeln!(out)?;
+        writeln!(
+            out,
+            "{}: GPU {:.0} GiB at {:.0} GB/s, PCIe {:.0} GB/s, RAM {:.0} GiB at {:.0} GB/s, context {}",
+            m.name,
+            gib(m.gpu_mem),
+            m.gpu_gbs,
+            m.pcie_gbs,
+            gib(m.ram),
+            m.cpu_gbs,
+            p.ctx
+        )?;
+        for part in p.parts.iter().filter(|p| p.bytes > 0) {
+            writeln!(
+                out,
+                "  {:<8} {:>8.2} GiB  {}",
+                part.place,
+                gib(part.bytes),
+                part.what
+            )?;
+        }
+        writeln!(
+            out,
+            "  GPU {:.1} GiB used; RAM {:.1} GiB{}",
+            gib(p.gpu_bytes),
+            gib(p.ram_bytes),
+            if p.fits_in_ram {
+                ""
+            } else {
+                " (more than this machine has: pages will stream from disk)"
+            }
+        )?;
+        writeln!(
+            out,
+            "  predicted decode {:.1} tok/s (per token: GPU {:.1} ms, CPU {:.1} ms, syncs {:.1} ms), prefill {:.0} tok/s in chunks of {}",
+            p.decode_tok_s,
+            1e3 * p.decode_split_s[0],
+            1e3 * p.decode_split_s[1],
+            1e3 * p.decode_split_s[2],
+            p.prefill_tok_s,
+            crate::engine::plan::PREFILL_CHUNK
         )?;
     }
     Ok(())
