@@ -130,3 +130,111 @@ fn device_flag_cpu_sim_and_cuda_without_a_gpu() {
         stderr(&bad)
     );
 }
+
+#[test]
+fn expert_cache_at_every_size_keeps_logits_bit_identical() {
+    use dsflash::engine::ExpertPolicy;
+    let dir = fixture("tiny-b");
+    let g = goldens(&fixture("tiny-b/goldens.safetensors"))
+        .into_iter()
+        .find(|g| g.input_ids.len() > 100)
+        .expect("a long golden prompt");
+    let e = Engine::open(&dir, Numerics::Ideal).expect("open");
+    let v = e.cfg.vocab_size;
+    let n_exp = e.cfg.n_routed_experts;
+    e.exec.record_routes(e.cfg.num_hidden_layers, n_exp);
+    let cpu = prefill_logits(&e, &g.input_ids, 64);
+    let trace = e.exec.take_trace().expect("recorded");
+    let distinct: std::collections::HashSet<_> = trace.accesses.iter().collect();
+    for policy in [
+        ExpertPolicy::Adaptive,
+        ExpertPolicy::Lru,
+        ExpertPolicy::Static(trace.counts()),
+    ] {
+        for slots in [0, 1, 4, n_exp / 2, n_exp] {
+            let mut e = Engine::open(&dir, Numerics::Ideal).expect("open");
+            let sim = Arc::new(SimDevice::new(1 << 30, SimCost::default()));
+            let (p, s) = e
+                .use_device_hybrid(sim.clone(), policy.clone(), Some(slots))
+                .expect("placement");
+            assert_eq!((p.resident, s), (p.total, slots), "dense part and head fit");
+            let got = prefill_logits(&e, &g.input_ids, 64);
+            let what = format!("{policy:?} with {slots} slots");
+            assert!(
+                got.iter()
+                    .zip(&cpu)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{what}: the expert cache changed the logits"
+            );
+            let (err, at) = max_rel_err(&got, &g.prefill_logits, v);
+            assert!(err <= TOL, "{what}: {err:.2e} at {at}");
+            let st = e.exec.expert_stats();
+            assert_eq!(st.hits + st.misses, trace.accesses.len() as u64, "{what}");
+            if slots == 0 {
+                assert_eq!(st.hits, 0, "{what}");
+            }
+            if slots == n_exp && !matches!(policy, ExpertPolicy::Static(_)) {
+                // Room for all: only each expert's first selection misses.
+                assert_eq!(st.misses, distinct.len() as u64, "{what}");
+            }
+        }
+    }
+}
+
+#[test]
+fn cache_policies_against_lru_static_and_the_offline_optimum() {
+    use dsflash::backend::expert_cache::{
+        Adaptive, Lru, StaticFrequency, Trace, belady, expert_popularity, hit_rate, skewed_trace,
+    };
+    // Recorded traces from the tiny checkpoints, and a synthetic one with the real shape
+    // (256 experts, top 6) and the measured skew, drifting over 4 topics.
+    let mut traces: Vec<(String, Trace)> = Vec::new();
+    for dir in ["tiny", "tiny-b", "tiny-c"] {
+        let e = Engine::open(&fixture(dir), Numerics::Ideal).expect("open");
+        e.exec
+            .record_routes(e.cfg.num_hidden_layers, e.cfg.n_routed_experts);
+        for g in goldens(&fixture(&format!("{dir}/goldens.safetensors"))) {
+            prefill_logits(&e, &g.input_ids, 64);
+        }
+        traces.push((dir.to_string(), e.exec.take_trace().expect("recorded")));
+    }
+    let pop = expert_popularity(256);
+    let synth = skewed_trace(&pop, 8, 6, 6000, 4, 11);
+    traces.push(("synthetic 256x6, 4 topics".into(), synth));
+    println!("| trace | slots | LRU | static (profile: first half) | adaptive | Belady |");
+    println!("|---|---|---|---|---|---|");
+    for (name, t) in &traces {
+        let half = Trace {
+            accesses: t.accesses[..t.accesses.len() / 2].to_vec(),
+            ..t.clone()
+        };
+        for frac in [0.125, 0.25, 0.5] {
+            let slots = ((t.experts as f64 * frac) as usize).max(1);
+            let n = t.accesses.len() as f64;
+            let lru = hit_rate(&mut Lru::new(t.layers, slots), t);
+            let stat = hit_rate(&mut StaticFrequency::from_counts(&half.counts(), slots), t);
+            let ada = hit_rate(&mut Adaptive::new(t.layers, t.experts, slots, 256.0), t);
+            let opt = belady(t, slots) as f64 / n;
+            println!(
+                "| {name} | {slots} of {} | {:.1} % | {:.1} % | {:.1} % | {:.1} % |",
+                t.experts,
+                100.0 * lru,
+                100.0 * stat,
+                100.0 * ada,
+                100.0 * opt
+            );
+            for (p, h) in [("LRU", lru), ("static", stat), ("adaptive", ada)] {
+                assert!(
+                    h <= opt + 1e-12,
+                    "{name} {slots}: {p} {h} above the optimum {opt}"
+                );
+            }
+            if name.starts_with("synthetic") {
+                assert!(
+                    ada > lru,
+                    "{name} {slots}: adaptive {ada} not above LRU {lru}"
+                );
+            }
+        }
+    }
+}

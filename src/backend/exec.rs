@@ -7,6 +7,7 @@ use super::cpu;
 use super::device::{
     Buf, DevWeight, Device, DeviceError, Op, Stats, Stream, f32_bytes, f32_bytes_mut,
 };
+use super::expert_cache::{Access, Policy, Trace};
 use crate::model::weights::Weight;
 use std::collections::HashMap;
 use std::ops::Range;
@@ -29,11 +30,29 @@ struct Scratch {
     y: Option<(Buf, usize)>,
 }
 
+/// The routed-expert slots: a policy and the weights of the experts it holds.
+struct ExpertSlots {
+    policy: Box<dyn Policy + Send>,
+    held: HashMap<(usize, usize), [Weight; 3]>,
+}
+
+/// Counters of the expert cache (selections served from device slots or not).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExpertStats {
+    pub hits: u64,
+    pub misses: u64,
+    /// Experts copied to the device (promotions).
+    pub promotions: u64,
+}
+
 pub struct Exec {
     dev: Option<Arc<dyn Device>>,
     resident: RwLock<HashMap<usize, DevWeight>>,
     scratch: Mutex<Scratch>,
     failed: AtomicBool,
+    experts: Mutex<Option<ExpertSlots>>,
+    expert_stats: Mutex<ExpertStats>,
+    trace: Mutex<Option<Trace>>,
 }
 
 impl Default for Exec {
@@ -54,6 +73,9 @@ impl Exec {
             resident: RwLock::new(HashMap::new()),
             scratch: Mutex::new(Scratch::default()),
             failed: AtomicBool::new(false),
+            experts: Mutex::new(None),
+            expert_stats: Mutex::new(ExpertStats::default()),
+            trace: Mutex::new(None),
         }
     }
 
@@ -97,6 +119,91 @@ impl Exec {
         let mut sc = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
         grow(dev.as_ref(), &mut sc.x, x_bytes).is_ok()
             && grow(dev.as_ref(), &mut sc.y, y_bytes).is_ok()
+    }
+
+    /// Manage routed experts with `policy`: from now on every selection goes through it, and
+    /// the experts it holds are resident on the device (the others run on the CPU).
+    pub fn set_expert_policy(&self, policy: Box<dyn Policy + Send>) {
+        *lock(&self.experts) = Some(ExpertSlots {
+            policy,
+            held: HashMap::new(),
+        });
+    }
+
+    pub fn expert_stats(&self) -> ExpertStats {
+        *lock(&self.expert_stats)
+    }
+
+    /// Start recording every expert selection (a routing trace); `take_trace` returns it.
+    pub fn record_routes(&self, layers: usize, experts: usize) {
+        *lock(&self.trace) = Some(Trace {
+            layers,
+            experts,
+            accesses: Vec::new(),
+        });
+    }
+
+    pub fn take_trace(&self) -> Option<Trace> {
+        lock(&self.trace).take()
+    }
+
+    /// The router chose `selected` experts of `layer` (with repeats, token by token): record
+    /// them, let the policy count hits and change its slots, and move weights to match.
+    pub fn experts_selected<'w>(
+        &self,
+        layer: usize,
+        selected: impl Iterator<Item = usize>,
+        weights: impl Fn(usize) -> [&'w Weight; 3],
+    ) {
+        let selected: Vec<usize> = selected.collect();
+        if let Some(t) = lock(&self.trace).as_mut() {
+            t.accesses.extend(selected.iter().map(|&e| Access {
+                layer: layer as u16,
+                expert: e as u16,
+            }));
+        }
+        let mut g = lock(&self.experts);
+        let Some(slots) = g.as_mut() else {
+            return;
+        };
+        let mut st = lock(&self.expert_stats);
+        for &e in &selected {
+            let hit = slots.policy.access(Access {
+                layer: layer as u16,
+                expert: e as u16,
+            });
+            if hit {
+                st.hits += 1;
+            } else {
+                st.misses += 1;
+            }
+        }
+        // Bring the device in line with the policy's slots for this layer.
+        let want = slots.policy.resident(layer);
+        let gone: Vec<(usize, usize)> = slots
+            .held
+            .keys()
+            .filter(|(l, e)| *l == layer && !want.contains(e))
+            .copied()
+            .collect();
+        for k in gone {
+            if let Some(ws) = slots.held.remove(&k) {
+                ws.iter().for_each(|w| self.evict(w));
+            }
+        }
+        for e in want {
+            if slots.held.contains_key(&(layer, e)) {
+                continue;
+            }
+            let ws = weights(e);
+            // A device too full for the expert leaves it on the CPU (no error).
+            if ws.iter().all(|w| matches!(self.make_resident(w), Ok(true))) {
+                slots.held.insert((layer, e), ws.map(|w| w.clone()));
+                st.promotions += 1;
+            } else {
+                ws.iter().for_each(|w| self.evict(w));
+            }
+        }
     }
 
     /// Drop `w` from the device (its bytes stay in the checkpoint).
@@ -197,6 +304,10 @@ impl Exec {
         )?;
         dev.read(yb, f32_bytes_mut(y), Stream::COMPUTE)
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A scratch buffer of at least `bytes`, reallocated when too small.

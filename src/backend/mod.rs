@@ -7,5 +7,6 @@ pub mod cpu;
 pub mod cuda;
 pub mod device;
 pub mod exec;
+pub mod expert_cache;
 pub mod select;
 pub mod sim;

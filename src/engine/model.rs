@@ -12,8 +12,10 @@ use super::traps::Traps;
 use crate::backend::cpu::{dequant_row, rms_norm};
 use crate::backend::device::{Device, DeviceError};
 use crate::backend::exec::Exec;
+use crate::backend::expert_cache::{Adaptive, Lru, Policy, StaticFrequency};
 use crate::model::Checkpoint;
 use crate::model::config::ModelConfig;
+use crate::model::weights::MatrixRole;
 use crate::model::weights::{BlockWeights, ModelWeights};
 use rayon::prelude::*;
 use std::path::Path;
@@ -25,6 +27,16 @@ pub enum Want {
     None,
     Last,
     All,
+}
+
+/// How the routed-expert slots of a hybrid placement are managed.
+#[derive(Debug, Clone)]
+pub enum ExpertPolicy {
+    Lru,
+    /// Decayed per-layer frequencies with admission control (the default).
+    Adaptive,
+    /// A fixed set: the most selected experts of a usage profile [layer][expert].
+    Static(Vec<Vec<u64>>),
 }
 
 /// Tokens of activations the device's scratch buffers are sized for up front.
@@ -110,6 +122,60 @@ impl Engine {
             }
         }
         Ok(p)
+    }
+
+    /// Hybrid placement on `dev`: the dense matrices and the head are made resident in
+    /// priority order, then the routed experts are left to `policy`, an expert cache with
+    /// `slots` experts per layer (None: as many as the remaining device memory holds).
+    /// Returns the placement of the fixed part and the slots given to the cache.
+    pub fn use_device_hybrid(
+        &mut self,
+        dev: Arc<dyn Device>,
+        policy: ExpertPolicy,
+        slots: Option<usize>,
+    ) -> Result<(Placement, usize), DeviceError> {
+        self.exec = Exec::on(dev.clone());
+        let mats = self.weights.matrices();
+        let (rows, cols) = mats
+            .iter()
+            .fold((0, 0), |(r, c), (_, w)| (r.max(w.rows()), c.max(w.cols())));
+        let mut p = Placement::default();
+        let scratch = self
+            .exec
+            .reserve_scratch(4 * SCRATCH_TOKENS * cols, 4 * SCRATCH_TOKENS * rows);
+        for (role, w) in &mats {
+            if matches!(role, MatrixRole::Expert { .. }) {
+                continue;
+            }
+            p.total += 1;
+            p.total_bytes += w.stored_bytes() as u64;
+            if scratch && p.resident == p.total - 1 && self.exec.make_resident(w)? {
+                p.resident += 1;
+                p.resident_bytes += w.stored_bytes() as u64;
+            }
+        }
+        let layers = self.weights.layers.len();
+        let n_exp = self.cfg.n_routed_experts;
+        let expert_bytes = self
+            .weights
+            .layers
+            .first()
+            .and_then(|b| b.ffn.experts.first())
+            .map_or(1, |x| {
+                (x.w1.stored_bytes() + x.w2.stored_bytes() + x.w3.stored_bytes()) as u64
+            });
+        let free = dev.capacity().saturating_sub(dev.in_use());
+        let fit = (free / expert_bytes.max(1)) as usize / layers.max(1);
+        let slots = slots.unwrap_or(fit).min(n_exp);
+        let pol: Box<dyn Policy + Send> = match policy {
+            ExpertPolicy::Lru => Box::new(Lru::new(layers, slots)),
+            ExpertPolicy::Adaptive => Box::new(Adaptive::new(layers, n_exp, slots, 256.0)),
+            ExpertPolicy::Static(profile) => {
+                Box::new(StaticFrequency::from_counts(&profile, slots))
+            }
+        };
+        self.exec.set_expert_policy(pol);
+        Ok((p, slots))
     }
 
     /// Re-introduce some of the spec's traps (tests of the oracle comparison).
@@ -211,15 +277,14 @@ impl Engine {
         write_back(&mixes, &a, x);
         // MoE site.
         let (mixes, u) = sublayer_input(&b.hc_ffn, &b.ffn_norm, x);
-        let f = moe::forward(
+        let mctx = moe::MoeCtx {
             cfg,
-            &self.exec,
-            &b.ffn,
-            &u,
-            tokens,
-            self.numerics,
-            &self.traps,
-        );
+            ex: &self.exec,
+            num: self.numerics,
+            traps: &self.traps,
+            layer: b.layer,
+        };
+        let f = moe::forward(&mctx, &b.ffn, &u, tokens);
         write_back(&mixes, &f, x);
     }
 

@@ -83,16 +83,19 @@ fn expert(
     ex.linear(&e.w2, &num.gemm_input(&act, inter), t)
 }
 
+/// What one MoE site needs besides its weights and inputs.
+pub struct MoeCtx<'a> {
+    pub cfg: &'a ModelConfig,
+    pub ex: &'a Exec,
+    pub num: Numerics,
+    pub traps: &'a Traps,
+    /// The block index (the expert cache keys experts by layer).
+    pub layer: usize,
+}
+
 /// MoE output for `t` tokens: x [t, D] -> [t, D].
-pub fn forward(
-    cfg: &ModelConfig,
-    ex: &Exec,
-    w: &MoeWeights,
-    x: &[f32],
-    tokens: &[u32],
-    num: Numerics,
-    traps: &Traps,
-) -> Vec<f32> {
+pub fn forward(ctx: &MoeCtx, w: &MoeWeights, x: &[f32], tokens: &[u32]) -> Vec<f32> {
+    let (cfg, ex, num, traps) = (ctx.cfg, ctx.ex, ctx.num, ctx.traps);
     let d = cfg.hidden_size;
     let t = tokens.len();
     let limit = cfg.swiglu_limit;
@@ -105,6 +108,15 @@ pub fn forward(
     // Router in fp32 on the BF16 weight (no activation rounding: it is not an FP8 GEMM).
     let logits = ex.linear(&w.gate, x, t);
     let routes = route(cfg, w, &logits, tokens, traps);
+    // The expert cache sees every selection before the experts run (hits on the device).
+    ex.experts_selected(
+        ctx.layer,
+        routes.iter().flat_map(|r| r.experts.iter().copied()),
+        |e| {
+            let x = &w.experts[e];
+            [&x.w1, &x.w3, &x.w2]
+        },
+    );
     // Shared expert on every token, weight 1, clamped like the routed ones.
     let shared_limit = if traps.has(Trap::SharedNoClamp) {
         f32::INFINITY

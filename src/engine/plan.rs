@@ -17,6 +17,7 @@
 //! `expert_cache`). Prefill of a chunk: the GPU's arithmetic, and per layer the non-resident
 //! experts either streamed over PCIe or computed on the CPU, whichever is cheaper.
 
+use crate::backend::expert_cache::expert_popularity;
 use crate::model::config::ModelConfig;
 use crate::model::layout::{Component, inventory};
 use serde::Serialize;
@@ -127,33 +128,6 @@ pub fn kv_bytes(cfg: &ModelConfig, ctx: usize) -> u64 {
         b += 4 * rows as u64;
     }
     b
-}
-
-/// Zipf exponent s such that the top `frac` of `n` experts take `share` of the selections.
-pub fn fit_zipf(n: usize, frac: f64, share: f64) -> f64 {
-    let top = ((n as f64 * frac).round() as usize).max(1);
-    let covered = |s: f64| {
-        let w: Vec<f64> = (1..=n).map(|i| (i as f64).powf(-s)).collect();
-        w[..top].iter().sum::<f64>() / w.iter().sum::<f64>()
-    };
-    let (mut lo, mut hi) = (0.0, 4.0);
-    for _ in 0..60 {
-        let mid = 0.5 * (lo + hi);
-        if covered(mid) < share {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    0.5 * (lo + hi)
-}
-
-/// Selection probabilities of `n` experts under the measured skew, most popular first.
-pub fn expert_popularity(n: usize) -> Vec<f64> {
-    let s = fit_zipf(n, 0.125, 0.58);
-    let w: Vec<f64> = (1..=n).map(|i| (i as f64).powf(-s)).collect();
-    let sum: f64 = w.iter().sum();
-    w.into_iter().map(|v| v / sum).collect()
 }
 
 pub fn plan(cfg: &ModelConfig, m: &Machine, ctx: usize) -> Plan {

@@ -1,0 +1,482 @@
+//! Which routed experts hold the GPU's expert slots: online policies, the offline optimum they
+//! are measured against, and the routing traces to measure them on.
+//!
+//! Slots are per layer (`capacity` experts of each layer). An access is one selection of one
+//! expert by one token at one layer; a hit means its weights were already on the GPU. The
+//! policies:
+//! - [`Lru`]: least recently used out.
+//! - [`StaticFrequency`]: a fixed set, the most frequent experts of a usage profile (what
+//!   KTransformers' `--kt-num-gpu-experts` does), never changed.
+//! - [`Adaptive`]: per-layer frequency counts that decay (half-life in tokens), with
+//!   admission control: a missed expert replaces the coldest resident one only when its own
+//!   decayed count is higher, so one-off selections do not flush the hot set.
+//! - [`belady`]: the offline optimum (evict, or do not admit, whichever is used farthest in
+//!   the future), the upper bound any policy can reach on a trace.
+
+use crate::model::synth::SplitMix64;
+use std::collections::HashMap;
+
+/// Zipf exponent s such that the top `frac` of `n` experts take `share` of the selections.
+pub fn fit_zipf(n: usize, frac: f64, share: f64) -> f64 {
+    let top = ((n as f64 * frac).round() as usize).max(1);
+    let covered = |s: f64| {
+        let w: Vec<f64> = (1..=n).map(|i| (i as f64).powf(-s)).collect();
+        w[..top].iter().sum::<f64>() / w.iter().sum::<f64>()
+    };
+    let (mut lo, mut hi) = (0.0, 4.0);
+    for _ in 0..60 {
+        let mid = 0.5 * (lo + hi);
+        if covered(mid) < share {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    0.5 * (lo + hi)
+}
+
+/// Selection probabilities of `n` experts under V4-Flash's measured skew (the top 12.5 % of
+/// a layer's experts take ~58 % of its selections), most popular first.
+pub fn expert_popularity(n: usize) -> Vec<f64> {
+    let s = fit_zipf(n, 0.125, 0.58);
+    let w: Vec<f64> = (1..=n).map(|i| (i as f64).powf(-s)).collect();
+    let sum: f64 = w.iter().sum();
+    w.into_iter().map(|v| v / sum).collect()
+}
+
+/// One selection: (layer, expert).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Access {
+    pub layer: u16,
+    pub expert: u16,
+}
+
+/// A routing trace: accesses in order (token by token, layer by layer).
+#[derive(Debug, Clone, Default)]
+pub struct Trace {
+    pub layers: usize,
+    pub experts: usize,
+    pub accesses: Vec<Access>,
+}
+
+impl Trace {
+    /// Selections per (layer, expert), most used first per layer: the usage profile a static
+    /// policy is built from.
+    pub fn counts(&self) -> Vec<Vec<u64>> {
+        let mut c = vec![vec![0u64; self.experts]; self.layers];
+        for a in &self.accesses {
+            c[a.layer as usize][a.expert as usize] += 1;
+        }
+        c
+    }
+
+    /// Mean over layers of the share of selections taken by the top `frac` of experts.
+    pub fn top_share(&self, frac: f64) -> f64 {
+        let top = ((self.experts as f64 * frac).round() as usize).max(1);
+        let mut s = 0.0;
+        for mut row in self.counts() {
+            row.sort_unstable_by(|a, b| b.cmp(a));
+            let total: u64 = row.iter().sum();
+            s += row[..top].iter().sum::<u64>() as f64 / total.max(1) as f64;
+        }
+        s / self.layers as f64
+    }
+}
+
+/// An online slot policy: `access` says whether the expert was resident, then updates the
+/// slots (a miss may bring it in, evicting another).
+pub trait Policy {
+    fn name(&self) -> &'static str;
+    fn access(&mut self, a: Access) -> bool;
+    /// Experts of `layer` resident now.
+    fn resident(&self, layer: usize) -> Vec<usize>;
+}
+
+pub struct Lru {
+    capacity: usize,
+    /// Per layer: expert -> last use.
+    last: Vec<HashMap<u16, u64>>,
+    clock: u64,
+}
+
+impl Lru {
+    pub fn new(layers: usize, capacity: usize) -> Lru {
+        Lru {
+            capacity,
+            last: vec![HashMap::new(); layers],
+            clock: 0,
+        }
+    }
+}
+
+impl Policy for Lru {
+    fn name(&self) -> &'static str {
+        "LRU"
+    }
+
+    fn access(&mut self, a: Access) -> bool {
+        self.clock += 1;
+        let l = &mut self.last[a.layer as usize];
+        if let Some(t) = l.get_mut(&a.expert) {
+            *t = self.clock;
+            return true;
+        }
+        if self.capacity == 0 {
+            return false;
+        }
+        if l.len() >= self.capacity
+            && let Some((&old, _)) = l.iter().min_by_key(|(e, t)| (**t, **e))
+        {
+            l.remove(&old);
+        }
+        l.insert(a.expert, self.clock);
+        false
+    }
+
+    fn resident(&self, layer: usize) -> Vec<usize> {
+        let mut v: Vec<usize> = self.last[layer].keys().map(|&e| e as usize).collect();
+        v.sort_unstable();
+        v
+    }
+}
+
+pub struct StaticFrequency {
+    sets: Vec<Vec<bool>>,
+}
+
+impl StaticFrequency {
+    /// The `capacity` most selected experts of each layer in `profile` (ties: lower index).
+    pub fn from_counts(profile: &[Vec<u64>], capacity: usize) -> StaticFrequency {
+        let sets = profile
+            .iter()
+            .map(|row| {
+                let mut idx: Vec<usize> = (0..row.len()).collect();
+                idx.sort_by(|&a, &b| row[b].cmp(&row[a]).then(a.cmp(&b)));
+                let mut set = vec![false; row.len()];
+                for &e in idx.iter().take(capacity) {
+                    set[e] = true;
+                }
+                set
+            })
+            .collect();
+        StaticFrequency { sets }
+    }
+}
+
+impl Policy for StaticFrequency {
+    fn name(&self) -> &'static str {
+        "static frequency"
+    }
+
+    fn access(&mut self, a: Access) -> bool {
+        self.sets[a.layer as usize][a.expert as usize]
+    }
+
+    fn resident(&self, layer: usize) -> Vec<usize> {
+        (0..self.sets[layer].len())
+            .filter(|&e| self.sets[layer][e])
+            .collect()
+    }
+}
+
+pub struct Adaptive {
+    capacity: usize,
+    /// Per layer, per expert: decayed count, stored scaled by `scale` (lazy decay).
+    score: Vec<Vec<f64>>,
+    resident: Vec<Vec<u16>>,
+    scale: f64,
+    /// Per-access growth of `scale`: 2^(1/half_life) per token of `layers·k` accesses.
+    growth: f64,
+}
+
+impl Adaptive {
+    /// `half_life`: selections of a layer after which a count weighs half.
+    pub fn new(layers: usize, experts: usize, capacity: usize, half_life: f64) -> Adaptive {
+        Adaptive {
+            capacity,
+            score: vec![vec![0.0; experts]; layers],
+            resident: vec![Vec::new(); layers],
+            scale: 1.0,
+            growth: 2f64.powf(1.0 / (half_life * layers as f64)),
+        }
+    }
+
+    /// Seed the counts from a usage profile (`--expert-profile`): the slots start hot.
+    pub fn warm_start(&mut self, profile: &[Vec<u64>]) {
+        for (l, row) in profile.iter().enumerate() {
+            let total: u64 = row.iter().sum::<u64>().max(1);
+            let mut idx: Vec<usize> = (0..row.len()).collect();
+            idx.sort_by(|&a, &b| row[b].cmp(&row[a]).then(a.cmp(&b)));
+            for (e, &c) in row.iter().enumerate() {
+                // Normalised so a profile counts like a few hundred recent selections.
+                self.score[l][e] = 256.0 * c as f64 / total as f64 * self.scale;
+            }
+            self.resident[l] = idx
+                .iter()
+                .take(self.capacity)
+                .filter(|&&e| row[e] > 0)
+                .map(|&e| e as u16)
+                .collect();
+        }
+    }
+}
+
+impl Policy for Adaptive {
+    fn name(&self) -> &'static str {
+        "adaptive (decayed frequency + admission)"
+    }
+
+    fn access(&mut self, a: Access) -> bool {
+        // Lazy decay: instead of shrinking every count, new increments grow.
+        self.scale *= self.growth;
+        if self.scale > 1e200 {
+            for row in &mut self.score {
+                row.iter_mut().for_each(|v| *v /= self.scale);
+            }
+            self.scale = 1.0;
+        }
+        let (l, e) = (a.layer as usize, a.expert);
+        self.score[l][e as usize] += self.scale;
+        let res = &mut self.resident[l];
+        if res.contains(&e) {
+            return true;
+        }
+        if self.capacity == 0 {
+            return false;
+        }
+        if res.len() < self.capacity {
+            res.push(e);
+            return false;
+        }
+        let sc = &self.score[l];
+        if let Some((vi, &victim)) = res
+            .iter()
+            .enumerate()
+            .min_by(|x, y| sc[*x.1 as usize].total_cmp(&sc[*y.1 as usize]))
+            && sc[e as usize] > sc[victim as usize]
+        {
+            res[vi] = e;
+        }
+        false
+    }
+
+    fn resident(&self, layer: usize) -> Vec<usize> {
+        let mut v: Vec<usize> = self.resident[layer].iter().map(|&e| e as usize).collect();
+        v.sort_unstable();
+        v
+    }
+}
+
+/// Hits of the offline optimum with `capacity` slots per layer: on a miss with full slots,
+/// whichever of the residents and the newcomer is next used farthest in the future is left
+/// out (Belady's MIN, with the option not to admit).
+pub fn belady(trace: &Trace, capacity: usize) -> u64 {
+    if capacity == 0 {
+        return 0;
+    }
+    let n = trace.accesses.len();
+    // next[i]: index of the next access to the same (layer, expert), or n.
+    let mut next = vec![n; n];
+    let mut seen: HashMap<Access, usize> = HashMap::new();
+    for i in (0..n).rev() {
+        let a = trace.accesses[i];
+        if let Some(&j) = seen.get(&a) {
+            next[i] = j;
+        }
+        seen.insert(a, i);
+    }
+    // Per layer: resident expert -> its next use.
+    let mut res: Vec<HashMap<u16, usize>> = vec![HashMap::new(); trace.layers];
+    let mut hits = 0;
+    for (i, a) in trace.accesses.iter().enumerate() {
+        let r = &mut res[a.layer as usize];
+        if let Some(t) = r.get_mut(&a.expert) {
+            hits += 1;
+            *t = next[i];
+            continue;
+        }
+        if r.len() < capacity {
+            r.insert(a.expert, next[i]);
+            continue;
+        }
+        if let Some((&far, &far_next)) = r.iter().max_by_key(|(e, t)| (**t, **e))
+            && far_next > next[i]
+        {
+            r.remove(&far);
+            r.insert(a.expert, next[i]);
+        }
+    }
+    hits
+}
+
+/// Hit rate of `p` over `trace`.
+pub fn hit_rate(p: &mut dyn Policy, trace: &Trace) -> f64 {
+    let hits = trace.accesses.iter().filter(|&&a| p.access(a)).count();
+    hits as f64 / trace.accesses.len().max(1) as f64
+}
+
+/// A synthetic trace with V4-Flash's measured skew: per layer a Zipf popularity whose top
+/// 12.5 % take ~58 % of selections ([`expert_popularity`]), `k` distinct
+/// experts per token, and `topics` segments whose hot sets differ (half of each layer's top
+/// quarter is re-drawn per topic).
+pub fn skewed_trace(
+    popularity: &[f64],
+    layers: usize,
+    k: usize,
+    tokens: usize,
+    topics: usize,
+    seed: u64,
+) -> Trace {
+    let experts = popularity.len();
+    let mut rng = SplitMix64::new(seed);
+    let mut cdf = Vec::with_capacity(experts);
+    let mut acc = 0.0;
+    for p in popularity {
+        acc += p;
+        cdf.push(acc);
+    }
+    let shuffle = |rng: &mut SplitMix64, v: &mut Vec<u16>| {
+        for i in (1..v.len()).rev() {
+            let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+            v.swap(i, j);
+        }
+    };
+    // Per layer: a base rank -> expert map; per topic, half of the top quarter re-drawn.
+    let base: Vec<Vec<u16>> = (0..layers)
+        .map(|_| {
+            let mut v: Vec<u16> = (0..experts as u16).collect();
+            shuffle(&mut rng, &mut v);
+            v
+        })
+        .collect();
+    let per_topic = tokens.div_ceil(topics.max(1));
+    let mut accesses = Vec::with_capacity(tokens * layers * k);
+    let mut maps = base.clone();
+    for t in 0..tokens {
+        if t % per_topic == 0 {
+            maps = base.clone();
+            for m in &mut maps {
+                for r in 0..experts / 4 {
+                    if rng.next_u64().is_multiple_of(2) {
+                        let j = (rng.next_u64() % experts as u64) as usize;
+                        m.swap(r, j);
+                    }
+                }
+            }
+        }
+        for (l, m) in maps.iter().enumerate() {
+            let mut chosen: Vec<u16> = Vec::with_capacity(k);
+            while chosen.len() < k.min(experts) {
+                let u = rng.next_f64() * acc;
+                let rank = cdf.partition_point(|&c| c < u).min(experts - 1);
+                let e = m[rank];
+                if !chosen.contains(&e) {
+                    chosen.push(e);
+                }
+            }
+            accesses.extend(chosen.into_iter().map(|e| Access {
+                layer: l as u16,
+                expert: e,
+            }));
+        }
+    }
+    Trace {
+        layers,
+        experts,
+        accesses,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trace(layer_experts: &[(u16, u16)]) -> Trace {
+        Trace {
+            layers: 2,
+            experts: 8,
+            accesses: layer_experts
+                .iter()
+                .map(|&(layer, expert)| Access { layer, expert })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn policies_by_hand() {
+        // Layer 0 only: A B C A B D A with 2 slots.
+        let t = trace(&[(0, 0), (0, 1), (0, 2), (0, 0), (0, 1), (0, 3), (0, 0)]);
+        // LRU: every access misses except none: A B C(evict A) A(evict B) B(evict C) D(evict A)
+        // A(evict B) -> 0 hits.
+        assert_eq!(hit_rate(&mut Lru::new(2, 2), &t), 0.0);
+        // Belady: A B, C is used never again -> not admitted; A hit, B hit; D never again ->
+        // not admitted; A hit: 3 hits.
+        assert_eq!(belady(&t, 2), 3);
+        // Static from the trace's own counts: A (3) and B (2) resident -> every A and B hits.
+        let mut s = StaticFrequency::from_counts(&t.counts(), 2);
+        assert_eq!(hit_rate(&mut s, &t), 5.0 / 7.0);
+        assert_eq!(s.resident(0), vec![0, 1]);
+        // Adaptive, where counts differ: A A B B C A B D A with 2 slots. A and B fill the
+        // slots and reach count 2; C and D (count 1) are not admitted: hits at A2 B2 A B A.
+        let t3 = trace(&[
+            (0, 0),
+            (0, 0),
+            (0, 1),
+            (0, 1),
+            (0, 2),
+            (0, 0),
+            (0, 1),
+            (0, 3),
+            (0, 0),
+        ]);
+        assert_eq!(hit_rate(&mut Adaptive::new(2, 8, 2, 1e9), &t3), 5.0 / 9.0);
+        // LRU lets C and D flush the hot pair: only A2 and B2 hit.
+        assert_eq!(hit_rate(&mut Lru::new(2, 2), &t3), 2.0 / 9.0);
+        assert_eq!(belady(&t3, 2), 5);
+        // Layers are independent: the same expert id on another layer is another slot.
+        let t2 = trace(&[(0, 5), (1, 5), (0, 5), (1, 5)]);
+        assert_eq!(hit_rate(&mut Lru::new(2, 1), &t2), 0.5);
+        assert_eq!(belady(&t2, 1), 2);
+    }
+
+    #[test]
+    fn zero_and_full_capacity() {
+        let pop = expert_popularity(64);
+        let t = skewed_trace(&pop, 3, 4, 500, 2, 1);
+        let distinct = {
+            let mut s = std::collections::HashSet::new();
+            t.accesses.iter().for_each(|a| {
+                s.insert(*a);
+            });
+            s.len() as u64
+        };
+        let n = t.accesses.len() as u64;
+        assert_eq!(belady(&t, 0), 0);
+        assert_eq!(hit_rate(&mut Lru::new(3, 0), &t), 0.0);
+        assert_eq!(hit_rate(&mut Adaptive::new(3, 64, 0, 100.0), &t), 0.0);
+        // Room for every expert: only the first use of each misses.
+        let full = (n - distinct) as f64 / n as f64;
+        assert_eq!(belady(&t, 64), n - distinct);
+        assert_eq!(hit_rate(&mut Lru::new(3, 64), &t), full);
+        assert_eq!(hit_rate(&mut Adaptive::new(3, 64, 64, 100.0), &t), full);
+        let mut s = StaticFrequency::from_counts(&t.counts(), 64);
+        assert_eq!(hit_rate(&mut s, &t), 1.0);
+    }
+
+    #[test]
+    fn synthetic_trace_has_the_measured_skew() {
+        let pop = expert_popularity(256);
+        let t = skewed_trace(&pop, 4, 6, 4000, 1, 7);
+        let share = t.top_share(0.125);
+        assert!((share - 0.58).abs() < 0.03, "top 12.5 % take {share:.3}");
+        // Every token selects k distinct experts per layer.
+        for tok in t.accesses.chunks(4 * 6) {
+            for layer in tok.chunks(6) {
+                let mut e: Vec<u16> = layer.iter().map(|a| a.expert).collect();
+                e.sort_unstable();
+                e.dedup();
+                assert_eq!(e.len(), 6);
+            }
+        }
+    }
+}
