@@ -68,6 +68,25 @@ impl Sink for ChatSink {
     }
 }
 
+/// Device, expert-cache hit rate and bytes moved, when a device is in use.
+fn device_line(ex: &crate::backend::exec::Exec) -> Option<String> {
+    let dev = ex.device()?;
+    let st = dev.stats();
+    let e = ex.expert_stats();
+    let sel = (e.hits + e.misses).max(1);
+    Some(format!(
+        "{}: expert cache {:.1} % hits ({} of {} selections, {} promotions), {:.2} GB to the device, {:.2} GB back, {} launches",
+        dev.name(),
+        100.0 * e.hits as f64 / sel as f64,
+        e.hits,
+        e.hits + e.misses,
+        e.promotions,
+        st.bytes_to_device as f64 / 1e9,
+        st.bytes_to_host as f64 / 1e9,
+        st.launches
+    ))
+}
+
 fn stats_line(s: &TurnStats, context: usize) -> String {
     format!(
         "[{} prompt tokens ({} new) at {:.1} tok/s | {} tokens at {:.1} tok/s | context {}{}]",
@@ -160,6 +179,9 @@ pub fn run(a: &TalkArgs) -> anyhow::Result<i32> {
                     );
                     if let Some(s) = &last {
                         println!("last answer: {}", stats_line(s, talk.session.len()));
+                    }
+                    if let Some(line) = device_line(&engine.exec) {
+                        println!("{line}");
                     }
                     continue;
                 }

@@ -48,14 +48,18 @@ impl EngineArgs {
         }
         if let Some(dev) = opened.device {
             let name = dev.name();
-            let p = e.use_device(dev)?;
+            // Dense weights and head resident; the routed experts through the adaptive cache
+            // in whatever device memory is left.
+            let (p, slots) =
+                e.use_device_hybrid(dev, crate::engine::ExpertPolicy::Adaptive, None)?;
             let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
             eprintln!(
-                "dsflash: {name}: {} of {} matrices ({:.2} of {:.2} GiB) resident, the rest on the CPU",
+                "dsflash: {name}: {} of {} dense matrices ({:.2} of {:.2} GiB) resident, expert cache of {slots} of {} per layer, the rest on the CPU",
                 p.resident,
                 p.total,
                 gib(p.resident_bytes),
-                gib(p.total_bytes)
+                gib(p.total_bytes),
+                e.cfg.n_routed_experts
             );
         }
         Ok(e)
