@@ -131,10 +131,9 @@ pub fn forward(ctx: &MoeCtx, w: &MoeWeights, x: &[f32], tokens: &[u32]) -> Vec<f
             groups[e].push((ti, wt));
         }
     }
-    for (e, members) in groups.iter().enumerate() {
-        if members.is_empty() {
-            continue;
-        }
+    // One expert over its tokens: [n, D] out, in the order of `groups[e]`.
+    let run = |e: usize| -> Vec<f32> {
+        let members = &groups[e];
         let n = members.len();
         let mut xe = vec![0f32; n * d];
         for (j, &(ti, _)) in members.iter().enumerate() {
@@ -142,14 +141,41 @@ pub fn forward(ctx: &MoeCtx, w: &MoeWeights, x: &[f32], tokens: &[u32]) -> Vec<f
         }
         let wts: Vec<f32> = members.iter().map(|m| m.1).collect();
         let pre = (num == Numerics::Reference).then_some(wts.as_slice());
-        let out = expert(ex, &w.experts[e], &xe, n, (limit, lower), num, pre);
-        for (j, &(ti, wt)) in members.iter().enumerate() {
-            let scale = if pre.is_some() { 1.0 } else { wt };
+        expert(ex, &w.experts[e], &xe, n, (limit, lower), num, pre)
+    };
+    let mut add = |e: usize, out: &[f32]| {
+        for (j, &(ti, wt)) in groups[e].iter().enumerate() {
+            let scale = if num == Numerics::Reference { 1.0 } else { wt };
             axpy(
                 &mut y[ti * d..(ti + 1) * d],
                 scale,
                 &out[j * d..(j + 1) * d],
             );
+        }
+    };
+    let active: Vec<usize> = (0..groups.len())
+        .filter(|&e| !groups[e].is_empty())
+        .collect();
+    let (on_dev, on_cpu): (Vec<usize>, Vec<usize>) = active
+        .iter()
+        .partition(|&&e| ex.device().is_some() && ex.is_resident(&w.experts[e].w1));
+    if on_dev.is_empty() {
+        // CPU only: each expert's output is added as soon as it is computed.
+        for e in active {
+            let out = run(e);
+            add(e, &out);
+        }
+    } else {
+        // Hits on the device and misses on the CPU at the same time; the outputs are then
+        // added in expert order, as above, so the sum is the same to the last bit.
+        let (dev_out, cpu_out) = rayon::join(
+            || on_dev.iter().map(|&e| (e, run(e))).collect::<Vec<_>>(),
+            || on_cpu.iter().map(|&e| (e, run(e))).collect::<Vec<_>>(),
+        );
+        let mut outs: Vec<(usize, Vec<f32>)> = dev_out.into_iter().chain(cpu_out).collect();
+        outs.sort_by_key(|(e, _)| *e);
+        for (e, out) in outs {
+            add(e, &out);
         }
     }
     y
