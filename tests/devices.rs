@@ -147,7 +147,7 @@ fn expert_cache_at_every_size_keeps_logits_bit_identical() {
     let trace = e.exec.take_trace().expect("recorded");
     let distinct: std::collections::HashSet<_> = trace.accesses.iter().collect();
     for policy in [
-        ExpertPolicy::Adaptive,
+        ExpertPolicy::Adaptive(None),
         ExpertPolicy::Lru,
         ExpertPolicy::Static(trace.counts()),
     ] {
@@ -155,7 +155,7 @@ fn expert_cache_at_every_size_keeps_logits_bit_identical() {
             let mut e = Engine::open(&dir, Numerics::Ideal).expect("open");
             let sim = Arc::new(SimDevice::new(1 << 30, SimCost::default()));
             let (p, s) = e
-                .use_device_hybrid(sim.clone(), policy.clone(), Some(slots))
+                .use_device_hybrid(sim.clone(), policy.clone(), Some(slots), None)
                 .expect("placement");
             assert_eq!((p.resident, s), (p.total, slots), "dense part and head fit");
             let got = prefill_logits(&e, &g.input_ids, 64);
@@ -237,4 +237,84 @@ fn cache_policies_against_lru_static_and_the_offline_optimum() {
             }
         }
     }
+}
+
+#[test]
+fn expert_profile_round_trip_and_gpu_mem_cap() {
+    let dir = fixture("tiny");
+    let d = dir.to_str().expect("utf-8 path");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let prof = tmp.path().join("experts.json");
+    let p = prof.to_str().expect("utf-8 path");
+    let generate = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            d,
+            "--tokens",
+            "1,2,3,4,5",
+            "--max-tokens",
+            "6",
+            "--ignore-eos",
+            "--numerics",
+            "ideal",
+            "--device",
+            "sim:64M",
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let total = |path: &std::path::Path| -> u64 {
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(path).expect("profile written")).expect("json");
+        assert_eq!(
+            (v["layers"].as_u64(), v["experts"].as_u64()),
+            (Some(5), Some(8))
+        );
+        v["counts"]
+            .as_array()
+            .expect("counts")
+            .iter()
+            .flat_map(|r| {
+                r.as_array()
+                    .expect("row")
+                    .iter()
+                    .map(|c| c.as_u64().expect("u64"))
+            })
+            .sum()
+    };
+    let first = generate(&["--expert-profile", p]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    // 5 prompt tokens + 5 decode steps (the 6th token is not fed back), 5 layers, top 2.
+    assert_eq!(total(&prof), 10 * 5 * 2);
+    let second = generate(&["--expert-profile", p]);
+    assert!(second.status.success(), "{}", stderr(&second));
+    assert_eq!(
+        stdout(&second),
+        stdout(&first),
+        "a warm cache changes no answer"
+    );
+    assert_eq!(
+        total(&prof),
+        2 * 10 * 5 * 2,
+        "the second session adds its selections"
+    );
+    // A profile for another model is refused with the file named.
+    std::fs::write(
+        &prof,
+        r#"{"layers": 3, "experts": 8, "counts": [[0],[0],[0]]}"#,
+    )
+    .expect("write");
+    let bad = generate(&["--expert-profile", p]);
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("experts.json") && stderr(&bad).contains("5 x 8"),
+        "{}",
+        stderr(&bad)
+    );
+    // --gpu-mem caps what the device holds: with 0, nothing is resident.
+    let capped = generate(&["--gpu-mem", "0"]);
+    assert!(capped.status.success(), "{}", stderr(&capped));
+    assert!(stderr(&capped).contains(": 0 of "), "{}", stderr(&capped));
+    assert_eq!(stdout(&capped), stdout(&first));
 }

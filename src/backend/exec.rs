@@ -34,6 +34,8 @@ struct Scratch {
 struct ExpertSlots {
     policy: Box<dyn Policy + Send>,
     held: HashMap<(usize, usize), [Weight; 3]>,
+    /// Selections per [layer][expert] (seeded from a loaded profile): the usage profile.
+    counts: Vec<Vec<u64>>,
 }
 
 /// Counters of the expert cache (selections served from device slots or not).
@@ -99,6 +101,10 @@ impl Exec {
         }
         match dev.upload_weight(w, Stream::COPY) {
             Ok(dw) => {
+                // Kernels on the compute stream must not read it before the copy lands; the
+                // host does not wait (the event orders the streams on the device).
+                let e = dev.record(Stream::COPY)?;
+                dev.wait(Stream::COMPUTE, e)?;
                 self.resident
                     .write()
                     .unwrap_or_else(|p| p.into_inner())
@@ -123,11 +129,19 @@ impl Exec {
 
     /// Manage routed experts with `policy`: from now on every selection goes through it, and
     /// the experts it holds are resident on the device (the others run on the CPU).
-    pub fn set_expert_policy(&self, policy: Box<dyn Policy + Send>) {
+    /// `counts` seeds the usage profile (from an earlier session; empty for none).
+    pub fn set_expert_policy(&self, policy: Box<dyn Policy + Send>, counts: Vec<Vec<u64>>) {
         *lock(&self.experts) = Some(ExpertSlots {
             policy,
             held: HashMap::new(),
+            counts,
         });
+    }
+
+    /// Selections per [layer][expert] so far, the seed profile included (None without an
+    /// expert policy).
+    pub fn expert_counts(&self) -> Option<Vec<Vec<u64>>> {
+        lock(&self.experts).as_ref().map(|s| s.counts.clone())
     }
 
     pub fn expert_stats(&self) -> ExpertStats {
@@ -167,7 +181,15 @@ impl Exec {
             return;
         };
         let mut st = lock(&self.expert_stats);
+        if slots.counts.len() <= layer {
+            slots.counts.resize(layer + 1, Vec::new());
+        }
         for &e in &selected {
+            let row = &mut slots.counts[layer];
+            if row.len() <= e {
+                row.resize(e + 1, 0);
+            }
+            row[e] += 1;
             let hit = slots.policy.access(Access {
                 layer: layer as u16,
                 expert: e as u16,

@@ -259,5 +259,6 @@ pub fn run(a: &TalkArgs) -> anyhow::Result<i32> {
         }
         let _ = ed.save_history(h);
     }
+    a.engine.finish(&engine)?;
     Ok(0)
 }

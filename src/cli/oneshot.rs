@@ -136,6 +136,7 @@ pub fn run(a: &TalkArgs, stdin: Option<String>, verbose: bool) -> anyhow::Result
             stats.stop
         );
     }
+    a.engine.finish(&engine)?;
     Ok(if stop.load(Ordering::Relaxed) {
         EXIT_INTERRUPTED
     } else {

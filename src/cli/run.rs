@@ -31,6 +31,27 @@ pub struct EngineArgs {
     /// not fit on the device runs on the CPU; a GPU that cannot be used gives a notice.
     #[arg(long, default_value = "auto", value_parser = clap::value_parser!(DeviceChoice))]
     pub device: DeviceChoice,
+    /// Device memory to use at most (e.g. 20G; default: what the device has free, less a
+    /// reserve).
+    #[arg(long, value_parser = parse_size_arg)]
+    pub gpu_mem: Option<u64>,
+    /// Expert usage profile: read at start (the expert cache starts with its hot set) and
+    /// written back at exit with this session's selections added.
+    #[arg(long)]
+    pub expert_profile: Option<PathBuf>,
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    crate::backend::sim::parse_size(s)
+}
+
+/// `--expert-profile` file contents.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ExpertProfile {
+    layers: usize,
+    experts: usize,
+    /// Selections per [layer][expert].
+    counts: Vec<Vec<u64>>,
 }
 
 impl EngineArgs {
@@ -50,8 +71,13 @@ impl EngineArgs {
             let name = dev.name();
             // Dense weights and head resident; the routed experts through the adaptive cache
             // in whatever device memory is left.
-            let (p, slots) =
-                e.use_device_hybrid(dev, crate::engine::ExpertPolicy::Adaptive, None)?;
+            let warm = self.read_profile(&e)?;
+            let (p, slots) = e.use_device_hybrid(
+                dev,
+                crate::engine::ExpertPolicy::Adaptive(warm),
+                None,
+                self.gpu_mem,
+            )?;
             let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
             eprintln!(
                 "dsflash: {name}: {} of {} dense matrices ({:.2} of {:.2} GiB) resident, expert cache of {slots} of {} per layer, the rest on the CPU",
@@ -63,6 +89,55 @@ impl EngineArgs {
             );
         }
         Ok(e)
+    }
+
+    /// The `--expert-profile` counts when the file exists (a missing file is a first run).
+    fn read_profile(&self, e: &Engine) -> anyhow::Result<Option<Vec<Vec<u64>>>> {
+        let Some(path) = &self.expert_profile else {
+            return Ok(None);
+        };
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(err) => bail!("--expert-profile {}: {err}", path.display()),
+        };
+        let p: ExpertProfile = serde_json::from_slice(&bytes).with_context(|| {
+            format!(
+                "--expert-profile {}: not a profile written by dsflash",
+                path.display()
+            )
+        })?;
+        let (l, x) = (e.cfg.num_hidden_layers, e.cfg.n_routed_experts);
+        if p.layers != l
+            || p.experts != x
+            || p.counts.len() != l
+            || p.counts.iter().any(|r| r.len() != x)
+        {
+            bail!(
+                "--expert-profile {}: made for {} layers x {} experts, this model has {l} x {x}",
+                path.display(),
+                p.layers,
+                p.experts
+            );
+        }
+        Ok(Some(p.counts))
+    }
+
+    /// At exit: write the expert usage profile back (atomically), if one was asked for.
+    pub fn finish(&self, e: &Engine) -> anyhow::Result<()> {
+        let (Some(path), Some(mut counts)) = (&self.expert_profile, e.exec.expert_counts()) else {
+            return Ok(());
+        };
+        let (l, x) = (e.cfg.num_hidden_layers, e.cfg.n_routed_experts);
+        counts.resize(l, Vec::new());
+        counts.iter_mut().for_each(|r| r.resize(x, 0));
+        let p = ExpertProfile {
+            layers: l,
+            experts: x,
+            counts,
+        };
+        crate::fsutil::write_atomic(path, &serde_json::to_vec(&p)?)
+            .with_context(|| format!("--expert-profile {}", path.display()))
     }
 
     pub fn session<'e>(&self, e: &'e Engine) -> anyhow::Result<Session<'e>> {
@@ -249,7 +324,8 @@ pub fn logits(a: &LogitsArgs) -> anyhow::Result<()> {
     };
     let l = prefill(&mut s, &tokens, want)?;
     let v = e.cfg.vocab_size;
-    write_npy(&a.out, &l, l.len() / v, v)
+    write_npy(&a.out, &l, l.len() / v, v)?;
+    a.engine.finish(&e)
 }
 
 pub fn generate(a: &GenerateArgs) -> anyhow::Result<()> {
@@ -273,5 +349,5 @@ pub fn generate(a: &GenerateArgs) -> anyhow::Result<()> {
         logits = s.decode_step(tok)?;
     }
     writeln!(out)?;
-    Ok(())
+    a.engine.finish(&e)
 }

@@ -33,8 +33,9 @@ pub enum Want {
 #[derive(Debug, Clone)]
 pub enum ExpertPolicy {
     Lru,
-    /// Decayed per-layer frequencies with admission control (the default).
-    Adaptive,
+    /// Decayed per-layer frequencies with admission control (the default), optionally
+    /// warm-started from a usage profile [layer][expert] of an earlier session.
+    Adaptive(Option<Vec<Vec<u64>>>),
     /// A fixed set: the most selected experts of a usage profile [layer][expert].
     Static(Vec<Vec<u64>>),
 }
@@ -128,12 +129,15 @@ impl Engine {
     /// priority order, then the routed experts are left to `policy`, an expert cache with
     /// `slots` experts per layer (None: as many as the remaining device memory holds).
     /// Returns the placement of the fixed part and the slots given to the cache.
+    /// `budget` caps the device memory used (None: all the device offers).
     pub fn use_device_hybrid(
         &mut self,
         dev: Arc<dyn Device>,
         policy: ExpertPolicy,
         slots: Option<usize>,
+        budget: Option<u64>,
     ) -> Result<(Placement, usize), DeviceError> {
+        let budget = budget.unwrap_or(u64::MAX).min(dev.capacity());
         self.exec = Exec::on(dev.clone());
         let mats = self.weights.matrices();
         let (rows, cols) = mats
@@ -149,7 +153,8 @@ impl Engine {
             }
             p.total += 1;
             p.total_bytes += w.stored_bytes() as u64;
-            if scratch && p.resident == p.total - 1 && self.exec.make_resident(w)? {
+            let room = dev.in_use() + w.stored_bytes() as u64 <= budget;
+            if scratch && room && p.resident == p.total - 1 && self.exec.make_resident(w)? {
                 p.resident += 1;
                 p.resident_bytes += w.stored_bytes() as u64;
             }
@@ -164,17 +169,24 @@ impl Engine {
             .map_or(1, |x| {
                 (x.w1.stored_bytes() + x.w2.stored_bytes() + x.w3.stored_bytes()) as u64
             });
-        let free = dev.capacity().saturating_sub(dev.in_use());
+        let free = budget.saturating_sub(dev.in_use());
         let fit = (free / expert_bytes.max(1)) as usize / layers.max(1);
         let slots = slots.unwrap_or(fit).min(n_exp);
-        let pol: Box<dyn Policy + Send> = match policy {
-            ExpertPolicy::Lru => Box::new(Lru::new(layers, slots)),
-            ExpertPolicy::Adaptive => Box::new(Adaptive::new(layers, n_exp, slots, 256.0)),
-            ExpertPolicy::Static(profile) => {
-                Box::new(StaticFrequency::from_counts(&profile, slots))
+        let (pol, seed): (Box<dyn Policy + Send>, Vec<Vec<u64>>) = match policy {
+            ExpertPolicy::Lru => (Box::new(Lru::new(layers, slots)), Vec::new()),
+            ExpertPolicy::Adaptive(warm) => {
+                let mut a = Adaptive::new(layers, n_exp, slots, 256.0);
+                if let Some(p) = &warm {
+                    a.warm_start(p);
+                }
+                (Box::new(a), warm.unwrap_or_default())
             }
+            ExpertPolicy::Static(profile) => (
+                Box::new(StaticFrequency::from_counts(&profile, slots)),
+                Vec::new(),
+            ),
         };
-        self.exec.set_expert_policy(pol);
+        self.exec.set_expert_policy(pol, seed);
         Ok((p, slots))
     }
 
