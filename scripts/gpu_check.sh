@@ -44,3 +44,13 @@ b=$($bin generate --model tests/fixtures/tiny --tokens 1,2,3,4,5 --max-tokens 16
 if [ "$a" = "$b" ]; then log "same ids: $a"; else log "DIFFERENT: cpu $a / cuda $b"; fi
 log "bench --gpu"; timeout 180 $bin bench --gpu --json > "$out/bench_gpu.json" 2> "$out/bench_gpu.log"; log "rc=$?"
 cat "$out/bench_gpu.log" >> "$out/summary.txt"
+# Hybrid decode on the real-dimension 2-layer checkpoint (written once, ~9 GB): every expert on
+# the CPU, the share of slots a 24 GB card leaves for the full model (~29 of 256 per layer,
+# `dsflash inspect --plan --reference`), and every expert on the GPU.
+for slots in 0 29 256; do
+  log "bench --hybrid --device cuda --expert-slots $slots"
+  timeout 240 $bin bench --hybrid --device cuda --expert-slots $slots --json \
+    --synth-dir "${SYNTH_DIR:-/tmp/dsflash-bench}" >> "$out/bench_hybrid.json" 2>> "$out/bench_hybrid.log"
+  log "rc=$?"
+done
+cat "$out/bench_hybrid.log" >> "$out/summary.txt"

@@ -27,6 +27,21 @@ pub struct BenchArgs {
     /// device-to-device copy bandwidth, and FP8 GEMM TFLOP/s at prefill batch sizes.
     #[arg(long)]
     pub gpu: bool,
+    /// Benchmark hybrid decode instead: the real-dimension synthetic checkpoint placed on
+    /// `--device` (dense weights resident, an adaptive expert cache in the rest), reporting
+    /// tok/s, the cache's hit rate and the bytes moved per token.
+    #[arg(long)]
+    pub hybrid: bool,
+    /// Device for --hybrid (auto, cuda or sim:<capacity>).
+    #[arg(long, default_value = "auto", value_parser = clap::value_parser!(crate::backend::select::DeviceChoice))]
+    pub device: crate::backend::select::DeviceChoice,
+    /// Device memory cap for --hybrid (e.g. 24G).
+    #[arg(long, value_parser = |s: &str| crate::backend::sim::parse_size(s))]
+    pub gpu_mem: Option<u64>,
+    /// Expert slots per layer for --hybrid (default: what the memory left holds; 0 = all
+    /// experts on the CPU, 256 = all on the device).
+    #[arg(long)]
+    pub expert_slots: Option<usize>,
     /// Where the synthetic real-dimension checkpoint lives (created on first use).
     #[arg(long, default_value = ".cache/bench/flash-2layers")]
     pub synth_dir: PathBuf,
@@ -180,8 +195,8 @@ fn macs_per_token(e: &Engine) -> f64 {
     macs
 }
 
-/// `peak` = (GFLOP/s, name) of the instructions the prefill products run on.
-fn end_to_end(a: &BenchArgs, bw: f64, peak: (f64, &str)) -> anyhow::Result<(Decode, Prefill)> {
+/// The 2-layer real-dimension checkpoint, written on first use.
+fn ensure_synth(a: &BenchArgs) -> anyhow::Result<()> {
     let cfg = two_layer_config()?;
     let marker = a.synth_dir.join("model.safetensors.index.json");
     let same = std::fs::read(a.synth_dir.join("config.json")).is_ok_and(|c| c == cfg);
@@ -192,6 +207,89 @@ fn end_to_end(a: &BenchArgs, bw: f64, peak: (f64, &str)) -> anyhow::Result<(Deco
         );
         crate::model::synth::synth(&cfg, &a.synth_dir, 1, false)?;
     }
+    Ok(())
+}
+
+#[derive(Serialize, Debug)]
+pub struct HybridReport {
+    pub device: String,
+    pub expert_slots_per_layer: usize,
+    pub dense_resident: String,
+    pub decode_tokens_per_s: f64,
+    pub expert_hit_rate: f64,
+    pub bytes_to_device_per_token: f64,
+    pub bytes_to_host_per_token: f64,
+    /// The simulated device only: its modelled seconds per token (copies, kernels).
+    pub modelled_copy_s_per_token: f64,
+    pub modelled_compute_s_per_token: f64,
+}
+
+/// `dsflash bench --hybrid`: decode on the real-dimension checkpoint placed on a device.
+fn hybrid(a: &BenchArgs) -> anyhow::Result<()> {
+    ensure_synth(a)?;
+    let mut e = Engine::open(&a.synth_dir, Numerics::Reference)?;
+    let opened = crate::backend::select::open(&a.device);
+    if let Some(n) = &opened.notice {
+        eprintln!("{n}");
+    }
+    let dev = opened.device.ok_or_else(|| {
+        anyhow::anyhow!("bench --hybrid: no device (use --device cuda or sim:24G)")
+    })?;
+    let (p, slots) = e.use_device_hybrid(
+        dev.clone(),
+        crate::engine::ExpertPolicy::Adaptive(None),
+        a.expert_slots,
+        a.gpu_mem,
+    )?;
+    let mut rng = SplitMix64::new(5);
+    let vocab = e.cfg.vocab_size as u64;
+    let mut toks =
+        |n: usize| -> Vec<u32> { (0..n).map(|_| (rng.next_u64() % vocab) as u32).collect() };
+    let mut s = Session::new(&e, 1 << 16, 2048);
+    s.prefill(&toks(32), Want::Last)?;
+    for tk in toks(3) {
+        s.decode_step(tk)?;
+    }
+    let (st0, ex0) = (dev.stats(), e.exec.expert_stats());
+    let steps = if a.quick { 4 } else { 32 };
+    let t = Instant::now();
+    for tk in toks(steps) {
+        s.decode_step(tk)?;
+    }
+    let dt = t.elapsed().as_secs_f64();
+    let (st, ex) = (dev.stats(), e.exec.expert_stats());
+    let sel = (ex.hits + ex.misses - ex0.hits - ex0.misses).max(1);
+    let per = |v: f64| v / steps as f64;
+    let r = HybridReport {
+        device: dev.name(),
+        expert_slots_per_layer: slots,
+        dense_resident: format!("{} of {}", p.resident, p.total),
+        decode_tokens_per_s: steps as f64 / dt,
+        expert_hit_rate: (ex.hits - ex0.hits) as f64 / sel as f64,
+        bytes_to_device_per_token: per((st.bytes_to_device - st0.bytes_to_device) as f64),
+        bytes_to_host_per_token: per((st.bytes_to_host - st0.bytes_to_host) as f64),
+        modelled_copy_s_per_token: per(st.modelled_copy_s - st0.modelled_copy_s),
+        modelled_compute_s_per_token: per(st.modelled_compute_s - st0.modelled_compute_s),
+    };
+    eprintln!(
+        "bench --hybrid: {}: dense {} resident, {} expert slots/layer: {:.2} tok/s, hit rate {:.1} %, {:.1} MB to the device and {:.2} MB back per token",
+        r.device,
+        r.dense_resident,
+        r.expert_slots_per_layer,
+        r.decode_tokens_per_s,
+        100.0 * r.expert_hit_rate,
+        r.bytes_to_device_per_token / 1e6,
+        r.bytes_to_host_per_token / 1e6
+    );
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    }
+    Ok(())
+}
+
+/// `peak` = (GFLOP/s, name) of the instructions the prefill products run on.
+fn end_to_end(a: &BenchArgs, bw: f64, peak: (f64, &str)) -> anyhow::Result<(Decode, Prefill)> {
+    ensure_synth(a)?;
     let e = Engine::open(&a.synth_dir, Numerics::Reference)?;
     let bytes_per_token =
         crate::model::layout::bytes_per_token(&e.cfg, &crate::model::layout::inventory(&e.cfg));
@@ -239,6 +337,9 @@ fn end_to_end(a: &BenchArgs, bw: f64, peak: (f64, &str)) -> anyhow::Result<(Deco
 pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     if a.gpu {
         return gpu(a);
+    }
+    if a.hybrid {
+        return hybrid(a);
     }
     let (buf, reps) = if a.quick {
         (256usize << 20, 2)
