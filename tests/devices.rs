@@ -318,3 +318,62 @@ fn expert_profile_round_trip_and_gpu_mem_cap() {
     assert!(stderr(&capped).contains(": 0 of "), "{}", stderr(&capped));
     assert_eq!(stdout(&capped), stdout(&first));
 }
+
+#[test]
+fn whole_model_mode_runs_every_op_on_the_device_bit_identically() {
+    // All three tiny checkpoints fully on a simulated device: every op of the forward pass
+    // (norms, mHC, RoPE, routing, SwiGLU, indexer, attention) as a device op, with the
+    // logits and the greedy continuation identical to the CPU engine's in both numerics.
+    for dir in ["tiny", "tiny-b", "tiny-c"] {
+        for num in [Numerics::Ideal, Numerics::Reference] {
+            let g = goldens(&fixture(&format!("{dir}/goldens.safetensors")))
+                .into_iter()
+                .max_by_key(|g| g.input_ids.len())
+                .expect("a golden prompt");
+            let run_all = |e: &Engine| -> (Vec<f32>, Vec<u32>) {
+                let mut s = Session::new(e, 1 << 20, 64);
+                let l = s.prefill(&g.input_ids, Want::All).expect("prefill");
+                let v = e.cfg.vocab_size;
+                let mut last = l[l.len() - v..].to_vec();
+                let mut toks = Vec::new();
+                for _ in 0..8 {
+                    let tok = argmax(&last);
+                    toks.push(tok);
+                    last = s.decode_step(tok).expect("decode");
+                }
+                (l, toks)
+            };
+            let cpu = run_all(&Engine::open(&fixture(dir), num).expect("open"));
+            let mut e = Engine::open(&fixture(dir), num).expect("open");
+            let sim = Arc::new(SimDevice::new(1 << 30, SimCost::default()));
+            let p = e.use_device(sim.clone()).expect("placement");
+            assert_eq!(p.resident, p.total);
+            assert!(
+                e.exec.whole_model(),
+                "{dir}: everything fits, so every op is offloaded"
+            );
+            let dev = run_all(&e);
+            assert!(
+                dev.0
+                    .iter()
+                    .zip(&cpu.0)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{dir} {num:?}: whole-model logits differ from the CPU engine's"
+            );
+            assert_eq!(dev.1, cpu.1, "{dir} {num:?}: greedy continuation");
+            // The same run with only the matrix products offloaded launches far fewer ops.
+            let whole_launches = sim.stats().launches;
+            let mut e2 = Engine::open(&fixture(dir), num).expect("open");
+            let sim2 = Arc::new(SimDevice::new(1 << 30, SimCost::default()));
+            e2.use_device(sim2.clone()).expect("placement");
+            e2.exec.set_whole_model(false);
+            let lin = run_all(&e2);
+            assert_eq!(lin.1, cpu.1);
+            assert!(
+                whole_launches > 2 * sim2.stats().launches,
+                "{dir}: {whole_launches} launches in whole-model mode vs {} for products only",
+                sim2.stats().launches
+            );
+        }
+    }
+}

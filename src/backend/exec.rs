@@ -23,6 +23,13 @@ pub fn weight_key(w: &Weight) -> usize {
     }
 }
 
+/// A host buffer handed to [`Exec::offload`]: copied in, copied back, or both.
+pub enum Arg<'a> {
+    In(&'a [u8]),
+    Out(&'a mut [u8]),
+    InOut(&'a mut [u8]),
+}
+
 /// Reusable input/output buffers on the device (grown on demand).
 #[derive(Default)]
 struct Scratch {
@@ -52,6 +59,7 @@ pub struct Exec {
     resident: RwLock<HashMap<usize, DevWeight>>,
     scratch: Mutex<Scratch>,
     failed: AtomicBool,
+    whole: AtomicBool,
     experts: Mutex<Option<ExpertSlots>>,
     expert_stats: Mutex<ExpertStats>,
     trace: Mutex<Option<Trace>>,
@@ -75,6 +83,7 @@ impl Exec {
             resident: RwLock::new(HashMap::new()),
             scratch: Mutex::new(Scratch::default()),
             failed: AtomicBool::new(false),
+            whole: AtomicBool::new(false),
             experts: Mutex::new(None),
             expert_stats: Mutex::new(ExpertStats::default()),
             trace: Mutex::new(None),
@@ -88,6 +97,63 @@ impl Exec {
 
     pub fn device(&self) -> Option<&Arc<dyn Device>> {
         self.dev.as_ref()
+    }
+
+    /// Whole-model mode: every op of the forward pass runs on the device (set when all the
+    /// model's matrices are resident). Without it only matrix products are offloaded.
+    pub fn set_whole_model(&self, on: bool) {
+        self.whole.store(on, Ordering::Relaxed);
+    }
+
+    pub fn whole_model(&self) -> bool {
+        self.whole.load(Ordering::Relaxed) && !self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Run one op of whole-model mode: the host buffers in `args` are copied to fresh device
+    /// buffers, `op` is built over them (in the same order) and launched, and the `Out` /
+    /// `InOut` ones are copied back. False when not in whole-model mode or on any device
+    /// error (reported once): the caller then computes on the CPU.
+    pub fn offload(&self, args: &mut [Arg], op: impl FnOnce(&[Buf]) -> Op) -> bool {
+        let Some(dev) = self.dev.as_ref().filter(|_| self.whole_model()) else {
+            return false;
+        };
+        let mut bufs = Vec::with_capacity(args.len());
+        let res = (|| -> Result<(), DeviceError> {
+            for a in args.iter() {
+                let (len, data): (usize, Option<&[u8]>) = match a {
+                    Arg::In(d) => (d.len(), Some(d)),
+                    Arg::InOut(d) => (d.len(), Some(&**d)),
+                    Arg::Out(d) => (d.len(), None),
+                };
+                let b = dev.alloc(len.max(4))?;
+                bufs.push(b);
+                if let Some(d) = data {
+                    dev.write(b, d, Stream::COMPUTE)?;
+                }
+            }
+            dev.launch(&op(&bufs), Stream::COMPUTE)?;
+            for (a, &b) in args.iter_mut().zip(&bufs) {
+                if let Arg::Out(d) | Arg::InOut(d) = a {
+                    dev.read(b, d, Stream::COMPUTE)?;
+                }
+            }
+            Ok(())
+        })();
+        for b in bufs {
+            dev.free(b);
+        }
+        match res {
+            Ok(()) => true,
+            Err(e) => {
+                if !self.failed.swap(true, Ordering::Relaxed) {
+                    eprintln!(
+                        "dsflash: {} failed ({e}); continuing on the CPU",
+                        dev.name()
+                    );
+                }
+                false
+            }
+        }
     }
 
     /// Make `w` resident on the device. Ok(false): no device, or it does not fit.

@@ -7,6 +7,7 @@ use super::compressor::CompressorState;
 use super::indexer::{self, IndexerQuery};
 use super::kv_cache::WindowRing;
 use super::numerics::Numerics;
+use super::offload;
 use super::rope::Rope;
 use super::traps::{Trap, Traps};
 use crate::backend::cpu::{attend_sink, rms_norm, rms_norm_rows, rms_norm_unweighted};
@@ -101,25 +102,42 @@ pub fn forward(
     // Query path: q_lat = q_norm(wq_a x); q = wq_b q_lat; per-head RMS; RoPE.
     // The FP8 GEMM input (rounded once in reference numerics), shared by wq_a and wkv.
     let xq = num.gemm_input(x, d);
+    // Whole-model mode: the same steps as device ops (fault injection stays on the CPU).
+    let whole = ex.whole_model() && ctx.traps.none();
     let mut q_lat = ex.linear(&w.wq_a, &xq, t);
-    rms_norm_rows(&mut q_lat, &w.q_norm, eps);
     let ql = cfg.q_lora_rank;
+    if whole {
+        offload::rms_norm_rows(ex, &mut q_lat, Some(&w.q_norm), ql, eps);
+    } else {
+        rms_norm_rows(&mut q_lat, &w.q_norm, eps);
+    }
     let mut q = ex.linear(&w.wq_b, &num.gemm_input(&q_lat, ql), t);
-    for (k, qt) in q.chunks_mut(h * hd).enumerate() {
-        for head in qt.chunks_mut(hd) {
-            if !ctx.traps.has(Trap::NoQHeadNorm) {
-                rms_norm_unweighted(head, eps);
+    if whole {
+        offload::rms_norm_rows(ex, &mut q, None, hd, eps);
+        offload::rope_rows(ex, ctx.rope, &mut q, hd, t0, h, false);
+    } else {
+        for (k, qt) in q.chunks_mut(h * hd).enumerate() {
+            for head in qt.chunks_mut(hd) {
+                if !ctx.traps.has(Trap::NoQHeadNorm) {
+                    rms_norm_unweighted(head, eps);
+                }
+                ctx.rope.apply(head, t0 + k, false);
             }
-            ctx.rope.apply(head, t0 + k, false);
         }
     }
 
     // Key/value path: kv = kv_norm(wkv x), RoPE on the trailing dims, (QAT) FP8 nope dims.
     let mut kv = ex.linear(&w.wkv, &xq, t);
-    for (k, row) in kv.chunks_mut(hd).enumerate() {
-        rms_norm(row, &w.kv_norm, eps);
-        ctx.rope.apply(row, t0 + k, false);
-        num.kv_row(row, nope);
+    if whole {
+        offload::rms_norm_rows(ex, &mut kv, Some(&w.kv_norm), hd, eps);
+        offload::rope_rows(ex, ctx.rope, &mut kv, hd, t0, 1, false);
+        kv.chunks_mut(hd).for_each(|row| num.kv_row(row, nope));
+    } else {
+        for (k, row) in kv.chunks_mut(hd).enumerate() {
+            rms_norm(row, &w.kv_norm, eps);
+            ctx.rope.apply(row, t0 + k, false);
+            num.kv_row(row, nope);
+        }
     }
 
     // Compressors run on the same normed x; rows completed in this chunk are visible to the
@@ -164,65 +182,75 @@ pub fn forward(
     let scale = 1.0 / (hd as f32).sqrt();
     let st_ro = &*st;
     let kv_ro = &kv;
-    let mut o = vec![0f32; t * h * hd];
-    o.par_chunks_mut(h * hd).enumerate().for_each(|(k, ok)| {
-        let p = t0 + k;
-        // Keys: the window p-win+1..=p (earlier chunks from the ring), then compressed rows.
-        let win = if ctx.traps.has(Trap::Window127) {
-            win - 1
-        } else {
-            win
-        };
-        let lo = (p + 1).saturating_sub(win);
-        let mut keys: Vec<&[f32]> = (lo..=p)
-            .map(|j| {
-                if j >= t0 {
-                    &kv_ro[(j - t0) * hd..(j - t0 + 1) * hd]
-                } else {
-                    st_ro.window.get(j)
-                }
-            })
-            .collect();
-        if let Some(cs) = &st_ro.comp {
-            let mut n_vis = cs.visible(p);
-            if ctx.traps.has(Trap::CompressedSeesIncomplete) {
-                n_vis = (n_vis + 1).min(cs.rows.len());
-            }
-            // Trap: drop rows whose tokens are still inside the window.
-            let skip_inside = |i: &usize| {
-                !(ctx.traps.has(Trap::CompressedSkipInsideWindow) && (i + 1) * cs.ratio() > lo)
-            };
-            match ctx.kind {
-                AttnKind::Hca => {
-                    keys.extend((0..n_vis).filter(skip_inside).map(|i| cs.rows.row(i)))
-                }
-                AttnKind::Csa => {
-                    let is = st_ro.index.as_ref().expect("CSA layer has an indexer");
-                    let query = IndexerQuery {
-                        q: &iq[k * ih * ihd..(k + 1) * ih * ihd],
-                        w: &iw[k * ih..(k + 1) * ih],
-                    };
-                    let sel = indexer::select(is, &query, n_vis, ihd, cfg.index_topk, ctx.traps);
-                    keys.extend(sel.into_iter().filter(skip_inside).map(|i| cs.rows.row(i)));
-                }
-                AttnKind::Window => {}
-            }
-        }
-        let mut logits = Vec::with_capacity(keys.len());
-        for (hh, oh) in ok.chunks_mut(hd).enumerate() {
-            let qh = &q[k * h * hd + hh * hd..k * h * hd + (hh + 1) * hd];
-            let sink = if ctx.traps.has(Trap::NoSink) {
-                f32::NEG_INFINITY
+    let whole_out = if whole {
+        whole_model_core(ctx, w, st_ro, kv_ro, (&q, &iq, &iw), t0, t)
+    } else {
+        None
+    };
+    let computed = whole_out.is_some();
+    let mut o = whole_out.unwrap_or_else(|| vec![0f32; t * h * hd]);
+    o.par_chunks_mut(h * hd)
+        .enumerate()
+        .filter(|_| !computed)
+        .for_each(|(k, ok)| {
+            let p = t0 + k;
+            // Keys: the window p-win+1..=p (earlier chunks from the ring), then compressed rows.
+            let win = if ctx.traps.has(Trap::Window127) {
+                win - 1
             } else {
-                w.sink[hh]
+                win
             };
-            attend_sink(qh, &keys, sink, scale, &mut logits, oh);
-            // Inverse RoPE at the query's position makes the value contribution relative.
-            if !ctx.traps.has(Trap::NoInverseRope) {
-                ctx.rope.apply(oh, p, true);
+            let lo = (p + 1).saturating_sub(win);
+            let mut keys: Vec<&[f32]> = (lo..=p)
+                .map(|j| {
+                    if j >= t0 {
+                        &kv_ro[(j - t0) * hd..(j - t0 + 1) * hd]
+                    } else {
+                        st_ro.window.get(j)
+                    }
+                })
+                .collect();
+            if let Some(cs) = &st_ro.comp {
+                let mut n_vis = cs.visible(p);
+                if ctx.traps.has(Trap::CompressedSeesIncomplete) {
+                    n_vis = (n_vis + 1).min(cs.rows.len());
+                }
+                // Trap: drop rows whose tokens are still inside the window.
+                let skip_inside = |i: &usize| {
+                    !(ctx.traps.has(Trap::CompressedSkipInsideWindow) && (i + 1) * cs.ratio() > lo)
+                };
+                match ctx.kind {
+                    AttnKind::Hca => {
+                        keys.extend((0..n_vis).filter(skip_inside).map(|i| cs.rows.row(i)))
+                    }
+                    AttnKind::Csa => {
+                        let is = st_ro.index.as_ref().expect("CSA layer has an indexer");
+                        let query = IndexerQuery {
+                            q: &iq[k * ih * ihd..(k + 1) * ih * ihd],
+                            w: &iw[k * ih..(k + 1) * ih],
+                        };
+                        let sel =
+                            indexer::select(is, &query, n_vis, ihd, cfg.index_topk, ctx.traps);
+                        keys.extend(sel.into_iter().filter(skip_inside).map(|i| cs.rows.row(i)));
+                    }
+                    AttnKind::Window => {}
+                }
             }
-        }
-    });
+            let mut logits = Vec::with_capacity(keys.len());
+            for (hh, oh) in ok.chunks_mut(hd).enumerate() {
+                let qh = &q[k * h * hd + hh * hd..k * h * hd + (hh + 1) * hd];
+                let sink = if ctx.traps.has(Trap::NoSink) {
+                    f32::NEG_INFINITY
+                } else {
+                    w.sink[hh]
+                };
+                attend_sink(qh, &keys, sink, scale, &mut logits, oh);
+                // Inverse RoPE at the query's position makes the value contribution relative.
+                if !ctx.traps.has(Trap::NoInverseRope) {
+                    ctx.rope.apply(oh, p, true);
+                }
+            }
+        });
 
     // The window ring now takes this chunk's keys (after every query read the old ones).
     for k in t.saturating_sub(win)..t {
@@ -256,4 +284,74 @@ pub fn forward(
         }
     }
     ex.linear(&w.wo_b, &num.gemm_input(&y, g * ol), t)
+}
+
+/// Whole-model mode's core attention: one key table (the window rows before the chunk, the
+/// chunk's rows, every compressed row), each query's rows as indices into it (the indexer
+/// choosing on the device for CSA layers), the sink attention and the inverse RoPE as device
+/// ops. None if the device could not run it (the caller computes on the CPU).
+fn whole_model_core(
+    ctx: &AttnCtx,
+    w: &AttnWeights,
+    st: &AttnState,
+    kv: &[f32],
+    (q, iq, iw): (&[f32], &[f32], &[f32]),
+    t0: usize,
+    t: usize,
+) -> Option<Vec<f32>> {
+    let cfg = ctx.cfg;
+    let (h, hd, win) = (cfg.num_attention_heads, cfg.head_dim, cfg.sliding_window);
+    let (ih, ihd) = (cfg.index_n_heads, cfg.index_head_dim);
+    let ex = ctx.exec;
+    // Table rows: positions first..t0 from the ring, then the chunk, then compressed rows.
+    let first = t0.saturating_sub(win - 1);
+    let mut table: Vec<f32> = Vec::with_capacity((t0 - first + t) * hd);
+    for j in first..t0 {
+        table.extend_from_slice(st.window.get(j));
+    }
+    table.extend_from_slice(kv);
+    let comp_at = t0 - first + t;
+    if let Some(cs) = &st.comp {
+        for i in 0..cs.rows.len() {
+            table.extend_from_slice(cs.rows.row(i));
+        }
+    }
+    let mut idx: Vec<Vec<usize>> = Vec::with_capacity(t);
+    for k in 0..t {
+        let p = t0 + k;
+        let lo = (p + 1).saturating_sub(win);
+        let mut v: Vec<usize> = (lo..=p).map(|j| j - first).collect();
+        if let Some(cs) = &st.comp {
+            let n_vis = cs.visible(p);
+            match ctx.kind {
+                AttnKind::Hca => v.extend((0..n_vis).map(|i| comp_at + i)),
+                AttnKind::Csa => {
+                    let is = st.index.as_ref()?;
+                    let sel = if n_vis <= cfg.index_topk {
+                        (0..n_vis).collect()
+                    } else {
+                        let mut keys = Vec::with_capacity(n_vis * ihd);
+                        for i in 0..n_vis {
+                            keys.extend_from_slice(is.rows.row(i));
+                        }
+                        offload::indexer_select(
+                            ex,
+                            &iq[k * ih * ihd..(k + 1) * ih * ihd],
+                            &iw[k * ih..(k + 1) * ih],
+                            &keys,
+                            ihd,
+                            cfg.index_topk,
+                        )?
+                    };
+                    v.extend(sel.into_iter().map(|i| comp_at + i));
+                }
+                AttnKind::Window => {}
+            }
+        }
+        idx.push(v);
+    }
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut o = offload::attend(ex, q, &table, &idx, &w.sink, scale, h, hd)?;
+    offload::rope_rows(ex, ctx.rope, &mut o, hd, t0, h, true);
+    Some(o)
 }

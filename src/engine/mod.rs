@@ -9,6 +9,7 @@ pub mod kv_cache;
 pub mod model;
 pub mod moe;
 pub mod numerics;
+pub mod offload;
 pub mod plan;
 pub mod rope;
 pub mod sampler;

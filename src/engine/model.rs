@@ -5,6 +5,7 @@ use super::attention::{self, AttnCtx, AttnState};
 use super::hyper;
 use super::moe;
 use super::numerics::Numerics;
+use super::offload;
 use super::rope::Rope;
 #[cfg(feature = "traps")]
 use super::traps::Trap;
@@ -122,6 +123,9 @@ impl Engine {
                 p.resident_bytes += w.stored_bytes() as u64;
             }
         }
+        // Everything fits: every op of the forward pass runs on the device.
+        self.exec
+            .set_whole_model(p.total > 0 && p.resident == p.total);
         Ok(p)
     }
 
@@ -275,7 +279,40 @@ impl Engine {
                 .zip(mixes)
                 .for_each(|((xt, ft), m)| hyper::expand(m, ft, xt, d, &self.traps));
         };
+        let whole = self.exec.whole_model() && self.traps.none();
+        let mix_len = 2 * hc + hc * hc;
+        // Whole-model mode: the same site math as device ops over all tokens at once.
+        let site_input = |p: &crate::model::weights::HcParams, norm: &[f32], x: &[f32]| {
+            let coef = offload::hc_mix(&self.exec, p, x, hc, d, iters, neps, heps);
+            let mut u = offload::hc_collapse(&self.exec, x, &coef, mix_len, hc, d);
+            offload::rms_norm_rows(&self.exec, &mut u, Some(norm), d, neps);
+            (coef, u)
+        };
         // Attention site.
+        if whole {
+            let (coef, u) = site_input(&b.hc_attn, &b.attn_norm, x);
+            let ctx = AttnCtx {
+                cfg,
+                kind: b.kind,
+                rope: &self.ropes[b.layer],
+                numerics: self.numerics,
+                traps: &self.traps,
+                exec: &self.exec,
+            };
+            let a = attention::forward(&ctx, &b.attn, st, &u, t0, t);
+            offload::hc_expand(&self.exec, x, &a, &coef, hc, d);
+            let (coef, u) = site_input(&b.hc_ffn, &b.ffn_norm, x);
+            let mctx = moe::MoeCtx {
+                cfg,
+                ex: &self.exec,
+                num: self.numerics,
+                traps: &self.traps,
+                layer: b.layer,
+            };
+            let f = moe::forward(&mctx, &b.ffn, &u, tokens);
+            offload::hc_expand(&self.exec, x, &f, &coef, hc, d);
+            return;
+        }
         let (mixes, u) = sublayer_input(&b.hc_attn, &b.attn_norm, x);
         let ctx = AttnCtx {
             cfg,
@@ -330,6 +367,26 @@ impl Engine {
             Want::All => (0..t).collect(),
         };
         let w = &self.weights;
+        if self.exec.whole_model() && self.traps.none() {
+            let xs: Vec<f32> = rows
+                .iter()
+                .flat_map(|&k| x[k * hc * d..(k + 1) * hc * d].iter().copied())
+                .collect();
+            let eps = (cfg.rms_norm_eps, cfg.hc_eps);
+            let pre = offload::hc_head(
+                &self.exec,
+                &w.hc_head_fn,
+                &w.hc_head_base,
+                w.hc_head_scale[0],
+                &xs,
+                hc,
+                d,
+                eps,
+            );
+            let mut hidden = offload::hc_collapse(&self.exec, &xs, &pre, hc, hc, d);
+            offload::rms_norm_rows(&self.exec, &mut hidden, Some(&w.norm), d, cfg.rms_norm_eps);
+            return self.exec.linear(&w.head, &hidden, rows.len());
+        }
         let mut hidden = vec![0f32; rows.len() * d];
         hidden.par_chunks_mut(d).zip(&rows).for_each(|(h, &k)| {
             let xt = &x[k * hc * d..(k + 1) * hc * d];

@@ -3,6 +3,7 @@
 //! normalised and scaled, SwiGLU experts with clamps, plus the shared expert.
 
 use super::numerics::Numerics;
+use super::offload;
 use super::traps::{Trap, Traps};
 use crate::backend::cpu::{RouteRule, axpy, route_token};
 use crate::backend::exec::Exec;
@@ -70,16 +71,25 @@ fn expert(
     let g = ex.linear(&e.w1, &xin, t);
     let u = ex.linear(&e.w3, &xin, t);
     let inter = e.w1.rows();
-    let mut act: Vec<f32> = g
-        .iter()
-        .zip(&u)
-        .map(|(&g, &u)| swiglu(g, u, limit, gate_lower))
-        .collect();
-    if let Some(pw) = pre_weights {
-        for (row, &wt) in act.chunks_mut(inter).zip(pw) {
-            row.iter_mut().for_each(|v| *v *= wt);
+    // On the device in whole-model mode (the gate's lower clamp is fault injection only).
+    let on_device = if gate_lower == f32::NEG_INFINITY {
+        offload::swiglu(ex, &g, &u, pre_weights, inter, limit)
+    } else {
+        None
+    };
+    let act = on_device.unwrap_or_else(|| {
+        let mut act: Vec<f32> = g
+            .iter()
+            .zip(&u)
+            .map(|(&g, &u)| swiglu(g, u, limit, gate_lower))
+            .collect();
+        if let Some(pw) = pre_weights {
+            for (row, &wt) in act.chunks_mut(inter).zip(pw) {
+                row.iter_mut().for_each(|v| *v *= wt);
+            }
         }
-    }
+        act
+    });
     ex.linear(&e.w2, &num.gemm_input(&act, inter), t)
 }
 
@@ -107,7 +117,12 @@ pub fn forward(ctx: &MoeCtx, w: &MoeWeights, x: &[f32], tokens: &[u32]) -> Vec<f
     };
     // Router in fp32 on the BF16 weight (no activation rounding: it is not an FP8 GEMM).
     let logits = ex.linear(&w.gate, x, t);
-    let routes = route(cfg, w, &logits, tokens, traps);
+    let routes = if ex.whole_model() && traps.none() {
+        offload::route(ex, cfg, w, &logits, tokens)
+            .unwrap_or_else(|| route(cfg, w, &logits, tokens, traps))
+    } else {
+        route(cfg, w, &logits, tokens, traps)
+    };
     // The expert cache sees every selection before the experts run (hits on the device).
     ex.experts_selected(
         ctx.layer,

@@ -81,6 +81,13 @@ impl Rope {
         self.inv_freq.len() * 2
     }
 
+    /// Whether `apply` is the plain formula (no fault injected): what the device op runs.
+    pub fn is_plain_formula(&self) -> bool {
+        !(self.traps.has(Trap::RopeLeadingDims)
+            || self.traps.has(Trap::RopeHalfSplit)
+            || self.traps.has(Trap::RopeYarnMscale))
+    }
+
     /// Rotate the trailing rope_dim values of `x` by +pos (or -pos when `inverse`).
     pub fn apply(&self, x: &mut [f32], pos: usize, inverse: bool) {
         let rd = self.rope_dim();

@@ -121,6 +121,18 @@ impl Traps {
         }
     }
 
+    /// No fault is injected.
+    pub fn none(&self) -> bool {
+        #[cfg(feature = "traps")]
+        {
+            self.set.is_empty()
+        }
+        #[cfg(not(feature = "traps"))]
+        {
+            true
+        }
+    }
+
     #[inline(always)]
     pub fn has(&self, t: Trap) -> bool {
         #[cfg(feature = "traps")]

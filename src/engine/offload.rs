@@ -1,0 +1,477 @@
+//! The forward pass's non-matrix ops in whole-model mode: each helper runs its op on the
+//! device through [`Exec::offload`] and falls back to the CPU code the engine otherwise runs
+//! (the same functions the CPU device implements the ops with), so the model code reads the
+//! same either way. Fault injection (`traps`) always takes the CPU path.
+
+use super::rope::Rope;
+use crate::backend::cpu::{hc, rms_norm, rms_norm_unweighted};
+use crate::backend::device::{Op, f32_bytes, f32_bytes_mut};
+use crate::backend::exec::{Arg, Exec};
+use crate::model::weights::HcParams;
+
+fn i32_bytes(v: &[i32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// In place, per row of `n`: RMSNorm with weight `w` (None: unweighted).
+pub fn rms_norm_rows(ex: &Exec, x: &mut [f32], w: Option<&[f32]>, n: usize, eps: f32) {
+    let rows = x.len() / n;
+    let wb = w.map(f32_bytes).unwrap_or(&[]);
+    let done = if w.is_some() {
+        ex.offload(&mut [Arg::InOut(f32_bytes_mut(x)), Arg::In(wb)], |b| {
+            Op::RmsNorm {
+                x: b[0],
+                w: Some(b[1]),
+                y: b[0],
+                rows,
+                n,
+                eps,
+            }
+        })
+    } else {
+        ex.offload(&mut [Arg::InOut(f32_bytes_mut(x))], |b| Op::RmsNorm {
+            x: b[0],
+            w: None,
+            y: b[0],
+            rows,
+            n,
+            eps,
+        })
+    };
+    if !done {
+        for row in x.chunks_mut(n) {
+            match w {
+                Some(w) => rms_norm(row, w, eps),
+                None => rms_norm_unweighted(row, eps),
+            }
+        }
+    }
+}
+
+/// In place: RoPE on the trailing dims of each `width` row, row r at pos0 + r / rows_per_pos.
+pub fn rope_rows(
+    ex: &Exec,
+    rope: &Rope,
+    x: &mut [f32],
+    width: usize,
+    pos0: usize,
+    rows_per_pos: usize,
+    inverse: bool,
+) {
+    let rows = x.len() / width;
+    let rope_dim = rope.rope_dim();
+    let exact = rope.is_plain_formula();
+    let done = exact
+        && ex.offload(
+            &mut [
+                Arg::InOut(f32_bytes_mut(x)),
+                Arg::In(f32_bytes(&rope.inv_freq)),
+            ],
+            |b| Op::Rope {
+                x: b[0],
+                inv_freq: b[1],
+                rows,
+                width,
+                rope_dim,
+                pos: pos0,
+                rows_per_pos,
+                inverse,
+            },
+        );
+    if !done {
+        for (r, row) in x.chunks_mut(width).enumerate() {
+            rope.apply(row, pos0 + r / rows_per_pos, inverse);
+        }
+    }
+}
+
+/// mHC coefficients of `t` tokens' states x [t, hc·d]: [t, 2hc + hc²] = [pre | post | comb].
+#[allow(clippy::too_many_arguments)] // the site, the states and the model's constants
+pub fn hc_mix(
+    ex: &Exec,
+    p: &HcParams,
+    x: &[f32],
+    hc: usize,
+    d: usize,
+    iters: usize,
+    norm_eps: f32,
+    hc_eps: f32,
+) -> Vec<f32> {
+    let t = x.len() / (hc * d);
+    let mix = 2 * hc + hc * hc;
+    let mut out = vec![0f32; t * mix];
+    let scale = [p.scale[0], p.scale[1], p.scale[2]];
+    let done = ex.offload(
+        &mut [
+            Arg::In(f32_bytes(x)),
+            Arg::In(f32_bytes(&p.fn_)),
+            Arg::In(f32_bytes(&p.base)),
+            Arg::Out(f32_bytes_mut(&mut out)),
+        ],
+        |b| Op::HcMix {
+            x: b[0],
+            fn_: b[1],
+            base: b[2],
+            scale,
+            out: b[3],
+            t,
+            hc,
+            d,
+            iters,
+            norm_eps,
+            hc_eps,
+        },
+    );
+    if !done {
+        for (xt, o) in x.chunks(hc * d).zip(out.chunks_mut(mix)) {
+            o.copy_from_slice(&hc::coefficients(
+                &p.fn_, &p.base, &p.scale, xt, hc, iters, norm_eps, hc_eps,
+            ));
+        }
+    }
+    out
+}
+
+/// u[t] = Σ_i coef[t·stride + i] · x[t, i].
+pub fn hc_collapse(
+    ex: &Exec,
+    x: &[f32],
+    coef: &[f32],
+    stride: usize,
+    hc: usize,
+    d: usize,
+) -> Vec<f32> {
+    let t = x.len() / (hc * d);
+    let mut u = vec![0f32; t * d];
+    let done = ex.offload(
+        &mut [
+            Arg::In(f32_bytes(x)),
+            Arg::In(f32_bytes(coef)),
+            Arg::Out(f32_bytes_mut(&mut u)),
+        ],
+        |b| Op::HcCollapse {
+            x: b[0],
+            coef: b[1],
+            stride,
+            u: b[2],
+            t,
+            hc,
+            d,
+        },
+    );
+    if !done {
+        for (k, (xt, ut)) in x.chunks(hc * d).zip(u.chunks_mut(d)).enumerate() {
+            ut.copy_from_slice(&hc::collapse(
+                &coef[k * stride..k * stride + hc],
+                xt,
+                d,
+                1.0,
+            ));
+        }
+    }
+    u
+}
+
+/// In place: x[t, k] = post_k f[t] + Σ_i comb[i][k] x[t, i], coef as `hc_mix` returns it.
+pub fn hc_expand(ex: &Exec, x: &mut [f32], f: &[f32], coef: &[f32], hc: usize, d: usize) {
+    let t = x.len() / (hc * d);
+    let mix = 2 * hc + hc * hc;
+    let done = ex.offload(
+        &mut [
+            Arg::InOut(f32_bytes_mut(x)),
+            Arg::In(f32_bytes(f)),
+            Arg::In(f32_bytes(coef)),
+        ],
+        |b| Op::HcExpand {
+            x: b[0],
+            f: b[1],
+            coef: b[2],
+            t,
+            hc,
+            d,
+        },
+    );
+    if !done {
+        for (k, xt) in x.chunks_mut(hc * d).enumerate() {
+            let c = &coef[k * mix..(k + 1) * mix];
+            hc::expand(
+                &c[hc..2 * hc],
+                &c[2 * hc..],
+                &f[k * d..(k + 1) * d],
+                xt,
+                d,
+                false,
+            );
+        }
+    }
+}
+
+/// The HC head's collapse weights for each of `t` states: [t, hc].
+#[allow(clippy::too_many_arguments)] // the head's parameters, the states and the constants
+pub fn hc_head(
+    ex: &Exec,
+    fn_: &[f32],
+    base: &[f32],
+    scale: f32,
+    x: &[f32],
+    hc: usize,
+    d: usize,
+    eps: (f32, f32),
+) -> Vec<f32> {
+    let t = x.len() / (hc * d);
+    let mut out = vec![0f32; t * hc];
+    let done = ex.offload(
+        &mut [
+            Arg::In(f32_bytes(x)),
+            Arg::In(f32_bytes(fn_)),
+            Arg::In(f32_bytes(base)),
+            Arg::Out(f32_bytes_mut(&mut out)),
+        ],
+        |b| Op::HcHead {
+            x: b[0],
+            fn_: b[1],
+            base: b[2],
+            scale,
+            out: b[3],
+            t,
+            hc,
+            d,
+            norm_eps: eps.0,
+            hc_eps: eps.1,
+        },
+    );
+    if !done {
+        for (xt, o) in x.chunks(hc * d).zip(out.chunks_mut(hc)) {
+            o.copy_from_slice(&hc::head_weights(fn_, base, scale, xt, eps, 1.0));
+        }
+    }
+    out
+}
+
+/// Attention of the queries q [t, heads, hd] over rows of a key table [n, hd]: query j sees
+/// the rows `idx[j]`. Returns [t, heads, hd]; None when not offloaded (the caller runs its own
+/// CPU loop, which gathers keys without building the table).
+#[allow(clippy::too_many_arguments)] // queries, keys, their selection, sinks and shapes
+pub fn attend(
+    ex: &Exec,
+    q: &[f32],
+    table: &[f32],
+    idx: &[Vec<usize>],
+    sink: &[f32],
+    scale: f32,
+    heads: usize,
+    hd: usize,
+) -> Option<Vec<f32>> {
+    if !ex.whole_model() {
+        return None;
+    }
+    let t = idx.len();
+    let max_keys = idx.iter().map(|v| v.len()).max().unwrap_or(0).max(1);
+    let mut flat = vec![0i32; t * max_keys];
+    for (j, v) in idx.iter().enumerate() {
+        for (i, &r) in v.iter().enumerate() {
+            flat[j * max_keys + i] = r as i32;
+        }
+    }
+    let counts: Vec<i32> = idx.iter().map(|v| v.len() as i32).collect();
+    let (fb, cb) = (i32_bytes(&flat), i32_bytes(&counts));
+    let mut out = vec![0f32; t * heads * hd];
+    ex.offload(
+        &mut [
+            Arg::In(f32_bytes(q)),
+            Arg::In(f32_bytes(table)),
+            Arg::In(&fb),
+            Arg::In(&cb),
+            Arg::In(f32_bytes(sink)),
+            Arg::Out(f32_bytes_mut(&mut out)),
+        ],
+        |b| Op::AttendSink {
+            q: b[0],
+            keys: b[1],
+            idx: b[2],
+            n_keys: b[3],
+            max_keys,
+            sink: b[4],
+            scale,
+            out: b[5],
+            t,
+            heads,
+            hd,
+        },
+    )
+    .then_some(out)
+}
+
+/// Indexer: the top `k` of the scores of rows [n, ihd] for one query (q [ih, ihd], w [ih]),
+/// ascending. None when not offloaded.
+pub fn indexer_select(
+    ex: &Exec,
+    q: &[f32],
+    w: &[f32],
+    keys: &[f32],
+    ihd: usize,
+    k: usize,
+) -> Option<Vec<usize>> {
+    if !ex.whole_model() {
+        return None;
+    }
+    let (n, ih) = (keys.len() / ihd, w.len());
+    let mut scores = vec![0f32; n];
+    let ok = ex.offload(
+        &mut [
+            Arg::In(f32_bytes(q)),
+            Arg::In(f32_bytes(w)),
+            Arg::In(f32_bytes(keys)),
+            Arg::Out(f32_bytes_mut(&mut scores)),
+        ],
+        |b| Op::IndexerScores {
+            q: b[0],
+            w: b[1],
+            keys: b[2],
+            out: b[3],
+            n,
+            ih,
+            ihd,
+        },
+    );
+    if !ok {
+        return None;
+    }
+    let mut out = vec![0u8; 4 * k];
+    ex.offload(
+        &mut [Arg::In(f32_bytes(&scores)), Arg::Out(&mut out)],
+        |b| Op::TopkSelect {
+            scores: b[0],
+            n,
+            k,
+            out: b[1],
+        },
+    )
+    .then(|| {
+        crate::backend::device::bytes_i32(&out)
+            .into_iter()
+            .map(|i| i as usize)
+            .collect()
+    })
+}
+
+/// Element-wise clamped SwiGLU of g, u (optionally times a weight per row of `width`).
+pub fn swiglu(
+    ex: &Exec,
+    g: &[f32],
+    u: &[f32],
+    row_w: Option<&[f32]>,
+    width: usize,
+    limit: f32,
+) -> Option<Vec<f32>> {
+    if !ex.whole_model() {
+        return None;
+    }
+    let n = g.len();
+    let mut out = vec![0f32; n];
+    let rw = row_w.map(f32_bytes);
+    let ok = match rw {
+        Some(rw) => ex.offload(
+            &mut [
+                Arg::In(f32_bytes(g)),
+                Arg::In(f32_bytes(u)),
+                Arg::In(rw),
+                Arg::Out(f32_bytes_mut(&mut out)),
+            ],
+            |b| Op::Swiglu {
+                g: b[0],
+                u: b[1],
+                row_w: Some(b[2]),
+                out: b[3],
+                n,
+                width,
+                limit,
+            },
+        ),
+        None => ex.offload(
+            &mut [
+                Arg::In(f32_bytes(g)),
+                Arg::In(f32_bytes(u)),
+                Arg::Out(f32_bytes_mut(&mut out)),
+            ],
+            |b| Op::Swiglu {
+                g: b[0],
+                u: b[1],
+                row_w: None,
+                out: b[2],
+                n,
+                width,
+                limit,
+            },
+        ),
+    };
+    ok.then_some(out)
+}
+
+/// MoE routing of `t` tokens (logits [t, E]) on the device: sqrt-softplus scores, the top k
+/// of score + bias or the hash layer's experts, normalised and scaled weights. None when not
+/// offloaded.
+pub fn route(
+    ex: &Exec,
+    cfg: &crate::model::config::ModelConfig,
+    w: &crate::model::weights::MoeWeights,
+    logits: &[f32],
+    tokens: &[u32],
+) -> Option<Vec<super::moe::Route>> {
+    if !ex.whole_model() {
+        return None;
+    }
+    let (t, n_experts, k) = (tokens.len(), cfg.n_routed_experts, cfg.num_experts_per_tok);
+    let hashed: Option<Vec<u8>> = w.tid2eid.as_ref().map(|_| {
+        let ids: Vec<i32> = tokens
+            .iter()
+            .flat_map(|&tok| w.hashed_experts(tok, k).unwrap_or_default())
+            .map(|e| e as i32)
+            .collect();
+        i32_bytes(&ids)
+    });
+    let mut experts = vec![0u8; 4 * t * k];
+    let mut weights = vec![0f32; t * k];
+    let scale = cfg.routed_scaling_factor;
+    let bias = w.bias.as_deref().map(f32_bytes);
+    let mut args = vec![Arg::In(f32_bytes(logits))];
+    if let Some(b) = bias {
+        args.push(Arg::In(b));
+    }
+    if let Some(h) = &hashed {
+        args.push(Arg::In(h));
+    }
+    let (has_b, has_h) = (bias.is_some(), hashed.is_some());
+    args.push(Arg::Out(&mut experts));
+    args.push(Arg::Out(f32_bytes_mut(&mut weights)));
+    let ok = ex.offload(&mut args, |b| {
+        let n = b.len();
+        Op::RouteTopk {
+            logits: b[0],
+            bias: has_b.then(|| b[1]),
+            hashed: has_h.then(|| b[1 + has_b as usize]),
+            tokens: t,
+            n_experts,
+            k,
+            scale,
+            experts: b[n - 2],
+            weights: b[n - 1],
+        }
+    });
+    drop(args);
+    if !ok {
+        return None;
+    }
+    let ex_ids = crate::backend::device::bytes_i32(&experts);
+    Some(
+        (0..t)
+            .map(|j| super::moe::Route {
+                experts: ex_ids[j * k..(j + 1) * k]
+                    .iter()
+                    .map(|&e| e as usize)
+                    .collect(),
+                weights: weights[j * k..(j + 1) * k].to_vec(),
+            })
+            .collect(),
+    )
+}
