@@ -521,6 +521,47 @@ fn attention_hyper_and_indexer_kernels_match_the_cpu() {
             "compress_pool",
         );
     }
+    // The reference numerics' roundings: E4M3 per 128 (GEMM inputs) and per 64 over the
+    // first 448 of 512 values (KV rows); Hadamard + E2M1 over 128-wide indexer rows.
+    let xs = rnd(&mut r, 64 * 512, 3.0);
+    for (len, block) in [(512usize, 128usize), (448, 64)] {
+        let xb = p.f32(&xs);
+        let (a, b) = p.run(
+            |gp| Op::QuantE4m3 {
+                x: pick(gp, xb),
+                rows: 64,
+                width: 512,
+                len,
+                block,
+            },
+            xb,
+            4 * 64 * 512,
+        );
+        close(
+            &bytes_f32(&a),
+            &bytes_f32(&b),
+            1e-6,
+            &vec![448.0; 64 * 512],
+            "quant_e4m3",
+        );
+    }
+    let hb = p.f32(&xs[..64 * 128]);
+    let (ha, hb2) = p.run(
+        |gp| Op::HadamardE2m1 {
+            x: pick(gp, hb),
+            rows: 64,
+            n: 128,
+        },
+        hb,
+        4 * 64 * 128,
+    );
+    close(
+        &bytes_f32(&ha),
+        &bytes_f32(&hb2),
+        1e-5,
+        &vec![6.0; 64 * 128],
+        "hadamard_e2m1",
+    );
     let mut tied = a.clone();
     for i in (0..n).step_by(3) {
         tied[i] = tied[0]; // many equal scores around the boundary

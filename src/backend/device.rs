@@ -188,6 +188,18 @@ pub enum Op {
         cd: usize,
         off: usize,
     },
+    /// In place, the reference numerics' FP8 rounding: the first `len` values of each of
+    /// `rows` rows of `width`, per block of `block`, to E4M3 with a power-of-two scale.
+    QuantE4m3 {
+        x: Buf,
+        rows: usize,
+        width: usize,
+        len: usize,
+        block: usize,
+    },
+    /// In place, per row of `n` (a power of two): orthonormal Hadamard rotation, then the
+    /// E2M1 rounding in blocks of 32 (the indexer's queries and keys).
+    HadamardE2m1 { x: Buf, rows: usize, n: usize },
     /// out (i32) [k] = the indices of the k largest of scores[..n] (ties to the lower index),
     /// ascending.
     TopkSelect {

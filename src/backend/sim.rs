@@ -137,6 +137,11 @@ impl SimDevice {
                 (4.0 * (n * ihd) as f64, 2.0 * (n * ih * ihd) as f64)
             }
             Op::TopkSelect { n, .. } => (4.0 * 5.0 * *n as f64, 0.0),
+            Op::QuantE4m3 { rows, width, .. } => (8.0 * (rows * width) as f64, 0.0),
+            Op::HadamardE2m1 { rows, n, .. } => (
+                8.0 * (rows * n) as f64,
+                (rows * n) as f64 * (*n as f64).log2(),
+            ),
             Op::CompressPool { windows, r, cd, .. } => (8.0 * (windows * r * cd) as f64, 0.0),
         };
         c.latency_s + (bytes / (c.memory_gbs * 1e9)).max(flops / (c.tflops * 1e12))

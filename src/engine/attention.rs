@@ -101,9 +101,13 @@ pub fn forward(
 
     // Query path: q_lat = q_norm(wq_a x); q = wq_b q_lat; per-head RMS; RoPE.
     // The FP8 GEMM input (rounded once in reference numerics), shared by wq_a and wkv.
-    let xq = num.gemm_input(x, d);
     // Whole-model mode: the same steps as device ops (fault injection stays on the CPU).
     let whole = ex.whole_model() && ctx.traps.none();
+    let xq = if whole {
+        offload::gemm_input(ex, num, x, d)
+    } else {
+        num.gemm_input(x, d)
+    };
     let mut q_lat = ex.linear(&w.wq_a, &xq, t);
     let ql = cfg.q_lora_rank;
     if whole {
@@ -111,7 +115,11 @@ pub fn forward(
     } else {
         rms_norm_rows(&mut q_lat, &w.q_norm, eps);
     }
-    let mut q = ex.linear(&w.wq_b, &num.gemm_input(&q_lat, ql), t);
+    let mut q = if whole {
+        ex.linear(&w.wq_b, &offload::gemm_input(ex, num, &q_lat, ql), t)
+    } else {
+        ex.linear(&w.wq_b, &num.gemm_input(&q_lat, ql), t)
+    };
     if whole {
         offload::rms_norm_rows(ex, &mut q, None, hd, eps);
         offload::rope_rows(ex, ctx.rope, &mut q, hd, t0, h, false);
@@ -131,7 +139,7 @@ pub fn forward(
     if whole {
         offload::rms_norm_rows(ex, &mut kv, Some(&w.kv_norm), hd, eps);
         offload::rope_rows(ex, ctx.rope, &mut kv, hd, t0, 1, false);
-        kv.chunks_mut(hd).for_each(|row| num.kv_row(row, nope));
+        offload::kv_rows(ex, num, &mut kv, hd, nope);
     } else {
         for (k, row) in kv.chunks_mut(hd).enumerate() {
             rms_norm(row, &w.kv_norm, eps);
@@ -165,11 +173,17 @@ pub fn forward(
             ctx.traps,
             |row| num.indexer_vec(row),
         );
-        iq = ex.linear(&iwts.wq_b, &num.gemm_input(&q_lat, ql), t);
-        for (k, qt) in iq.chunks_mut(ih * ihd).enumerate() {
-            for head in qt.chunks_mut(ihd) {
-                ctx.rope.apply(head, t0 + k, false);
-                num.indexer_vec(head);
+        if whole {
+            iq = ex.linear(&iwts.wq_b, &offload::gemm_input(ex, num, &q_lat, ql), t);
+            offload::rope_rows(ex, ctx.rope, &mut iq, ihd, t0, ih, false);
+            offload::indexer_vecs(ex, num, &mut iq, ihd);
+        } else {
+            iq = ex.linear(&iwts.wq_b, &num.gemm_input(&q_lat, ql), t);
+            for (k, qt) in iq.chunks_mut(ih * ihd).enumerate() {
+                for head in qt.chunks_mut(ihd) {
+                    ctx.rope.apply(head, t0 + k, false);
+                    num.indexer_vec(head);
+                }
             }
         }
         iw = ex.linear(&iwts.weights_proj, x, t);
@@ -283,7 +297,7 @@ pub fn forward(
                 .copy_from_slice(&yg[k * ol..(k + 1) * ol]);
         }
     }
-    ex.linear(&w.wo_b, &num.gemm_input(&y, g * ol), t)
+    ex.linear(&w.wo_b, &offload::gemm_input(ex, num, &y, g * ol), t)
 }
 
 /// Whole-model mode's core attention: one key table (the window rows before the chunk, the

@@ -67,7 +67,7 @@ fn expert(
     pre_weights: Option<&[f32]>,
 ) -> Vec<f32> {
     let d = e.w1.cols();
-    let xin = num.gemm_input(x, d);
+    let xin = offload::gemm_input(ex, num, x, d);
     let g = ex.linear(&e.w1, &xin, t);
     let u = ex.linear(&e.w3, &xin, t);
     let inter = e.w1.rows();
@@ -90,7 +90,7 @@ fn expert(
         }
         act
     });
-    ex.linear(&e.w2, &num.gemm_input(&act, inter), t)
+    ex.linear(&e.w2, &offload::gemm_input(ex, num, &act, inter), t)
 }
 
 /// What one MoE site needs besides its weights and inputs.

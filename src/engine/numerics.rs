@@ -48,26 +48,7 @@ impl Numerics {
     }
 }
 
-/// Orthonormal Sylvester-order Walsh–Hadamard transform (length a power of two).
-pub fn hadamard(v: &mut [f32]) {
-    let n = v.len();
-    debug_assert!(n.is_power_of_two());
-    let mut h = 1;
-    while h < n {
-        for i in (0..n).step_by(2 * h) {
-            for j in i..i + h {
-                let (a, b) = (v[j], v[j + h]);
-                v[j] = a + b;
-                v[j + h] = a - b;
-            }
-        }
-        h *= 2;
-    }
-    let s = 1.0 / (n as f32).sqrt();
-    for x in v.iter_mut() {
-        *x *= s;
-    }
-}
+pub use crate::backend::cpu::hadamard;
 
 #[cfg(test)]
 mod tests {

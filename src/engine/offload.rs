@@ -3,11 +3,13 @@
 //! (the same functions the CPU device implements the ops with), so the model code reads the
 //! same either way. Fault injection (`traps`) always takes the CPU path.
 
+use super::numerics::Numerics;
 use super::rope::Rope;
 use crate::backend::cpu::{hc, rms_norm, rms_norm_unweighted};
 use crate::backend::device::{Op, f32_bytes, f32_bytes_mut};
 use crate::backend::exec::{Arg, Exec};
 use crate::model::weights::HcParams;
+use std::borrow::Cow;
 
 fn i32_bytes(v: &[i32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
@@ -474,4 +476,56 @@ pub fn route(
             })
             .collect(),
     )
+}
+
+/// The input of an FP8/FP4 product ([`Numerics::gemm_input`]), rounded on the device.
+pub fn gemm_input<'a>(ex: &Exec, num: Numerics, x: &'a [f32], cols: usize) -> Cow<'a, [f32]> {
+    if num == Numerics::Reference && ex.whole_model() {
+        let mut v = x.to_vec();
+        let rows = x.len() / cols;
+        if ex.offload(&mut [Arg::InOut(f32_bytes_mut(&mut v))], |b| {
+            Op::QuantE4m3 {
+                x: b[0],
+                rows,
+                width: cols,
+                len: cols,
+                block: 128,
+            }
+        }) {
+            return Cow::Owned(v);
+        }
+    }
+    num.gemm_input(x, cols)
+}
+
+/// Stored KV rows ([`Numerics::kv_row`] on each row of `width`), rounded on the device.
+pub fn kv_rows(ex: &Exec, num: Numerics, kv: &mut [f32], width: usize, nope: usize) {
+    let rows = kv.len() / width;
+    let done = num == Numerics::Reference
+        && ex.whole_model()
+        && ex.offload(&mut [Arg::InOut(f32_bytes_mut(kv))], |b| Op::QuantE4m3 {
+            x: b[0],
+            rows,
+            width,
+            len: nope,
+            block: 64,
+        });
+    if !done {
+        kv.chunks_mut(width).for_each(|row| num.kv_row(row, nope));
+    }
+}
+
+/// Indexer query heads / keys ([`Numerics::indexer_vec`] on each row of `n`), on the device.
+pub fn indexer_vecs(ex: &Exec, num: Numerics, v: &mut [f32], n: usize) {
+    let rows = v.len() / n;
+    let done = num == Numerics::Reference
+        && ex.whole_model()
+        && ex.offload(&mut [Arg::InOut(f32_bytes_mut(v))], |b| Op::HadamardE2m1 {
+            x: b[0],
+            rows,
+            n,
+        });
+    if !done {
+        v.chunks_mut(n).for_each(|row| num.indexer_vec(row));
+    }
 }

@@ -4,7 +4,7 @@
 //! memory under the simulated device.
 
 use super::{
-    argmax, attend_sink, axpy, gated_pool, hc, indexer_score, linear_range, rms_norm,
+    argmax, attend_sink, axpy, gated_pool, hadamard, hc, indexer_score, linear_range, rms_norm,
     rms_norm_unweighted, rotate_pairs, route_token, softmax_temp, swiglu, top_k,
 };
 use crate::backend::cpu::RouteRule;
@@ -12,6 +12,7 @@ use crate::backend::device::{
     Buf, DevWeight, Device, DeviceError, Event, Format, Op, Result, Stats, Stream, bytes_f32,
     bytes_i32,
 };
+use crate::model::formats::{fake_quant_e2m1_blocks, fake_quant_e4m3_blocks};
 use crate::model::weights::Weight;
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -418,6 +419,39 @@ fn run_op(m: &mut Memory, op: &Op) -> Result<()> {
                 gated_pool(p, 0, cur, *r, *d, *cd, *off, &mut o[w * d..(w + 1) * d]);
             }
             put_f32(m, *out, &o, "compress_pool")
+        }
+        Op::QuantE4m3 {
+            x,
+            rows,
+            width,
+            len,
+            block,
+        } => {
+            if len > width || *block == 0 {
+                return Err(shape(
+                    "quant_e4m3",
+                    format!("{len} of {width} in blocks of {block}"),
+                ));
+            }
+            let mut xs = get_f32(m, *x, rows * width, "quant_e4m3")?;
+            for row in xs.chunks_mut(*width) {
+                fake_quant_e4m3_blocks(&mut row[..*len], *block);
+            }
+            put_f32(m, *x, &xs, "quant_e4m3")
+        }
+        Op::HadamardE2m1 { x, rows, n } => {
+            if !n.is_power_of_two() {
+                return Err(shape(
+                    "hadamard_e2m1",
+                    format!("length {n} is not a power of two"),
+                ));
+            }
+            let mut xs = get_f32(m, *x, rows * n, "hadamard_e2m1")?;
+            for row in xs.chunks_mut(*n) {
+                hadamard(row);
+                fake_quant_e2m1_blocks(row, 32);
+            }
+            put_f32(m, *x, &xs, "hadamard_e2m1")
         }
         Op::TopkSelect { scores, n, k, out } => {
             if k > n {

@@ -179,6 +179,27 @@ pub fn gated_pool(
     }
 }
 
+/// Orthonormal Sylvester-order Walsh–Hadamard transform (length a power of two).
+pub fn hadamard(v: &mut [f32]) {
+    let n = v.len();
+    debug_assert!(n.is_power_of_two());
+    let mut h = 1;
+    while h < n {
+        for i in (0..n).step_by(2 * h) {
+            for j in i..i + h {
+                let (a, b) = (v[j], v[j + h]);
+                v[j] = a + b;
+                v[j + h] = a - b;
+            }
+        }
+        h *= 2;
+    }
+    let s = 1.0 / (n as f32).sqrt();
+    for x in v.iter_mut() {
+        *x *= s;
+    }
+}
+
 /// The clamped SwiGLU activation: SiLU(min(g, L)) · clamp(u, -L, L). The gate is clamped
 /// from above only (spec §5.10 step 5, trap 13); `gate_lower` exists for fault injection.
 #[inline]

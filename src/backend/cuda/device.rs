@@ -739,6 +739,44 @@ impl Device for CudaDevice {
                 // SAFETY: matches kernels/compressor.cu compress_pool.
                 unsafe { b.launch(cfg) }.map_err(drv)?;
             }
+            Op::QuantE4m3 {
+                x,
+                rows,
+                width,
+                len,
+                block,
+            } => {
+                if *block == 0 || *block > 1024 || len > width {
+                    return Err(DeviceError::Shape {
+                        op: "quant_e4m3",
+                        msg: format!("{len} of {width} in blocks of {block}"),
+                    });
+                }
+                let xp = a(*x)?;
+                let (w_i, l_i, b_i) = (*width as i32, *len as i32, *block as i32);
+                let mut b = st.launch_builder(self.func("quant_e4m3")?);
+                b.arg(&xp).arg(&w_i).arg(&l_i).arg(&b_i);
+                let cfg = LaunchConfig {
+                    grid_dim: (len.div_ceil(*block) as u32, *rows as u32, 1),
+                    block_dim: (32, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: matches kernels/quant.cu quant_e4m3; x holds rows x width floats.
+                unsafe { b.launch(cfg) }.map_err(drv)?;
+            }
+            Op::HadamardE2m1 { x, rows, n } => {
+                if !n.is_power_of_two() || *n < 32 || *n > 1024 {
+                    return Err(DeviceError::Shape {
+                        op: "hadamard_e2m1",
+                        msg: format!("length {n}: need a power of two in 32..=1024"),
+                    });
+                }
+                let (xp, n_i) = (a(*x)?, *n as i32);
+                let mut b = st.launch_builder(self.func("hadamard_e2m1")?);
+                b.arg(&xp).arg(&n_i);
+                // SAFETY: matches kernels/quant.cu hadamard_e2m1 (one row per block of n threads).
+                unsafe { b.launch(cfg1(*rows, *n as u32)) }.map_err(drv)?;
+            }
             Op::TopkSelect { scores, n, k, out } => {
                 if k > n {
                     return Err(DeviceError::Shape {

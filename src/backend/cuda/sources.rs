@@ -30,6 +30,7 @@ pub const KERNELS: &[Source] = embed![
     "hyper.cu",
     "indexer.cu",
     "compressor.cu",
+    "quant.cu",
 ];
 
 /// The unit that defines `kernel` (an `extern "C" __global__` name).
