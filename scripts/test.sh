@@ -13,3 +13,9 @@ if [ "$(uname -m)" = x86_64 ]; then
   export LD_LIBRARY_PATH DSFLASH_REQUIRE_NVRTC=1
 fi
 cargo test --locked --all-targets --features traps "$@"
+# The kernels' register and spill counts per target arch, in the log (the test above already
+# checked that every unit compiles; this prints what ptxas reported).
+if [ -n "${DSFLASH_REQUIRE_NVRTC:-}" ] && [ "$#" -eq 0 ]; then
+  cargo test --locked --features traps --test kernels_nvrtc every_kernel_compiles -- --nocapture 2>&1 |
+    grep -E '^(NVRTC|sm_)' || true
+fi

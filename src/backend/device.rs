@@ -292,6 +292,15 @@ pub trait Device: Send + Sync {
     /// Block until every stream is idle.
     fn synchronize(&self) -> Result<()>;
     fn stats(&self) -> Stats;
+    /// The device memory's bandwidth in GB/s (measured on a GPU, the model's on the
+    /// simulated device), for roofline comparisons; None where it means nothing (the CPU).
+    fn memory_gbs(&self) -> Option<f64> {
+        None
+    }
+    /// Host-to-device bandwidth in GB/s, likewise.
+    fn link_gbs(&self) -> Option<f64> {
+        None
+    }
 }
 
 /// f32 slice as bytes (little-endian hosts only: x86_64 and aarch64).

@@ -272,6 +272,14 @@ impl Device for SimDevice {
     fn stats(&self) -> Stats {
         self.clocks().stats.clone()
     }
+
+    fn memory_gbs(&self) -> Option<f64> {
+        Some(self.cost.memory_gbs)
+    }
+
+    fn link_gbs(&self) -> Option<f64> {
+        Some(self.cost.host_to_device_gbs)
+    }
 }
 
 #[cfg(test)]

@@ -222,6 +222,11 @@ pub struct HybridReport {
     /// The simulated device only: its modelled seconds per token (copies, kernels).
     pub modelled_copy_s_per_token: f64,
     pub modelled_compute_s_per_token: f64,
+    /// The roofline prediction for this placement and the measured hit rate
+    /// (`engine::plan`), with the device's and this machine's measured bandwidths.
+    pub predicted_tokens_per_s: f64,
+    /// decode_tokens_per_s / predicted_tokens_per_s.
+    pub fraction_of_prediction: f64,
 }
 
 /// `dsflash bench --hybrid`: decode on the real-dimension checkpoint placed on a device.
@@ -260,23 +265,50 @@ fn hybrid(a: &BenchArgs) -> anyhow::Result<()> {
     let (st, ex) = (dev.stats(), e.exec.expert_stats());
     let sel = (ex.hits + ex.misses - ex0.hits - ex0.misses).max(1);
     let per = |v: f64| v / steps as f64;
+    let hit_rate = (ex.hits - ex0.hits) as f64 / sel as f64;
+    // The roofline for exactly this placement: measured RAM and device bandwidths, the
+    // slots given and the hit rate seen.
+    let machine = crate::engine::plan::Machine {
+        name: dev.name(),
+        gpu_mem: dev.capacity().min(a.gpu_mem.unwrap_or(u64::MAX)),
+        gpu_gbs: dev.memory_gbs().unwrap_or(1000.0),
+        gpu_tflops: 100.0,
+        pcie_gbs: dev.link_gbs().unwrap_or(25.0),
+        ram: crate::download::total_ram().unwrap_or(u64::MAX),
+        cpu_gbs: probe::read_bandwidth(1 << 30, 2),
+        cpu_tflops: 1.0,
+    };
+    let predicted = crate::engine::plan::plan_with(
+        &e.cfg,
+        &machine,
+        64,
+        crate::engine::plan::Overrides {
+            slots: Some(slots),
+            hit_rate: Some(hit_rate),
+        },
+    )
+    .decode_tok_s;
     let r = HybridReport {
         device: dev.name(),
         expert_slots_per_layer: slots,
         dense_resident: format!("{} of {}", p.resident, p.total),
         decode_tokens_per_s: steps as f64 / dt,
-        expert_hit_rate: (ex.hits - ex0.hits) as f64 / sel as f64,
+        expert_hit_rate: hit_rate,
         bytes_to_device_per_token: per((st.bytes_to_device - st0.bytes_to_device) as f64),
         bytes_to_host_per_token: per((st.bytes_to_host - st0.bytes_to_host) as f64),
         modelled_copy_s_per_token: per(st.modelled_copy_s - st0.modelled_copy_s),
         modelled_compute_s_per_token: per(st.modelled_compute_s - st0.modelled_compute_s),
+        predicted_tokens_per_s: predicted,
+        fraction_of_prediction: (steps as f64 / dt) / predicted,
     };
     eprintln!(
-        "bench --hybrid: {}: dense {} resident, {} expert slots/layer: {:.2} tok/s, hit rate {:.1} %, {:.1} MB to the device and {:.2} MB back per token",
+        "bench --hybrid: {}: dense {} resident, {} expert slots/layer: {:.2} tok/s ({:.0} % of the {:.1} tok/s roofline), hit rate {:.1} %, {:.1} MB to the device and {:.2} MB back per token",
         r.device,
         r.dense_resident,
         r.expert_slots_per_layer,
         r.decode_tokens_per_s,
+        100.0 * r.fraction_of_prediction,
+        r.predicted_tokens_per_s,
         100.0 * r.expert_hit_rate,
         r.bytes_to_device_per_token / 1e6,
         r.bytes_to_host_per_token / 1e6

@@ -358,6 +358,26 @@ impl Engine {
                 x[(k * hc + c) * d..(k * hc + c + 1) * d].copy_from_slice(&e);
             }
         }
+        // Hash-routed layers' experts are known from the token ids alone: the expert cache
+        // sees them now, so their promotion copies overlap the layers before them.
+        if self.traps.none() {
+            let k = cfg.num_experts_per_tok;
+            for b in self
+                .weights
+                .layers
+                .iter()
+                .filter(|b| b.ffn.tid2eid.is_some())
+            {
+                let sel: Vec<usize> = tokens
+                    .iter()
+                    .flat_map(|&tok| b.ffn.hashed_experts(tok, k).unwrap_or_default())
+                    .collect();
+                self.exec.experts_selected(b.layer, sel.into_iter(), |e| {
+                    let x = &b.ffn.experts[e];
+                    [&x.w1, &x.w3, &x.w2]
+                });
+            }
+        }
         for (b, st) in self.weights.layers.iter().zip(state.iter_mut()) {
             self.block(b, st, &mut x, tokens, t0);
         }

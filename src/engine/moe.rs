@@ -123,15 +123,19 @@ pub fn forward(ctx: &MoeCtx, w: &MoeWeights, x: &[f32], tokens: &[u32]) -> Vec<f
     } else {
         route(cfg, w, &logits, tokens, traps)
     };
-    // The expert cache sees every selection before the experts run (hits on the device).
-    ex.experts_selected(
-        ctx.layer,
-        routes.iter().flat_map(|r| r.experts.iter().copied()),
-        |e| {
-            let x = &w.experts[e];
-            [&x.w1, &x.w3, &x.w2]
-        },
-    );
+    // The expert cache sees every selection before the experts run (hits on the device);
+    // a hash layer's were given to it ahead of the forward pass (Engine::forward).
+    let prefetched = w.tid2eid.is_some() && traps.none();
+    if !prefetched {
+        ex.experts_selected(
+            ctx.layer,
+            routes.iter().flat_map(|r| r.experts.iter().copied()),
+            |e| {
+                let x = &w.experts[e];
+                [&x.w1, &x.w3, &x.w2]
+            },
+        );
+    }
     // Shared expert on every token, weight 1, clamped like the routed ones.
     let shared_limit = if traps.has(Trap::SharedNoClamp) {
         f32::INFINITY

@@ -131,6 +131,18 @@ pub fn kv_bytes(cfg: &ModelConfig, ctx: usize) -> u64 {
 }
 
 pub fn plan(cfg: &ModelConfig, m: &Machine, ctx: usize) -> Plan {
+    plan_with(cfg, m, ctx, Overrides::default())
+}
+
+/// What a measurement knows better than the model: the slots actually given to the cache
+/// and the hit rate actually seen.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Overrides {
+    pub slots: Option<usize>,
+    pub hit_rate: Option<f64>,
+}
+
+pub fn plan_with(cfg: &ModelConfig, m: &Machine, ctx: usize, o: Overrides) -> Plan {
     let inv = inventory(cfg);
     let layers = cfg.num_hidden_layers;
     let n_exp = cfg.n_routed_experts;
@@ -177,9 +189,11 @@ pub fn plan(cfg: &ModelConfig, m: &Machine, ctx: usize) -> Plan {
     } else {
         0
     };
+    let slots = o.slots.map_or(slots, |s| s.min(n_exp));
     used += (slots * layers) as u64 * expert_bytes;
     let pop = expert_popularity(n_exp);
-    let hit: f64 = pop[..slots].iter().sum::<f64>() + 0.0; // + 0.0: an empty sum is -0.0
+    // + 0.0: an empty sum is -0.0.
+    let hit: f64 = o.hit_rate.unwrap_or(pop[..slots].iter().sum::<f64>() + 0.0);
     let dense_gpu: u64 = dense[..gpu_layers].iter().sum();
     let place = |on: bool| if on { "gpu" } else { "cpu" }.to_string();
     let parts = vec![

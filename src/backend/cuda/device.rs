@@ -875,4 +875,9 @@ impl Device for CudaDevice {
     fn stats(&self) -> Stats {
         self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
+
+    fn memory_gbs(&self) -> Option<f64> {
+        // Read + write of a 1 GiB copy; a weight-streaming kernel's bound.
+        self.copy_gbs(1 << 30, 5).ok()
+    }
 }
