@@ -52,6 +52,17 @@ pub struct ExpertStats {
     pub misses: u64,
     /// Experts copied to the device (promotions).
     pub promotions: u64,
+    /// Prefill: missed experts streamed to the device for one chunk, and computed on the CPU.
+    pub streamed: u64,
+    pub on_cpu: u64,
+}
+
+/// The prefill cost model's two rates: streaming an expert over the link vs computing its
+/// tokens on the CPU.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StreamCosts {
+    pub link_gbs: f64,
+    pub cpu_gflops: f64,
 }
 
 pub struct Exec {
@@ -60,6 +71,7 @@ pub struct Exec {
     scratch: Mutex<Scratch>,
     failed: AtomicBool,
     whole: AtomicBool,
+    stream_costs: Mutex<Option<StreamCosts>>,
     experts: Mutex<Option<ExpertSlots>>,
     expert_stats: Mutex<ExpertStats>,
     trace: Mutex<Option<Trace>>,
@@ -84,6 +96,7 @@ impl Exec {
             scratch: Mutex::new(Scratch::default()),
             failed: AtomicBool::new(false),
             whole: AtomicBool::new(false),
+            stream_costs: Mutex::new(None),
             experts: Mutex::new(None),
             expert_stats: Mutex::new(ExpertStats::default()),
             trace: Mutex::new(None),
@@ -290,6 +303,72 @@ impl Exec {
                 st.promotions += 1;
             } else {
                 ws.iter().for_each(|w| self.evict(w));
+            }
+        }
+    }
+
+    /// Enable streamed prefill with these rates (see [`Exec::stream_for_chunk`]).
+    pub fn set_stream_costs(&self, c: StreamCosts) {
+        *lock(&self.stream_costs) = Some(c);
+    }
+
+    /// Prefill of a chunk: for each routed expert not on the device, with `n` tokens routed to
+    /// it, stream its weights to the device for this chunk when the copy (bytes / link) costs
+    /// less than computing its tokens on the CPU (2·n·weights / CPU rate). Returns the experts
+    /// streamed, for [`Exec::release_streamed`] after the chunk. No-op without stream costs
+    /// or a device.
+    pub fn stream_for_chunk<'w>(
+        &self,
+        groups: &[(usize, usize)],
+        weights: impl Fn(usize) -> [&'w Weight; 3],
+    ) -> Vec<[Weight; 3]> {
+        let Some(c) = *lock(&self.stream_costs) else {
+            return Vec::new();
+        };
+        if self.dev.is_none() {
+            return Vec::new();
+        }
+        let mut streamed = Vec::new();
+        let mut st = lock(&self.expert_stats);
+        for &(e, n) in groups {
+            let ws = weights(e);
+            if ws.iter().all(|w| self.is_resident(w)) {
+                continue;
+            }
+            let bytes: usize = ws.iter().map(|w| w.stored_bytes()).sum();
+            let params: usize = ws.iter().map(|w| w.rows() * w.cols()).sum();
+            let stream_s = bytes as f64 / (c.link_gbs * 1e9);
+            let cpu_s = 2.0 * (n * params) as f64 / (c.cpu_gflops * 1e9);
+            if stream_s < cpu_s && ws.iter().all(|w| matches!(self.make_resident(w), Ok(true))) {
+                st.streamed += 1;
+                streamed.push(ws.map(|w| w.clone()));
+            } else {
+                // Not worth it, or no room: release whatever part did get in.
+                if stream_s < cpu_s {
+                    ws.iter().for_each(|w| self.evict(w));
+                }
+                st.on_cpu += 1;
+            }
+        }
+        streamed
+    }
+
+    /// Evict the experts `stream_for_chunk` brought in (unless the cache has taken them since).
+    pub fn release_streamed(&self, streamed: Vec<[Weight; 3]>) {
+        let held: std::collections::HashSet<usize> = lock(&self.experts)
+            .as_ref()
+            .map(|s| {
+                s.held
+                    .values()
+                    .flat_map(|ws| ws.iter().map(weight_key))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for ws in streamed {
+            for w in &ws {
+                if !held.contains(&weight_key(w)) {
+                    self.evict(w);
+                }
             }
         }
     }

@@ -78,6 +78,15 @@ impl EngineArgs {
                 None,
                 self.gpu_mem,
             )?;
+            // Streamed prefill: the link as measured, the CPU at half its FMA peak (what its
+            // quantized GEMMs reach on a chunk).
+            if let Some(link_gbs) = e.exec.device().and_then(|d| d.link_gbs()) {
+                let cpu_gflops = 0.5 * crate::backend::cpu::probe::fma_peak(0.05);
+                e.exec.set_stream_costs(crate::backend::exec::StreamCosts {
+                    link_gbs,
+                    cpu_gflops,
+                });
+            }
             let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
             eprintln!(
                 "dsflash: {name}: {} of {} dense matrices ({:.2} of {:.2} GiB) resident, expert cache of {slots} of {} per layer, the rest on the CPU",

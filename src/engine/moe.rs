@@ -175,6 +175,17 @@ pub fn forward(ctx: &MoeCtx, w: &MoeWeights, x: &[f32], tokens: &[u32]) -> Vec<f
     let active: Vec<usize> = (0..groups.len())
         .filter(|&e| !groups[e].is_empty())
         .collect();
+    // Prefill: experts missing from the device are streamed in for this chunk where that is
+    // cheaper than their tokens on the CPU (the cost model in Exec::stream_for_chunk).
+    let counts: Vec<(usize, usize)> = active.iter().map(|&e| (e, groups[e].len())).collect();
+    let streamed = if t > 1 {
+        ex.stream_for_chunk(&counts, |e| {
+            let x = &w.experts[e];
+            [&x.w1, &x.w3, &x.w2]
+        })
+    } else {
+        Vec::new()
+    };
     let (on_dev, on_cpu): (Vec<usize>, Vec<usize>) = active
         .iter()
         .partition(|&&e| ex.device().is_some() && ex.is_resident(&w.experts[e].w1));
@@ -197,5 +208,6 @@ pub fn forward(ctx: &MoeCtx, w: &MoeWeights, x: &[f32], tokens: &[u32]) -> Vec<f
             add(e, &out);
         }
     }
+    ex.release_streamed(streamed);
     y
 }

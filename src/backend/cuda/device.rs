@@ -880,4 +880,18 @@ impl Device for CudaDevice {
         // Read + write of a 1 GiB copy; a weight-streaming kernel's bound.
         self.copy_gbs(1 << 30, 5).ok()
     }
+
+    fn link_gbs(&self) -> Option<f64> {
+        // 256 MiB from pageable host memory, as the weights come from the mmap.
+        let host = vec![0u8; 256 << 20];
+        let st = &self.streams[1];
+        let mut dst = st.alloc_zeros::<u8>(host.len()).ok()?;
+        st.memcpy_htod(&host[..16 << 20], &mut dst.slice_mut(0..16 << 20))
+            .ok()?;
+        st.synchronize().ok()?;
+        let t = std::time::Instant::now();
+        st.memcpy_htod(&host, &mut dst).ok()?;
+        st.synchronize().ok()?;
+        Some(host.len() as f64 / t.elapsed().as_secs_f64() / 1e9)
+    }
 }
