@@ -68,6 +68,9 @@ pub struct StreamCosts {
 pub struct Exec {
     dev: Option<Arc<dyn Device>>,
     resident: RwLock<HashMap<usize, DevWeight>>,
+    /// Copies still in flight on the copy stream, per weight: the compute stream waits for
+    /// one only before the first kernel that reads that weight.
+    pending: Mutex<HashMap<usize, super::device::Event>>,
     scratch: Mutex<Scratch>,
     failed: AtomicBool,
     whole: AtomicBool,
@@ -93,6 +96,7 @@ impl Exec {
         Exec {
             dev,
             resident: RwLock::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
             scratch: Mutex::new(Scratch::default()),
             failed: AtomicBool::new(false),
             whole: AtomicBool::new(false),
@@ -180,10 +184,10 @@ impl Exec {
         }
         match dev.upload_weight(w, Stream::COPY) {
             Ok(dw) => {
-                // Kernels on the compute stream must not read it before the copy lands; the
-                // host does not wait (the event orders the streams on the device).
+                // Kernels must not read it before the copy lands: the event is waited for (on
+                // the device, not the host) just before the first one that does.
                 let e = dev.record(Stream::COPY)?;
-                dev.wait(Stream::COMPUTE, e)?;
+                lock(&self.pending).insert(key, e);
                 self.resident
                     .write()
                     .unwrap_or_else(|p| p.into_inner())
@@ -242,12 +246,15 @@ impl Exec {
 
     /// The router chose `selected` experts of `layer` (with repeats, token by token): record
     /// them, let the policy count hits and change its slots, and move weights to match.
+    /// Returns the experts that were already on the device (the hits, which run there now);
+    /// the ones promoted by this call are copied in the background and serve later tokens.
+    /// None without an expert policy (residency is then fixed: ask `is_resident`).
     pub fn experts_selected<'w>(
         &self,
         layer: usize,
         selected: impl Iterator<Item = usize>,
         weights: impl Fn(usize) -> [&'w Weight; 3],
-    ) {
+    ) -> Option<std::collections::HashSet<usize>> {
         let selected: Vec<usize> = selected.collect();
         if let Some(t) = lock(&self.trace).as_mut() {
             t.accesses.extend(selected.iter().map(|&e| Access {
@@ -256,9 +263,13 @@ impl Exec {
             }));
         }
         let mut g = lock(&self.experts);
-        let Some(slots) = g.as_mut() else {
-            return;
-        };
+        let slots = g.as_mut()?;
+        let before: std::collections::HashSet<usize> = slots
+            .held
+            .keys()
+            .filter(|(l, _)| *l == layer)
+            .map(|&(_, e)| e)
+            .collect();
         let mut st = lock(&self.expert_stats);
         if slots.counts.len() <= layer {
             slots.counts.resize(layer + 1, Vec::new());
@@ -305,6 +316,12 @@ impl Exec {
                 ws.iter().for_each(|w| self.evict(w));
             }
         }
+        Some(
+            before
+                .into_iter()
+                .filter(|e| slots.held.contains_key(&(layer, *e)))
+                .collect(),
+        )
     }
 
     /// Enable streamed prefill with these rates (see [`Exec::stream_for_chunk`]).
@@ -321,7 +338,7 @@ impl Exec {
         &self,
         groups: &[(usize, usize)],
         weights: impl Fn(usize) -> [&'w Weight; 3],
-    ) -> Vec<[Weight; 3]> {
+    ) -> Vec<(usize, [Weight; 3])> {
         let Some(c) = *lock(&self.stream_costs) else {
             return Vec::new();
         };
@@ -341,7 +358,7 @@ impl Exec {
             let cpu_s = 2.0 * (n * params) as f64 / (c.cpu_gflops * 1e9);
             if stream_s < cpu_s && ws.iter().all(|w| matches!(self.make_resident(w), Ok(true))) {
                 st.streamed += 1;
-                streamed.push(ws.map(|w| w.clone()));
+                streamed.push((e, ws.map(|w| w.clone())));
             } else {
                 // Not worth it, or no room: release whatever part did get in.
                 if stream_s < cpu_s {
@@ -354,7 +371,7 @@ impl Exec {
     }
 
     /// Evict the experts `stream_for_chunk` brought in (unless the cache has taken them since).
-    pub fn release_streamed(&self, streamed: Vec<[Weight; 3]>) {
+    pub fn release_streamed(&self, streamed: Vec<(usize, [Weight; 3])>) {
         let held: std::collections::HashSet<usize> = lock(&self.experts)
             .as_ref()
             .map(|s| {
@@ -364,7 +381,7 @@ impl Exec {
                     .collect()
             })
             .unwrap_or_default();
-        for ws in streamed {
+        for (_, ws) in streamed {
             for w in &ws {
                 if !held.contains(&weight_key(w)) {
                     self.evict(w);
@@ -375,6 +392,7 @@ impl Exec {
 
     /// Drop `w` from the device (its bytes stay in the checkpoint).
     pub fn evict(&self, w: &Weight) {
+        lock(&self.pending).remove(&weight_key(w));
         let dw = self
             .resident
             .write()
@@ -427,7 +445,7 @@ impl Exec {
                 .get(&weight_key(w))
                 .copied();
             if let Some(dw) = dw {
-                match self.device_linear(dev.as_ref(), dw, rows.clone(), x, t, y) {
+                match self.device_linear(dev.as_ref(), weight_key(w), dw, rows.clone(), x, t, y) {
                     Ok(()) => return,
                     // No room for this op's activations, or a shape the kernels do not
                     // take: this product runs on the CPU, the device stays in use.
@@ -446,15 +464,20 @@ impl Exec {
         cpu::linear_range(w, rows, x, t, y)
     }
 
+    #[allow(clippy::too_many_arguments)] // the weight (and its key), rows, input and output
     fn device_linear(
         &self,
         dev: &dyn Device,
+        key: usize,
         w: DevWeight,
         rows: Range<usize>,
         x: &[f32],
         t: usize,
         y: &mut [f32],
     ) -> Result<(), DeviceError> {
+        if let Some(e) = lock(&self.pending).remove(&key) {
+            dev.wait(Stream::COMPUTE, e)?;
+        }
         let mut sc = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
         let xb = grow(dev, &mut sc.x, 4 * x.len())?;
         let yb = grow(dev, &mut sc.y, 4 * y.len())?;
@@ -630,5 +653,34 @@ mod tests {
         let ex = Exec::on(Arc::new(CpuDevice::with_capacity(100)));
         assert!(!ex.make_resident(&a).expect("no error, just no room"));
         assert!(Exec::cpu().make_resident(&a).is_ok_and(|placed| !placed));
+    }
+
+    #[test]
+    fn promotion_copies_do_not_stall_kernels_that_do_not_need_them() {
+        use crate::backend::device::Stream;
+        use crate::backend::sim::{SimCost, SimDevice};
+        let mut r = SplitMix64::new(8);
+        let (a, b) = (weight(&mut r), weight(&mut r));
+        let x: Vec<f32> = (0..64).map(|_| r.uniform()).collect();
+        // A slow link: each upload takes ~1 s of modelled copy time.
+        let cost = SimCost {
+            host_to_device_gbs: 1e-6,
+            ..SimCost::default()
+        };
+        let sim = Arc::new(SimDevice::new(1 << 30, cost));
+        let ex = Exec::on(sim.clone());
+        assert!(ex.make_resident(&a).expect("upload"));
+        ex.linear(&a, &x, 1); // first use of a: the compute stream waits for its copy
+        let after_a = sim.stream_time(Stream::COMPUTE);
+        assert!(after_a >= sim.stream_time(Stream::COPY));
+        assert!(ex.make_resident(&b).expect("upload")); // b's copy now in flight
+        ex.linear(&a, &x, 1); // a does not need b: no wait
+        let t = sim.stream_time(Stream::COMPUTE);
+        assert!(
+            t < sim.stream_time(Stream::COPY),
+            "kernel on a waited for b's copy"
+        );
+        ex.linear(&b, &x, 1); // b's first use waits for its copy
+        assert!(sim.stream_time(Stream::COMPUTE) >= sim.stream_time(Stream::COPY));
     }
 }

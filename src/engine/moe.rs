@@ -10,6 +10,9 @@ use crate::backend::exec::Exec;
 use crate::model::config::ModelConfig;
 use crate::model::weights::{ExpertWeights, MoeWeights};
 
+/// All products on the CPU (for experts that must not wait for a copy in flight).
+static CPU: std::sync::LazyLock<Exec> = std::sync::LazyLock::new(Exec::cpu);
+
 /// Experts chosen for one token and their weights.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Route {
@@ -126,7 +129,11 @@ pub fn forward(ctx: &MoeCtx, w: &MoeWeights, x: &[f32], tokens: &[u32]) -> Vec<f
     // The expert cache sees every selection before the experts run (hits on the device);
     // a hash layer's were given to it ahead of the forward pass (Engine::forward).
     let prefetched = w.tid2eid.is_some() && traps.none();
-    if !prefetched {
+    // Experts that run on the device: the cache's hits (experts it promotes now serve later
+    // tokens: the copy runs in the background); with fixed residency, whatever is resident.
+    let hits = if prefetched {
+        None
+    } else {
         ex.experts_selected(
             ctx.layer,
             routes.iter().flat_map(|r| r.experts.iter().copied()),
@@ -134,8 +141,8 @@ pub fn forward(ctx: &MoeCtx, w: &MoeWeights, x: &[f32], tokens: &[u32]) -> Vec<f
                 let x = &w.experts[e];
                 [&x.w1, &x.w3, &x.w2]
             },
-        );
-    }
+        )
+    };
     // Shared expert on every token, weight 1, clamped like the routed ones.
     let shared_limit = if traps.has(Trap::SharedNoClamp) {
         f32::INFINITY
@@ -151,7 +158,9 @@ pub fn forward(ctx: &MoeCtx, w: &MoeWeights, x: &[f32], tokens: &[u32]) -> Vec<f
         }
     }
     // One expert over its tokens: [n, D] out, in the order of `groups[e]`.
-    let run = |e: usize| -> Vec<f32> {
+    // `on`: the executor the expert's products go through (the CPU one for misses whose
+    // promotion copy is still in flight).
+    let run = |e: usize, on: &Exec| -> Vec<f32> {
         let members = &groups[e];
         let n = members.len();
         let mut xe = vec![0f32; n * d];
@@ -160,7 +169,7 @@ pub fn forward(ctx: &MoeCtx, w: &MoeWeights, x: &[f32], tokens: &[u32]) -> Vec<f
         }
         let wts: Vec<f32> = members.iter().map(|m| m.1).collect();
         let pre = (num == Numerics::Reference).then_some(wts.as_slice());
-        expert(ex, &w.experts[e], &xe, n, (limit, lower), num, pre)
+        expert(on, &w.experts[e], &xe, n, (limit, lower), num, pre)
     };
     let mut add = |e: usize, out: &[f32]| {
         for (j, &(ti, wt)) in groups[e].iter().enumerate() {
@@ -186,21 +195,31 @@ pub fn forward(ctx: &MoeCtx, w: &MoeWeights, x: &[f32], tokens: &[u32]) -> Vec<f
     } else {
         Vec::new()
     };
+    let on_device = |e: usize| match &hits {
+        Some(h) => h.contains(&e) || streamed.iter().any(|(s, _)| *s == e),
+        None => ex.is_resident(&w.experts[e].w1),
+    };
     let (on_dev, on_cpu): (Vec<usize>, Vec<usize>) = active
         .iter()
-        .partition(|&&e| ex.device().is_some() && ex.is_resident(&w.experts[e].w1));
+        .partition(|&&e| ex.device().is_some() && on_device(e));
     if on_dev.is_empty() {
         // CPU only: each expert's output is added as soon as it is computed.
         for e in active {
-            let out = run(e);
+            // With a device, an expert not on it runs on the CPU even if a copy is in flight.
+            let out = run(e, if ex.device().is_some() { &CPU } else { ex });
             add(e, &out);
         }
     } else {
         // Hits on the device and misses on the CPU at the same time; the outputs are then
         // added in expert order, as above, so the sum is the same to the last bit.
         let (dev_out, cpu_out) = rayon::join(
-            || on_dev.iter().map(|&e| (e, run(e))).collect::<Vec<_>>(),
-            || on_cpu.iter().map(|&e| (e, run(e))).collect::<Vec<_>>(),
+            || on_dev.iter().map(|&e| (e, run(e, ex))).collect::<Vec<_>>(),
+            || {
+                on_cpu
+                    .iter()
+                    .map(|&e| (e, run(e, &CPU)))
+                    .collect::<Vec<_>>()
+            },
         );
         let mut outs: Vec<(usize, Vec<f32>)> = dev_out.into_iter().chain(cpu_out).collect();
         outs.sort_by_key(|(e, _)| *e);
