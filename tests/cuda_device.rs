@@ -79,6 +79,10 @@ impl Pair<'_> {
     }
 }
 
+fn i32b(v: &[i32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
 fn pick<T: Copy>(gpu: bool, p: (T, T)) -> T {
     if gpu { p.1 } else { p.0 }
 }
@@ -263,34 +267,63 @@ fn small_kernels_match_the_cpu() {
         close(&a, &b, 1e-5, &vec![4.0; a.len()], "rope");
         p.free(&[xb]);
     }
-    // Routing: 256 experts, top 6, with bias; 5 tokens.
+    // Routing: 256 experts, top 6, 5 tokens; by score + bias, and hash-routed.
     let (tokens, ne, k) = (5usize, 256usize, 6usize);
     let lb = p.f32(&rnd(&mut r, tokens * ne, 2.0));
     let bb = p.f32(&rnd(&mut r, ne, 0.1));
+    let hashed: Vec<i32> = (0..tokens * k).map(|i| ((i * 37) % ne) as i32).collect();
+    let hb = p.bytes(&i32b(&hashed));
     let (eb, wb) = (p.zeros(4 * tokens * k), p.zeros(4 * tokens * k));
-    let op = |gp: bool| Op::RouteTopk {
-        logits: pick(gp, lb),
-        bias: Some(pick(gp, bb)),
-        hashed: None,
-        tokens,
-        n_experts: ne,
-        k,
-        scale: 1.5,
-        experts: pick(gp, eb),
-        weights: pick(gp, wb),
-    };
-    let (a, b) = p.run(op, eb, 4 * tokens * k);
-    assert_eq!(bytes_i32(&a), bytes_i32(&b), "route_topk experts");
-    let (mut c, mut d) = (vec![0u8; 4 * tokens * k], vec![0u8; 4 * tokens * k]);
-    p.cpu.read(wb.0, &mut c, Stream::COMPUTE).expect("read");
-    g.read(wb.1, &mut d, Stream::COMPUTE).expect("read");
-    close(
-        &bytes_f32(&c),
-        &bytes_f32(&d),
-        1e-6,
-        &vec![1.0; tokens * k],
-        "route_topk weights",
+    for hash in [false, true] {
+        let op = |gp: bool| Op::RouteTopk {
+            logits: pick(gp, lb),
+            bias: Some(pick(gp, bb)),
+            hashed: hash.then(|| pick(gp, hb)),
+            tokens,
+            n_experts: ne,
+            k,
+            scale: 1.5,
+            experts: pick(gp, eb),
+            weights: pick(gp, wb),
+        };
+        let (a, b) = p.run(op, eb, 4 * tokens * k);
+        assert_eq!(
+            bytes_i32(&a),
+            bytes_i32(&b),
+            "route_topk experts (hash {hash})"
+        );
+        if hash {
+            assert_eq!(
+                bytes_i32(&b),
+                hashed,
+                "hash routing keeps the given experts"
+            );
+        }
+        let (mut c, mut d) = (vec![0u8; 4 * tokens * k], vec![0u8; 4 * tokens * k]);
+        p.cpu.read(wb.0, &mut c, Stream::COMPUTE).expect("read");
+        g.read(wb.1, &mut d, Stream::COMPUTE).expect("read");
+        close(
+            &bytes_f32(&c),
+            &bytes_f32(&d),
+            1e-6,
+            &vec![1.0; tokens * k],
+            "route_topk weights",
+        );
+    }
+    // axpy: y += a x.
+    let n = 4096usize;
+    let (xa, ya) = (p.f32(&rnd(&mut r, n, 1.0)), p.f32(&rnd(&mut r, n, 1.0)));
+    let (a, b) = p.run(
+        |gp| Op::Axpy {
+            y: pick(gp, ya),
+            x: pick(gp, xa),
+            a: 0.37,
+            n,
+        },
+        ya,
+        4 * n,
     );
+    close(&bytes_f32(&a), &bytes_f32(&b), 1e-6, &vec![4.0; n], "axpy");
     // Argmax and softmax over the vocabulary.
     let v = 129280usize;
     let lv = rnd(&mut r, 2 * v, 5.0);
@@ -333,7 +366,6 @@ fn attention_hyper_and_indexer_kernels_match_the_cpu() {
     let rnd = |r: &mut SplitMix64, n: usize, s: f32| -> Vec<f32> {
         (0..n).map(|_| r.normal() * s).collect()
     };
-    let i32b = |v: &[i32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
     // Attention: 3 queries, 64 heads of 512, over subsets of a 640-row key table (128 window
     // + 512 compressed rows), different counts per query.
     let (t, heads, hd, table, max_keys) = (3usize, 64usize, 512usize, 640usize, 640usize);
