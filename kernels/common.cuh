@@ -74,3 +74,30 @@ __device__ __forceinline__ float block_max(float v) {
     v = lane < nw ? part[lane] : -__int_as_float(0x7f800000);
     return warp_max(v);
 }
+
+// Index of the largest of v[0..n) over the block (lowest index on ties), to every thread.
+__device__ __forceinline__ int block_argmax(const float* v, int n) {
+    __shared__ float wv[32];
+    __shared__ int wi[32];
+    float best = -__int_as_float(0x7f800000);
+    int bi = 0x7fffffff;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float x = v[i];
+        if (x > best || (x == best && i < bi)) { best = x; bi = i; }
+    }
+    for (int o = WARP / 2; o > 0; o /= 2) {
+        float ov = __shfl_xor_sync(0xffffffffu, best, o);
+        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (ov > best || (ov == best && oi < bi)) { best = ov; bi = oi; }
+    }
+    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP;
+    __syncthreads();
+    if (lane == 0) { wv[w] = best; wi[w] = bi; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int q = 1; q < (int)(blockDim.x / WARP); q++)
+            if (wv[q] > wv[0] || (wv[q] == wv[0] && wi[q] < wi[0])) { wv[0] = wv[q]; wi[0] = wi[q]; }
+    }
+    __syncthreads();
+    return wi[0];
+}

@@ -28,6 +28,22 @@ __device__ __forceinline__ u32 fkey(float v) {
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
+// Exclusive prefix sum of one value per thread over the block (Hillis-Steele in `tmp`, one
+// slot per thread).
+__device__ int exclusive_scan(int v, int* tmp) {
+    int tid = threadIdx.x;
+    __syncthreads();
+    tmp[tid] = v;
+    __syncthreads();
+    for (int off = 1; off < (int)blockDim.x; off <<= 1) {
+        int u = tid >= off ? tmp[tid - off] : 0;
+        __syncthreads();
+        tmp[tid] += u;
+        __syncthreads();
+    }
+    return tmp[tid] - v;
+}
+
 // The k largest of scores[0..n) (ties to the lower index), written to out[0..k) in ascending
 // index order. One block of 1024 threads: a radix select finds the k-th largest key byte by
 // byte, then a block-wide scan writes the chosen indices in order. k <= n.
@@ -71,27 +87,10 @@ extern "C" __global__ void topk_select(const float* __restrict__ scores, int n, 
         gt += key > thr;
         eq += key == thr;
     }
-    // Exclusive scan of eq (to rank equal elements), then of the chosen counts.
-    counts[tid] = eq;
-    __syncthreads();
-    for (int off = 1; off < nt; off <<= 1) {
-        int v = tid >= off ? counts[tid - off] : 0;
-        __syncthreads();
-        counts[tid] += v;
-        __syncthreads();
-    }
-    int eq_before = counts[tid] - eq;
+    // Rank the equal elements, then place every thread's chosen ones.
+    int eq_before = exclusive_scan(eq, counts);
     int take_eq = max(0, min(eq, need_eq - eq_before));
-    __syncthreads();
-    counts[tid] = gt + take_eq;
-    __syncthreads();
-    for (int off = 1; off < nt; off <<= 1) {
-        int v = tid >= off ? counts[tid - off] : 0;
-        __syncthreads();
-        counts[tid] += v;
-        __syncthreads();
-    }
-    int pos = counts[tid] - (gt + take_eq);
+    int pos = exclusive_scan(gt + take_eq, counts);
     for (int i = lo; i < hi; i++) {
         u32 key = fkey(scores[i]);
         if (key > thr) {

@@ -28,27 +28,10 @@ extern "C" __global__ void route_topk(const float* __restrict__ logits,
             continue;
         }
         // Arg-max with the lowest index on ties, as a stable sort would pick.
-        float best = -__int_as_float(0x7f800000);
-        int bi = 0x7fffffff;
-        for (int i = threadIdx.x; i < n_experts; i += blockDim.x) {
-            float v = key[i];
-            if (v > best || (v == best && i < bi)) { best = v; bi = i; }
-        }
-        for (int o = WARP / 2; o > 0; o /= 2) {
-            float ov = __shfl_xor_sync(0xffffffffu, best, o);
-            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (ov > best || (ov == best && oi < bi)) { best = ov; bi = oi; }
-        }
-        __shared__ float wv[32];
-        __shared__ int wi[32];
-        int lane = threadIdx.x % WARP, w = threadIdx.x / WARP;
-        if (lane == 0) { wv[w] = best; wi[w] = bi; }
-        __syncthreads();
+        int bi = block_argmax(key, n_experts);
         if (threadIdx.x == 0) {
-            for (int q = 1; q < (int)(blockDim.x / WARP); q++)
-                if (wv[q] > wv[0] || (wv[q] == wv[0] && wi[q] < wi[0])) { wv[0] = wv[q]; wi[0] = wi[q]; }
-            chosen[m] = wi[0];
-            key[wi[0]] = -__int_as_float(0x7f800000);
+            chosen[m] = bi;
+            key[bi] = -__int_as_float(0x7f800000);
         }
         __syncthreads();
     }

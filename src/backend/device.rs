@@ -256,6 +256,26 @@ pub enum DeviceError {
 
 pub type Result<T> = std::result::Result<T, DeviceError>;
 
+/// Lock `m`, taking the data back from a thread that panicked while holding it (the devices'
+/// bookkeeping stays usable; a wrong number there cannot corrupt memory).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Take `bytes` out of a device's `capacity` (`in_use` so far), or say it does not fit.
+pub(crate) fn charge(in_use: &mut u64, capacity: u64, bytes: u64) -> Result<()> {
+    let free = capacity.saturating_sub(*in_use);
+    if bytes > free {
+        return Err(DeviceError::OutOfMemory {
+            requested: bytes,
+            free,
+            capacity,
+        });
+    }
+    *in_use += bytes;
+    Ok(())
+}
+
 /// Counters every device keeps (the simulated one also its modelled time).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Stats {

@@ -5,7 +5,7 @@
 
 use super::cpu;
 use super::device::{
-    Buf, DevWeight, Device, DeviceError, Op, Stats, Stream, f32_bytes, f32_bytes_mut,
+    Buf, DevWeight, Device, DeviceError, Op, Stats, Stream, f32_bytes, f32_bytes_mut, lock,
 };
 use super::expert_cache::{Access, Policy, Trace};
 use crate::model::weights::Weight;
@@ -28,6 +28,35 @@ pub enum Arg<'a> {
     In(&'a [u8]),
     Out(&'a mut [u8]),
     InOut(&'a mut [u8]),
+    /// An optional input that is not there (the op gets `None` for it).
+    Absent,
+}
+
+impl<'a> Arg<'a> {
+    /// An optional input.
+    pub fn maybe(data: Option<&'a [u8]>) -> Arg<'a> {
+        data.map_or(Arg::Absent, Arg::In)
+    }
+}
+
+/// The device buffers of [`Exec::offload`]'s arguments, in order: `b[i]` for one that is
+/// there, `b.opt(i)` for an optional one.
+pub struct Bufs(Vec<Option<Buf>>);
+
+impl Bufs {
+    pub fn opt(&self, i: usize) -> Option<Buf> {
+        self.0[i]
+    }
+}
+
+impl std::ops::Index<usize> for Bufs {
+    type Output = Buf;
+    fn index(&self, i: usize) -> &Buf {
+        // The op builders index only the arguments they passed as present.
+        self.0[i]
+            .as_ref()
+            .expect("offload: an absent argument indexed as present")
+    }
 }
 
 /// Reusable input/output buffers on the device (grown on demand).
@@ -130,46 +159,55 @@ impl Exec {
     /// buffers, `op` is built over them (in the same order) and launched, and the `Out` /
     /// `InOut` ones are copied back. False when not in whole-model mode or on any device
     /// error (reported once): the caller then computes on the CPU.
-    pub fn offload(&self, args: &mut [Arg], op: impl FnOnce(&[Buf]) -> Op) -> bool {
+    pub fn offload(&self, args: &mut [Arg], op: impl FnOnce(&Bufs) -> Op) -> bool {
         let Some(dev) = self.dev.as_ref().filter(|_| self.whole_model()) else {
             return false;
         };
-        let mut bufs = Vec::with_capacity(args.len());
+        let mut bufs = Bufs(Vec::with_capacity(args.len()));
         let res = (|| -> Result<(), DeviceError> {
             for a in args.iter() {
                 let (len, data): (usize, Option<&[u8]>) = match a {
                     Arg::In(d) => (d.len(), Some(d)),
                     Arg::InOut(d) => (d.len(), Some(&**d)),
                     Arg::Out(d) => (d.len(), None),
+                    Arg::Absent => {
+                        bufs.0.push(None);
+                        continue;
+                    }
                 };
                 let b = dev.alloc(len.max(4))?;
-                bufs.push(b);
+                bufs.0.push(Some(b));
                 if let Some(d) = data {
                     dev.write(b, d, Stream::COMPUTE)?;
                 }
             }
             dev.launch(&op(&bufs), Stream::COMPUTE)?;
-            for (a, &b) in args.iter_mut().zip(&bufs) {
-                if let Arg::Out(d) | Arg::InOut(d) = a {
-                    dev.read(b, d, Stream::COMPUTE)?;
+            for (a, b) in args.iter_mut().zip(&bufs.0) {
+                if let (Arg::Out(d) | Arg::InOut(d), Some(b)) = (a, b) {
+                    dev.read(*b, d, Stream::COMPUTE)?;
                 }
             }
             Ok(())
         })();
-        for b in bufs {
+        for b in bufs.0.into_iter().flatten() {
             dev.free(b);
         }
         match res {
             Ok(()) => true,
             Err(e) => {
-                if !self.failed.swap(true, Ordering::Relaxed) {
-                    eprintln!(
-                        "dsflash: {} failed ({e}); continuing on the CPU",
-                        dev.name()
-                    );
-                }
+                self.report_failure(dev.as_ref(), &e);
                 false
             }
+        }
+    }
+
+    /// A device error that is not about room or shape: say so once and stop using the device.
+    fn report_failure(&self, dev: &dyn Device, e: &DeviceError) {
+        if !self.failed.swap(true, Ordering::Relaxed) {
+            eprintln!(
+                "dsflash: {} failed ({e}); continuing on the CPU",
+                dev.name()
+            );
         }
     }
 
@@ -205,7 +243,7 @@ impl Exec {
         let Some(dev) = &self.dev else {
             return false;
         };
-        let mut sc = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        let mut sc = lock(&self.scratch);
         grow(dev.as_ref(), &mut sc.x, x_bytes).is_ok()
             && grow(dev.as_ref(), &mut sc.y, y_bytes).is_ok()
     }
@@ -450,14 +488,7 @@ impl Exec {
                     // No room for this op's activations, or a shape the kernels do not
                     // take: this product runs on the CPU, the device stays in use.
                     Err(DeviceError::OutOfMemory { .. } | DeviceError::Shape { .. }) => {}
-                    Err(e) => {
-                        if !self.failed.swap(true, Ordering::Relaxed) {
-                            eprintln!(
-                                "dsflash: {} failed ({e}); continuing on the CPU",
-                                dev.name()
-                            );
-                        }
-                    }
+                    Err(e) => self.report_failure(dev.as_ref(), &e),
                 }
             }
         }
@@ -478,7 +509,7 @@ impl Exec {
         if let Some(e) = lock(&self.pending).remove(&key) {
             dev.wait(Stream::COMPUTE, e)?;
         }
-        let mut sc = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        let mut sc = lock(&self.scratch);
         let xb = grow(dev, &mut sc.x, 4 * x.len())?;
         let yb = grow(dev, &mut sc.y, 4 * y.len())?;
         dev.write(xb, f32_bytes(x), Stream::COMPUTE)?;
@@ -494,10 +525,6 @@ impl Exec {
         )?;
         dev.read(yb, f32_bytes_mut(y), Stream::COMPUTE)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A scratch buffer of at least `bytes`, reallocated when too small.

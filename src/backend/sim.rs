@@ -60,7 +60,7 @@ impl SimDevice {
     }
 
     fn clocks(&self) -> std::sync::MutexGuard<'_, Clocks> {
-        self.clocks.lock().unwrap_or_else(|p| p.into_inner())
+        crate::backend::device::lock(&self.clocks)
     }
 
     /// Advance stream `s` by `dt`; returns the new time.

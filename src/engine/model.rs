@@ -16,8 +16,8 @@ use crate::backend::exec::Exec;
 use crate::backend::expert_cache::{Adaptive, Lru, Policy, StaticFrequency};
 use crate::model::Checkpoint;
 use crate::model::config::ModelConfig;
-use crate::model::weights::MatrixRole;
 use crate::model::weights::{BlockWeights, ModelWeights};
+use crate::model::weights::{MatrixRole, Weight};
 use rayon::prelude::*;
 use std::path::Path;
 use std::sync::Arc;
@@ -28,6 +28,13 @@ pub enum Want {
     None,
     Last,
     All,
+}
+
+/// An mHC site's coefficients for a chunk: one [pre | post | comb] row per token (device ops)
+/// or the per-token structs (the CPU path, where faults can be injected).
+enum Site {
+    Batched(Vec<f32>),
+    PerToken(Vec<hyper::HcMix>),
 }
 
 /// How the routed-expert slots of a hybrid placement are managed.
@@ -99,33 +106,49 @@ impl Engine {
     /// Run on `dev`: its matrices are made resident in priority order (dense, head, experts)
     /// until the device is full; the rest stay on the CPU. Replaces any earlier placement.
     pub fn use_device(&mut self, dev: Arc<dyn Device>) -> Result<Placement, DeviceError> {
-        self.exec = Exec::on(dev);
+        let p = self.place(dev, u64::MAX, true)?;
+        // Everything fits: every op of the forward pass runs on the device.
+        self.exec
+            .set_whole_model(p.total > 0 && p.resident == p.total);
+        Ok(p)
+    }
+
+    /// Run on `dev` within `budget` bytes: scratch for the activations first, then the
+    /// matrices in priority order (`experts`: the routed ones too) as long as they fit; the
+    /// first that does not ends the resident prefix.
+    fn place(
+        &mut self,
+        dev: Arc<dyn Device>,
+        budget: u64,
+        experts: bool,
+    ) -> Result<Placement, DeviceError> {
+        let budget = budget.min(dev.capacity());
+        self.exec = Exec::on(dev.clone());
+        let mats: Vec<&Weight> = self
+            .weights
+            .matrices()
+            .into_iter()
+            .filter(|(role, _)| experts || !matches!(role, MatrixRole::Expert { .. }))
+            .map(|(_, w)| w)
+            .collect();
         // Room for the activations of a 64-token chunk through the widest product first
         // (longer chunks grow it, or run the products that do not fit on the CPU).
-        let mats = self.weights.matrices();
         let (rows, cols) = mats
             .iter()
-            .fold((0, 0), |(r, c), (_, w)| (r.max(w.rows()), c.max(w.cols())));
-        let mut p = Placement::default();
-        if !self
+            .fold((0, 0), |(r, c), w| (r.max(w.rows()), c.max(w.cols())));
+        let scratch = self
             .exec
-            .reserve_scratch(4 * SCRATCH_TOKENS * cols, 4 * SCRATCH_TOKENS * rows)
-        {
-            p.total = mats.len();
-            p.total_bytes = mats.iter().map(|(_, w)| w.stored_bytes() as u64).sum();
-            return Ok(p);
-        }
-        for (_, w) in mats {
+            .reserve_scratch(4 * SCRATCH_TOKENS * cols, 4 * SCRATCH_TOKENS * rows);
+        let mut p = Placement::default();
+        for w in mats {
             p.total += 1;
             p.total_bytes += w.stored_bytes() as u64;
-            if p.resident == p.total - 1 && self.exec.make_resident(w)? {
+            let room = dev.in_use() + w.stored_bytes() as u64 <= budget;
+            if scratch && room && p.resident == p.total - 1 && self.exec.make_resident(w)? {
                 p.resident += 1;
                 p.resident_bytes += w.stored_bytes() as u64;
             }
         }
-        // Everything fits: every op of the forward pass runs on the device.
-        self.exec
-            .set_whole_model(p.total > 0 && p.resident == p.total);
         Ok(p)
     }
 
@@ -142,27 +165,7 @@ impl Engine {
         budget: Option<u64>,
     ) -> Result<(Placement, usize), DeviceError> {
         let budget = budget.unwrap_or(u64::MAX).min(dev.capacity());
-        self.exec = Exec::on(dev.clone());
-        let mats = self.weights.matrices();
-        let (rows, cols) = mats
-            .iter()
-            .fold((0, 0), |(r, c), (_, w)| (r.max(w.rows()), c.max(w.cols())));
-        let mut p = Placement::default();
-        let scratch = self
-            .exec
-            .reserve_scratch(4 * SCRATCH_TOKENS * cols, 4 * SCRATCH_TOKENS * rows);
-        for (role, w) in &mats {
-            if matches!(role, MatrixRole::Expert { .. }) {
-                continue;
-            }
-            p.total += 1;
-            p.total_bytes += w.stored_bytes() as u64;
-            let room = dev.in_use() + w.stored_bytes() as u64 <= budget;
-            if scratch && room && p.resident == p.total - 1 && self.exec.make_resident(w)? {
-                p.resident += 1;
-                p.resident_bytes += w.stored_bytes() as u64;
-            }
-        }
+        let p = self.place(dev.clone(), budget, false)?;
         let layers = self.weights.layers.len();
         let n_exp = self.cfg.n_routed_experts;
         let expert_bytes = self
@@ -258,7 +261,18 @@ impl Engine {
         let (d, hc) = (cfg.hidden_size, cfg.hc_mult);
         let t = tokens.len();
         let (iters, neps, heps) = (cfg.hc_sinkhorn_iters, cfg.rms_norm_eps, cfg.hc_eps);
-        let sublayer_input = |p: &crate::model::weights::HcParams, norm: &[f32], x: &[f32]| {
+        let whole = self.exec.whole_model() && self.traps.none();
+        let mix_len = 2 * hc + hc * hc;
+        // A site's input: the mix coefficients of every token and the collapsed, normed u.
+        // Whole-model mode computes them as device ops over all tokens at once (no faults);
+        // otherwise per token on the CPU, where the traps can reach them.
+        let site_input = |p: &crate::model::weights::HcParams, norm: &[f32], x: &[f32]| {
+            if whole {
+                let coef = offload::hc_mix(&self.exec, p, x, hc, d, iters, neps, heps);
+                let mut u = offload::hc_collapse(&self.exec, x, &coef, mix_len, hc, d);
+                offload::rms_norm_rows(&self.exec, &mut u, Some(norm), d, neps);
+                return (Site::Batched(coef), u);
+            }
             let mixes: Vec<hyper::HcMix> = x
                 .par_chunks(hc * d)
                 .map(|xt| hyper::mix(p, xt, hc, iters, neps, heps, &self.traps))
@@ -271,49 +285,18 @@ impl Engine {
                     ut.copy_from_slice(&hyper::collapse(&m.pre, xt, d, neps, &self.traps));
                     rms_norm(ut, norm, neps);
                 });
-            (mixes, u)
+            (Site::PerToken(mixes), u)
         };
-        let write_back = |mixes: &[hyper::HcMix], f: &[f32], x: &mut [f32]| {
-            x.par_chunks_mut(hc * d)
+        let write_back = |site: Site, f: &[f32], x: &mut [f32]| match site {
+            Site::Batched(coef) => offload::hc_expand(&self.exec, x, f, &coef, hc, d),
+            Site::PerToken(mixes) => x
+                .par_chunks_mut(hc * d)
                 .zip(f.par_chunks(d))
-                .zip(mixes)
-                .for_each(|((xt, ft), m)| hyper::expand(m, ft, xt, d, &self.traps));
-        };
-        let whole = self.exec.whole_model() && self.traps.none();
-        let mix_len = 2 * hc + hc * hc;
-        // Whole-model mode: the same site math as device ops over all tokens at once.
-        let site_input = |p: &crate::model::weights::HcParams, norm: &[f32], x: &[f32]| {
-            let coef = offload::hc_mix(&self.exec, p, x, hc, d, iters, neps, heps);
-            let mut u = offload::hc_collapse(&self.exec, x, &coef, mix_len, hc, d);
-            offload::rms_norm_rows(&self.exec, &mut u, Some(norm), d, neps);
-            (coef, u)
+                .zip(&mixes)
+                .for_each(|((xt, ft), m)| hyper::expand(m, ft, xt, d, &self.traps)),
         };
         // Attention site.
-        if whole {
-            let (coef, u) = site_input(&b.hc_attn, &b.attn_norm, x);
-            let ctx = AttnCtx {
-                cfg,
-                kind: b.kind,
-                rope: &self.ropes[b.layer],
-                numerics: self.numerics,
-                traps: &self.traps,
-                exec: &self.exec,
-            };
-            let a = attention::forward(&ctx, &b.attn, st, &u, t0, t);
-            offload::hc_expand(&self.exec, x, &a, &coef, hc, d);
-            let (coef, u) = site_input(&b.hc_ffn, &b.ffn_norm, x);
-            let mctx = moe::MoeCtx {
-                cfg,
-                ex: &self.exec,
-                num: self.numerics,
-                traps: &self.traps,
-                layer: b.layer,
-            };
-            let f = moe::forward(&mctx, &b.ffn, &u, tokens);
-            offload::hc_expand(&self.exec, x, &f, &coef, hc, d);
-            return;
-        }
-        let (mixes, u) = sublayer_input(&b.hc_attn, &b.attn_norm, x);
+        let (site, u) = site_input(&b.hc_attn, &b.attn_norm, x);
         let ctx = AttnCtx {
             cfg,
             kind: b.kind,
@@ -323,9 +306,9 @@ impl Engine {
             exec: &self.exec,
         };
         let a = attention::forward(&ctx, &b.attn, st, &u, t0, t);
-        write_back(&mixes, &a, x);
+        write_back(site, &a, x);
         // MoE site.
-        let (mixes, u) = sublayer_input(&b.hc_ffn, &b.ffn_norm, x);
+        let (site, u) = site_input(&b.hc_ffn, &b.ffn_norm, x);
         let mctx = moe::MoeCtx {
             cfg,
             ex: &self.exec,
@@ -334,7 +317,7 @@ impl Engine {
             layer: b.layer,
         };
         let f = moe::forward(&mctx, &b.ffn, &u, tokens);
-        write_back(&mixes, &f, x);
+        write_back(site, &f, x);
     }
 
     /// Run `tokens` (positions t0..) through the model, updating `state`. Returns logits for

@@ -18,28 +18,17 @@ fn i32_bytes(v: &[i32]) -> Vec<u8> {
 /// In place, per row of `n`: RMSNorm with weight `w` (None: unweighted).
 pub fn rms_norm_rows(ex: &Exec, x: &mut [f32], w: Option<&[f32]>, n: usize, eps: f32) {
     let rows = x.len() / n;
-    let wb = w.map(f32_bytes).unwrap_or(&[]);
-    let done = if w.is_some() {
-        ex.offload(&mut [Arg::InOut(f32_bytes_mut(x)), Arg::In(wb)], |b| {
-            Op::RmsNorm {
-                x: b[0],
-                w: Some(b[1]),
-                y: b[0],
-                rows,
-                n,
-                eps,
-            }
-        })
-    } else {
-        ex.offload(&mut [Arg::InOut(f32_bytes_mut(x))], |b| Op::RmsNorm {
+    let done = ex.offload(
+        &mut [Arg::InOut(f32_bytes_mut(x)), Arg::maybe(w.map(f32_bytes))],
+        |b| Op::RmsNorm {
             x: b[0],
-            w: None,
+            w: b.opt(1),
             y: b[0],
             rows,
             n,
             eps,
-        })
-    };
+        },
+    );
     if !done {
         for row in x.chunks_mut(n) {
             match w {
@@ -371,42 +360,23 @@ pub fn swiglu(
     }
     let n = g.len();
     let mut out = vec![0f32; n];
-    let rw = row_w.map(f32_bytes);
-    let ok = match rw {
-        Some(rw) => ex.offload(
-            &mut [
-                Arg::In(f32_bytes(g)),
-                Arg::In(f32_bytes(u)),
-                Arg::In(rw),
-                Arg::Out(f32_bytes_mut(&mut out)),
-            ],
-            |b| Op::Swiglu {
-                g: b[0],
-                u: b[1],
-                row_w: Some(b[2]),
-                out: b[3],
-                n,
-                width,
-                limit,
-            },
-        ),
-        None => ex.offload(
-            &mut [
-                Arg::In(f32_bytes(g)),
-                Arg::In(f32_bytes(u)),
-                Arg::Out(f32_bytes_mut(&mut out)),
-            ],
-            |b| Op::Swiglu {
-                g: b[0],
-                u: b[1],
-                row_w: None,
-                out: b[2],
-                n,
-                width,
-                limit,
-            },
-        ),
-    };
+    let ok = ex.offload(
+        &mut [
+            Arg::In(f32_bytes(g)),
+            Arg::In(f32_bytes(u)),
+            Arg::maybe(row_w.map(f32_bytes)),
+            Arg::Out(f32_bytes_mut(&mut out)),
+        ],
+        |b| Op::Swiglu {
+            g: b[0],
+            u: b[1],
+            row_w: b.opt(2),
+            out: b[3],
+            n,
+            width,
+            limit,
+        },
+    );
     ok.then_some(out)
 }
 
@@ -435,32 +405,26 @@ pub fn route(
     let mut experts = vec![0u8; 4 * t * k];
     let mut weights = vec![0f32; t * k];
     let scale = cfg.routed_scaling_factor;
-    let bias = w.bias.as_deref().map(f32_bytes);
-    let mut args = vec![Arg::In(f32_bytes(logits))];
-    if let Some(b) = bias {
-        args.push(Arg::In(b));
-    }
-    if let Some(h) = &hashed {
-        args.push(Arg::In(h));
-    }
-    let (has_b, has_h) = (bias.is_some(), hashed.is_some());
-    args.push(Arg::Out(&mut experts));
-    args.push(Arg::Out(f32_bytes_mut(&mut weights)));
-    let ok = ex.offload(&mut args, |b| {
-        let n = b.len();
-        Op::RouteTopk {
+    let ok = ex.offload(
+        &mut [
+            Arg::In(f32_bytes(logits)),
+            Arg::maybe(w.bias.as_deref().map(f32_bytes)),
+            Arg::maybe(hashed.as_deref()),
+            Arg::Out(&mut experts),
+            Arg::Out(f32_bytes_mut(&mut weights)),
+        ],
+        |b| Op::RouteTopk {
             logits: b[0],
-            bias: has_b.then(|| b[1]),
-            hashed: has_h.then(|| b[1 + has_b as usize]),
+            bias: b.opt(1),
+            hashed: b.opt(2),
             tokens: t,
             n_experts,
             k,
             scale,
-            experts: b[n - 2],
-            weights: b[n - 1],
-        }
-    });
-    drop(args);
+            experts: b[3],
+            weights: b[4],
+        },
+    );
     if !ok {
         return None;
     }

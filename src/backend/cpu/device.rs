@@ -10,7 +10,7 @@ use super::{
 use crate::backend::cpu::RouteRule;
 use crate::backend::device::{
     Buf, DevWeight, Device, DeviceError, Event, Format, Op, Result, Stats, Stream, bytes_f32,
-    bytes_i32,
+    bytes_i32, charge, lock,
 };
 use crate::model::formats::{fake_quant_e2m1_blocks, fake_quant_e4m3_blocks};
 use crate::model::weights::Weight;
@@ -55,24 +55,11 @@ impl CpuDevice {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Memory> {
-        self.mem.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn charge(&self, m: &mut Memory, bytes: u64) -> Result<()> {
-        let free = self.capacity.saturating_sub(m.in_use);
-        if bytes > free {
-            return Err(DeviceError::OutOfMemory {
-                requested: bytes,
-                free,
-                capacity: self.capacity,
-            });
-        }
-        m.in_use += bytes;
-        Ok(())
+        lock(&self.mem)
     }
 
     fn count(&self, f: impl FnOnce(&mut Stats)) {
-        f(&mut self.stats.lock().unwrap_or_else(|p| p.into_inner()));
+        f(&mut lock(&self.stats));
     }
 }
 
@@ -561,7 +548,7 @@ impl Device for CpuDevice {
 
     fn alloc(&self, bytes: usize) -> Result<Buf> {
         let mut m = self.lock();
-        self.charge(&mut m, bytes as u64)?;
+        charge(&mut m.in_use, self.capacity, bytes as u64)?;
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         m.bufs.insert(id, vec![0u8; bytes]);
         Ok(Buf(id))
@@ -611,7 +598,7 @@ impl Device for CpuDevice {
     fn upload_weight(&self, w: &Weight, _s: Stream) -> Result<DevWeight> {
         let bytes = w.stored_bytes() as u64;
         let mut m = self.lock();
-        self.charge(&mut m, bytes)?;
+        charge(&mut m.in_use, self.capacity, bytes)?;
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         m.weights.insert(id, w.clone());
         Ok(DevWeight {
@@ -649,7 +636,7 @@ impl Device for CpuDevice {
     }
 
     fn stats(&self) -> Stats {
-        self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        lock(&self.stats).clone()
     }
 }
 

@@ -23,9 +23,24 @@ const FUSED_MAX_T_BF16: usize = 16;
 /// Rows per rayon task in the fused path.
 const FUSED_ROWS: usize = 64;
 
-/// Dequantize row `r` of `w` into `out` (`w.cols()` values).
+/// One row of a weight in its stored form: the bytes and scales a row kernel reads.
+enum Row<'a> {
+    /// E4M3 codes and the row's 128-column block scales.
+    Fp8 {
+        codes: &'a [u8],
+        scales: &'a [u8],
+    },
+    /// Packed E2M1 (cols/2 bytes) and one scale per 32 columns.
+    Fp4 {
+        packed: &'a [u8],
+        scales: &'a [u8],
+    },
+    Bf16(&'a [u8]),
+}
+
+/// Row `r` of `w`.
 #[inline]
-pub fn dequant_row(w: &Weight, r: usize, out: &mut [f32]) {
+fn row(w: &Weight, r: usize) -> Row<'_> {
     match w {
         Weight::Fp8 {
             cols,
@@ -34,8 +49,10 @@ pub fn dequant_row(w: &Weight, r: usize, out: &mut [f32]) {
             ..
         } => {
             let bc = cols.div_ceil(FP8_BLOCK);
-            let srow = &scales[(r / FP8_BLOCK) * bc..(r / FP8_BLOCK + 1) * bc];
-            dequant_fp8_row(&codes[r * cols..(r + 1) * cols], srow, out);
+            Row::Fp8 {
+                codes: &codes[r * cols..(r + 1) * cols],
+                scales: &scales[(r / FP8_BLOCK) * bc..(r / FP8_BLOCK + 1) * bc],
+            }
         }
         Weight::Fp4 {
             cols,
@@ -44,15 +61,22 @@ pub fn dequant_row(w: &Weight, r: usize, out: &mut [f32]) {
             ..
         } => {
             let g = cols / FP4_GROUP;
-            dequant_fp4_row(
-                &packed[r * cols / 2..(r + 1) * cols / 2],
-                &scales[r * g..(r + 1) * g],
-                out,
-            );
+            Row::Fp4 {
+                packed: &packed[r * cols / 2..(r + 1) * cols / 2],
+                scales: &scales[r * g..(r + 1) * g],
+            }
         }
-        Weight::Bf16 { cols, data, .. } => {
-            dequant_bf16_row(&data[r * cols * 2..(r + 1) * cols * 2], out);
-        }
+        Weight::Bf16 { cols, data, .. } => Row::Bf16(&data[r * cols * 2..(r + 1) * cols * 2]),
+    }
+}
+
+/// Dequantize row `r` of `w` into `out` (`w.cols()` values).
+#[inline]
+pub fn dequant_row(w: &Weight, r: usize, out: &mut [f32]) {
+    match row(w, r) {
+        Row::Fp8 { codes, scales } => dequant_fp8_row(codes, scales, out),
+        Row::Fp4 { packed, scales } => dequant_fp4_row(packed, scales, out),
+        Row::Bf16(data) => dequant_bf16_row(data, out),
     }
 }
 
@@ -242,42 +266,37 @@ fn gemm_tile_portable(w: &[f32], nr: usize, x: &[f32], t: usize, cols: usize, ou
     }
 }
 
-/// The decode path: each row dotted straight from its stored bytes (no scratch), rows in
-/// parallel.
-fn linear_fused(w: &Weight, rows: Range<usize>, x: &[f32], t: usize, y: &mut [f32]) {
-    let cols = w.cols();
+/// The fused paths' driver: rows `rows` in parallel tasks of [`FUSED_ROWS`], `dot(r, out)`
+/// filling the `t` outputs of row r; y [t, rows.len()] is transposed from the row-major work.
+fn fused_rows(rows: Range<usize>, t: usize, y: &mut [f32], dot: impl Fn(usize, &mut [f32]) + Sync) {
     let n = rows.len();
     let mut yt = vec![0f32; n * t];
     yt.par_chunks_mut(FUSED_ROWS * t)
         .enumerate()
         .for_each(|(ci, out)| {
             let r0 = rows.start + ci * FUSED_ROWS;
-            for i in 0..out.len() / t {
-                let r = r0 + i;
-                for tt in 0..t {
-                    let xt = &x[tt * cols..(tt + 1) * cols];
-                    out[i * t + tt] = match w {
-                        Weight::Fp4 { packed, scales, .. } => {
-                            let g = cols / FP4_GROUP;
-                            rowdot::fp4_row_dot(
-                                &packed[r * cols / 2..(r + 1) * cols / 2],
-                                &scales[r * g..(r + 1) * g],
-                                xt,
-                            )
-                        }
-                        Weight::Fp8 { codes, scales, .. } => {
-                            let bc = cols.div_ceil(FP8_BLOCK);
-                            let srow = &scales[(r / FP8_BLOCK) * bc..(r / FP8_BLOCK + 1) * bc];
-                            rowdot::fp8_row_dot(&codes[r * cols..(r + 1) * cols], srow, xt)
-                        }
-                        Weight::Bf16 { data, .. } => {
-                            rowdot::bf16_row_dot(&data[r * cols * 2..(r + 1) * cols * 2], xt)
-                        }
-                    };
-                }
+            for (i, o) in out.chunks_mut(t).enumerate() {
+                dot(r0 + i, o);
             }
         });
     transpose_into(&yt, n, t, y);
+}
+
+/// The decode path: each row dotted straight from its stored bytes (no scratch), rows in
+/// parallel.
+fn linear_fused(w: &Weight, rows: Range<usize>, x: &[f32], t: usize, y: &mut [f32]) {
+    let cols = w.cols();
+    fused_rows(rows, t, y, |r, o| {
+        let wr = row(w, r);
+        for (tt, out) in o.iter_mut().enumerate() {
+            let xt = &x[tt * cols..(tt + 1) * cols];
+            *out = match wr {
+                Row::Fp4 { packed, scales } => rowdot::fp4_row_dot(packed, scales, xt),
+                Row::Fp8 { codes, scales } => rowdot::fp8_row_dot(codes, scales, xt),
+                Row::Bf16(data) => rowdot::bf16_row_dot(data, xt),
+            };
+        }
+    });
 }
 
 /// `x` in the bf16 kernels' layout when they apply: an FP4/FP8 weight, this CPU, at most
@@ -297,41 +316,20 @@ fn prepare_bf16(w: &Weight, x: &[f32], t: usize) -> Option<Vec<Vec<u16>>> {
 /// The fused path on bf16 dot products: each row's weights become bf16 once per group of up
 /// to 8 inputs and are dotted with all of them.
 fn linear_fused_bf16(w: &Weight, rows: Range<usize>, xb: &[Vec<u16>], y: &mut [f32]) {
-    let cols = w.cols();
-    let (n, t) = (rows.len(), xb.len());
     let xs: Vec<&[u16]> = xb.iter().map(|v| v.as_slice()).collect();
-    let mut yt = vec![0f32; n * t];
-    yt.par_chunks_mut(FUSED_ROWS * t)
-        .enumerate()
-        .for_each(|(ci, out)| {
-            let r0 = rows.start + ci * FUSED_ROWS;
-            for (i, o) in out.chunks_mut(t).enumerate() {
-                let r = r0 + i;
-                for (xg, og) in xs
-                    .chunks(bf16dot::MAX_INPUTS)
-                    .zip(o.chunks_mut(bf16dot::MAX_INPUTS))
-                {
-                    match w {
-                        Weight::Fp4 { packed, scales, .. } => {
-                            let g = cols / FP4_GROUP;
-                            bf16dot::fp4_rows_dot(
-                                &packed[r * cols / 2..(r + 1) * cols / 2],
-                                &scales[r * g..(r + 1) * g],
-                                xg,
-                                og,
-                            )
-                        }
-                        Weight::Fp8 { codes, scales, .. } => {
-                            let bc = cols.div_ceil(FP8_BLOCK);
-                            let srow = &scales[(r / FP8_BLOCK) * bc..(r / FP8_BLOCK + 1) * bc];
-                            bf16dot::fp8_rows_dot(&codes[r * cols..(r + 1) * cols], srow, xg, og)
-                        }
-                        Weight::Bf16 { .. } => unreachable!("prepare_bf16 refuses BF16 weights"),
-                    }
-                }
+    fused_rows(rows, xs.len(), y, |r, o| {
+        let wr = row(w, r);
+        for (xg, og) in xs
+            .chunks(bf16dot::MAX_INPUTS)
+            .zip(o.chunks_mut(bf16dot::MAX_INPUTS))
+        {
+            match wr {
+                Row::Fp4 { packed, scales } => bf16dot::fp4_rows_dot(packed, scales, xg, og),
+                Row::Fp8 { codes, scales } => bf16dot::fp8_rows_dot(codes, scales, xg, og),
+                Row::Bf16(_) => unreachable!("prepare_bf16 refuses BF16 weights"),
             }
-        });
-    transpose_into(&yt, n, t, y);
+        }
+    });
 }
 
 /// y [t, n] from yt [n, t].

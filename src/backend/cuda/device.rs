@@ -5,7 +5,7 @@
 use super::cache;
 use super::sources::KERNELS;
 use crate::backend::device::{
-    Buf, DevWeight, Device, DeviceError, Event, Format, Op, Result, Stats, Stream,
+    Buf, DevWeight, Device, DeviceError, Event, Format, Op, Result, Stats, Stream, charge, lock,
 };
 use crate::model::weights::Weight;
 use cudarc::driver::{
@@ -166,20 +166,7 @@ impl CudaDevice {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Mem> {
-        self.mem.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn reserve(&self, m: &mut Mem, bytes: u64) -> Result<()> {
-        let free = self.capacity.saturating_sub(m.in_use);
-        if bytes > free {
-            return Err(DeviceError::OutOfMemory {
-                requested: bytes,
-                free,
-                capacity: self.capacity,
-            });
-        }
-        m.in_use += bytes;
-        Ok(())
+        lock(&self.mem)
     }
 
     fn func(&self, name: &'static str) -> Result<&CudaFunction> {
@@ -195,7 +182,7 @@ impl CudaDevice {
     }
 
     fn count(&self, f: impl FnOnce(&mut Stats)) {
-        f(&mut self.stats.lock().unwrap_or_else(|p| p.into_inner()));
+        f(&mut lock(&self.stats));
     }
 
     /// `Op::Linear`: GEMV kernels up to 4 input rows, the tiled GEMM above.
@@ -333,7 +320,7 @@ impl Device for CudaDevice {
 
     fn alloc(&self, bytes: usize) -> Result<Buf> {
         let mut m = self.lock();
-        self.reserve(&mut m, bytes as u64)?;
+        charge(&mut m.in_use, self.capacity, bytes as u64)?;
         let sl = match self.streams[0].alloc_zeros::<u8>(bytes.max(1)) {
             Ok(s) => s,
             Err(e) => {
@@ -399,7 +386,7 @@ impl Device for CudaDevice {
         };
         let bytes = (data.len() + scales.map_or(0, |s| s.len())) as u64;
         let mut m = self.lock();
-        self.reserve(&mut m, bytes)?;
+        charge(&mut m.in_use, self.capacity, bytes)?;
         let st = self.stream(s).clone();
         let up = |src: &[u8]| -> Result<CudaSlice<u8>> { st.clone_htod(src).map_err(drv) };
         let res = up(data).and_then(|d| Ok((d, scales.map(up).transpose()?)));
@@ -873,7 +860,7 @@ impl Device for CudaDevice {
     }
 
     fn stats(&self) -> Stats {
-        self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        lock(&self.stats).clone()
     }
 
     fn memory_gbs(&self) -> Option<f64> {
