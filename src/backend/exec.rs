@@ -86,6 +86,13 @@ pub struct ExpertStats {
     pub on_cpu: u64,
 }
 
+/// The stream costs: none, to be measured at first use, or known.
+enum CostState {
+    Off,
+    Pending(Box<dyn FnOnce() -> Option<StreamCosts> + Send>),
+    Ready(StreamCosts),
+}
+
 /// The prefill cost model's two rates: streaming an expert over the link vs computing its
 /// tokens on the CPU.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -103,7 +110,7 @@ pub struct Exec {
     scratch: Mutex<Scratch>,
     failed: AtomicBool,
     whole: AtomicBool,
-    stream_costs: Mutex<Option<StreamCosts>>,
+    stream_costs: Mutex<CostState>,
     experts: Mutex<Option<ExpertSlots>>,
     expert_stats: Mutex<ExpertStats>,
     trace: Mutex<Option<Trace>>,
@@ -129,7 +136,7 @@ impl Exec {
             scratch: Mutex::new(Scratch::default()),
             failed: AtomicBool::new(false),
             whole: AtomicBool::new(false),
-            stream_costs: Mutex::new(None),
+            stream_costs: Mutex::new(CostState::Off),
             experts: Mutex::new(None),
             expert_stats: Mutex::new(ExpertStats::default()),
             trace: Mutex::new(None),
@@ -282,6 +289,12 @@ impl Exec {
         lock(&self.trace).take()
     }
 
+    /// Whether expert selections matter here (an expert policy or a trace being recorded);
+    /// without either, `experts_selected` does nothing and callers need not gather them.
+    pub fn tracks_experts(&self) -> bool {
+        lock(&self.experts).is_some() || lock(&self.trace).is_some()
+    }
+
     /// The router chose `selected` experts of `layer` (with repeats, token by token): record
     /// them, let the policy count hits and change its slots, and move weights to match.
     /// Returns the experts that were already on the device (the hits, which run there now);
@@ -364,7 +377,29 @@ impl Exec {
 
     /// Enable streamed prefill with these rates (see [`Exec::stream_for_chunk`]).
     pub fn set_stream_costs(&self, c: StreamCosts) {
-        *lock(&self.stream_costs) = Some(c);
+        *lock(&self.stream_costs) = CostState::Ready(c);
+    }
+
+    /// Enable streamed prefill with rates measured by `measure` at the first chunk that needs
+    /// them (keeps the measurement off start-up and off decode-only runs).
+    pub fn set_stream_costs_with(
+        &self,
+        measure: impl FnOnce() -> Option<StreamCosts> + Send + 'static,
+    ) {
+        *lock(&self.stream_costs) = CostState::Pending(Box::new(measure));
+    }
+
+    fn stream_costs(&self) -> Option<StreamCosts> {
+        let mut g = lock(&self.stream_costs);
+        if let CostState::Pending(_) = &*g
+            && let CostState::Pending(f) = std::mem::replace(&mut *g, CostState::Off)
+        {
+            *g = f().map_or(CostState::Off, CostState::Ready);
+        }
+        match &*g {
+            CostState::Ready(c) => Some(*c),
+            _ => None,
+        }
     }
 
     /// Prefill of a chunk: for each routed expert not on the device, with `n` tokens routed to
@@ -377,7 +412,7 @@ impl Exec {
         groups: &[(usize, usize)],
         weights: impl Fn(usize) -> [&'w Weight; 3],
     ) -> Vec<(usize, [Weight; 3])> {
-        let Some(c) = *lock(&self.stream_costs) else {
+        let Some(c) = self.stream_costs() else {
             return Vec::new();
         };
         if self.dev.is_none() {

@@ -246,22 +246,12 @@ fn hybrid(a: &BenchArgs) -> anyhow::Result<()> {
         a.expert_slots,
         a.gpu_mem,
     )?;
-    let mut rng = SplitMix64::new(5);
-    let vocab = e.cfg.vocab_size as u64;
-    let mut toks =
-        |n: usize| -> Vec<u32> { (0..n).map(|_| (rng.next_u64() % vocab) as u32).collect() };
-    let mut s = Session::new(&e, 1 << 16, 2048);
-    s.prefill(&toks(32), Want::Last)?;
-    for tk in toks(3) {
-        s.decode_step(tk)?;
-    }
-    let (st0, ex0) = (dev.stats(), e.exec.expert_stats());
     let steps = if a.quick { 4 } else { 32 };
-    let t = Instant::now();
-    for tk in toks(steps) {
-        s.decode_step(tk)?;
-    }
-    let dt = t.elapsed().as_secs_f64();
+    let mut before = None;
+    let dt = timed_decode(&e, steps, || {
+        before = Some((dev.stats(), e.exec.expert_stats()));
+    })?;
+    let (st0, ex0) = before.expect("timed_decode marks the start");
     let (st, ex) = (dev.stats(), e.exec.expert_stats());
     let sel = (ex.hits + ex.misses - ex0.hits - ex0.misses).max(1);
     let per = |v: f64| v / steps as f64;
@@ -319,30 +309,38 @@ fn hybrid(a: &BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `n` random token ids of `e`'s vocabulary (fixed seed).
+fn random_tokens(e: &Engine, n: usize, seed: u64) -> Vec<u32> {
+    let mut rng = SplitMix64::new(seed);
+    let vocab = e.cfg.vocab_size as u64;
+    (0..n).map(|_| (rng.next_u64() % vocab) as u32).collect()
+}
+
+/// Decode on `e`: a 32-token prompt, 3 warm-up steps (first touches of the mmapped pages),
+/// then `steps` timed ones; `start` runs just before the timed steps. Returns their seconds.
+fn timed_decode(e: &Engine, steps: usize, start: impl FnOnce()) -> anyhow::Result<f64> {
+    let toks = random_tokens(e, 32 + 3 + steps, 5);
+    let mut s = Session::new(e, 1 << 16, 2048);
+    s.prefill(&toks[..32], Want::Last)?;
+    for &tk in &toks[32..35] {
+        s.decode_step(tk)?;
+    }
+    start();
+    let t = Instant::now();
+    for &tk in &toks[35..] {
+        s.decode_step(tk)?;
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
 /// `peak` = (GFLOP/s, name) of the instructions the prefill products run on.
 fn end_to_end(a: &BenchArgs, bw: f64, peak: (f64, &str)) -> anyhow::Result<(Decode, Prefill)> {
     ensure_synth(a)?;
     let e = Engine::open(&a.synth_dir, Numerics::Reference)?;
     let bytes_per_token =
         crate::model::layout::bytes_per_token(&e.cfg, &crate::model::layout::inventory(&e.cfg));
-    let mut rng = SplitMix64::new(5);
-    let vocab = e.cfg.vocab_size as u64;
-    let mut toks =
-        |n: usize| -> Vec<u32> { (0..n).map(|_| (rng.next_u64() % vocab) as u32).collect() };
-    // Decode: a short prompt, then timed single-token steps.
-    let mut s = Session::new(&e, 1 << 16, 2048);
-    s.prefill(&toks(32), Want::Last)?;
     let steps = if a.quick { 3 } else { 32 };
-    for tk in toks(3) {
-        s.decode_step(tk)?; // warm-up: first touches of the mmapped pages
-    }
-    let step_toks = toks(steps);
-    let t = Instant::now();
-    for &tk in &step_toks {
-        s.decode_step(tk)?;
-    }
-    let dt = t.elapsed().as_secs_f64();
-    let tps = steps as f64 / dt;
+    let tps = steps as f64 / timed_decode(&e, steps, || {})?;
     let decode = Decode {
         tokens_per_s: tps,
         bytes_per_token,
@@ -351,7 +349,7 @@ fn end_to_end(a: &BenchArgs, bw: f64, peak: (f64, &str)) -> anyhow::Result<(Deco
     // Prefill: a fresh session, one batch of n tokens.
     let n = if a.quick { 64 } else { 256 };
     let mut s = Session::new(&e, 1 << 16, n);
-    let p = toks(n);
+    let p = random_tokens(&e, n, 6);
     let t = Instant::now();
     s.prefill(&p, Want::Last)?;
     let dt = t.elapsed().as_secs_f64();

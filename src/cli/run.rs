@@ -79,12 +79,13 @@ impl EngineArgs {
                 self.gpu_mem,
             )?;
             // Streamed prefill: the link as measured, the CPU at half its FMA peak (what its
-            // quantized GEMMs reach on a chunk).
-            if let Some(link_gbs) = e.exec.device().and_then(|d| d.link_gbs()) {
-                let cpu_gflops = 0.5 * crate::backend::cpu::probe::fma_peak(0.05);
-                e.exec.set_stream_costs(crate::backend::exec::StreamCosts {
-                    link_gbs,
-                    cpu_gflops,
+            // quantized GEMMs reach on a chunk), both measured at the first prefill chunk.
+            if let Some(dev) = e.exec.device().cloned() {
+                e.exec.set_stream_costs_with(move || {
+                    Some(crate::backend::exec::StreamCosts {
+                        link_gbs: dev.link_gbs()?,
+                        cpu_gflops: 0.5 * crate::backend::cpu::probe::fma_peak(0.05),
+                    })
                 });
             }
             let gib = |b: u64| b as f64 / (1u64 << 30) as f64;

@@ -343,7 +343,7 @@ impl Engine {
         }
         // Hash-routed layers' experts are known from the token ids alone: the expert cache
         // sees them now, so their promotion copies overlap the layers before them.
-        if self.traps.none() {
+        if self.traps.none() && self.exec.tracks_experts() {
             let k = cfg.num_experts_per_tok;
             for b in self
                 .weights
