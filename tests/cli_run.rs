@@ -202,7 +202,7 @@ fn bad_inputs_name_the_flag() {
                 "--tokens",
                 "0",
                 "--numerics",
-                "fast",
+                "turbo",
             ],
             "--numerics",
             2,

@@ -93,6 +93,7 @@ pub struct BenchReport {
 /// `shape` = (name, format, rows, cols).
 fn bench_kernel(
     shape: (&str, &str, usize, usize),
+    num: Numerics,
     min_bytes: usize,
     reps: usize,
     bw: f64,
@@ -104,11 +105,10 @@ fn bench_kernel(
     let ws: Vec<Weight> = (0..copies)
         .map(|_| random_weight(kind, rows, cols, rng))
         .collect();
-    // The input as the default numerics (`reference`) hands it to an FP8/FP4 product.
-    let x: Vec<f32> = (0..cols)
-        .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.01)
-        .collect();
-    let x = Numerics::Reference.gemm_input(&x, cols).into_owned();
+    // The input as the numerics hand it to an FP8/FP4 product (random values, so a block of
+    // E4M3 inputs is not by chance on the int8 grid too).
+    let x: Vec<f32> = (0..cols).map(|_| rng.uniform() - 0.5).collect();
+    let x = num.gemm_input(&x, cols).into_owned();
     // Warm-up pass (page faults of the fresh buffers), then the best of `reps`.
     for w in &ws {
         std::hint::black_box(linear(w, &x, 1));
@@ -125,7 +125,10 @@ fn bench_kernel(
     let gbs = bytes / best / 1e9;
     let core_gbs = in_cache_gbs(&ws[0], &x, rows, reps);
     KernelResult {
-        name: format!("{name} {kind} {rows}x{cols}"),
+        name: match num {
+            Numerics::Fast => format!("{name} {kind} {rows}x{cols} int8 in"),
+            _ => format!("{name} {kind} {rows}x{cols}"),
+        },
         gbs,
         gflops: 2.0 * (rows * cols * copies) as f64 / best / 1e9,
         ratio: gbs / bw,
@@ -398,15 +401,20 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     };
     let kreps = if a.quick { 1 } else { 3 };
     let mut kernels = Vec::new();
-    for shape in [
-        ("expert w1/w3", "fp4", 2048, 4096),
-        ("expert w2", "fp4", 4096, 2048),
-        ("wq_b", "fp8", 32768, 1024),
-        ("wo_b", "fp8", 4096, 8192),
-        ("shared w1/w3", "fp8", 2048, 4096),
-        ("head", "bf16", 129280, 4096),
+    // The default numerics (reference: E4M3 inputs, bf16 dot products), and the FP4 experts
+    // again under `--numerics fast` (int8 inputs, int8 dot products).
+    let (rf, fast) = (Numerics::Reference, Numerics::Fast);
+    for (shape, num) in [
+        (("expert w1/w3", "fp4", 2048, 4096), rf),
+        (("expert w2", "fp4", 4096, 2048), rf),
+        (("expert w1/w3", "fp4", 2048, 4096), fast),
+        (("expert w2", "fp4", 4096, 2048), fast),
+        (("wq_b", "fp8", 32768, 1024), rf),
+        (("wo_b", "fp8", 4096, 8192), rf),
+        (("shared w1/w3", "fp8", 2048, 4096), rf),
+        (("head", "bf16", 129280, 4096), rf),
     ] {
-        let r = bench_kernel(shape, min, kreps, bw, &mut rng);
+        let r = bench_kernel(shape, num, min, kreps, bw, &mut rng);
         eprintln!(
             "  {:<32} {:>7.1} GB/s {:>7.1} GFLOP/s  {:>5.1}% of bandwidth   \
              (1 core in cache {:.1} GB/s: {:.1} cores saturate)",

@@ -23,7 +23,8 @@ pub struct EngineArgs {
     #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..))]
     pub prefill_chunk: u64,
     /// `reference`: the official code's QAT roundings (FP8 activations and KV, FP4 indexer);
-    /// `ideal`: plain fp32 on the dequantized weights (transformers' semantics).
+    /// `ideal`: plain fp32 on the dequantized weights (transformers' semantics); `fast`:
+    /// ideal with int8 inputs to the FP8/FP4 products (int8 dot products on the CPU).
     #[arg(long, value_enum, default_value_t = Numerics::Reference)]
     pub numerics: Numerics,
     /// Where the model's matrices run: `auto` (a CUDA GPU when one is usable, else the CPU),

@@ -3,8 +3,13 @@
 //! FP8 activations into every FP8/FP4 GEMM, FP8 on the KV non-rope dims, Hadamard + FP4 on
 //! the indexer's queries and keys. Activations stay fp32: the official code's bf16 activations
 //! (which also make its indexer scores bf16) are not simulated; see the README's "Numerics".
+//! `Fast` is `Ideal` with every FP8/FP4 GEMM input on an int8 grid (per 32 values, integers
+//! up to 127 times a power of two): finer than the reference's E4M3 for the large values of
+//! a block, and what the CPU's int8 dot-product kernel multiplies exactly.
 
-use crate::model::formats::{fake_quant_e2m1_blocks, fake_quant_e4m3_blocks};
+use crate::model::formats::{
+    I8_BLOCK, fake_quant_e2m1_blocks, fake_quant_e4m3_blocks, fake_quant_i8_blocks,
+};
 use std::borrow::Cow;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -14,11 +19,14 @@ pub enum Numerics {
     Ideal,
     /// Ideal plus the reference implementation's activation roundings (QAT simulation).
     Reference,
+    /// Ideal with int8 GEMM inputs (per 32 values, one power-of-two scale): the fastest on
+    /// CPUs with int8 dot products; its distance to ideal is measured in tests/golden_ideal.rs.
+    Fast,
 }
 
 impl Numerics {
-    /// Input of an FP8/FP4 GEMM: per row of `cols`, per 128-block, rounded to E4M3 with a
-    /// power-of-two scale.
+    /// Input of an FP8/FP4 GEMM: per row of `cols`, per 128-block rounded to E4M3 with a
+    /// power-of-two scale (reference), or per 32-block to the int8 grid (fast).
     pub fn gemm_input<'a>(self, x: &'a [f32], cols: usize) -> Cow<'a, [f32]> {
         match self {
             Numerics::Ideal => Cow::Borrowed(x),
@@ -26,6 +34,13 @@ impl Numerics {
                 let mut v = x.to_vec();
                 for row in v.chunks_mut(cols) {
                     fake_quant_e4m3_blocks(row, 128);
+                }
+                Cow::Owned(v)
+            }
+            Numerics::Fast => {
+                let mut v = x.to_vec();
+                for row in v.chunks_mut(cols) {
+                    fake_quant_i8_blocks(row, I8_BLOCK);
                 }
                 Cow::Owned(v)
             }

@@ -299,6 +299,56 @@ pub fn quantize_fp4_matrix(w: &[f32], rows: usize, cols: usize) -> (Vec<u8>, Vec
     (packed, scales)
 }
 
+/// Values per block of the int8 activation grid (`--numerics fast`), one power-of-two scale
+/// each: the FP4 weights' scale group, so one integer dot product serves a whole group.
+pub const I8_BLOCK: usize = 32;
+/// Largest int8 magnitude used (symmetric: -128 is never produced).
+pub const I8_MAX: f32 = 127.0;
+/// Smallest block exponent: 2^-126 is the smallest normal f32, so scaling by it is exact.
+const I8_MIN_EXP: i32 = -126;
+
+/// The int8 grid's exponent for a block with largest magnitude `amax`: the smallest k >=
+/// -126 with amax <= 127·2^k (so every value of the block is q·2^k, |q| <= 127, after
+/// rounding). NaN or infinite `amax` gives the largest exponent (the values stay NaN/inf).
+pub fn i8_block_exponent(amax: f32) -> i32 {
+    if !amax.is_finite() {
+        return 127;
+    }
+    let b = amax.abs().to_bits();
+    let exp = (b >> 23) as i32;
+    if exp == 0 {
+        // Zero or subnormal: below 2^-126 <= 127·2^-126.
+        return I8_MIN_EXP;
+    }
+    // amax = 1.m·2^e: 127·2^(e-6) = (1 + 63/64)·2^e covers it iff the mantissa field is at
+    // most 63/64·2^23; otherwise 127·2^(e-5) does.
+    let e = exp - 127;
+    (e - 6 + i32::from(b & 0x7F_FFFF > 0x7E_0000)).max(I8_MIN_EXP)
+}
+
+/// 2^k as f32 for -149 <= k <= 127, built from its bits (exact).
+pub fn pow2(k: i32) -> f32 {
+    if k >= -126 {
+        f32::from_bits(((k + 127) as u32) << 23)
+    } else {
+        f32::from_bits(1u32 << (k + 149))
+    }
+}
+
+/// `--numerics fast` activation rounding: per block of `block` values, the values become
+/// q·2^k with integer |q| <= 127 ([`i8_block_exponent`], ties to even). Every such value is
+/// exactly a bf16, and an int8 dot-product kernel multiplies it exactly.
+pub fn fake_quant_i8_blocks(x: &mut [f32], block: usize) {
+    for blk in x.chunks_mut(block) {
+        let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let k = i8_block_exponent(amax);
+        let (s, inv) = (pow2(k), pow2(-k));
+        for v in blk.iter_mut() {
+            *v = (*v * inv).round_ties_even() * s;
+        }
+    }
+}
+
 /// QAT simulation (spec §4.4 item 1 and 2): per block of `block` values, scale = the smallest
 /// power of two >= amax/448 (amax floored at 1e-4), values rounded to E4M3 and scaled back.
 pub fn fake_quant_e4m3_blocks(x: &mut [f32], block: usize) {
@@ -328,6 +378,40 @@ pub fn fake_quant_e2m1_blocks(x: &mut [f32], block: usize) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn int8_grid_by_hand() {
+        use super::*;
+        // amax <= 127·2^k, smallest such k.
+        assert_eq!(i8_block_exponent(127.0), 0);
+        assert_eq!(i8_block_exponent(127.5), 1);
+        assert_eq!(i8_block_exponent(1.0), -6); // 127/64 = 1.98 >= 1
+        assert_eq!(i8_block_exponent(1.984375), -6); // = 127/64 exactly
+        assert_eq!(i8_block_exponent(1.99), -5);
+        assert_eq!(i8_block_exponent(2.0), -5);
+        assert_eq!(i8_block_exponent(0.0), -126);
+        assert_eq!(i8_block_exponent(1e-45), -126);
+        assert_eq!(pow2(-149), f32::from_bits(1));
+        // Against the definition, in f64, over a sweep of magnitudes.
+        let mut a = 1e-40f32;
+        while a < 1e30 {
+            for v in [a, a.next_up(), 127.0 * a, (127.0 * a).next_up()] {
+                let k = i8_block_exponent(v);
+                let fits = |k: i32| f64::from(v) <= 127.0 * 2f64.powi(k);
+                assert!(fits(k) && (k == -126 || !fits(k - 1)), "{v:e} -> {k}");
+            }
+            a *= 1.37;
+        }
+        assert_eq!(pow2(3), 8.0);
+        // Block max 1.0 -> step 1/64: 0.3 -> 19/64; 2.5/64 ties to even -> 2/64; -1 stays.
+        let mut x = [1.0, 0.3, 2.5 / 64.0, -1.0, 3.5 / 64.0];
+        fake_quant_i8_blocks(&mut x, 32);
+        assert_eq!(x, [1.0, 19.0 / 64.0, 2.0 / 64.0, -1.0, 4.0 / 64.0]);
+        // Two blocks, each with its own scale.
+        let mut y = [100.0, 0.7, 0.5, 0.26];
+        fake_quant_i8_blocks(&mut y, 2);
+        assert_eq!(y, [100.0, 1.0, 0.5, 33.0 / 128.0]); // 0.7 at step 1 -> 1; 0.26·128 = 33.28 -> 33
+    }
+
     use super::*;
 
     #[test]

@@ -30,7 +30,12 @@ pub fn set_enabled(on: bool) {
 /// Whether these kernels run: the CPU has the instructions (AVX-512 F/BW/VBMI and BF16) and
 /// they are not turned off.
 pub fn available() -> bool {
-    ENABLED.load(std::sync::atomic::Ordering::Relaxed) && cpu_has()
+    enabled() && cpu_has()
+}
+
+/// Whether the reordered-sum kernels are switched on ([`set_enabled`]).
+pub fn enabled() -> bool {
+    ENABLED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 fn cpu_has() -> bool {
@@ -115,46 +120,66 @@ const E2M1_BF16: [u16; 16] = {
 /// and dotted with all of them).
 pub const MAX_INPUTS: usize = 8;
 
-/// out[j] = Σ_c W[c]·xs[j][c] for one FP4 row (`packed` cols/2 bytes, one E8M0 scale per 32
-/// columns) and up to [`MAX_INPUTS`] inputs laid out by [`prepare_fp4`]. Needs [`available`]
-/// and cols % 128 == 0.
-pub fn fp4_rows_dot(packed: &[u8], scales: &[u8], xs: &[&[u16]], out: &mut [f32]) {
-    let cols = 2 * packed.len();
+/// out[i·n + j] = Σ_c W[i][c]·xs[j][c] (n = xs.len()) for consecutive FP4 rows (`packed`
+/// cols/2 bytes each, one E8M0 scale per 32 columns) and up to [`MAX_INPUTS`] inputs laid
+/// out by [`prepare_fp4`]. Needs [`available`] and cols % 128 == 0.
+pub fn fp4_block(packed: &[u8], scales: &[u8], cols: usize, xs: &[&[u16]], out: &mut [f32]) {
+    let rows = out.len().checked_div(xs.len()).unwrap_or(0);
     assert!(
         available()
             && cols.is_multiple_of(CHUNK)
-            && scales.len() == cols / 32
+            && packed.len() == rows * cols / 2
+            && scales.len() == rows * cols / 32
             && xs.len() <= MAX_INPUTS
-            && out.len() == xs.len()
             && xs.iter().all(|x| x.len() == cols),
         "fp4 bf16 row shapes"
     );
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the instructions are available and the shapes match (asserted above).
     unsafe {
-        by_len!(xs, out, |a| x86::fp4_rows(packed, scales, a))
+        by_len!(xs, &[u16], |a| x86::fp4_block(packed, scales, cols, a, out))
     }
 }
 
-/// out[j] = Σ_c W[c]·xs[j][c] for one FP8 row (E4M3 codes, the row's 128-block scales) and up
-/// to [`MAX_INPUTS`] inputs laid out by [`prepare_fp8`]. Needs [`available`] and
+/// out[i·n + j] = Σ_c W[r0 + i][c]·xs[j][c] for consecutive FP8 rows r0.. (`codes` cols
+/// bytes each; `scales` the whole weight's 128x128 block scales, `cols`/128 per row block) and
+/// up to [`MAX_INPUTS`] inputs laid out by [`prepare_fp8`]. Needs [`available`] and
 /// cols % 128 == 0.
-pub fn fp8_rows_dot(codes: &[u8], scale_row: &[u8], xs: &[&[u16]], out: &mut [f32]) {
-    let cols = codes.len();
+pub fn fp8_block(
+    codes: &[u8],
+    scales: &[u8],
+    r0: usize,
+    cols: usize,
+    xs: &[&[u16]],
+    out: &mut [f32],
+) {
+    let rows = out.len().checked_div(xs.len()).unwrap_or(0);
+    let bc = cols / FP8_BLOCK;
     assert!(
         available()
             && cols.is_multiple_of(CHUNK)
-            && scale_row.len() == cols / FP8_BLOCK
+            && codes.len() == rows * cols
+            && (rows == 0 || scales.len() >= (r0 + rows - 1) / FP8_BLOCK * bc + bc)
             && xs.len() <= MAX_INPUTS
-            && out.len() == xs.len()
             && xs.iter().all(|x| x.len() == cols),
         "fp8 bf16 row shapes"
     );
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the instructions are available and the shapes match (asserted above).
     unsafe {
-        by_len!(xs, out, |a| x86::fp8_rows(codes, scale_row, a))
+        by_len!(xs, &[u16], |a| x86::fp8_block(
+            codes, scales, r0, cols, a, out
+        ))
     }
+}
+
+/// One row, several inputs.
+pub fn fp4_rows_dot(packed: &[u8], scales: &[u8], xs: &[&[u16]], out: &mut [f32]) {
+    fp4_block(packed, scales, 2 * packed.len(), xs, out)
+}
+
+pub fn fp8_rows_dot(codes: &[u8], scale_row: &[u8], xs: &[&[u16]], out: &mut [f32]) {
+    fp8_block(codes, scale_row, 0, codes.len(), xs, out)
 }
 
 /// Single-input forms (what decode uses).
@@ -173,46 +198,46 @@ pub fn fp8_row_dot(codes: &[u8], scale_row: &[u8], xp: &[u16]) -> f32 {
 /// Run `$call` with `$a` bound to `$xs` as an array, so the kernel is instantiated for the
 /// number of inputs (0..=MAX_INPUTS, asserted by the callers).
 macro_rules! by_len {
-    ($xs:expr, $out:expr, |$a:ident| $call:expr) => {
+    ($xs:expr, $ty:ty, |$a:ident| $body:expr) => {
         match $xs.len() {
             0 => {}
             1 => {
-                let $a: [&[u16]; 1] = std::array::from_fn(|i| $xs[i]);
-                $out.copy_from_slice(&$call)
+                let $a: [$ty; 1] = std::array::from_fn(|i| $xs[i]);
+                $body
             }
             2 => {
-                let $a: [&[u16]; 2] = std::array::from_fn(|i| $xs[i]);
-                $out.copy_from_slice(&$call)
+                let $a: [$ty; 2] = std::array::from_fn(|i| $xs[i]);
+                $body
             }
             3 => {
-                let $a: [&[u16]; 3] = std::array::from_fn(|i| $xs[i]);
-                $out.copy_from_slice(&$call)
+                let $a: [$ty; 3] = std::array::from_fn(|i| $xs[i]);
+                $body
             }
             4 => {
-                let $a: [&[u16]; 4] = std::array::from_fn(|i| $xs[i]);
-                $out.copy_from_slice(&$call)
+                let $a: [$ty; 4] = std::array::from_fn(|i| $xs[i]);
+                $body
             }
             5 => {
-                let $a: [&[u16]; 5] = std::array::from_fn(|i| $xs[i]);
-                $out.copy_from_slice(&$call)
+                let $a: [$ty; 5] = std::array::from_fn(|i| $xs[i]);
+                $body
             }
             6 => {
-                let $a: [&[u16]; 6] = std::array::from_fn(|i| $xs[i]);
-                $out.copy_from_slice(&$call)
+                let $a: [$ty; 6] = std::array::from_fn(|i| $xs[i]);
+                $body
             }
             7 => {
-                let $a: [&[u16]; 7] = std::array::from_fn(|i| $xs[i]);
-                $out.copy_from_slice(&$call)
+                let $a: [$ty; 7] = std::array::from_fn(|i| $xs[i]);
+                $body
             }
             8 => {
-                let $a: [&[u16]; 8] = std::array::from_fn(|i| $xs[i]);
-                $out.copy_from_slice(&$call)
+                let $a: [$ty; 8] = std::array::from_fn(|i| $xs[i]);
+                $body
             }
             _ => unreachable!("at most MAX_INPUTS inputs (asserted)"),
         }
     };
 }
-use by_len;
+pub(crate) use by_len;
 
 /// `x` as bf16 bits in its own order when every value is exactly a bf16 (see
 /// [`prepare_fp4`]); None otherwise.
@@ -260,7 +285,7 @@ const E4M3_BF16: [u16; 128] = {
 };
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use super::{E2M1_BF16, E4M3_BF16};
     use crate::model::formats::{FP8_BLOCK, e8m0_to_f32};
     use std::arch::x86_64::*;
@@ -279,9 +304,52 @@ mod x86 {
         unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
     }
 
+    /// Row after row of [`fp4_rows`] into out [rows, T].
+    ///
+    /// # Safety
+    /// As [`fp4_rows`] for each row; `packed`/`scales` hold out.len()/T rows.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub unsafe fn fp4_block<const T: usize>(
+        packed: &[u8],
+        scales: &[u8],
+        cols: usize,
+        xp: [&[u16]; T],
+        out: &mut [f32],
+    ) {
+        let (pb, sb) = (cols / 2, cols / 32);
+        for (i, o) in out.chunks_exact_mut(T).enumerate() {
+            let (p, s) = (&packed[i * pb..(i + 1) * pb], &scales[i * sb..(i + 1) * sb]);
+            // SAFETY: one row of the shapes the caller checked.
+            o.copy_from_slice(&unsafe { fp4_rows(p, s, xp) });
+        }
+    }
+
+    /// Row after row of [`fp8_rows`] into out [rows, T], rows r0.. of the weight.
+    ///
+    /// # Safety
+    /// As [`fp8_rows`] for each row; `codes` holds out.len()/T rows, `scales` their blocks.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512bf16")]
+    pub unsafe fn fp8_block<const T: usize>(
+        codes: &[u8],
+        scales: &[u8],
+        r0: usize,
+        cols: usize,
+        xp: [&[u16]; T],
+        out: &mut [f32],
+    ) {
+        let bc = cols / FP8_BLOCK;
+        for (i, o) in out.chunks_exact_mut(T).enumerate() {
+            let sr = (r0 + i) / FP8_BLOCK * bc;
+            let (c, s) = (&codes[i * cols..(i + 1) * cols], &scales[sr..sr + bc]);
+            // SAFETY: one row of the shapes the caller checked.
+            o.copy_from_slice(&unsafe { fp8_rows(c, s, xp) });
+        }
+    }
+
     /// # Safety
     /// Needs AVX-512 F/BW/BF16; `packed` = cols/2, `scales` = cols/32, `xp` = cols,
     /// cols % 128 == 0 (checked by the caller).
+    #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     pub unsafe fn fp4_rows<const T: usize>(
         packed: &[u8],
@@ -347,7 +415,7 @@ mod x86 {
     /// Needs AVX-512 F/BW; `p` valid for min(avail, 16) bytes.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn e8m0x16(p: *const u8, avail: usize) -> __m512 {
+    pub(crate) unsafe fn e8m0x16(p: *const u8, avail: usize) -> __m512 {
         let m: __mmask16 = if avail >= 16 {
             0xFFFF
         } else {
@@ -474,6 +542,7 @@ mod x86 {
     /// Needs AVX-512 F/BW/VBMI/BF16; `codes` = `xp` = cols, `scale_row` = cols/128,
     /// cols % 128 == 0 (checked by the caller).
     #[allow(clippy::needless_range_loop)] // blk and half also drive the column offsets
+    #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512bf16")]
     pub unsafe fn fp8_rows<const T: usize>(
         codes: &[u8],

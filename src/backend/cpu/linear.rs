@@ -1,7 +1,7 @@
 //! y = x · Wᵀ for a weight in its stored format.
 
 use super::ops::dot;
-use super::{bf16dot, rowdot};
+use super::{bf16dot, q8dot, rowdot};
 use crate::model::formats::{
     FP4_GROUP, FP8_BLOCK, dequant_bf16_row, dequant_fp4_row, dequant_fp8_row,
 };
@@ -90,6 +90,9 @@ pub fn linear_range(w: &Weight, rows: Range<usize>, x: &[f32], t: usize, y: &mut
     assert_eq!(y.len(), t * n, "output shape");
     if t == 0 || n == 0 {
         return;
+    }
+    if let Some(q) = prepare_q8(w, x, t) {
+        return linear_fused_q8(w, rows, &q, y);
     }
     if let Some(xb) = prepare_bf16(w, x, t) {
         return linear_fused_bf16(w, rows, &xb, y);
@@ -266,36 +269,90 @@ fn gemm_tile_portable(w: &[f32], nr: usize, x: &[f32], t: usize, cols: usize, ou
     }
 }
 
-/// The fused paths' driver: rows `rows` in parallel tasks of [`FUSED_ROWS`], `dot(r, out)`
-/// filling the `t` outputs of row r; y [t, rows.len()] is transposed from the row-major work.
-fn fused_rows(rows: Range<usize>, t: usize, y: &mut [f32], dot: impl Fn(usize, &mut [f32]) + Sync) {
+/// The fused paths' driver: rows `rows` in parallel tasks of [`FUSED_ROWS`], `dot(r0..r1,
+/// out)` filling out [r1 - r0, t] row-major; y [t, rows.len()] is transposed from the work.
+fn fused_rows(
+    rows: Range<usize>,
+    t: usize,
+    y: &mut [f32],
+    dot: impl Fn(Range<usize>, &mut [f32]) + Sync,
+) {
     let n = rows.len();
     let mut yt = vec![0f32; n * t];
     yt.par_chunks_mut(FUSED_ROWS * t)
         .enumerate()
         .for_each(|(ci, out)| {
             let r0 = rows.start + ci * FUSED_ROWS;
-            for (i, o) in out.chunks_mut(t).enumerate() {
-                dot(r0 + i, o);
-            }
+            dot(r0..r0 + out.len() / t, out);
         });
     transpose_into(&yt, n, t, y);
+}
+
+/// Run a kernel that serves at most `max` inputs over out [rows, t] (row-major) in groups of
+/// inputs: `k(g, o)` fills o [rows, g.len()] for the inputs `g`.
+fn in_groups(t: usize, max: usize, out: &mut [f32], mut k: impl FnMut(Range<usize>, &mut [f32])) {
+    if t <= max {
+        return k(0..t, out);
+    }
+    let rows = out.len() / t;
+    let mut buf = vec![0f32; rows * max];
+    for g0 in (0..t).step_by(max) {
+        let g = g0..(g0 + max).min(t);
+        let o = &mut buf[..rows * g.len()];
+        k(g.clone(), o);
+        for (dst, src) in out.chunks_exact_mut(t).zip(o.chunks_exact(g.len())) {
+            dst[g.clone()].copy_from_slice(src);
+        }
+    }
 }
 
 /// The decode path: each row dotted straight from its stored bytes (no scratch), rows in
 /// parallel.
 fn linear_fused(w: &Weight, rows: Range<usize>, x: &[f32], t: usize, y: &mut [f32]) {
     let cols = w.cols();
-    fused_rows(rows, t, y, |r, o| {
-        let wr = row(w, r);
-        for (tt, out) in o.iter_mut().enumerate() {
-            let xt = &x[tt * cols..(tt + 1) * cols];
-            *out = match wr {
-                Row::Fp4 { packed, scales } => rowdot::fp4_row_dot(packed, scales, xt),
-                Row::Fp8 { codes, scales } => rowdot::fp8_row_dot(codes, scales, xt),
-                Row::Bf16(data) => rowdot::bf16_row_dot(data, xt),
-            };
+    fused_rows(rows, t, y, |rs, out| {
+        for (r, o) in rs.zip(out.chunks_exact_mut(t)) {
+            let wr = row(w, r);
+            for (tt, out) in o.iter_mut().enumerate() {
+                let xt = &x[tt * cols..(tt + 1) * cols];
+                *out = match wr {
+                    Row::Fp4 { packed, scales } => rowdot::fp4_row_dot(packed, scales, xt),
+                    Row::Fp8 { codes, scales } => rowdot::fp8_row_dot(codes, scales, xt),
+                    Row::Bf16(data) => rowdot::bf16_row_dot(data, xt),
+                };
+            }
         }
+    });
+}
+
+/// `x` in the int8 kernel's layout when it applies: an FP4 weight, this CPU, at most
+/// [`FUSED_MAX_T_BF16`] inputs, every input on the int8 grid (`--numerics fast`).
+fn prepare_q8(w: &Weight, x: &[f32], t: usize) -> Option<Vec<q8dot::Q8Input>> {
+    if t > FUSED_MAX_T_BF16 || !q8dot::available() || !matches!(w, Weight::Fp4 { .. }) {
+        return None;
+    }
+    x.chunks(w.cols()).map(q8dot::prepare).collect()
+}
+
+/// The fused path on int8 dot products (FP4 weights only).
+fn linear_fused_q8(w: &Weight, rows: Range<usize>, xq: &[q8dot::Q8Input], y: &mut [f32]) {
+    let Weight::Fp4 {
+        cols,
+        packed,
+        scales,
+        ..
+    } = w
+    else {
+        unreachable!("prepare_q8 takes FP4 weights only")
+    };
+    let (cols, t) = (*cols, xq.len());
+    let xs: Vec<&q8dot::Q8Input> = xq.iter().collect();
+    fused_rows(rows, t, y, |rs, out| {
+        let p = &packed[rs.start * cols / 2..rs.end * cols / 2];
+        let s = &scales[rs.start * cols / 32..rs.end * cols / 32];
+        in_groups(t, q8dot::MAX_INPUTS, out, |g, o| {
+            q8dot::fp4_block(p, s, cols, &xs[g], o)
+        });
     });
 }
 
@@ -316,19 +373,27 @@ fn prepare_bf16(w: &Weight, x: &[f32], t: usize) -> Option<Vec<Vec<u16>>> {
 /// The fused path on bf16 dot products: each row's weights become bf16 once per group of up
 /// to 8 inputs and are dotted with all of them.
 fn linear_fused_bf16(w: &Weight, rows: Range<usize>, xb: &[Vec<u16>], y: &mut [f32]) {
+    let (cols, t) = (w.cols(), xb.len());
     let xs: Vec<&[u16]> = xb.iter().map(|v| v.as_slice()).collect();
-    fused_rows(rows, xs.len(), y, |r, o| {
-        let wr = row(w, r);
-        for (xg, og) in xs
-            .chunks(bf16dot::MAX_INPUTS)
-            .zip(o.chunks_mut(bf16dot::MAX_INPUTS))
-        {
-            match wr {
-                Row::Fp4 { packed, scales } => bf16dot::fp4_rows_dot(packed, scales, xg, og),
-                Row::Fp8 { codes, scales } => bf16dot::fp8_rows_dot(codes, scales, xg, og),
-                Row::Bf16(_) => unreachable!("prepare_bf16 refuses BF16 weights"),
-            }
-        }
+    fused_rows(rows, t, y, |rs, out| {
+        in_groups(t, bf16dot::MAX_INPUTS, out, |g, o| match w {
+            Weight::Fp4 { packed, scales, .. } => bf16dot::fp4_block(
+                &packed[rs.start * cols / 2..rs.end * cols / 2],
+                &scales[rs.start * cols / 32..rs.end * cols / 32],
+                cols,
+                &xs[g],
+                o,
+            ),
+            Weight::Fp8 { codes, scales, .. } => bf16dot::fp8_block(
+                &codes[rs.start * cols..rs.end * cols],
+                scales,
+                rs.start,
+                cols,
+                &xs[g],
+                o,
+            ),
+            Weight::Bf16 { .. } => unreachable!("prepare_bf16 refuses BF16 weights"),
+        })
     });
 }
 

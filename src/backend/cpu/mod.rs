@@ -8,6 +8,7 @@ pub mod hc;
 mod linear;
 mod ops;
 pub mod probe;
+pub mod q8dot;
 pub mod rowdot;
 pub mod topology;
 
