@@ -86,6 +86,8 @@ pub struct BenchReport {
     pub bf16_dot_peak_gflops: Option<f64>,
     pub kernels: Vec<KernelResult>,
     pub decode: Option<Decode>,
+    /// The same decode under `--numerics fast` (int8 inputs to the FP8/FP4 products).
+    pub decode_fast: Option<Decode>,
     pub prefill: Option<Prefill>,
 }
 
@@ -337,18 +339,26 @@ fn timed_decode(e: &Engine, steps: usize, start: impl FnOnce()) -> anyhow::Resul
 }
 
 /// `peak` = (GFLOP/s, name) of the instructions the prefill products run on.
-fn end_to_end(a: &BenchArgs, bw: f64, peak: (f64, &str)) -> anyhow::Result<(Decode, Prefill)> {
+fn end_to_end(
+    a: &BenchArgs,
+    bw: f64,
+    peak: (f64, &str),
+) -> anyhow::Result<(Decode, Decode, Prefill)> {
     ensure_synth(a)?;
     let e = Engine::open(&a.synth_dir, Numerics::Reference)?;
     let bytes_per_token =
         crate::model::layout::bytes_per_token(&e.cfg, &crate::model::layout::inventory(&e.cfg));
     let steps = if a.quick { 3 } else { 32 };
-    let tps = steps as f64 / timed_decode(&e, steps, || {})?;
-    let decode = Decode {
-        tokens_per_s: tps,
-        bytes_per_token,
-        ratio: bytes_per_token as f64 * tps / (bw * 1e9),
+    let decode_with = |e: &Engine| -> anyhow::Result<Decode> {
+        let tps = steps as f64 / timed_decode(e, steps, || {})?;
+        Ok(Decode {
+            tokens_per_s: tps,
+            bytes_per_token,
+            ratio: bytes_per_token as f64 * tps / (bw * 1e9),
+        })
     };
+    let decode = decode_with(&e)?;
+    let decode_fast = decode_with(&Engine::open(&a.synth_dir, Numerics::Fast)?)?;
     // Prefill: a fresh session, one batch of n tokens.
     let n = if a.quick { 64 } else { 256 };
     let mut s = Session::new(&e, 1 << 16, n);
@@ -364,7 +374,7 @@ fn end_to_end(a: &BenchArgs, bw: f64, peak: (f64, &str)) -> anyhow::Result<(Deco
         ratio: gflops / peak.0,
         bound: peak.1.to_string(),
     };
-    Ok((decode, prefill))
+    Ok((decode, decode_fast, prefill))
 }
 
 pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
@@ -427,17 +437,19 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
         );
         kernels.push(r);
     }
-    let (decode, prefill) = if a.kernels_only {
-        (None, None)
+    let (decode, decode_fast, prefill) = if a.kernels_only {
+        (None, None, None)
     } else {
-        let (d, p) = end_to_end(a, bw, prefill_bound)?;
-        eprintln!(
-            "  decode  {:>7.2} tok/s x {:.2} GB/token = {:.1} GB/s, {:.1}% of bandwidth",
-            d.tokens_per_s,
-            d.bytes_per_token as f64 / 1e9,
-            d.tokens_per_s * d.bytes_per_token as f64 / 1e9,
-            d.ratio * 100.0
-        );
+        let (d, df, p) = end_to_end(a, bw, prefill_bound)?;
+        for (what, d) in [("decode ", &d), ("  fast ", &df)] {
+            eprintln!(
+                "  {what} {:>7.2} tok/s x {:.2} GB/token = {:.1} GB/s, {:.1}% of bandwidth",
+                d.tokens_per_s,
+                d.bytes_per_token as f64 / 1e9,
+                d.tokens_per_s * d.bytes_per_token as f64 / 1e9,
+                d.ratio * 100.0
+            );
+        }
         eprintln!(
             "  prefill {:>7.1} tok/s at batch {}: {:.1} GFLOP/s, {:.1}% of the {}",
             p.tokens_per_s,
@@ -446,7 +458,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
             p.ratio * 100.0,
             p.bound
         );
-        (Some(d), Some(p))
+        (Some(d), Some(df), Some(p))
     };
     let report = BenchReport {
         threads: rayon::current_num_threads(),
@@ -455,6 +467,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
         bf16_dot_peak_gflops: bf16_peak,
         kernels,
         decode,
+        decode_fast,
         prefill,
     };
     if a.json {

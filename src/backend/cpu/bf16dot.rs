@@ -67,33 +67,43 @@ fn exact_bf16(v: f32) -> Option<u16> {
 /// `32j + o + 2k + p`, k < 8. This is the order in which the kernel's byte shuffles and
 /// unpacks lay out the weights, so both operands line up lane by lane.
 pub fn prepare_fp4(x: &[f32]) -> Option<Vec<u16>> {
-    if !x.len().is_multiple_of(CHUNK) {
+    if !x.len().is_multiple_of(CHUNK) || !all_exact_bf16(x) {
         return None;
     }
     let mut out = vec![0u16; x.len()];
     for (xc, oc) in x.chunks_exact(CHUNK).zip(out.chunks_exact_mut(CHUNK)) {
-        for i in 0..4 {
-            for m in 0..32 {
-                oc[32 * i + m] = exact_bf16(xc[4 * m + i])?;
+        for (m, q) in xc.chunks_exact(4).enumerate() {
+            for (i, v) in q.iter().enumerate() {
+                oc[32 * i + m] = (v.to_bits() >> 16) as u16;
             }
         }
     }
     Some(out)
 }
 
+/// Whether every value is exactly a bf16 and none a bf16 subnormal ([`exact_bf16`] for all),
+/// in one branch-free pass the compiler vectorizes.
+fn all_exact_bf16(x: &[f32]) -> bool {
+    x.iter().fold(true, |ok, v| {
+        let b = v.to_bits();
+        let low_zero = b & 0xFFFF == 0;
+        let normal_or_zero = b & 0x7F80_0000 != 0 || b & 0x7FFF_FFFF == 0;
+        ok & low_zero & normal_or_zero
+    })
+}
+
 /// Input for [`fp8_row_dot`]: per 64 columns, two runs of 32; run `s` holds at `8j + k` the
 /// column `16j + 8s + k` (j < 4, k < 8).
 pub fn prepare_fp8(x: &[f32]) -> Option<Vec<u16>> {
-    if !x.len().is_multiple_of(CHUNK) {
+    if !x.len().is_multiple_of(CHUNK) || !all_exact_bf16(x) {
         return None;
     }
     let mut out = vec![0u16; x.len()];
     for (xc, oc) in x.chunks_exact(64).zip(out.chunks_exact_mut(64)) {
-        for s in 0..2 {
-            for j in 0..4 {
-                for k in 0..8 {
-                    oc[32 * s + 8 * j + k] = exact_bf16(xc[16 * j + 8 * s + k])?;
-                }
+        for (j, q) in xc.chunks_exact(16).enumerate() {
+            for (k, v) in q.iter().enumerate() {
+                // Column 16j + 8s + k to 32s + 8j + k.
+                oc[32 * (k / 8) + 8 * j + k % 8] = (v.to_bits() >> 16) as u16;
             }
         }
     }

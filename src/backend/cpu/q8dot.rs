@@ -56,6 +56,44 @@ pub struct Q8Input {
 /// `x` in the kernel's layout when it is on the int8 grid (every 32-block: q·2^k with the
 /// block's own [`i8_block_exponent`]) and its length a multiple of 128; None otherwise.
 pub fn prepare(x: &[f32]) -> Option<Q8Input> {
+    #[cfg(target_arch = "x86_64")]
+    if cpu_has() {
+        return prepare_simd(x);
+    }
+    prepare_portable(x)
+}
+
+/// [`prepare`] 32 values at a time in AVX-512 registers.
+#[cfg(target_arch = "x86_64")]
+fn prepare_simd(x: &[f32]) -> Option<Q8Input> {
+    if !x.len().is_multiple_of(CHUNK) {
+        return None;
+    }
+    let mut q = vec![0i8; x.len()];
+    let mut corr = vec![0i32; x.len() / 8];
+    let mut step = vec![0f32; x.len() / I8_BLOCK];
+    let blocks = x.chunks_exact(CHUNK).zip(q.chunks_exact_mut(CHUNK));
+    for (ci, (xc, qc)) in blocks.enumerate() {
+        let (even, odd) = qc.split_at_mut(CHUNK / 2);
+        for gi in 0..CHUNK / I8_BLOCK {
+            let blk: &[f32; 32] = xc[32 * gi..32 * gi + 32].try_into().ok()?;
+            let c: &mut [i32; 4] = (&mut corr[16 * ci + 4 * gi..16 * ci + 4 * gi + 4])
+                .try_into()
+                .ok()?;
+            let (e, o) = (
+                &mut even[16 * gi..16 * gi + 16],
+                &mut odd[16 * gi..16 * gi + 16],
+            );
+            // SAFETY: the CPU has AVX-512 F/BW (checked by the caller); fixed-size operands.
+            let k = unsafe { x86::quantize_block(blk, e.try_into().ok()?, o.try_into().ok()?, c) }?;
+            step[4 * ci + gi] = pow2(k - 1);
+        }
+    }
+    Some(Q8Input { q, corr, step })
+}
+
+/// [`prepare`] one value at a time (the reference for the SIMD form; any CPU).
+pub fn prepare_portable(x: &[f32]) -> Option<Q8Input> {
     if !x.len().is_multiple_of(CHUNK) {
         return None;
     }
@@ -160,6 +198,65 @@ mod x86 {
 
     /// Bytes ahead of the current load that are prefetched (a hint: past the end is harmless).
     const PREFETCH: usize = 1024;
+
+    /// One 32-value block of [`super::prepare`]: the int8 values (even columns to `even`, odd
+    /// ones to `odd`), the four dword corrections, and the block exponent; None when the
+    /// block is not on the int8 grid.
+    ///
+    /// # Safety
+    /// Needs AVX-512 F/BW.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn quantize_block(
+        x: &[f32; 32],
+        even: &mut [i8; 16],
+        odd: &mut [i8; 16],
+        corr: &mut [i32; 4],
+    ) -> Option<i32> {
+        use crate::model::formats::{i8_block_exponent, pow2};
+        // SAFETY: every load and store is of the fixed-size arrays passed in.
+        unsafe {
+            let (a, b) = (
+                _mm512_loadu_ps(x.as_ptr()),
+                _mm512_loadu_ps(x.as_ptr().add(16)),
+            );
+            // Magnitudes order like their bits (NaN above infinity): an integer max.
+            let abs = _mm512_set1_epi32(0x7FFF_FFFF);
+            let m = _mm512_max_epu32(
+                _mm512_and_si512(_mm512_castps_si512(a), abs),
+                _mm512_and_si512(_mm512_castps_si512(b), abs),
+            );
+            let amax = f32::from_bits(_mm512_reduce_max_epu32(m));
+            if !amax.is_finite() {
+                return None;
+            }
+            let k = i8_block_exponent(amax);
+            let inv = _mm512_set1_ps(pow2(-k));
+            let (sa, sb) = (_mm512_mul_ps(a, inv), _mm512_mul_ps(b, inv));
+            // |s| <= 127 by the choice of k; on the grid iff the truncation is exact.
+            let (ia, ib) = (_mm512_cvttps_epi32(sa), _mm512_cvttps_epi32(sb));
+            let exact = _mm512_cmpeq_ps_mask(_mm512_cvtepi32_ps(ia), sa)
+                & _mm512_cmpeq_ps_mask(_mm512_cvtepi32_ps(ib), sb);
+            if exact != 0xFFFF {
+                return None;
+            }
+            let ev = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+            let od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
+            let store = |v: __m512i, p: *mut i8| {
+                _mm_storeu_si128(p as *mut __m128i, _mm512_cvtepi32_epi8(v))
+            };
+            store(_mm512_permutex2var_epi32(ia, ev, ib), even.as_mut_ptr());
+            store(_mm512_permutex2var_epi32(ia, od, ib), odd.as_mut_ptr());
+            // Dword lane d covers 8 consecutive columns: a's halves, then b's.
+            *corr = [
+                _mm512_mask_reduce_add_epi32(0x00FF, ia),
+                _mm512_mask_reduce_add_epi32(0xFF00, ia),
+                _mm512_mask_reduce_add_epi32(0x00FF, ib),
+                _mm512_mask_reduce_add_epi32(0xFF00, ib),
+            ]
+            .map(|s| -12 * s);
+            Some(k)
+        }
+    }
 
     /// Row after row of [`fp4_rows`] into out [rows, T].
     ///
@@ -306,6 +403,22 @@ mod tests {
         assert_eq!((p.q[0], p.q[64 + 1]), (64, -32));
         assert_eq!(p.corr[0], -12 * (64 - 32));
         assert_eq!(p.step[0], 1.0 / 128.0);
+    }
+
+    #[test]
+    fn simd_prepare_equals_portable() {
+        let mut r = SplitMix64::new(33);
+        for n in [128usize, 512, 4096] {
+            let x = grid_input(&mut r, n);
+            let (a, b) = (
+                prepare(&x).expect("grid"),
+                prepare_portable(&x).expect("grid"),
+            );
+            assert_eq!((a.q, a.corr, a.step), (b.q, b.corr, b.step), "{n}");
+            let mut off = x.clone();
+            off[n - 3] += off[n - 3].abs() * 1e-3 + 1e-30;
+            assert!(prepare(&off).is_none() && prepare_portable(&off).is_none());
+        }
     }
 
     #[test]
