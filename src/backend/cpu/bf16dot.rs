@@ -574,7 +574,7 @@ pub(crate) mod x86 {
                     let c0 = FP8_BLOCK * blk + 64 * half;
                     // Lane j = codes c0 + 16j .. c0 + 16j + 16.
                     let b = _mm512_loadu_si512(codes.as_ptr().add(c0) as *const __m512i);
-                    _mm_prefetch::<_MM_HINT_T0>(
+                    _mm_prefetch::<_MM_HINT_T1>(
                         codes.as_ptr().wrapping_add(c0 + PREFETCH) as *const i8
                     );
                     let m = _mm512_and_si512(b, mag);

@@ -322,7 +322,7 @@ mod x86 {
                 for (qi, &si) in sidx.iter().enumerate().take(chunks - c4) {
                     let c = c4 + qi;
                     let b = _mm512_loadu_si512(packed.as_ptr().add(64 * c) as *const __m512i);
-                    _mm_prefetch::<_MM_HINT_T0>(
+                    _mm_prefetch::<_MM_HINT_T1>(
                         packed.as_ptr().wrapping_add(64 * c + PREFETCH) as *const i8
                     );
                     // Byte k of the load holds columns 2k (low nibble) and 2k + 1 (high).
