@@ -372,9 +372,11 @@ pub(crate) mod x86 {
         // 128 u16 of each input; the scale load is masked to the `groups` bytes there are.
         // All inside the lengths the caller checked.
         unsafe {
-            let lut =
-                _mm512_castsi256_si512(_mm256_loadu_si256(E2M1_BF16.as_ptr() as *const __m256i));
-            let nib = _mm512_set1_epi16(0x0F);
+            // The word permute reads bits 4..0 of each index: with the 16-entry table twice
+            // over, bit 4 (the next nibble's lowest bit) does not matter, so the nibble planes
+            // need shifts but no masks.
+            let half = _mm256_loadu_si256(E2M1_BF16.as_ptr() as *const __m256i);
+            let lut = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(half), half);
             let mut total = [_mm512_setzero_ps(); T];
             let mut s16 = _mm512_setzero_ps();
             let sidx: [__m512i; 4] = std::array::from_fn(|q| {
@@ -396,9 +398,9 @@ pub(crate) mod x86 {
                     packed.as_ptr().wrapping_add(64 * c + PREFETCH) as *const i8
                 );
                 let w = [
-                    _mm512_and_si512(b, nib),
-                    _mm512_and_si512(_mm512_srli_epi16(b, 4), nib),
-                    _mm512_and_si512(_mm512_srli_epi16(b, 8), nib),
+                    b,
+                    _mm512_srli_epi16(b, 4),
+                    _mm512_srli_epi16(b, 8),
                     _mm512_srli_epi16(b, 12),
                 ]
                 .map(|n| bh(_mm512_permutexvar_epi16(n, lut)));

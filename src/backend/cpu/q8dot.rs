@@ -19,7 +19,7 @@ pub const CHUNK: usize = 128;
 /// Most inputs one pass over a row serves.
 pub const MAX_INPUTS: usize = 8;
 
-/// Whether the kernel runs here: AVX-512 F/BW and VNNI, and the bf16 kernels' switch on
+/// Whether the kernel runs here: AVX-512 F/BW/VBMI and VNNI, and the bf16 kernels' switch on
 /// (it turns every reordered-sum kernel off at once; see [`super::bf16dot::set_enabled`]).
 pub fn available() -> bool {
     super::bf16dot::enabled() && cpu_has()
@@ -33,6 +33,7 @@ fn cpu_has() -> bool {
         *HAS.get_or_init(|| {
             std::is_x86_feature_detected!("avx512f")
                 && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512vbmi")
                 && std::is_x86_feature_detected!("avx512vnni")
         })
     }
@@ -262,7 +263,7 @@ mod x86 {
     ///
     /// # Safety
     /// As [`fp4_rows`] for each row; `packed`/`scales` hold out.len()/T rows.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
     pub unsafe fn fp4_block<const T: usize>(
         packed: &[u8],
         scales: &[u8],
@@ -279,10 +280,10 @@ mod x86 {
     }
 
     /// # Safety
-    /// Needs AVX-512 F/BW/VNNI; `packed` = cols/2, `scales` = cols/32, every input prepared
+    /// Needs AVX-512 F/BW/VBMI/VNNI; `packed` = cols/2, `scales` = cols/32, every input prepared
     /// for cols columns, cols % 128 == 0 (checked by the caller).
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
     pub unsafe fn fp4_rows<const T: usize>(
         packed: &[u8],
         scales: &[u8],
@@ -294,8 +295,9 @@ mod x86 {
         // each input's q and 16 of its corr; scales and steps are read by masked loads of
         // what is left of them. All inside the lengths the caller checked.
         unsafe {
+            // The byte permute reads bits 5..0 of each index: with the 16-entry table four
+            // times over, only the low nibble counts, so neither nibble needs a mask.
             let lut = _mm512_broadcast_i32x4(_mm_loadu_si128(W_U8.as_ptr() as *const __m128i));
-            let nib = _mm512_set1_epi8(0x0F);
             // Group 4q + j's scale over the four dword lanes of 128-bit lane j.
             let sidx: [__m512i; 4] = std::array::from_fn(|q| {
                 _mm512_add_epi32(
@@ -326,9 +328,8 @@ mod x86 {
                         packed.as_ptr().wrapping_add(64 * c + PREFETCH) as *const i8
                     );
                     // Byte k of the load holds columns 2k (low nibble) and 2k + 1 (high).
-                    let even = _mm512_shuffle_epi8(lut, _mm512_and_si512(b, nib));
-                    let odd =
-                        _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(b, 4), nib));
+                    let even = _mm512_permutexvar_epi8(b, lut);
+                    let odd = _mm512_permutexvar_epi8(_mm512_srli_epi16(b, 4), lut);
                     for t in 0..T {
                         let q = xs[t].q.as_ptr().add(128 * c) as *const __m512i;
                         let mut acc =
