@@ -20,8 +20,9 @@ const FUSED_MAX_T: usize = 4;
 /// With bf16 dot products the fused path converts each weight once per 8 inputs, which
 /// beats dequantizing a tile up to this many inputs (the routed experts during prefill).
 const FUSED_MAX_T_BF16: usize = 16;
-/// Rows per rayon task in the fused path.
-const FUSED_ROWS: usize = 64;
+/// Weight bytes per rayon task in the fused path (measured on 2 cores: 64-256 KB tasks
+/// stream best; 1 MB tasks lose up to 40 % on the 8 KB rows of wo_b).
+const FUSED_TASK_BYTES: usize = 128 << 10;
 
 /// One row of a weight in its stored form: the bytes and scales a row kernel reads.
 enum Row<'a> {
@@ -269,20 +270,23 @@ fn gemm_tile_portable(w: &[f32], nr: usize, x: &[f32], t: usize, cols: usize, ou
     }
 }
 
-/// The fused paths' driver: rows `rows` in parallel tasks of [`FUSED_ROWS`], `dot(r0..r1,
-/// out)` filling out [r1 - r0, t] row-major; y [t, rows.len()] is transposed from the work.
+/// The fused paths' driver: rows `rows` of `w` in parallel tasks of about
+/// [`FUSED_TASK_BYTES`], `dot(r0..r1, out)` filling out [r1 - r0, t] row-major; y [t,
+/// rows.len()] is transposed from the work.
 fn fused_rows(
+    w: &Weight,
     rows: Range<usize>,
     t: usize,
     y: &mut [f32],
     dot: impl Fn(Range<usize>, &mut [f32]) + Sync,
 ) {
     let n = rows.len();
+    let task = (FUSED_TASK_BYTES * w.rows() / w.stored_bytes().max(1)).max(1);
     let mut yt = vec![0f32; n * t];
-    yt.par_chunks_mut(FUSED_ROWS * t)
+    yt.par_chunks_mut(task * t)
         .enumerate()
         .for_each(|(ci, out)| {
-            let r0 = rows.start + ci * FUSED_ROWS;
+            let r0 = rows.start + ci * task;
             dot(r0..r0 + out.len() / t, out);
         });
     transpose_into(&yt, n, t, y);
@@ -310,7 +314,7 @@ fn in_groups(t: usize, max: usize, out: &mut [f32], mut k: impl FnMut(Range<usiz
 /// parallel.
 fn linear_fused(w: &Weight, rows: Range<usize>, x: &[f32], t: usize, y: &mut [f32]) {
     let cols = w.cols();
-    fused_rows(rows, t, y, |rs, out| {
+    fused_rows(w, rows, t, y, |rs, out| {
         for (r, o) in rs.zip(out.chunks_exact_mut(t)) {
             let wr = row(w, r);
             for (tt, out) in o.iter_mut().enumerate() {
@@ -347,7 +351,7 @@ fn linear_fused_q8(w: &Weight, rows: Range<usize>, xq: &[q8dot::Q8Input], y: &mu
     };
     let (cols, t) = (*cols, xq.len());
     let xs: Vec<&q8dot::Q8Input> = xq.iter().collect();
-    fused_rows(rows, t, y, |rs, out| {
+    fused_rows(w, rows, t, y, |rs, out| {
         let p = &packed[rs.start * cols / 2..rs.end * cols / 2];
         let s = &scales[rs.start * cols / 32..rs.end * cols / 32];
         in_groups(t, q8dot::MAX_INPUTS, out, |g, o| {
@@ -375,7 +379,7 @@ fn prepare_bf16(w: &Weight, x: &[f32], t: usize) -> Option<Vec<Vec<u16>>> {
 fn linear_fused_bf16(w: &Weight, rows: Range<usize>, xb: &[Vec<u16>], y: &mut [f32]) {
     let (cols, t) = (w.cols(), xb.len());
     let xs: Vec<&[u16]> = xb.iter().map(|v| v.as_slice()).collect();
-    fused_rows(rows, t, y, |rs, out| {
+    fused_rows(w, rows, t, y, |rs, out| {
         in_groups(t, bf16dot::MAX_INPUTS, out, |g, o| match w {
             Weight::Fp4 { packed, scales, .. } => bf16dot::fp4_block(
                 &packed[rs.start * cols / 2..rs.end * cols / 2],
