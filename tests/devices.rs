@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use dsflash::backend::device::Device;
 use dsflash::backend::sim::{SimCost, SimDevice};
-use dsflash::engine::{Engine, Numerics, Session, Want};
+use dsflash::engine::{Engine, ExpertPolicy, HybridOptions, Numerics, Session, Want};
 use std::sync::Arc;
 
 const TOL: f32 = 1e-4;
@@ -15,6 +15,16 @@ const TOL: f32 = 1e-4;
 fn prefill_logits(e: &Engine, ids: &[u32], chunk: usize) -> Vec<f32> {
     let mut s = Session::new(e, 1 << 20, chunk);
     s.prefill(ids, Want::All).expect("prefill")
+}
+
+/// Hybrid options with room for a 4k context and no memory cap.
+fn hybrid(policy: ExpertPolicy, slots: Option<usize>) -> HybridOptions {
+    HybridOptions {
+        policy,
+        slots,
+        budget: None,
+        ctx: 4096,
+    }
 }
 
 #[test]
@@ -133,7 +143,6 @@ fn device_flag_cpu_sim_and_cuda_without_a_gpu() {
 
 #[test]
 fn expert_cache_at_every_size_keeps_logits_bit_identical() {
-    use dsflash::engine::ExpertPolicy;
     let dir = fixture("tiny-b");
     let g = goldens(&fixture("tiny-b/goldens.safetensors"))
         .into_iter()
@@ -155,7 +164,7 @@ fn expert_cache_at_every_size_keeps_logits_bit_identical() {
             let mut e = Engine::open(&dir, Numerics::Ideal).expect("open");
             let sim = Arc::new(SimDevice::new(1 << 30, SimCost::default()));
             let (p, s) = e
-                .use_device_hybrid(sim.clone(), policy.clone(), Some(slots), None)
+                .use_device_hybrid(sim.clone(), hybrid(policy.clone(), Some(slots)))
                 .expect("placement");
             assert_eq!((p.resident, s), (p.total, slots), "dense part and head fit");
             let got = prefill_logits(&e, &g.input_ids, 64);
@@ -349,7 +358,7 @@ fn whole_model_mode_runs_every_op_on_the_device_bit_identically() {
             let p = e.use_device(sim.clone()).expect("placement");
             assert_eq!(p.resident, p.total);
             assert!(
-                e.exec.whole_model(),
+                e.exec.ops_on_device(),
                 "{dir}: everything fits, so every op is offloaded"
             );
             let dev = run_all(&e);
@@ -381,7 +390,7 @@ fn whole_model_mode_runs_every_op_on_the_device_bit_identically() {
 #[test]
 fn streamed_prefill_follows_the_cost_model_and_changes_no_logit() {
     use dsflash::backend::exec::StreamCosts;
-    use dsflash::engine::ExpertPolicy;
+
     let dir = fixture("tiny-b");
     let g = goldens(&fixture("tiny-b/goldens.safetensors"))
         .into_iter()
@@ -414,7 +423,7 @@ fn streamed_prefill_follows_the_cost_model_and_changes_no_logit() {
     ] {
         let mut e = Engine::open(&dir, Numerics::Ideal).expect("open");
         let sim = Arc::new(SimDevice::new(1 << 30, SimCost::default()));
-        e.use_device_hybrid(sim.clone(), ExpertPolicy::Adaptive(None), Some(0), None)
+        e.use_device_hybrid(sim.clone(), hybrid(ExpertPolicy::Adaptive(None), Some(0)))
             .expect("placement");
         e.exec.set_stream_costs(StreamCosts {
             link_gbs: link,
@@ -441,4 +450,109 @@ fn streamed_prefill_follows_the_cost_model_and_changes_no_logit() {
             "streamed experts are released after the chunk"
         );
     }
+}
+
+/// The KV cache on the device: in a hybrid placement (dense part resident, experts on the
+/// CPU) the compressed KV rows and indexer keys stay on the device between steps, so what a
+/// decode step copies there does not grow with the context; the logits equal the CPU
+/// engine's bit for bit, also after a rewind cuts the rows back and new ones replace them.
+#[test]
+fn kv_rows_stay_on_the_device_and_decode_traffic_does_not_grow_with_context() {
+    let dir = fixture("tiny");
+    let ids: Vec<u32> = goldens(&fixture("tiny/goldens.safetensors"))
+        .into_iter()
+        .map(|g| g.input_ids)
+        .max_by_key(|v| v.len())
+        .expect("a golden prompt");
+    assert!(ids.len() >= 500);
+    let cpu_engine = Engine::open(&dir, Numerics::Reference).expect("open");
+    let mut e = Engine::open(&dir, Numerics::Reference).expect("open");
+    let sim = Arc::new(SimDevice::new(1 << 30, SimCost::default()));
+    e.use_device_hybrid(sim.clone(), hybrid(ExpertPolicy::Adaptive(None), Some(0)))
+        .expect("placement");
+    assert!(e.exec.ops_on_device(), "the dense part fits: device ops");
+    let (mut dev_s, mut cpu_s) = (
+        Session::new(&e, 4096, 64),
+        Session::new(&cpu_engine, 4096, 64),
+    );
+    let same = |a: &[f32], b: &[f32], what: &str| {
+        assert!(
+            a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{what}: device and CPU logits differ"
+        );
+    };
+    // Bytes a decode step sends to the device, averaged over 16 steps (a compressed row is
+    // completed every 4 or 128 tokens), after prefilling `n` tokens of the prompt (both past
+    // the 128-token window, so the per-step window rows are the same).
+    let mut per_step = Vec::new();
+    let mut fed = 0;
+    for n in [200usize, 480] {
+        let a = dev_s.prefill(&ids[fed..n], Want::Last).expect("prefill");
+        same(
+            &a,
+            &cpu_s.prefill(&ids[fed..n], Want::Last).expect("prefill"),
+            "prefill",
+        );
+        let before = sim.stats().bytes_to_device;
+        for k in 0..16 {
+            let tok = ids[n + k];
+            let a = dev_s.decode_step(tok).expect("decode");
+            same(&a, &cpu_s.decode_step(tok).expect("decode"), "decode");
+        }
+        per_step.push((sim.stats().bytes_to_device - before) / 16);
+        fed = n + 16;
+    }
+    let cfg = &e.cfg;
+    // Compressed KV and indexer rows at a position: what a step would copy if they were not
+    // kept on the device.
+    let rows_bytes = |p: usize| -> u64 {
+        (0..cfg.num_hidden_layers)
+            .map(|l| {
+                let r = cfg.compress_ratio(l);
+                let n = p.checked_div(r).unwrap_or(0);
+                let width = cfg.head_dim + if r == 4 { cfg.index_head_dim } else { 0 };
+                (4 * n * width) as u64
+            })
+            .sum()
+    };
+    let regrowth = rows_bytes(496) - rows_bytes(216);
+    eprintln!(
+        "bytes to the device per decode step: {per_step:?}; compressed rows at 496: {}",
+        rows_bytes(496)
+    );
+    // Each query's key list still grows by one 4-byte index per visible row.
+    assert!(
+        per_step[1].saturating_sub(per_step[0]) <= regrowth / 16,
+        "per-step bytes to the device {per_step:?} grow with the context (re-copying the rows would add {regrowth})"
+    );
+    // Model parameters (norms, mHC matrices, sinks, RoPE tables) stay on the device too:
+    // a step copies less than the compressed rows alone.
+    assert!(
+        per_step[1] < rows_bytes(496),
+        "{per_step:?} vs {} of compressed rows",
+        rows_bytes(496)
+    );
+    // Rewind past completed rows, then continue differently: the device copies start over.
+    let (md, mc) = (dev_s.mark(), cpu_s.mark());
+    for k in 0..9 {
+        let tok = ids[k + 3];
+        same(
+            &dev_s.decode_step(tok).expect("decode"),
+            &cpu_s.decode_step(tok).expect("decode"),
+            "before rewind",
+        );
+    }
+    assert!(dev_s.rewind(&md) && cpu_s.rewind(&mc));
+    for k in 0..9 {
+        let tok = ids[k + 40];
+        same(
+            &dev_s.decode_step(tok).expect("decode"),
+            &cpu_s.decode_step(tok).expect("decode"),
+            "after rewind",
+        );
+    }
+    // A finished session leaves no key tables behind.
+    assert!(e.exec.table_bytes() > 0);
+    drop(dev_s);
+    assert_eq!(e.exec.table_bytes(), 0);
 }

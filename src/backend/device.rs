@@ -297,8 +297,12 @@ pub trait Device: Send + Sync {
     fn in_use(&self) -> u64;
     fn alloc(&self, bytes: usize) -> Result<Buf>;
     fn free(&self, b: Buf);
+    /// Copy host bytes into a buffer from byte `offset` on, ordered on `s`.
+    fn write_at(&self, dst: Buf, offset: usize, src: &[u8], s: Stream) -> Result<()>;
     /// Copy host bytes into a buffer (from offset 0), ordered on `s`.
-    fn write(&self, dst: Buf, src: &[u8], s: Stream) -> Result<()>;
+    fn write(&self, dst: Buf, src: &[u8], s: Stream) -> Result<()> {
+        self.write_at(dst, 0, src, s)
+    }
     /// Copy a buffer's first `dst.len()` bytes back; returns when they are on the host.
     fn read(&self, src: Buf, dst: &mut [u8], s: Stream) -> Result<()>;
     /// Make a weight resident (the stored bytes as they are: codes and scales).

@@ -11,7 +11,7 @@ use super::expert_cache::{Access, Policy, Trace};
 use crate::model::weights::Weight;
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 /// Identity of a weight: the address of its stored bytes (stable: mmap or owned buffer).
@@ -30,12 +30,23 @@ pub enum Arg<'a> {
     InOut(&'a mut [u8]),
     /// An optional input that is not there (the op gets `None` for it).
     Absent,
+    /// A buffer already on the device (a [`Exec::table`]), used as it is.
+    Dev(Buf),
+    /// A model parameter (norm weights, mHC matrices, RoPE frequencies, sinks, biases):
+    /// host bytes that never change while the engine lives, copied to the device at first
+    /// use and kept there (keyed by address and length).
+    Param(&'a [u8]),
 }
 
 impl<'a> Arg<'a> {
     /// An optional input.
     pub fn maybe(data: Option<&'a [u8]>) -> Arg<'a> {
         data.map_or(Arg::Absent, Arg::In)
+    }
+
+    /// An optional model parameter.
+    pub fn maybe_param(data: Option<&'a [u8]>) -> Arg<'a> {
+        data.map_or(Arg::Absent, Arg::Param)
     }
 }
 
@@ -57,6 +68,22 @@ impl std::ops::Index<usize> for Bufs {
             .as_ref()
             .expect("offload: an absent argument indexed as present")
     }
+}
+
+/// No block is running (see [`Exec::enter_layer`]).
+const NO_LAYER: usize = usize::MAX;
+
+/// A key table kept on the device (see [`Exec::table`]).
+struct Mirror {
+    buf: Buf,
+    width: usize,
+    version: u64,
+    /// Rows reserved at the front for the rows the caller writes.
+    local_rows: usize,
+    /// Rows the buffer holds.
+    cap_rows: usize,
+    /// Store rows already on the device.
+    synced: usize,
 }
 
 /// Reusable input/output buffers on the device (grown on demand).
@@ -110,6 +137,13 @@ pub struct Exec {
     scratch: Mutex<Scratch>,
     failed: AtomicBool,
     whole: AtomicBool,
+    /// Layers 0..device_layers run their ops on the device (their dense matrices resident)
+    /// even when the whole model does not; `layer` is the one running now (NO_LAYER: none).
+    device_layers: AtomicUsize,
+    layer: AtomicUsize,
+    mirrors: Mutex<HashMap<u64, Mirror>>,
+    /// Device copies of model parameters, by (address, length) of the host bytes.
+    params: Mutex<HashMap<(usize, usize), Buf>>,
     stream_costs: Mutex<CostState>,
     experts: Mutex<Option<ExpertSlots>>,
     expert_stats: Mutex<ExpertStats>,
@@ -136,6 +170,10 @@ impl Exec {
             scratch: Mutex::new(Scratch::default()),
             failed: AtomicBool::new(false),
             whole: AtomicBool::new(false),
+            device_layers: AtomicUsize::new(0),
+            layer: AtomicUsize::new(NO_LAYER),
+            mirrors: Mutex::new(HashMap::new()),
+            params: Mutex::new(HashMap::new()),
             stream_costs: Mutex::new(CostState::Off),
             experts: Mutex::new(None),
             expert_stats: Mutex::new(ExpertStats::default()),
@@ -153,13 +191,139 @@ impl Exec {
     }
 
     /// Whole-model mode: every op of the forward pass runs on the device (set when all the
-    /// model's matrices are resident). Without it only matrix products are offloaded.
+    /// model's dense matrices are resident; routed experts go where the expert policy or
+    /// their residency says). Without it only matrix products are offloaded, except in the
+    /// layers given to [`Exec::set_device_layers`].
     pub fn set_whole_model(&self, on: bool) {
         self.whole.store(on, Ordering::Relaxed);
     }
 
-    pub fn whole_model(&self) -> bool {
-        self.whole.load(Ordering::Relaxed) && !self.failed.load(Ordering::Relaxed)
+    /// Layers 0..n run every op on the device (the placement made their dense matrices
+    /// resident); the rest, and the head, offload only their resident products.
+    pub fn set_device_layers(&self, n: usize) {
+        self.device_layers.store(n, Ordering::Relaxed);
+    }
+
+    /// The forward pass is now in block `layer` (None: outside the blocks, e.g. the head).
+    pub fn enter_layer(&self, layer: Option<usize>) {
+        self.layer
+            .store(layer.unwrap_or(NO_LAYER), Ordering::Relaxed);
+    }
+
+    /// Whether the op at hand runs on the device: whole-model mode, or a block of the
+    /// device's layers; never after a device failure.
+    pub fn ops_on_device(&self) -> bool {
+        let layer = self.layer.load(Ordering::Relaxed);
+        let here = self.whole.load(Ordering::Relaxed)
+            || (layer != NO_LAYER && layer < self.device_layers.load(Ordering::Relaxed));
+        here && self.dev.is_some() && !self.failed.load(Ordering::Relaxed)
+    }
+
+    /// A key table that stays on the device across steps: `head` rows the caller writes
+    /// itself ([`Exec::write_rows`]; e.g. a ring of recent rows and the current chunk's),
+    /// followed by the first `n` rows of an append-only host store; `id` names the table,
+    /// and a new `version` means the store was cut back, so it is copied again from its
+    /// start. Only the store's rows added since the last call are copied; `rows(a..b)` gives
+    /// them. Returns the buffer, the row at which the store's rows begin (>= `head`), and
+    /// whether the buffer is new (the head rows are then unset). None when ops do not run
+    /// on the device here or it has no room (the caller uses its host path).
+    pub fn table(
+        &self,
+        id: u64,
+        version: u64,
+        width: usize,
+        head: usize,
+        n: usize,
+        rows: impl Fn(Range<usize>) -> Vec<f32>,
+    ) -> Option<(Buf, usize, bool)> {
+        if !self.ops_on_device() {
+            return None;
+        }
+        let dev = self.dev.as_ref()?;
+        let mut g = lock(&self.mirrors);
+        let fits = g.get(&id).is_some_and(|m| {
+            m.version == version
+                && m.width == width
+                && head <= m.local_rows
+                && m.local_rows + n <= m.cap_rows
+                && n >= m.synced
+        });
+        let fresh = !fits;
+        if fresh {
+            let old = g.remove(&id);
+            let head_cap = head.max(old.as_ref().map_or(0, |m| m.local_rows));
+            // Room to grow by a quarter (at least 1024 rows) before the next full copy.
+            let store_cap = (n + n / 4).max(n + 1024);
+            if let Some(m) = old {
+                dev.free(m.buf);
+            }
+            let buf = match dev.alloc(4 * width * (head_cap + store_cap)) {
+                Ok(b) => b,
+                Err(DeviceError::OutOfMemory { .. }) => return None,
+                Err(e) => {
+                    self.report_failure(dev.as_ref(), &e);
+                    return None;
+                }
+            };
+            g.insert(
+                id,
+                Mirror {
+                    buf,
+                    width,
+                    version,
+                    local_rows: head_cap,
+                    cap_rows: head_cap + store_cap,
+                    synced: 0,
+                },
+            );
+        }
+        let m = g.get_mut(&id)?;
+        if n > m.synced {
+            let new = rows(m.synced..n);
+            let at = 4 * width * (m.local_rows + m.synced);
+            if let Err(e) = dev.write_at(m.buf, at, f32_bytes(&new), Stream::COMPUTE) {
+                self.report_failure(dev.as_ref(), &e);
+                return None;
+            }
+            m.synced = n;
+        }
+        Some((m.buf, m.local_rows, fresh))
+    }
+
+    /// Write rows of `width` floats into a [`Exec::table`] from row `row` on. False on a
+    /// device error (reported; the caller uses its host path).
+    pub fn write_rows(&self, buf: Buf, row: usize, width: usize, data: &[f32]) -> bool {
+        let Some(dev) = &self.dev else {
+            return false;
+        };
+        match dev.write_at(buf, 4 * width * row, f32_bytes(data), Stream::COMPUTE) {
+            Ok(()) => true,
+            Err(e) => {
+                self.report_failure(dev.as_ref(), &e);
+                false
+            }
+        }
+    }
+
+    /// Free the device tables of these stores (their session ended or was reset).
+    pub fn forget_tables(&self, ids: impl IntoIterator<Item = u64>) {
+        let Some(dev) = &self.dev else {
+            return;
+        };
+        let mut g = lock(&self.mirrors);
+        for id in ids {
+            if let Some(m) = g.remove(&id) {
+                dev.free(m.buf);
+            }
+        }
+    }
+
+    /// Device bytes held by key tables.
+    pub fn table_bytes(&self) -> u64 {
+        lock(&self.mirrors)
+            .values()
+            .map(|m| (4 * m.width * m.cap_rows) as u64)
+            .sum()
     }
 
     /// Run one op of whole-model mode: the host buffers in `args` are copied to fresh device
@@ -167,10 +331,11 @@ impl Exec {
     /// `InOut` ones are copied back. False when not in whole-model mode or on any device
     /// error (reported once): the caller then computes on the CPU.
     pub fn offload(&self, args: &mut [Arg], op: impl FnOnce(&Bufs) -> Op) -> bool {
-        let Some(dev) = self.dev.as_ref().filter(|_| self.whole_model()) else {
+        let Some(dev) = self.dev.as_ref().filter(|_| self.ops_on_device()) else {
             return false;
         };
         let mut bufs = Bufs(Vec::with_capacity(args.len()));
+        let mut fresh = Vec::with_capacity(args.len());
         let res = (|| -> Result<(), DeviceError> {
             for a in args.iter() {
                 let (len, data): (usize, Option<&[u8]>) = match a {
@@ -181,8 +346,17 @@ impl Exec {
                         bufs.0.push(None);
                         continue;
                     }
+                    Arg::Dev(b) => {
+                        bufs.0.push(Some(*b));
+                        continue;
+                    }
+                    Arg::Param(d) => {
+                        bufs.0.push(Some(self.param(dev.as_ref(), d)?));
+                        continue;
+                    }
                 };
                 let b = dev.alloc(len.max(4))?;
+                fresh.push(b);
                 bufs.0.push(Some(b));
                 if let Some(d) = data {
                     dev.write(b, d, Stream::COMPUTE)?;
@@ -196,16 +370,34 @@ impl Exec {
             }
             Ok(())
         })();
-        for b in bufs.0.into_iter().flatten() {
+        for b in fresh {
             dev.free(b);
         }
         match res {
             Ok(()) => true,
+            // No room for this op's buffers: this op runs on the CPU, the device stays on.
+            Err(DeviceError::OutOfMemory { .. }) => false,
             Err(e) => {
                 self.report_failure(dev.as_ref(), &e);
                 false
             }
         }
+    }
+
+    /// The device copy of a model parameter (made at first use).
+    fn param(&self, dev: &dyn Device, d: &[u8]) -> Result<Buf, DeviceError> {
+        let key = (d.as_ptr() as usize, d.len());
+        let mut g = lock(&self.params);
+        if let Some(&b) = g.get(&key) {
+            return Ok(b);
+        }
+        let b = dev.alloc(d.len().max(4))?;
+        if let Err(e) = dev.write(b, d, Stream::COMPUTE) {
+            dev.free(b);
+            return Err(e);
+        }
+        g.insert(key, b);
+        Ok(b)
     }
 
     /// A device error that is not about room or shape: say so once and stop using the device.
@@ -589,6 +781,14 @@ impl Drop for Exec {
             for (b, _) in [sc.x.take(), sc.y.take()].into_iter().flatten() {
                 dev.free(b);
             }
+            let mirrors = self.mirrors.get_mut().unwrap_or_else(|p| p.into_inner());
+            for (_, m) in mirrors.drain() {
+                dev.free(m.buf);
+            }
+            let params = self.params.get_mut().unwrap_or_else(|p| p.into_inner());
+            for (_, b) in params.drain() {
+                dev.free(b);
+            }
             for (_, dw) in self
                 .resident
                 .get_mut()
@@ -628,8 +828,8 @@ mod tests {
         fn free(&self, b: Buf) {
             self.0.free(b)
         }
-        fn write(&self, dst: Buf, src: &[u8], s: Stream) -> Result<()> {
-            self.0.write(dst, src, s)
+        fn write_at(&self, dst: Buf, offset: usize, src: &[u8], s: Stream) -> Result<()> {
+            self.0.write_at(dst, offset, src, s)
         }
         fn read(&self, src: Buf, dst: &mut [u8], s: Stream) -> Result<()> {
             self.0.read(src, dst, s)

@@ -201,8 +201,8 @@ impl Device for SimDevice {
         self.mem.free(b)
     }
 
-    fn write(&self, dst: Buf, src: &[u8], s: Stream) -> Result<()> {
-        self.mem.write(dst, src, s)?;
+    fn write_at(&self, dst: Buf, offset: usize, src: &[u8], s: Stream) -> Result<()> {
+        self.mem.write_at(dst, offset, src, s)?;
         let dt = self.cost.latency_s + src.len() as f64 / (self.cost.host_to_device_gbs * 1e9);
         self.advance(s, dt, true);
         let mut c = self.clocks();

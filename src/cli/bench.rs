@@ -247,9 +247,12 @@ fn hybrid(a: &BenchArgs) -> anyhow::Result<()> {
     })?;
     let (p, slots) = e.use_device_hybrid(
         dev.clone(),
-        crate::engine::ExpertPolicy::Adaptive(None),
-        a.expert_slots,
-        a.gpu_mem,
+        crate::engine::HybridOptions {
+            policy: crate::engine::ExpertPolicy::Adaptive(None),
+            slots: a.expert_slots,
+            budget: a.gpu_mem,
+            ctx: 4096,
+        },
     )?;
     let steps = if a.quick { 4 } else { 32 };
     let mut before = None;

@@ -17,9 +17,13 @@ use crate::model::weights::AttnWeights;
 use rayon::prelude::*;
 
 /// Decode state of one block's attention.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct AttnState {
     pub window: WindowRing,
+    /// The device's key table for this block (see `Exec::table`): its name, and the
+    /// position up to which the window ring's rows are in it (None: none known there).
+    table: u64,
+    ring_synced: Option<usize>,
     /// Main compressor (CSA and HCA layers).
     pub comp: Option<CompressorState>,
     /// The indexer's own compressor (CSA layers).
@@ -46,6 +50,7 @@ impl AttnState {
 
     pub fn restore(&mut self, m: &AttnMark) {
         self.window.clone_from(&m.window);
+        self.ring_synced = None;
         if let (Some(c), Some(cm)) = (self.comp.as_mut(), &m.comp) {
             c.restore(cm);
         }
@@ -57,12 +62,20 @@ impl AttnState {
     pub fn new(cfg: &ModelConfig, w: &AttnWeights) -> AttnState {
         AttnState {
             window: WindowRing::new(cfg.sliding_window, cfg.head_dim),
+            table: super::kv_cache::next_id(),
+            ring_synced: None,
             comp: w.compressor.as_ref().map(CompressorState::new),
             index: w
                 .indexer
                 .as_ref()
                 .map(|ix| CompressorState::new(&ix.compressor)),
         }
+    }
+
+    /// Identities of the row stores a device may hold copies of (see `Exec::mirror`).
+    pub fn store_ids(&self) -> Vec<u64> {
+        let index = self.index.as_ref().map(|c| c.rows.identity().0);
+        std::iter::once(self.table).chain(index).collect()
     }
 
     pub fn allocated_bytes(&self) -> usize {
@@ -102,7 +115,7 @@ pub fn forward(
     // Query path: q_lat = q_norm(wq_a x); q = wq_b q_lat; per-head RMS; RoPE.
     // The FP8 GEMM input (rounded once in reference numerics), shared by wq_a and wkv.
     // Whole-model mode: the same steps as device ops (fault injection stays on the CPU).
-    let whole = ex.whole_model() && ctx.traps.none();
+    let whole = ex.ops_on_device() && ctx.traps.none();
     let xq = if whole {
         offload::gemm_input(ex, num, x, d)
     } else {
@@ -194,13 +207,13 @@ pub fn forward(
     // Core attention, one query at a time (in parallel).
     let win = cfg.sliding_window;
     let scale = 1.0 / (hd as f32).sqrt();
-    let st_ro = &*st;
-    let kv_ro = &kv;
     let whole_out = if whole {
-        whole_model_core(ctx, w, st_ro, kv_ro, (&q, &iq, &iw), t0, t)
+        whole_model_core(ctx, w, st, &kv, (&q, &iq, &iw), t0, t)
     } else {
         None
     };
+    let st_ro = &*st;
+    let kv_ro = &kv;
     let computed = whole_out.is_some();
     let mut o = whole_out.unwrap_or_else(|| vec![0f32; t * h * hd]);
     o.par_chunks_mut(h * hd)
@@ -307,7 +320,7 @@ pub fn forward(
 fn whole_model_core(
     ctx: &AttnCtx,
     w: &AttnWeights,
-    st: &AttnState,
+    st: &mut AttnState,
     kv: &[f32],
     (q, iq, iw): (&[f32], &[f32], &[f32]),
     t0: usize,
@@ -317,42 +330,61 @@ fn whole_model_core(
     let (h, hd, win) = (cfg.num_attention_heads, cfg.head_dim, cfg.sliding_window);
     let (ih, ihd) = (cfg.index_n_heads, cfg.index_head_dim);
     let ex = ctx.exec;
-    // Table rows: positions first..t0 from the ring, then the chunk, then compressed rows.
+    // The key table on the device: the window ring (slot = position mod win, only rows not
+    // there yet are copied), the chunk's rows after it, then the compressed rows, which stay
+    // there across steps (only new ones are copied).
     let first = t0.saturating_sub(win - 1);
-    let mut table: Vec<f32> = Vec::with_capacity((t0 - first + t) * hd);
-    for j in first..t0 {
-        table.extend_from_slice(st.window.get(j));
-    }
-    table.extend_from_slice(kv);
-    let comp_at = t0 - first + t;
-    if let Some(cs) = &st.comp {
-        for i in 0..cs.rows.len() {
-            table.extend_from_slice(cs.rows.row(i));
+    let (n, version) = st
+        .comp
+        .as_ref()
+        .map_or((0, 0), |cs| (cs.rows.len(), cs.rows.identity().1));
+    let rows =
+        |r: std::ops::Range<usize>| st.comp.as_ref().map_or(Vec::new(), |cs| cs.rows.rows(r));
+    let (buf, comp_at, fresh) = ex.table(st.table, version, hd, win + t, n, rows)?;
+    let from = match st.ring_synced {
+        Some(p) if !fresh => p.max(first),
+        _ => first,
+    };
+    for j in from..t0 {
+        if !ex.write_rows(buf, j % win, hd, st.window.get(j)) {
+            return None;
         }
     }
+    st.ring_synced = Some(t0);
+    if !ex.write_rows(buf, win, hd, kv) {
+        return None;
+    }
+    let keys = offload::Keys::Device(buf, comp_at + n);
+    // The indexer's keys likewise.
+    let index_keys = match (&st.index, ctx.kind) {
+        (Some(is), AttnKind::Csa) => {
+            let (id, version) = is.rows.identity();
+            let n = is.rows.len();
+            Some(ex.table(id, version, ihd, 0, n, |r| is.rows.rows(r))?.0)
+        }
+        _ => None,
+    };
     let mut idx: Vec<Vec<usize>> = Vec::with_capacity(t);
     for k in 0..t {
         let p = t0 + k;
         let lo = (p + 1).saturating_sub(win);
-        let mut v: Vec<usize> = (lo..=p).map(|j| j - first).collect();
+        let mut v: Vec<usize> = (lo..=p)
+            .map(|j| if j < t0 { j % win } else { win + j - t0 })
+            .collect();
         if let Some(cs) = &st.comp {
             let n_vis = cs.visible(p);
             match ctx.kind {
                 AttnKind::Hca => v.extend((0..n_vis).map(|i| comp_at + i)),
                 AttnKind::Csa => {
-                    let is = st.index.as_ref()?;
                     let sel = if n_vis <= cfg.index_topk {
                         (0..n_vis).collect()
                     } else {
-                        let mut keys = Vec::with_capacity(n_vis * ihd);
-                        for i in 0..n_vis {
-                            keys.extend_from_slice(is.rows.row(i));
-                        }
                         offload::indexer_select(
                             ex,
                             &iq[k * ih * ihd..(k + 1) * ih * ihd],
                             &iw[k * ih..(k + 1) * ih],
-                            &keys,
+                            index_keys?,
+                            n_vis,
                             ihd,
                             cfg.index_topk,
                         )?
@@ -365,7 +397,7 @@ fn whole_model_core(
         idx.push(v);
     }
     let scale = 1.0 / (hd as f32).sqrt();
-    let mut o = offload::attend(ex, q, &table, &idx, &w.sink, scale, h, hd)?;
+    let mut o = offload::attend(ex, q, keys, &idx, &w.sink, scale, h, hd)?;
     offload::rope_rows(ex, ctx.rope, &mut o, hd, t0, h, true);
     Some(o)
 }

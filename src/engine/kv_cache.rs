@@ -2,12 +2,35 @@
 //! sequence grows (never one max-context allocation), and the fixed sliding-window ring.
 
 /// Rows of one width, appended over time, stored in blocks of `block_rows` rows.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct RowStore {
     width: usize,
     block_rows: usize,
     blocks: Vec<Box<[f32]>>,
     len: usize,
+    /// Identity for a device copy of the rows (unique per store, a clone gets its own) and
+    /// its version (bumped whenever rows are taken away, so a copy knows to start over).
+    id: u64,
+    version: u64,
+}
+
+/// A fresh identity for something a device may hold a copy of.
+pub fn next_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+impl Clone for RowStore {
+    fn clone(&self) -> RowStore {
+        RowStore {
+            width: self.width,
+            block_rows: self.block_rows,
+            blocks: self.blocks.clone(),
+            len: self.len,
+            id: next_id(),
+            version: 0,
+        }
+    }
 }
 
 impl RowStore {
@@ -17,7 +40,23 @@ impl RowStore {
             block_rows: block_rows.max(1),
             blocks: Vec::new(),
             len: 0,
+            id: next_id(),
+            version: 0,
         }
+    }
+
+    /// (identity, version) for a device copy (see the fields).
+    pub fn identity(&self) -> (u64, u64) {
+        (self.id, self.version)
+    }
+
+    /// Rows a..b, contiguous.
+    pub fn rows(&self, r: std::ops::Range<usize>) -> Vec<f32> {
+        let mut v = Vec::with_capacity(r.len() * self.width);
+        for i in r {
+            v.extend_from_slice(self.row(i));
+        }
+        v
     }
 
     pub fn len(&self) -> usize {
@@ -57,12 +96,14 @@ impl RowStore {
     /// Keep the first `n` rows (blocks past them are freed).
     pub fn truncate(&mut self, n: usize) {
         if n < self.len {
+            self.version += 1;
             self.len = n;
             self.blocks.truncate(n.div_ceil(self.block_rows));
         }
     }
 
     pub fn clear(&mut self) {
+        self.version += 1;
         self.blocks.clear();
         self.len = 0;
     }

@@ -16,6 +16,6 @@ pub mod sampler;
 pub mod session;
 pub mod traps;
 
-pub use model::{Engine, ExpertPolicy, Placement, Want};
+pub use model::{Engine, ExpertPolicy, HybridOptions, Placement, Want};
 pub use numerics::Numerics;
 pub use session::{Mark, Session, SessionError};

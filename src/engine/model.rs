@@ -60,6 +60,18 @@ pub struct Placement {
     pub total_bytes: u64,
 }
 
+/// What [`Engine::use_device_hybrid`] is asked for.
+#[derive(Debug, Clone)]
+pub struct HybridOptions {
+    pub policy: ExpertPolicy,
+    /// Expert slots per layer (None: what the memory left holds).
+    pub slots: Option<usize>,
+    /// Device bytes to use at most (None: what the device offers).
+    pub budget: Option<u64>,
+    /// Tokens of context whose KV rows get device room first.
+    pub ctx: usize,
+}
+
 /// A loaded model, ready to run sessions.
 pub struct Engine {
     pub cfg: ModelConfig,
@@ -152,20 +164,32 @@ impl Engine {
         Ok(p)
     }
 
-    /// Hybrid placement on `dev`: the dense matrices and the head are made resident in
-    /// priority order, then the routed experts are left to `policy`, an expert cache with
-    /// `slots` experts per layer (None: as many as the remaining device memory holds).
-    /// Returns the placement of the fixed part and the slots given to the cache.
-    /// `budget` caps the device memory used (None: all the device offers).
+    /// Hybrid placement on `dev`, in the plan's priority order: room for the KV cache of
+    /// `o.ctx` tokens, the dense matrices and the head, then the routed experts left to
+    /// `o.policy`, an expert cache with `o.slots` experts per layer (None: as many as the
+    /// remaining device memory holds). `o.budget` caps the device memory used (None: all the
+    /// device offers). Layers whose dense matrices are all resident run every op on the
+    /// device (attention over device-resident KV rows, routing, mHC); the others only their
+    /// resident products. Returns the placement of the fixed part and the slots given to the
+    /// cache.
     pub fn use_device_hybrid(
         &mut self,
         dev: Arc<dyn Device>,
-        policy: ExpertPolicy,
-        slots: Option<usize>,
-        budget: Option<u64>,
+        o: HybridOptions,
     ) -> Result<(Placement, usize), DeviceError> {
-        let budget = budget.unwrap_or(u64::MAX).min(dev.capacity());
+        let (policy, slots) = (o.policy, o.slots);
+        let budget = o.budget.unwrap_or(u64::MAX).min(dev.capacity());
+        let budget = budget.saturating_sub(self.kv_reserve(o.ctx));
         let p = self.place(dev.clone(), budget, false)?;
+        self.exec
+            .set_whole_model(p.total > 0 && p.resident == p.total);
+        let on_device = self
+            .weights
+            .layers
+            .iter()
+            .take_while(|b| b.dense_matrices().iter().all(|w| self.exec.is_resident(w)))
+            .count();
+        self.exec.set_device_layers(on_device);
         let layers = self.weights.layers.len();
         let n_exp = self.cfg.n_routed_experts;
         let expert_bytes = self
@@ -195,6 +219,15 @@ impl Engine {
         };
         self.exec.set_expert_policy(pol, seed);
         Ok((p, slots))
+    }
+
+    /// Device bytes kept free for the KV rows of `ctx` tokens (fp32, as the host holds them:
+    /// window, compressed and indexer rows) plus each layer's per-step rows of a 64-token
+    /// chunk.
+    fn kv_reserve(&self, ctx: usize) -> u64 {
+        let cfg = &self.cfg;
+        let per_step = 4 * (cfg.sliding_window + 64) * cfg.head_dim;
+        super::plan::kv_bytes(cfg, ctx) + (cfg.num_hidden_layers * per_step) as u64
     }
 
     /// Re-introduce some of the spec's traps (tests of the oracle comparison).
@@ -261,7 +294,7 @@ impl Engine {
         let (d, hc) = (cfg.hidden_size, cfg.hc_mult);
         let t = tokens.len();
         let (iters, neps, heps) = (cfg.hc_sinkhorn_iters, cfg.rms_norm_eps, cfg.hc_eps);
-        let whole = self.exec.whole_model() && self.traps.none();
+        let whole = self.exec.ops_on_device() && self.traps.none();
         let mix_len = 2 * hc + hc * hc;
         // A site's input: the mix coefficients of every token and the collapsed, normed u.
         // Whole-model mode computes them as device ops over all tokens at once (no faults);
@@ -362,15 +395,17 @@ impl Engine {
             }
         }
         for (b, st) in self.weights.layers.iter().zip(state.iter_mut()) {
+            self.exec.enter_layer(Some(b.layer));
             self.block(b, st, &mut x, tokens, t0);
         }
+        self.exec.enter_layer(None);
         let rows: Vec<usize> = match want {
             Want::None => return Vec::new(),
             Want::Last => vec![t - 1],
             Want::All => (0..t).collect(),
         };
         let w = &self.weights;
-        if self.exec.whole_model() && self.traps.none() {
+        if self.exec.ops_on_device() && self.traps.none() {
             let xs: Vec<f32> = rows
                 .iter()
                 .flat_map(|&k| x[k * hc * d..(k + 1) * hc * d].iter().copied())

@@ -120,7 +120,7 @@ pub fn forward(ctx: &MoeCtx, w: &MoeWeights, x: &[f32], tokens: &[u32]) -> Vec<f
     };
     // Router in fp32 on the BF16 weight (no activation rounding: it is not an FP8 GEMM).
     let logits = ex.linear(&w.gate, x, t);
-    let routes = if ex.whole_model() && traps.none() {
+    let routes = if ex.ops_on_device() && traps.none() {
         offload::route(ex, cfg, w, &logits, tokens)
             .unwrap_or_else(|| route(cfg, w, &logits, tokens, traps))
     } else {

@@ -6,7 +6,7 @@
 use super::numerics::Numerics;
 use super::rope::Rope;
 use crate::backend::cpu::{hc, rms_norm, rms_norm_unweighted};
-use crate::backend::device::{Op, f32_bytes, f32_bytes_mut};
+use crate::backend::device::{Buf, Op, f32_bytes, f32_bytes_mut};
 use crate::backend::exec::{Arg, Exec};
 use crate::model::weights::HcParams;
 use std::borrow::Cow;
@@ -15,11 +15,15 @@ fn i32_bytes(v: &[i32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-/// In place, per row of `n`: RMSNorm with weight `w` (None: unweighted).
+/// In place, per row of `n`: RMSNorm with weight `w` (None: unweighted; a model parameter,
+/// kept on the device after its first use).
 pub fn rms_norm_rows(ex: &Exec, x: &mut [f32], w: Option<&[f32]>, n: usize, eps: f32) {
     let rows = x.len() / n;
     let done = ex.offload(
-        &mut [Arg::InOut(f32_bytes_mut(x)), Arg::maybe(w.map(f32_bytes))],
+        &mut [
+            Arg::InOut(f32_bytes_mut(x)),
+            Arg::maybe_param(w.map(f32_bytes)),
+        ],
         |b| Op::RmsNorm {
             x: b[0],
             w: b.opt(1),
@@ -56,7 +60,7 @@ pub fn rope_rows(
         && ex.offload(
             &mut [
                 Arg::InOut(f32_bytes_mut(x)),
-                Arg::In(f32_bytes(&rope.inv_freq)),
+                Arg::Param(f32_bytes(&rope.inv_freq)),
             ],
             |b| Op::Rope {
                 x: b[0],
@@ -95,8 +99,8 @@ pub fn hc_mix(
     let done = ex.offload(
         &mut [
             Arg::In(f32_bytes(x)),
-            Arg::In(f32_bytes(&p.fn_)),
-            Arg::In(f32_bytes(&p.base)),
+            Arg::Param(f32_bytes(&p.fn_)),
+            Arg::Param(f32_bytes(&p.base)),
             Arg::Out(f32_bytes_mut(&mut out)),
         ],
         |b| Op::HcMix {
@@ -214,8 +218,8 @@ pub fn hc_head(
     let done = ex.offload(
         &mut [
             Arg::In(f32_bytes(x)),
-            Arg::In(f32_bytes(fn_)),
-            Arg::In(f32_bytes(base)),
+            Arg::Param(f32_bytes(fn_)),
+            Arg::Param(f32_bytes(base)),
             Arg::Out(f32_bytes_mut(&mut out)),
         ],
         |b| Op::HcHead {
@@ -239,6 +243,13 @@ pub fn hc_head(
     out
 }
 
+/// A key table for [`attend`]: host rows, or a device buffer of so many rows (a mirror).
+#[derive(Clone, Copy)]
+pub enum Keys<'a> {
+    Host(&'a [f32]),
+    Device(Buf, usize),
+}
+
 /// Attention of the queries q [t, heads, hd] over rows of a key table [n, hd]: query j sees
 /// the rows `idx[j]`. Returns [t, heads, hd]; None when not offloaded (the caller runs its own
 /// CPU loop, which gathers keys without building the table).
@@ -246,14 +257,14 @@ pub fn hc_head(
 pub fn attend(
     ex: &Exec,
     q: &[f32],
-    table: &[f32],
+    table: Keys,
     idx: &[Vec<usize>],
     sink: &[f32],
     scale: f32,
     heads: usize,
     hd: usize,
 ) -> Option<Vec<f32>> {
-    if !ex.whole_model() {
+    if !ex.ops_on_device() {
         return None;
     }
     let t = idx.len();
@@ -267,13 +278,17 @@ pub fn attend(
     let counts: Vec<i32> = idx.iter().map(|v| v.len() as i32).collect();
     let (fb, cb) = (i32_bytes(&flat), i32_bytes(&counts));
     let mut out = vec![0f32; t * heads * hd];
+    let keys = match table {
+        Keys::Host(k) => Arg::In(f32_bytes(k)),
+        Keys::Device(b, _) => Arg::Dev(b),
+    };
     ex.offload(
         &mut [
             Arg::In(f32_bytes(q)),
-            Arg::In(f32_bytes(table)),
+            keys,
             Arg::In(&fb),
             Arg::In(&cb),
-            Arg::In(f32_bytes(sink)),
+            Arg::Param(f32_bytes(sink)),
             Arg::Out(f32_bytes_mut(&mut out)),
         ],
         |b| Op::AttendSink {
@@ -293,26 +308,27 @@ pub fn attend(
     .then_some(out)
 }
 
-/// Indexer: the top `k` of the scores of rows [n, ihd] for one query (q [ih, ihd], w [ih]),
-/// ascending. None when not offloaded.
+/// Indexer: the top `k` of the scores of the first `n` rows [n, ihd] of the device table
+/// `keys` for one query (q [ih, ihd], w [ih]), ascending. None when not offloaded.
 pub fn indexer_select(
     ex: &Exec,
     q: &[f32],
     w: &[f32],
-    keys: &[f32],
+    keys: Buf,
+    n: usize,
     ihd: usize,
     k: usize,
 ) -> Option<Vec<usize>> {
-    if !ex.whole_model() {
+    if !ex.ops_on_device() {
         return None;
     }
-    let (n, ih) = (keys.len() / ihd, w.len());
+    let ih = w.len();
     let mut scores = vec![0f32; n];
     let ok = ex.offload(
         &mut [
             Arg::In(f32_bytes(q)),
             Arg::In(f32_bytes(w)),
-            Arg::In(f32_bytes(keys)),
+            Arg::Dev(keys),
             Arg::Out(f32_bytes_mut(&mut scores)),
         ],
         |b| Op::IndexerScores {
@@ -355,7 +371,7 @@ pub fn swiglu(
     width: usize,
     limit: f32,
 ) -> Option<Vec<f32>> {
-    if !ex.whole_model() {
+    if !ex.ops_on_device() {
         return None;
     }
     let n = g.len();
@@ -390,7 +406,7 @@ pub fn route(
     logits: &[f32],
     tokens: &[u32],
 ) -> Option<Vec<super::moe::Route>> {
-    if !ex.whole_model() {
+    if !ex.ops_on_device() {
         return None;
     }
     let (t, n_experts, k) = (tokens.len(), cfg.n_routed_experts, cfg.num_experts_per_tok);
@@ -408,7 +424,7 @@ pub fn route(
     let ok = ex.offload(
         &mut [
             Arg::In(f32_bytes(logits)),
-            Arg::maybe(w.bias.as_deref().map(f32_bytes)),
+            Arg::maybe_param(w.bias.as_deref().map(f32_bytes)),
             Arg::maybe(hashed.as_deref()),
             Arg::Out(&mut experts),
             Arg::Out(f32_bytes_mut(&mut weights)),
@@ -444,7 +460,7 @@ pub fn route(
 
 /// The input of an FP8/FP4 product ([`Numerics::gemm_input`]), rounded on the device.
 pub fn gemm_input<'a>(ex: &Exec, num: Numerics, x: &'a [f32], cols: usize) -> Cow<'a, [f32]> {
-    if num == Numerics::Reference && ex.whole_model() {
+    if num == Numerics::Reference && ex.ops_on_device() {
         let mut v = x.to_vec();
         let rows = x.len() / cols;
         if ex.offload(&mut [Arg::InOut(f32_bytes_mut(&mut v))], |b| {
@@ -466,7 +482,7 @@ pub fn gemm_input<'a>(ex: &Exec, num: Numerics, x: &'a [f32], cols: usize) -> Co
 pub fn kv_rows(ex: &Exec, num: Numerics, kv: &mut [f32], width: usize, nope: usize) {
     let rows = kv.len() / width;
     let done = num == Numerics::Reference
-        && ex.whole_model()
+        && ex.ops_on_device()
         && ex.offload(&mut [Arg::InOut(f32_bytes_mut(kv))], |b| Op::QuantE4m3 {
             x: b[0],
             rows,
@@ -483,7 +499,7 @@ pub fn kv_rows(ex: &Exec, num: Numerics, kv: &mut [f32], width: usize, nope: usi
 pub fn indexer_vecs(ex: &Exec, num: Numerics, v: &mut [f32], n: usize) {
     let rows = v.len() / n;
     let done = num == Numerics::Reference
-        && ex.whole_model()
+        && ex.ops_on_device()
         && ex.offload(&mut [Arg::InOut(f32_bytes_mut(v))], |b| Op::HadamardE2m1 {
             x: b[0],
             rows,

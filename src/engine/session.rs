@@ -47,6 +47,12 @@ pub struct Session<'e> {
     chunk: usize,
 }
 
+impl Drop for Session<'_> {
+    fn drop(&mut self) {
+        self.forget_device_copies();
+    }
+}
+
 impl<'e> Session<'e> {
     /// `max_ctx`: the most tokens this session may hold; `chunk`: prefill chunk size.
     pub fn new(engine: &'e Engine, max_ctx: usize, chunk: usize) -> Session<'e> {
@@ -133,6 +139,7 @@ impl<'e> Session<'e> {
 
     /// Forget everything.
     pub fn reset(&mut self) {
+        self.forget_device_copies();
         self.state = self.engine.new_state();
         self.tokens.clear();
     }
@@ -171,6 +178,12 @@ impl<'e> Session<'e> {
             // Same ids and length as before: cannot fail the checks.
             let _ = self.prefill(&keep, Want::None);
         }
+    }
+
+    /// The device's copies of this session's compressed rows are no longer needed.
+    fn forget_device_copies(&self) {
+        let ids = self.state.iter().flat_map(|s| s.store_ids());
+        self.engine.exec.forget_tables(ids);
     }
 
     /// Bytes held by the decode state (window rings, compressor carry-over, compressed rows).

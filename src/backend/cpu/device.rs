@@ -561,16 +561,20 @@ impl Device for CpuDevice {
         }
     }
 
-    fn write(&self, dst: Buf, src: &[u8], _s: Stream) -> Result<()> {
+    fn write_at(&self, dst: Buf, offset: usize, src: &[u8], _s: Stream) -> Result<()> {
         let mut m = self.lock();
         let v = m.bufs.get_mut(&dst.0).ok_or(DeviceError::Unknown(dst.0))?;
-        if v.len() < src.len() {
+        if v.len() < offset + src.len() {
             return Err(shape(
                 "write",
-                format!("{} bytes into a buffer of {}", src.len(), v.len()),
+                format!(
+                    "{} bytes at {offset} into a buffer of {}",
+                    src.len(),
+                    v.len()
+                ),
             ));
         }
-        v[..src.len()].copy_from_slice(src);
+        v[offset..offset + src.len()].copy_from_slice(src);
         self.count(|s| {
             s.bytes_to_device += src.len() as u64;
             s.transfers += 1;

@@ -340,17 +340,21 @@ impl Device for CudaDevice {
         }
     }
 
-    fn write(&self, dst: Buf, src: &[u8], s: Stream) -> Result<()> {
+    fn write_at(&self, dst: Buf, offset: usize, src: &[u8], s: Stream) -> Result<()> {
         let mut m = self.lock();
         let st = self.stream(s).clone();
         let sl = m.bufs.get_mut(&dst.0).ok_or(DeviceError::Unknown(dst.0))?;
-        if sl.len() < src.len() {
+        if sl.len() < offset + src.len() {
             return Err(DeviceError::Shape {
                 op: "write",
-                msg: format!("{} bytes into a buffer of {}", src.len(), sl.len()),
+                msg: format!(
+                    "{} bytes at {offset} into a buffer of {}",
+                    src.len(),
+                    sl.len()
+                ),
             });
         }
-        let mut view = sl.slice_mut(0..src.len());
+        let mut view = sl.slice_mut(offset..offset + src.len());
         st.memcpy_htod(src, &mut view).map_err(drv)?;
         self.count(|c| {
             c.bytes_to_device += src.len() as u64;
