@@ -551,6 +551,11 @@ fn kv_rows_stay_on_the_device_and_decode_traffic_does_not_grow_with_context() {
             "after rewind",
         );
     }
+    // Where the time went: device ops and, with no expert slots, every routed expert on the
+    // CPU; the CPU-only engine has no device time.
+    let (ts, cpu_ts) = (e.exec.time_split(), cpu_engine.exec.time_split());
+    assert!(ts.device_s > 0.0 && ts.cpu_s > 0.0, "{ts:?}");
+    assert_eq!(cpu_ts.device_s, 0.0);
     // A finished session leaves no key tables behind.
     assert!(e.exec.table_bytes() > 0);
     drop(dev_s);

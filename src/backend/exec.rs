@@ -113,6 +113,17 @@ pub struct ExpertStats {
     pub on_cpu: u64,
 }
 
+/// Wall-clock seconds of the work that went through an executor, by where it ran. Device
+/// time counts each device op from its first copy in to its result back on the host
+/// (copies and kernels; `Stats` has the bytes); CPU time counts the products that ran on
+/// the CPU. Hits on the device and misses on the CPU run at the same time, so the two
+/// overlap and may add up to more than the elapsed time.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TimeSplit {
+    pub device_s: f64,
+    pub cpu_s: f64,
+}
+
 /// The stream costs: none, to be measured at first use, or known.
 enum CostState {
     Off,
@@ -148,6 +159,7 @@ pub struct Exec {
     experts: Mutex<Option<ExpertSlots>>,
     expert_stats: Mutex<ExpertStats>,
     trace: Mutex<Option<Trace>>,
+    time: Mutex<TimeSplit>,
 }
 
 impl Default for Exec {
@@ -178,6 +190,7 @@ impl Exec {
             experts: Mutex::new(None),
             expert_stats: Mutex::new(ExpertStats::default()),
             trace: Mutex::new(None),
+            time: Mutex::new(TimeSplit::default()),
         }
     }
 
@@ -281,7 +294,10 @@ impl Exec {
         if n > m.synced {
             let new = rows(m.synced..n);
             let at = 4 * width * (m.local_rows + m.synced);
-            if let Err(e) = dev.write_at(m.buf, at, f32_bytes(&new), Stream::COMPUTE) {
+            let start = std::time::Instant::now();
+            let r = dev.write_at(m.buf, at, f32_bytes(&new), Stream::COMPUTE);
+            self.add_device_time(start);
+            if let Err(e) = r {
                 self.report_failure(dev.as_ref(), &e);
                 return None;
             }
@@ -296,7 +312,10 @@ impl Exec {
         let Some(dev) = &self.dev else {
             return false;
         };
-        match dev.write_at(buf, 4 * width * row, f32_bytes(data), Stream::COMPUTE) {
+        let start = std::time::Instant::now();
+        let r = dev.write_at(buf, 4 * width * row, f32_bytes(data), Stream::COMPUTE);
+        self.add_device_time(start);
+        match r {
             Ok(()) => true,
             Err(e) => {
                 self.report_failure(dev.as_ref(), &e);
@@ -334,6 +353,7 @@ impl Exec {
         let Some(dev) = self.dev.as_ref().filter(|_| self.ops_on_device()) else {
             return false;
         };
+        let start = std::time::Instant::now();
         let mut bufs = Bufs(Vec::with_capacity(args.len()));
         let mut fresh = Vec::with_capacity(args.len());
         let res = (|| -> Result<(), DeviceError> {
@@ -373,6 +393,7 @@ impl Exec {
         for b in fresh {
             dev.free(b);
         }
+        self.add_device_time(start);
         match res {
             Ok(()) => true,
             // No room for this op's buffers: this op runs on the CPU, the device stays on.
@@ -466,6 +487,24 @@ impl Exec {
 
     pub fn expert_stats(&self) -> ExpertStats {
         *lock(&self.expert_stats)
+    }
+
+    /// Where the time went so far (see [`TimeSplit`]).
+    pub fn time_split(&self) -> TimeSplit {
+        *lock(&self.time)
+    }
+
+    /// Run `f` (CPU work done on this executor's behalf, e.g. missed experts on a CPU
+    /// executor) and count its time as CPU time.
+    pub fn time_cpu<R>(&self, f: impl FnOnce() -> R) -> R {
+        let t = std::time::Instant::now();
+        let r = f();
+        lock(&self.time).cpu_s += t.elapsed().as_secs_f64();
+        r
+    }
+
+    fn add_device_time(&self, since: std::time::Instant) {
+        lock(&self.time).device_s += since.elapsed().as_secs_f64();
     }
 
     /// Start recording every expert selection (a routing trace); `take_trace` returns it.
@@ -710,7 +749,10 @@ impl Exec {
                 .get(&weight_key(w))
                 .copied();
             if let Some(dw) = dw {
-                match self.device_linear(dev.as_ref(), weight_key(w), dw, rows.clone(), x, t, y) {
+                let start = std::time::Instant::now();
+                let r = self.device_linear(dev.as_ref(), weight_key(w), dw, rows.clone(), x, t, y);
+                self.add_device_time(start);
+                match r {
                     Ok(()) => return,
                     // No room for this op's activations, or a shape the kernels do not
                     // take: this product runs on the CPU, the device stays in use.
@@ -719,7 +761,7 @@ impl Exec {
                 }
             }
         }
-        cpu::linear_range(w, rows, x, t, y)
+        self.time_cpu(|| cpu::linear_range(w, rows, x, t, y))
     }
 
     #[allow(clippy::too_many_arguments)] // the weight (and its key), rows, input and output

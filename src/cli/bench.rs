@@ -227,6 +227,10 @@ pub struct HybridReport {
     /// The simulated device only: its modelled seconds per token (copies, kernels).
     pub modelled_copy_s_per_token: f64,
     pub modelled_compute_s_per_token: f64,
+    /// Measured wall-clock per token: device ops (copies and kernels) and products on the
+    /// CPU (the two overlap: hits and misses run at the same time).
+    pub device_s_per_token: f64,
+    pub cpu_s_per_token: f64,
     /// The roofline prediction for this placement and the measured hit rate
     /// (`engine::plan`), with the device's and this machine's measured bandwidths.
     pub predicted_tokens_per_s: f64,
@@ -257,10 +261,10 @@ fn hybrid(a: &BenchArgs) -> anyhow::Result<()> {
     let steps = if a.quick { 4 } else { 32 };
     let mut before = None;
     let dt = timed_decode(&e, steps, || {
-        before = Some((dev.stats(), e.exec.expert_stats()));
+        before = Some((dev.stats(), e.exec.expert_stats(), e.exec.time_split()));
     })?;
-    let (st0, ex0) = before.expect("timed_decode marks the start");
-    let (st, ex) = (dev.stats(), e.exec.expert_stats());
+    let (st0, ex0, tm0) = before.expect("timed_decode marks the start");
+    let (st, ex, tm) = (dev.stats(), e.exec.expert_stats(), e.exec.time_split());
     let sel = (ex.hits + ex.misses - ex0.hits - ex0.misses).max(1);
     let per = |v: f64| v / steps as f64;
     let hit_rate = (ex.hits - ex0.hits) as f64 / sel as f64;
@@ -296,11 +300,13 @@ fn hybrid(a: &BenchArgs) -> anyhow::Result<()> {
         bytes_to_host_per_token: per((st.bytes_to_host - st0.bytes_to_host) as f64),
         modelled_copy_s_per_token: per(st.modelled_copy_s - st0.modelled_copy_s),
         modelled_compute_s_per_token: per(st.modelled_compute_s - st0.modelled_compute_s),
+        device_s_per_token: per(tm.device_s - tm0.device_s),
+        cpu_s_per_token: per(tm.cpu_s - tm0.cpu_s),
         predicted_tokens_per_s: predicted,
         fraction_of_prediction: (steps as f64 / dt) / predicted,
     };
     eprintln!(
-        "bench --hybrid: {}: dense {} resident, {} expert slots/layer: {:.2} tok/s ({:.0} % of the {:.1} tok/s roofline), hit rate {:.1} %, {:.1} MB to the device and {:.2} MB back per token",
+        "bench --hybrid: {}: dense {} resident, {} expert slots/layer: {:.2} tok/s ({:.0} % of the {:.1} tok/s roofline), hit rate {:.1} %, {:.1} MB to the device and {:.2} MB back per token; per token {:.1} ms in device ops (copies and kernels), {:.1} ms of CPU products (overlapping)",
         r.device,
         r.dense_resident,
         r.expert_slots_per_layer,
@@ -309,7 +315,9 @@ fn hybrid(a: &BenchArgs) -> anyhow::Result<()> {
         r.predicted_tokens_per_s,
         100.0 * r.expert_hit_rate,
         r.bytes_to_device_per_token / 1e6,
-        r.bytes_to_host_per_token / 1e6
+        r.bytes_to_host_per_token / 1e6,
+        1e3 * r.device_s_per_token,
+        1e3 * r.cpu_s_per_token
     );
     if a.json {
         println!("{}", serde_json::to_string(&r)?);

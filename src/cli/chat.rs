@@ -73,9 +73,10 @@ fn device_line(ex: &crate::backend::exec::Exec) -> Option<String> {
     let dev = ex.device()?;
     let st = dev.stats();
     let e = ex.expert_stats();
+    let time = ex.time_split();
     let sel = (e.hits + e.misses).max(1);
     Some(format!(
-        "{}: expert cache {:.1} % hits ({} of {} selections, {} promotions), {:.2} GB to the device, {:.2} GB back, {} launches",
+        "{}: expert cache {:.1} % hits ({} of {} selections, {} promotions), {:.2} GB to the device, {:.2} GB back, {} launches; time on the device {:.2} s (kernels and copies), on the CPU {:.2} s (products, overlapping the device's)",
         dev.name(),
         100.0 * e.hits as f64 / sel as f64,
         e.hits,
@@ -83,7 +84,9 @@ fn device_line(ex: &crate::backend::exec::Exec) -> Option<String> {
         e.promotions,
         st.bytes_to_device as f64 / 1e9,
         st.bytes_to_host as f64 / 1e9,
-        st.launches
+        st.launches,
+        time.device_s,
+        time.cpu_s
     ))
 }
 

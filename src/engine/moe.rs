@@ -206,7 +206,11 @@ pub fn forward(ctx: &MoeCtx, w: &MoeWeights, x: &[f32], tokens: &[u32]) -> Vec<f
         // CPU only: each expert's output is added as soon as it is computed.
         for e in active {
             // With a device, an expert not on it runs on the CPU even if a copy is in flight.
-            let out = run(e, if ex.device().is_some() { &CPU } else { ex });
+            let out = if ex.device().is_some() {
+                ex.time_cpu(|| run(e, &CPU))
+            } else {
+                run(e, ex)
+            };
             add(e, &out);
         }
     } else {
@@ -215,10 +219,12 @@ pub fn forward(ctx: &MoeCtx, w: &MoeWeights, x: &[f32], tokens: &[u32]) -> Vec<f
         let (dev_out, cpu_out) = rayon::join(
             || on_dev.iter().map(|&e| (e, run(e, ex))).collect::<Vec<_>>(),
             || {
-                on_cpu
-                    .iter()
-                    .map(|&e| (e, run(e, &CPU)))
-                    .collect::<Vec<_>>()
+                ex.time_cpu(|| {
+                    on_cpu
+                        .iter()
+                        .map(|&e| (e, run(e, &CPU)))
+                        .collect::<Vec<_>>()
+                })
             },
         );
         let mut outs: Vec<(usize, Vec<f32>)> = dev_out.into_iter().chain(cpu_out).collect();
