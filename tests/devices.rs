@@ -193,7 +193,8 @@ fn expert_cache_at_every_size_keeps_logits_bit_identical() {
 #[test]
 fn cache_policies_against_lru_static_and_the_offline_optimum() {
     use dsflash::backend::expert_cache::{
-        Adaptive, Lru, StaticFrequency, Trace, belady, expert_popularity, hit_rate, skewed_trace,
+        Adaptive, Lru, StaticFrequency, Trace, belady, belady_pooled, expert_popularity, hit_rate,
+        skewed_trace, skewed_trace_per_layer,
     };
     // Recorded traces from the tiny checkpoints, and a synthetic one with the real shape
     // (256 experts, top 6) and the measured skew, drifting over 4 topics.
@@ -210,8 +211,18 @@ fn cache_policies_against_lru_static_and_the_offline_optimum() {
     let pop = expert_popularity(256);
     let synth = skewed_trace(&pop, 8, 6, 6000, 4, 11);
     traces.push(("synthetic 256x6, 4 topics".into(), synth));
-    println!("| trace | slots | LRU | static (profile: first half) | adaptive | Belady |");
-    println!("|---|---|---|---|---|---|");
+    // Layers that differ in how many experts they use (8 vs 96, each evenly): equal slots
+    // per layer leave the wide layers short and the narrow ones with idle slots.
+    let uniform = |n: usize| -> Vec<f64> { (0..256).map(|i| f64::from(u8::from(i < n))).collect() };
+    let mixed: Vec<Vec<f64>> = (0..8)
+        .map(|l| if l % 2 == 0 { uniform(8) } else { uniform(96) })
+        .collect();
+    let mixed = skewed_trace_per_layer(&mixed, 6, 6000, 4, 12);
+    traces.push(("synthetic, mixed layers".into(), mixed));
+    println!(
+        "| trace | slots | LRU | static (profile: first half) | adaptive | adaptive, rebalanced | Belady | Belady, pooled |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     for (name, t) in &traces {
         let half = Trace {
             accesses: t.accesses[..t.accesses.len() / 2].to_vec(),
@@ -223,14 +234,25 @@ fn cache_policies_against_lru_static_and_the_offline_optimum() {
             let lru = hit_rate(&mut Lru::new(t.layers, slots), t);
             let stat = hit_rate(&mut StaticFrequency::from_counts(&half.counts(), slots), t);
             let ada = hit_rate(&mut Adaptive::new(t.layers, t.experts, slots, 256.0), t);
+            let period = 64 * t.layers * 6;
+            let mut rb = Adaptive::new(t.layers, t.experts, slots, 256.0).with_rebalancing(period);
+            let reb = hit_rate(&mut rb, t);
+            assert_eq!(
+                rb.slots().iter().sum::<usize>(),
+                t.layers * slots,
+                "slots kept"
+            );
             let opt = belady(t, slots) as f64 / n;
+            let pooled = belady_pooled(t, t.layers * slots) as f64 / n;
             println!(
-                "| {name} | {slots} of {} | {:.1} % | {:.1} % | {:.1} % | {:.1} % |",
+                "| {name} | {slots} of {} | {:.1} % | {:.1} % | {:.1} % | {:.1} % | {:.1} % | {:.1} % |",
                 t.experts,
                 100.0 * lru,
                 100.0 * stat,
                 100.0 * ada,
-                100.0 * opt
+                100.0 * reb,
+                100.0 * opt,
+                100.0 * pooled
             );
             for (p, h) in [("LRU", lru), ("static", stat), ("adaptive", ada)] {
                 assert!(
@@ -238,10 +260,25 @@ fn cache_policies_against_lru_static_and_the_offline_optimum() {
                     "{name} {slots}: {p} {h} above the optimum {opt}"
                 );
             }
-            if name.starts_with("synthetic") {
+            assert!(
+                opt <= pooled + 1e-12 && reb <= pooled + 1e-12,
+                "{name} {slots}: pooled bound"
+            );
+            if name.starts_with("synthetic 256x6") {
                 assert!(
                     ada > lru,
                     "{name} {slots}: adaptive {ada} not above LRU {lru}"
+                );
+                // Moving slots never costs much, and pays where layers differ.
+                assert!(
+                    reb >= ada - 0.01,
+                    "{name} {slots}: rebalanced {reb} vs {ada}"
+                );
+            }
+            if name.contains("mixed") && slots < 96 {
+                assert!(
+                    reb >= ada + 0.03,
+                    "{name} {slots}: rebalanced {reb} not above fixed {ada}"
                 );
             }
         }

@@ -572,12 +572,19 @@ impl Exec {
                 st.misses += 1;
             }
         }
-        // Bring the device in line with the policy's slots for this layer.
+        // Bring the device in line with the policy's slots: first what it let go of in any
+        // layer (a rebalancing policy moves slots between layers), then this layer's new.
         let want = slots.policy.resident(layer);
+        let mut keep: HashMap<usize, Vec<usize>> = HashMap::new();
         let gone: Vec<(usize, usize)> = slots
             .held
             .keys()
-            .filter(|(l, e)| *l == layer && !want.contains(e))
+            .filter(|(l, e)| {
+                !keep
+                    .entry(*l)
+                    .or_insert_with(|| slots.policy.resident(*l))
+                    .contains(e)
+            })
             .copied()
             .collect();
         for k in gone {

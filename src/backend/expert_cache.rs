@@ -38,7 +38,12 @@ pub fn fit_zipf(n: usize, frac: f64, share: f64) -> f64 {
 /// Selection probabilities of `n` experts under V4-Flash's measured skew (the top 12.5 % of
 /// a layer's experts take ~58 % of its selections), most popular first.
 pub fn expert_popularity(n: usize) -> Vec<f64> {
-    let s = fit_zipf(n, 0.125, 0.58);
+    popularity_with_share(n, 0.58)
+}
+
+/// A Zipf popularity over `n` experts whose top 12.5 % take `share` of the selections.
+pub fn popularity_with_share(n: usize, share: f64) -> Vec<f64> {
+    let s = fit_zipf(n, 0.125, share);
     let w: Vec<f64> = (1..=n).map(|i| (i as f64).powf(-s)).collect();
     let sum: f64 = w.iter().sum();
     w.into_iter().map(|v| v / sum).collect()
@@ -180,30 +185,113 @@ impl Policy for StaticFrequency {
 }
 
 pub struct Adaptive {
-    capacity: usize,
+    /// Slots per layer (all equal unless rebalanced; their sum stays the same).
+    cap: Vec<usize>,
     /// Per layer, per expert: decayed count, stored scaled by `scale` (lazy decay).
     score: Vec<Vec<f64>>,
     resident: Vec<Vec<u16>>,
     scale: f64,
     /// Per-access growth of `scale`: 2^(1/half_life) per token of `layers·k` accesses.
     growth: f64,
+    /// Rebalancing across layers: every `period` accesses (0: never), at least `floor` slots
+    /// per layer.
+    period: usize,
+    floor: usize,
+    since: usize,
 }
 
 impl Adaptive {
     /// `half_life`: selections of a layer after which a count weighs half.
     pub fn new(layers: usize, experts: usize, capacity: usize, half_life: f64) -> Adaptive {
         Adaptive {
-            capacity,
+            cap: vec![capacity; layers],
             score: vec![vec![0.0; experts]; layers],
             resident: vec![Vec::new(); layers],
             scale: 1.0,
             growth: 2f64.powf(1.0 / (half_life * layers as f64)),
+            period: 0,
+            floor: 0,
+            since: 0,
+        }
+    }
+
+    /// Move slots between layers by observed demand: every `period` accesses, while the most
+    /// used expert left out of some layer is used clearly more (by a quarter) than the least
+    /// used resident of another, a slot moves from that layer to this one (at most 1/8 of a
+    /// layer's slots per rebalance; every layer keeps at least half its initial slots).
+    pub fn with_rebalancing(mut self, period: usize) -> Adaptive {
+        self.period = period;
+        self.floor = self.cap.first().map_or(0, |c| c / 2);
+        self
+    }
+
+    /// Slots per layer now.
+    pub fn slots(&self) -> &[usize] {
+        &self.cap
+    }
+
+    /// (score, expert) of layer `l`'s weakest resident and of its strongest outsider.
+    fn extremes(&self, l: usize) -> (Option<(f64, u16)>, Option<(f64, u16)>) {
+        let sc = &self.score[l];
+        let res = &self.resident[l];
+        let weakest = res
+            .iter()
+            .map(|&e| (sc[e as usize], e))
+            .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let best_out = (0..sc.len() as u16)
+            .filter(|e| !res.contains(e) && sc[*e as usize] > 0.0)
+            .map(|e| (sc[e as usize], e))
+            .max_by(|a, b| a.0.total_cmp(&b.0).then(b.1.cmp(&a.1)));
+        (weakest, best_out)
+    }
+
+    fn rebalance(&mut self) {
+        let layers = self.cap.len();
+        let moves = (self.cap.iter().sum::<usize>() / layers.max(1) / 8).max(1) * layers;
+        let mut ext: Vec<_> = (0..layers).map(|l| self.extremes(l)).collect();
+        for _ in 0..moves {
+            let gain = (0..layers)
+                .filter_map(|l| ext[l].1.map(|b| (b.0, l)))
+                .max_by(|a, b| a.0.total_cmp(&b.0));
+            // A layer's cheapest slot: an idle one costs nothing, else its weakest resident.
+            let lose = (0..layers)
+                .filter(|&l| self.cap[l] > self.floor)
+                .map(|l| {
+                    let idle = self.resident[l].len() < self.cap[l];
+                    (
+                        if idle {
+                            0.0
+                        } else {
+                            ext[l].0.map_or(0.0, |w| w.0)
+                        },
+                        l,
+                    )
+                })
+                .min_by(|a, b| a.0.total_cmp(&b.0));
+            let (Some((g_score, g)), Some((l_score, l))) = (gain, lose) else {
+                break;
+            };
+            if g == l || g_score <= 1.25 * l_score {
+                break;
+            }
+            if self.resident[l].len() == self.cap[l]
+                && let Some((_, victim)) = ext[l].0
+            {
+                self.resident[l].retain(|&e| e != victim);
+            }
+            self.cap[l] -= 1;
+            if let Some((_, e)) = ext[g].1 {
+                self.resident[g].push(e);
+            }
+            self.cap[g] += 1;
+            ext[l] = self.extremes(l);
+            ext[g] = self.extremes(g);
         }
     }
 
     /// Seed the counts from a usage profile (`--expert-profile`): the slots start hot.
     pub fn warm_start(&mut self, profile: &[Vec<u64>]) {
-        for (l, row) in profile.iter().enumerate() {
+        for (l, row) in profile.iter().enumerate().take(self.cap.len()) {
             let total: u64 = row.iter().sum::<u64>().max(1);
             let mut idx: Vec<usize> = (0..row.len()).collect();
             idx.sort_by(|&a, &b| row[b].cmp(&row[a]).then(a.cmp(&b)));
@@ -213,7 +301,7 @@ impl Adaptive {
             }
             self.resident[l] = idx
                 .iter()
-                .take(self.capacity)
+                .take(self.cap[l])
                 .filter(|&&e| row[e] > 0)
                 .map(|&e| e as u16)
                 .collect();
@@ -237,14 +325,22 @@ impl Policy for Adaptive {
         }
         let (l, e) = (a.layer as usize, a.expert);
         self.score[l][e as usize] += self.scale;
+        if self.period > 0 {
+            self.since += 1;
+            if self.since >= self.period {
+                self.since = 0;
+                self.rebalance();
+            }
+        }
+        let cap = self.cap[l];
         let res = &mut self.resident[l];
         if res.contains(&e) {
             return true;
         }
-        if self.capacity == 0 {
+        if cap == 0 {
             return false;
         }
-        if res.len() < self.capacity {
+        if res.len() < cap {
             res.push(e);
             return false;
         }
@@ -309,6 +405,24 @@ pub fn belady(trace: &Trace, capacity: usize) -> u64 {
     hits
 }
 
+/// Hits of the offline optimum with `total` slots shared by all layers (any split): the
+/// bound for policies that move slots between layers.
+pub fn belady_pooled(trace: &Trace, total: usize) -> u64 {
+    let pooled = Trace {
+        layers: 1,
+        experts: trace.layers * trace.experts,
+        accesses: trace
+            .accesses
+            .iter()
+            .map(|a| Access {
+                layer: 0,
+                expert: (a.layer as usize * trace.experts + a.expert as usize) as u16,
+            })
+            .collect(),
+    };
+    belady(&pooled, total)
+}
+
 /// Hit rate of `p` over `trace`.
 pub fn hit_rate(p: &mut dyn Policy, trace: &Trace) -> f64 {
     let hits = trace.accesses.iter().filter(|&&a| p.access(a)).count();
@@ -327,14 +441,34 @@ pub fn skewed_trace(
     topics: usize,
     seed: u64,
 ) -> Trace {
-    let experts = popularity.len();
+    let pops = vec![popularity.to_vec(); layers];
+    skewed_trace_per_layer(&pops, k, tokens, topics, seed)
+}
+
+/// [`skewed_trace`] with a popularity of its own for each layer (layers that differ in how
+/// concentrated their selections are).
+pub fn skewed_trace_per_layer(
+    popularity: &[Vec<f64>],
+    k: usize,
+    tokens: usize,
+    topics: usize,
+    seed: u64,
+) -> Trace {
+    let layers = popularity.len();
+    let experts = popularity.first().map_or(0, |p| p.len());
     let mut rng = SplitMix64::new(seed);
-    let mut cdf = Vec::with_capacity(experts);
-    let mut acc = 0.0;
-    for p in popularity {
-        acc += p;
-        cdf.push(acc);
-    }
+    let cdfs: Vec<Vec<f64>> = popularity
+        .iter()
+        .map(|p| {
+            let mut acc = 0.0;
+            p.iter()
+                .map(|v| {
+                    acc += v;
+                    acc
+                })
+                .collect()
+        })
+        .collect();
     let shuffle = |rng: &mut SplitMix64, v: &mut Vec<u16>| {
         for i in (1..v.len()).rev() {
             let j = (rng.next_u64() % (i as u64 + 1)) as usize;
@@ -366,8 +500,10 @@ pub fn skewed_trace(
         }
         for (l, m) in maps.iter().enumerate() {
             let mut chosen: Vec<u16> = Vec::with_capacity(k);
+            let cdf = &cdfs[l];
+            let total = cdf.last().copied().unwrap_or(0.0);
             while chosen.len() < k.min(experts) {
-                let u = rng.next_f64() * acc;
+                let u = rng.next_f64() * total;
                 let rank = cdf.partition_point(|&c| c < u).min(experts - 1);
                 let e = m[rank];
                 if !chosen.contains(&e) {
@@ -437,6 +573,26 @@ mod tests {
         let t2 = trace(&[(0, 5), (1, 5), (0, 5), (1, 5)]);
         assert_eq!(hit_rate(&mut Lru::new(2, 1), &t2), 0.5);
         assert_eq!(belady(&t2, 1), 2);
+    }
+
+    #[test]
+    fn rebalancing_moves_idle_slots_to_the_layer_that_needs_them() {
+        // Layer 0 cycles through 3 experts, layer 1 only ever uses expert 0; 2 slots each.
+        let mut acc = Vec::new();
+        for i in 0..60u16 {
+            acc.push((0, i % 3));
+            acc.push((1, 0));
+        }
+        let t = trace(&acc);
+        let mut fixed = Adaptive::new(2, 8, 2, 1e9);
+        let mut moved = Adaptive::new(2, 8, 2, 1e9).with_rebalancing(8);
+        let (hf, hm) = (hit_rate(&mut fixed, &t), hit_rate(&mut moved, &t));
+        // Layer 1's idle slot went to layer 0 (layer 1 keeps its floor of 1).
+        assert_eq!(moved.slots(), &[3, 1]);
+        assert_eq!(fixed.slots(), &[2, 2]);
+        // Fixed: layer 0 hits at most 2 of every 3 after warm-up; moved: all of them.
+        assert!(hm > hf, "{hm} vs {hf}");
+        assert!(hm > 0.9, "{hm}");
     }
 
     #[test]

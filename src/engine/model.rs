@@ -206,7 +206,10 @@ impl Engine {
         let (pol, seed): (Box<dyn Policy + Send>, Vec<Vec<u64>>) = match policy {
             ExpertPolicy::Lru => (Box::new(Lru::new(layers, slots)), Vec::new()),
             ExpertPolicy::Adaptive(warm) => {
-                let mut a = Adaptive::new(layers, n_exp, slots, 256.0);
+                // Slots move between layers by demand, reconsidered every 64 tokens' worth
+                // of selections.
+                let period = 64 * layers * self.cfg.num_experts_per_tok;
+                let mut a = Adaptive::new(layers, n_exp, slots, 256.0).with_rebalancing(period);
                 if let Some(p) = &warm {
                     a.warm_start(p);
                 }
