@@ -200,6 +200,9 @@ pub struct Adaptive {
     since: usize,
 }
 
+/// An expert with its decayed count.
+type Scored = (f64, u16);
+
 impl Adaptive {
     /// `half_life`: selections of a layer after which a count weighs half.
     pub fn new(layers: usize, experts: usize, capacity: usize, half_life: f64) -> Adaptive {
@@ -231,7 +234,7 @@ impl Adaptive {
     }
 
     /// (score, expert) of layer `l`'s weakest resident and of its strongest outsider.
-    fn extremes(&self, l: usize) -> (Option<(f64, u16)>, Option<(f64, u16)>) {
+    fn extremes(&self, l: usize) -> (Option<Scored>, Option<Scored>) {
         let sc = &self.score[l];
         let res = &self.resident[l];
         let weakest = res
