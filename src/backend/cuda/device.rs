@@ -37,6 +37,9 @@ pub struct CudaDevice {
     streams: [Arc<CudaStream>; 2],
     funcs: HashMap<&'static str, CudaFunction>,
     mem: Mutex<Mem>,
+    /// Pinned host buffers weights are staged through on their way up (allocated at the
+    /// first upload; None after an allocation failure: pageable copies then).
+    staging: Mutex<Option<Staging>>,
     stats: Mutex<Stats>,
     next: AtomicU64,
     capacity: u64,
@@ -45,6 +48,27 @@ pub struct CudaDevice {
     pub arch: u32,
     /// Units compiled now (the rest came from the disk cache).
     pub compiled_units: usize,
+}
+
+/// Bytes per pinned staging buffer.
+const STAGE_BYTES: usize = 16 << 20;
+
+/// Two pinned host buffers used in turn: while the copy engine moves one to the device, the
+/// host fills the other, and a weight upload returns once its last piece is queued.
+struct Staging {
+    bufs: [cudarc::driver::PinnedHostSlice<u8>; 2],
+    /// The copy that last read each buffer (the host waits for it before refilling).
+    done: [Option<CudaEvent>; 2],
+    next: usize,
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        // The pinned buffers are freed after this: no copy may still be reading them.
+        for e in self.done.iter().flatten() {
+            let _ = e.synchronize();
+        }
+    }
 }
 
 /// Why the CUDA device could not be opened (each gives the one-line notice).
@@ -138,6 +162,7 @@ impl CudaDevice {
             .map_err(|e| CudaOpenError::Driver(format!("{e:?}")))?;
         let capacity = (free as u64).saturating_sub(RESERVE);
         Ok(CudaDevice {
+            staging: Mutex::new(None),
             name: format!(
                 "{gpu} (sm_{arch}, {:.1} GiB, driver {}.{})",
                 total as f64 / (1u64 << 30) as f64,
@@ -159,6 +184,51 @@ impl CudaDevice {
             arch,
             compiled_units,
         })
+    }
+
+    /// `src` to a new device slice on `st` through the pinned staging buffers (pageable
+    /// copies where pinned memory could not be had). Returns once the copies are queued.
+    fn upload_staged(&self, st: &Arc<CudaStream>, src: &[u8]) -> Result<CudaSlice<u8>> {
+        let mut g = lock(&self.staging);
+        if g.is_none() {
+            // SAFETY: the buffers are written before any copy reads them (below).
+            let alloc = || unsafe { self.ctx.alloc_pinned::<u8>(STAGE_BYTES) };
+            if let (Ok(a), Ok(b)) = (alloc(), alloc()) {
+                *g = Some(Staging {
+                    bufs: [a, b],
+                    done: [None, None],
+                    next: 0,
+                });
+            }
+        }
+        let Some(stg) = g.as_mut() else {
+            return st.clone_htod(src).map_err(drv);
+        };
+        // SAFETY: every byte of the slice is written by the copies queued below before any
+        // kernel reads it (the executor orders kernels after this stream's copies).
+        let dst = unsafe { st.alloc::<u8>(src.len().max(1)) }.map_err(drv)?;
+        let base = dst.device_ptr(st).0;
+        for (k, piece) in src.chunks(STAGE_BYTES).enumerate() {
+            let i = stg.next;
+            stg.next = 1 - i;
+            if let Some(e) = stg.done[i].take() {
+                e.synchronize().map_err(drv)?;
+            }
+            let buf = stg.bufs[i].as_mut_slice().map_err(drv)?;
+            buf[..piece.len()].copy_from_slice(piece);
+            // SAFETY: the destination range lies inside `dst` (allocated for src.len()
+            // bytes); the source is pinned and not touched again until `done[i]` passes.
+            unsafe {
+                cudarc::driver::result::memcpy_htod_async(
+                    base + (k * STAGE_BYTES) as u64,
+                    &buf[..piece.len()],
+                    st.cu_stream(),
+                )
+            }
+            .map_err(drv)?;
+            stg.done[i] = Some(st.record_event(None).map_err(drv)?);
+        }
+        Ok(dst)
     }
 
     fn stream(&self, s: Stream) -> &Arc<CudaStream> {
@@ -392,7 +462,7 @@ impl Device for CudaDevice {
         let mut m = self.lock();
         charge(&mut m.in_use, self.capacity, bytes)?;
         let st = self.stream(s).clone();
-        let up = |src: &[u8]| -> Result<CudaSlice<u8>> { st.clone_htod(src).map_err(drv) };
+        let up = |src: &[u8]| -> Result<CudaSlice<u8>> { self.upload_staged(&st, src) };
         let res = up(data).and_then(|d| Ok((d, scales.map(up).transpose()?)));
         let (d, sc) = match res {
             Ok(v) => v,
