@@ -489,6 +489,20 @@ fn streamed_prefill_follows_the_cost_model_and_changes_no_logit() {
     }
 }
 
+/// Decode `tokens` on both sessions; the logits must be equal bit for bit.
+fn decode_both(a: &mut Session, b: &mut Session, tokens: &[u32], what: &str) {
+    for &tok in tokens {
+        let (x, y) = (
+            a.decode_step(tok).expect("decode"),
+            b.decode_step(tok).expect("decode"),
+        );
+        assert!(
+            x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
+            "{what}: device and CPU logits differ"
+        );
+    }
+}
+
 /// The KV cache on the device: in a hybrid placement (dense part resident, experts on the
 /// CPU) the compressed KV rows and indexer keys stay on the device between steps, so what a
 /// decode step copies there does not grow with the context; the logits equal the CPU
@@ -571,23 +585,9 @@ fn kv_rows_stay_on_the_device_and_decode_traffic_does_not_grow_with_context() {
     );
     // Rewind past completed rows, then continue differently: the device copies start over.
     let (md, mc) = (dev_s.mark(), cpu_s.mark());
-    for k in 0..9 {
-        let tok = ids[k + 3];
-        same(
-            &dev_s.decode_step(tok).expect("decode"),
-            &cpu_s.decode_step(tok).expect("decode"),
-            "before rewind",
-        );
-    }
+    decode_both(&mut dev_s, &mut cpu_s, &ids[3..12], "before rewind");
     assert!(dev_s.rewind(&md) && cpu_s.rewind(&mc));
-    for k in 0..9 {
-        let tok = ids[k + 40];
-        same(
-            &dev_s.decode_step(tok).expect("decode"),
-            &cpu_s.decode_step(tok).expect("decode"),
-            "after rewind",
-        );
-    }
+    decode_both(&mut dev_s, &mut cpu_s, &ids[40..49], "after rewind");
     // Where the time went: device ops and, with no expert slots, every routed expert on the
     // CPU; the CPU-only engine has no device time.
     let (ts, cpu_ts) = (e.exec.time_split(), cpu_engine.exec.time_split());

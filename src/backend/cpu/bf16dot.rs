@@ -39,19 +39,7 @@ pub fn enabled() -> bool {
 }
 
 fn cpu_has() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::sync::OnceLock;
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| {
-            std::is_x86_feature_detected!("avx512f")
-                && std::is_x86_feature_detected!("avx512bw")
-                && std::is_x86_feature_detected!("avx512vbmi")
-                && std::is_x86_feature_detected!("avx512bf16")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    super::has_x86!("avx512f", "avx512bw", "avx512vbmi", "avx512bf16")
 }
 
 /// `v` as bf16 bits when the conversion is exact and the value is not a bf16 subnormal
@@ -662,19 +650,9 @@ mod tests {
             }
             assert!((p - s).abs() <= 1e-6 * mag, "cols {cols}: {p} vs {s}");
         }
-        // One-hot: each column position and nibble lands on its own input.
-        for c in [0usize, 1, 17, 30, 31, 32, 77, 127, 200] {
-            for n in 0u8..16 {
-                let mut packed = vec![0u8; 128];
-                packed[c / 2] = if c % 2 == 0 { n } else { n << 4 };
-                let scales: Vec<u8> = (0..8).map(|g| 120 + g as u8).collect();
-                let mut x = vec![0f32; 256];
-                x[c] = 0.75;
-                let want = E2M1_TABLE[n as usize] * 0.75 * e8m0_to_f32(scales[c / 32]);
-                let got = fp4_row_dot(&packed, &scales, &prepare_fp4(&x).expect("grid"));
-                assert_eq!(got, want, "column {c}, nibble {n}");
-            }
-        }
+        crate::backend::cpu::rowdot::check_fp4_one_hot(|p, s, x| {
+            fp4_row_dot(p, s, &prepare_fp4(x).expect("grid"))
+        });
     }
 
     #[test]

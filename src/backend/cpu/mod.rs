@@ -2,6 +2,22 @@
 //! scales, FP4 with 1x32 scales, BF16) straight from the mmap, dequantizing a tile of rows at
 //! a time, and the small vector operations of the forward pass.
 
+/// Whether this CPU has every x86 feature named (detected once, at the first call).
+macro_rules! has_x86 {
+    ($($f:tt),+) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+            *HAS.get_or_init(|| true $(&& std::is_x86_feature_detected!($f))+)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }};
+}
+pub(crate) use has_x86;
+
 pub mod bf16dot;
 mod device;
 pub mod hc;

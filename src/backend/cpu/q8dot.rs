@@ -26,19 +26,7 @@ pub fn available() -> bool {
 }
 
 fn cpu_has() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::sync::OnceLock;
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| {
-            std::is_x86_feature_detected!("avx512f")
-                && std::is_x86_feature_detected!("avx512bw")
-                && std::is_x86_feature_detected!("avx512vbmi")
-                && std::is_x86_feature_detected!("avx512vnni")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    super::has_x86!("avx512f", "avx512bw", "avx512vbmi", "avx512vnni")
 }
 
 /// An input in the kernel's layout.
@@ -59,14 +47,24 @@ pub struct Q8Input {
 pub fn prepare(x: &[f32]) -> Option<Q8Input> {
     #[cfg(target_arch = "x86_64")]
     if cpu_has() {
-        return prepare_simd(x);
+        // SAFETY: the CPU has AVX-512 F/BW (cpu_has).
+        return prepare_by(x, |b, e, o, c| unsafe { x86::quantize_block(b, e, o, c) });
     }
     prepare_portable(x)
 }
 
-/// [`prepare`] 32 values at a time in AVX-512 registers.
-#[cfg(target_arch = "x86_64")]
-fn prepare_simd(x: &[f32]) -> Option<Q8Input> {
+/// [`prepare`] one value at a time (the reference for the SIMD form; any CPU).
+pub fn prepare_portable(x: &[f32]) -> Option<Q8Input> {
+    prepare_by(x, quantize_block)
+}
+
+/// One 32-value block of [`prepare`]: the int8 values (even columns to `even`, odd ones to
+/// `odd`), the four dword corrections, and the block exponent; None when the block is not
+/// on the int8 grid.
+type BlockFn = fn(&[f32; 32], &mut [i8; 16], &mut [i8; 16], &mut [i32; 4]) -> Option<i32>;
+
+/// The layout of [`Q8Input`] filled block by block with `block`.
+fn prepare_by(x: &[f32], block: BlockFn) -> Option<Q8Input> {
     if !x.len().is_multiple_of(CHUNK) {
         return None;
     }
@@ -75,74 +73,55 @@ fn prepare_simd(x: &[f32]) -> Option<Q8Input> {
     let mut step = vec![0f32; x.len() / I8_BLOCK];
     let blocks = x.chunks_exact(CHUNK).zip(q.chunks_exact_mut(CHUNK));
     for (ci, (xc, qc)) in blocks.enumerate() {
+        // Columns 32gi + 2m (even) go to 16gi + m, the odd ones to 64 + 16gi + m.
         let (even, odd) = qc.split_at_mut(CHUNK / 2);
         for gi in 0..CHUNK / I8_BLOCK {
-            let blk: &[f32; 32] = xc[32 * gi..32 * gi + 32].try_into().ok()?;
-            let c: &mut [i32; 4] = (&mut corr[16 * ci + 4 * gi..16 * ci + 4 * gi + 4])
-                .try_into()
-                .ok()?;
-            let (e, o) = (
-                &mut even[16 * gi..16 * gi + 16],
-                &mut odd[16 * gi..16 * gi + 16],
-            );
-            // SAFETY: the CPU has AVX-512 F/BW (checked by the caller); fixed-size operands.
-            let k = unsafe { x86::quantize_block(blk, e.try_into().ok()?, o.try_into().ok()?, c) }?;
+            let c = 16 * ci + 4 * gi;
+            let k = block(
+                xc[32 * gi..32 * gi + 32].try_into().ok()?,
+                (&mut even[16 * gi..16 * gi + 16]).try_into().ok()?,
+                (&mut odd[16 * gi..16 * gi + 16]).try_into().ok()?,
+                (&mut corr[c..c + 4]).try_into().ok()?,
+            )?;
             step[4 * ci + gi] = pow2(k - 1);
         }
     }
     Some(Q8Input { q, corr, step })
 }
 
-/// [`prepare`] one value at a time (the reference for the SIMD form; any CPU).
-pub fn prepare_portable(x: &[f32]) -> Option<Q8Input> {
-    if !x.len().is_multiple_of(CHUNK) {
+/// The portable [`BlockFn`].
+fn quantize_block(
+    blk: &[f32; 32],
+    even: &mut [i8; 16],
+    odd: &mut [i8; 16],
+    corr: &mut [i32; 4],
+) -> Option<i32> {
+    // Magnitudes order like their bits (NaN above infinity): an integer max.
+    let amax = f32::from_bits(
+        blk.iter()
+            .fold(0u32, |m, v| m.max(v.to_bits() & 0x7FFF_FFFF)),
+    );
+    if !amax.is_finite() {
         return None;
     }
-    let mut q = vec![0i8; x.len()];
-    let mut corr = vec![0i32; x.len() / 8];
-    let mut step = vec![0f32; x.len() / I8_BLOCK];
-    let blocks = x.chunks_exact(CHUNK).zip(q.chunks_exact_mut(CHUNK));
-    for (ci, (xc, qc)) in blocks.enumerate() {
-        for (gi, blk) in xc.chunks_exact(I8_BLOCK).enumerate() {
-            // Magnitudes order like their bits (NaN above infinity): an integer max.
-            let amax_bits = blk
-                .iter()
-                .fold(0u32, |m, v| m.max(v.to_bits() & 0x7FFF_FFFF));
-            let amax = f32::from_bits(amax_bits);
-            if !amax.is_finite() {
-                return None;
-            }
-            let k = i8_block_exponent(amax);
-            let inv = pow2(-k);
-            step[4 * ci + gi] = pow2(k - 1);
-            // Columns 32gi + 2m (even) go to 16gi + m, the odd ones to 64 + 16gi + m.
-            let (even, odd) = qc.split_at_mut(CHUNK / 2);
-            let (even, odd) = (
-                &mut even[16 * gi..16 * gi + 16],
-                &mut odd[16 * gi..16 * gi + 16],
-            );
-            let mut ok = true;
-            for ((pair, e), o) in blk.chunks_exact(2).zip(even).zip(odd) {
-                let (a, b) = (pair[0] * inv, pair[1] * inv);
-                // |v| <= 127 and integral (the truncating conversion is then exact).
-                ok &= a.abs() <= 127.0 && (a as i32) as f32 == a;
-                ok &= b.abs() <= 127.0 && (b as i32) as f32 == b;
-                (*e, *o) = (a as i32 as i8, b as i32 as i8);
-            }
-            if !ok {
-                return None;
-            }
-        }
-        // Dword lane d of the product covers columns 8d..8d+8: even ones at 4d.., odd at
-        // 64 + 4d...
-        for (d, c) in corr[16 * ci..16 * ci + 16].iter_mut().enumerate() {
-            let sum: i32 = (0..4)
-                .map(|m| i32::from(qc[4 * d + m]) + i32::from(qc[64 + 4 * d + m]))
-                .sum();
-            *c = -12 * sum;
-        }
+    let k = i8_block_exponent(amax);
+    let inv = pow2(-k);
+    let mut ok = true;
+    for ((pair, e), o) in blk.chunks_exact(2).zip(even.iter_mut()).zip(odd.iter_mut()) {
+        let (a, b) = (pair[0] * inv, pair[1] * inv);
+        // |v| <= 127 and integral (the truncating conversion is then exact).
+        ok &= a.abs() <= 127.0 && (a as i32) as f32 == a;
+        ok &= b.abs() <= 127.0 && (b as i32) as f32 == b;
+        (*e, *o) = (a as i32 as i8, b as i32 as i8);
     }
-    Some(Q8Input { q, corr, step })
+    // Dword lane d covers 8 consecutive columns: 4 even and 4 odd ones.
+    for (d, c) in corr.iter_mut().enumerate() {
+        let sum: i32 = (0..4)
+            .map(|m| i32::from(even[4 * d + m]) + i32::from(odd[4 * d + m]))
+            .sum();
+        *c = -12 * sum;
+    }
+    ok.then_some(k)
 }
 
 /// Unsigned weight byte for each nibble: 2·E2M1 + 12.
@@ -200,9 +179,7 @@ mod x86 {
     /// Bytes ahead of the current load that are prefetched (a hint: past the end is harmless).
     const PREFETCH: usize = 1024;
 
-    /// One 32-value block of [`super::prepare`]: the int8 values (even columns to `even`, odd
-    /// ones to `odd`), the four dword corrections, and the block exponent; None when the
-    /// block is not on the int8 grid.
+    /// The AVX-512 form of the portable block quantizer (see `BlockFn`).
     ///
     /// # Safety
     /// Needs AVX-512 F/BW.
@@ -446,19 +423,9 @@ mod tests {
                 "cols {cols}: portable {p}"
             );
         }
-        // One-hot: each column position and nibble lands on its own input.
-        for c in [0usize, 1, 17, 30, 31, 32, 77, 126, 127, 200, 255] {
-            for n in 0u8..16 {
-                let mut packed = vec![0u8; 128];
-                packed[c / 2] = if c % 2 == 0 { n } else { n << 4 };
-                let scales: Vec<u8> = (0..8).map(|g| 120 + g as u8).collect();
-                let mut x = vec![0f32; 256];
-                x[c] = 0.75;
-                let want = E2M1_TABLE[n as usize] * 0.75 * e8m0_to_f32(scales[c / 32]);
-                let got = fp4_row_dot(&packed, &scales, &prepare(&x).expect("grid"));
-                assert_eq!(got, want, "column {c}, nibble {n}");
-            }
-        }
+        crate::backend::cpu::rowdot::check_fp4_one_hot(|p, s, x| {
+            fp4_row_dot(p, s, &prepare(x).expect("grid"))
+        });
     }
 
     #[test]

@@ -317,6 +317,25 @@ mod x86 {
     }
 }
 
+/// Checks an FP4 row kernel `dot(packed, scales, x)` on one-hot rows of 256 columns: every
+/// column position (both nibbles of a byte, group edges) and every nibble lands on its own
+/// input, times its group's scale, exactly.
+#[cfg(test)]
+pub(crate) fn check_fp4_one_hot(dot: impl Fn(&[u8], &[u8], &[f32]) -> f32) {
+    use crate::model::formats::{E2M1_TABLE, e8m0_to_f32};
+    for c in [0usize, 1, 17, 30, 31, 32, 77, 126, 127, 200, 255] {
+        for n in 0u8..16 {
+            let mut packed = vec![0u8; 128];
+            packed[c / 2] = if c % 2 == 0 { n } else { n << 4 };
+            let scales: Vec<u8> = (0..8).map(|g| 120 + g as u8).collect();
+            let mut x = vec![0f32; 256];
+            x[c] = 0.75;
+            let want = E2M1_TABLE[n as usize] * 0.75 * e8m0_to_f32(scales[c / 32]);
+            assert_eq!(dot(&packed, &scales, &x), want, "column {c}, nibble {n}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
