@@ -680,6 +680,7 @@ fn tiny_hybrid_on_the_gpu_matches_the_goldens() {
                 slots: Some(slots),
                 budget: None,
                 ctx: 4096,
+                chunk: 64,
             },
         )
         .expect("placement");

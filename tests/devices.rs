@@ -24,6 +24,7 @@ fn hybrid(policy: ExpertPolicy, slots: Option<usize>) -> HybridOptions {
         slots,
         budget: None,
         ctx: 4096,
+        chunk: 64,
     }
 }
 

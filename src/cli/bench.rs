@@ -256,6 +256,7 @@ fn hybrid(a: &BenchArgs) -> anyhow::Result<()> {
             slots: a.expert_slots,
             budget: a.gpu_mem,
             ctx: 4096,
+            chunk: 256,
         },
     )?;
     let steps = if a.quick { 4 } else { 32 };

@@ -80,6 +80,7 @@ impl EngineArgs {
                     slots: None,
                     budget: self.gpu_mem,
                     ctx: self.kv_room(&e),
+                    chunk: self.prefill_chunk as usize,
                 },
             )?;
             // Streamed prefill: the link as measured, the CPU at half its FMA peak (what its

@@ -70,6 +70,8 @@ pub struct HybridOptions {
     pub budget: Option<u64>,
     /// Tokens of context whose KV rows get device room first.
     pub ctx: usize,
+    /// Prefill chunk (tokens): each block's key table also holds a chunk's new rows.
+    pub chunk: usize,
 }
 
 /// A loaded model, ready to run sessions.
@@ -179,7 +181,7 @@ impl Engine {
     ) -> Result<(Placement, usize), DeviceError> {
         let (policy, slots) = (o.policy, o.slots);
         let budget = o.budget.unwrap_or(u64::MAX).min(dev.capacity());
-        let budget = budget.saturating_sub(self.kv_reserve(o.ctx));
+        let budget = budget.saturating_sub(self.kv_reserve(o.ctx, o.chunk));
         let p = self.place(dev.clone(), budget, false)?;
         self.exec
             .set_whole_model(p.total > 0 && p.resident == p.total);
@@ -225,11 +227,11 @@ impl Engine {
     }
 
     /// Device bytes kept free for the KV rows of `ctx` tokens (fp32, as the host holds them:
-    /// window, compressed and indexer rows) plus each layer's per-step rows of a 64-token
-    /// chunk.
-    fn kv_reserve(&self, ctx: usize) -> u64 {
+    /// window, compressed and indexer rows) plus each layer's rows of a `chunk`-token prefill
+    /// step.
+    fn kv_reserve(&self, ctx: usize, chunk: usize) -> u64 {
         let cfg = &self.cfg;
-        let per_step = 4 * (cfg.sliding_window + 64) * cfg.head_dim;
+        let per_step = 4 * (cfg.sliding_window + chunk) * cfg.head_dim;
         super::plan::kv_bytes(cfg, ctx) + (cfg.num_hidden_layers * per_step) as u64
     }
 
