@@ -679,7 +679,7 @@ fn tiny_hybrid_on_the_gpu_matches_the_goldens() {
                 policy: ExpertPolicy::Adaptive(None),
                 slots: Some(slots),
                 budget: None,
-                ctx: 4096,
+                ctx: Some(4096),
                 chunk: 64,
             },
         )

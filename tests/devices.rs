@@ -23,7 +23,7 @@ fn hybrid(policy: ExpertPolicy, slots: Option<usize>) -> HybridOptions {
         policy,
         slots,
         budget: None,
-        ctx: 4096,
+        ctx: Some(4096),
         chunk: 64,
     }
 }

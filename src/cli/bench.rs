@@ -255,7 +255,7 @@ fn hybrid(a: &BenchArgs) -> anyhow::Result<()> {
             policy: crate::engine::ExpertPolicy::Adaptive(None),
             slots: a.expert_slots,
             budget: a.gpu_mem,
-            ctx: 4096,
+            ctx: Some(4096),
             chunk: 256,
         },
     )?;

@@ -79,7 +79,7 @@ impl EngineArgs {
                     policy: crate::engine::ExpertPolicy::Adaptive(warm),
                     slots: None,
                     budget: self.gpu_mem,
-                    ctx: self.kv_room(&e),
+                    ctx: self.ctx,
                     chunk: self.prefill_chunk as usize,
                 },
             )?;
@@ -155,15 +155,6 @@ impl EngineArgs {
             .with_context(|| format!("--expert-profile {}", path.display()))
     }
 
-    /// Tokens of context whose KV rows get device memory ahead of the weights: `--ctx`, or
-    /// without it the first 64k (longer contexts still run: the rows past the room then stay
-    /// on the CPU with the attention over them).
-    fn kv_room(&self, e: &Engine) -> usize {
-        self.ctx
-            .unwrap_or(DEFAULT_KV_ROOM)
-            .min(e.cfg.max_position_embeddings)
-    }
-
     pub fn session<'e>(&self, e: &'e Engine) -> anyhow::Result<Session<'e>> {
         let max = e.cfg.max_position_embeddings;
         let ctx = self.ctx.unwrap_or(max);
@@ -173,9 +164,6 @@ impl EngineArgs {
         Ok(Session::new(e, ctx, self.prefill_chunk as usize))
     }
 }
-
-/// Context given device room for its KV rows when `--ctx` is not set.
-const DEFAULT_KV_ROOM: usize = 1 << 16;
 
 /// Parse `--tokens 1,2,3`.
 pub fn parse_tokens(s: &str) -> anyhow::Result<Vec<u32>> {

@@ -60,6 +60,9 @@ pub struct Placement {
     pub total_bytes: u64,
 }
 
+/// Context given device room for its KV rows when none is asked for.
+const DEFAULT_KV_ROOM: usize = 1 << 16;
+
 /// What [`Engine::use_device_hybrid`] is asked for.
 #[derive(Debug, Clone)]
 pub struct HybridOptions {
@@ -68,8 +71,9 @@ pub struct HybridOptions {
     pub slots: Option<usize>,
     /// Device bytes to use at most (None: what the device offers).
     pub budget: Option<u64>,
-    /// Tokens of context whose KV rows get device room first.
-    pub ctx: usize,
+    /// Tokens of context whose KV rows get device room first (None: 64k, or what a quarter
+    /// of the budget holds if that is less).
+    pub ctx: Option<usize>,
     /// Prefill chunk (tokens): each block's key table also holds a chunk's new rows.
     pub chunk: usize,
 }
@@ -181,7 +185,11 @@ impl Engine {
     ) -> Result<(Placement, usize), DeviceError> {
         let (policy, slots) = (o.policy, o.slots);
         let budget = o.budget.unwrap_or(u64::MAX).min(dev.capacity());
-        let budget = budget.saturating_sub(self.kv_reserve(o.ctx, o.chunk));
+        let kv = match o.ctx {
+            Some(ctx) => self.kv_reserve(ctx, o.chunk),
+            None => self.kv_reserve(DEFAULT_KV_ROOM, o.chunk).min(budget / 4),
+        };
+        let budget = budget.saturating_sub(kv);
         let p = self.place(dev.clone(), budget, false)?;
         self.exec
             .set_whole_model(p.total > 0 && p.resident == p.total);
