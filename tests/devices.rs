@@ -599,3 +599,122 @@ fn kv_rows_stay_on_the_device_and_decode_traffic_does_not_grow_with_context() {
     drop(dev_s);
     assert_eq!(e.exec.table_bytes(), 0);
 }
+
+/// A simulated card whose driver breaks after `ok` more transfers back to the host: every
+/// read from then on fails (launches keep "working", so results computed on the device can
+/// no longer be fetched).
+struct BreaksAfter {
+    dev: SimDevice,
+    ok: std::sync::atomic::AtomicI64,
+}
+
+impl Device for BreaksAfter {
+    fn name(&self) -> String {
+        "failing card".into()
+    }
+    fn capacity(&self) -> u64 {
+        self.dev.capacity()
+    }
+    fn in_use(&self) -> u64 {
+        self.dev.in_use()
+    }
+    fn alloc(
+        &self,
+        bytes: usize,
+    ) -> dsflash::backend::device::Result<dsflash::backend::device::Buf> {
+        self.dev.alloc(bytes)
+    }
+    fn free(&self, b: dsflash::backend::device::Buf) {
+        self.dev.free(b)
+    }
+    fn write_at(
+        &self,
+        dst: dsflash::backend::device::Buf,
+        offset: usize,
+        src: &[u8],
+        s: dsflash::backend::device::Stream,
+    ) -> dsflash::backend::device::Result<()> {
+        self.dev.write_at(dst, offset, src, s)
+    }
+    fn read(
+        &self,
+        src: dsflash::backend::device::Buf,
+        dst: &mut [u8],
+        s: dsflash::backend::device::Stream,
+    ) -> dsflash::backend::device::Result<()> {
+        if self.ok.fetch_sub(1, std::sync::atomic::Ordering::Relaxed) <= 0 {
+            dst.fill(0xFF); // a failed read may leave anything behind
+            return Err(dsflash::backend::device::DeviceError::Backend(
+                "CUDA_ERROR_ILLEGAL_ADDRESS".into(),
+            ));
+        }
+        self.dev.read(src, dst, s)
+    }
+    fn upload_weight(
+        &self,
+        w: &dsflash::model::weights::Weight,
+        s: dsflash::backend::device::Stream,
+    ) -> dsflash::backend::device::Result<dsflash::backend::device::DevWeight> {
+        self.dev.upload_weight(w, s)
+    }
+    fn free_weight(&self, w: dsflash::backend::device::DevWeight) {
+        self.dev.free_weight(w)
+    }
+    fn launch(
+        &self,
+        op: &dsflash::backend::device::Op,
+        s: dsflash::backend::device::Stream,
+    ) -> dsflash::backend::device::Result<()> {
+        self.dev.launch(op, s)
+    }
+    fn record(
+        &self,
+        s: dsflash::backend::device::Stream,
+    ) -> dsflash::backend::device::Result<dsflash::backend::device::Event> {
+        self.dev.record(s)
+    }
+    fn wait(
+        &self,
+        s: dsflash::backend::device::Stream,
+        e: dsflash::backend::device::Event,
+    ) -> dsflash::backend::device::Result<()> {
+        self.dev.wait(s, e)
+    }
+    fn synchronize(&self) -> dsflash::backend::device::Result<()> {
+        self.dev.synchronize()
+    }
+    fn stats(&self) -> dsflash::backend::device::Stats {
+        self.dev.stats()
+    }
+}
+
+/// A device that fails in the middle of a forward pass, wherever that falls (after 0 to a few
+/// hundred good reads: inside attention, right after an mHC expand updated the residual
+/// streams on the device, ...): the CPU takes over and the answer is the CPU engine's, bit
+/// for bit.
+#[test]
+fn a_device_failing_mid_forward_never_changes_the_answer() {
+    let dir = fixture("tiny");
+    let ids: Vec<u32> = (1..40).collect();
+    let cpu = prefill_logits(
+        &Engine::open(&dir, Numerics::Reference).expect("open"),
+        &ids,
+        16,
+    );
+    for ok in [0i64, 1, 2, 3, 5, 8, 13, 40, 90, 200] {
+        let mut e = Engine::open(&dir, Numerics::Reference).expect("open");
+        let dev = Arc::new(BreaksAfter {
+            dev: SimDevice::new(1 << 30, SimCost::default()),
+            ok: std::sync::atomic::AtomicI64::new(ok),
+        });
+        e.use_device_hybrid(dev, hybrid(ExpertPolicy::Adaptive(None), Some(2)))
+            .expect("placement");
+        let got = prefill_logits(&e, &ids, 16);
+        assert!(
+            got.iter()
+                .zip(&cpu)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "failure after {ok} reads changed the logits"
+        );
+    }
+}

@@ -324,6 +324,77 @@ impl Exec {
         }
     }
 
+    /// A device buffer holding `data` (for activations kept there across ops); None when ops
+    /// do not run on the device here or it has no room.
+    pub fn upload(&self, data: &[u8]) -> Option<Buf> {
+        if !self.ops_on_device() {
+            return None;
+        }
+        let dev = self.dev.as_ref()?;
+        let start = std::time::Instant::now();
+        let r =
+            dev.alloc(data.len().max(4))
+                .and_then(|b| match dev.write(b, data, Stream::COMPUTE) {
+                    Ok(()) => Ok(b),
+                    Err(e) => {
+                        dev.free(b);
+                        Err(e)
+                    }
+                });
+        self.add_device_time(start);
+        match r {
+            Ok(b) => Some(b),
+            Err(DeviceError::OutOfMemory { .. }) => None,
+            Err(e) => {
+                self.report_failure(dev.as_ref(), &e);
+                None
+            }
+        }
+    }
+
+    /// Overwrite a buffer from [`Exec::upload`]; false on a device error (reported).
+    pub fn rewrite(&self, b: Buf, data: &[u8]) -> bool {
+        self.dev_io(|dev| dev.write(b, data, Stream::COMPUTE))
+    }
+
+    /// Read a buffer from [`Exec::upload`] back; false on a device error (reported), and
+    /// then `out` is unchanged.
+    pub fn read_back(&self, b: Buf, out: &mut [u8]) -> bool {
+        let mut tmp = vec![0u8; out.len()];
+        let ok = self.dev_io(|dev| dev.read(b, &mut tmp, Stream::COMPUTE));
+        if ok {
+            out.copy_from_slice(&tmp);
+        }
+        ok
+    }
+
+    /// Free a buffer from [`Exec::upload`].
+    pub fn release(&self, b: Buf) {
+        if let Some(dev) = &self.dev {
+            dev.free(b);
+        }
+    }
+
+    fn dev_io(&self, f: impl FnOnce(&dyn Device) -> Result<(), DeviceError>) -> bool {
+        let Some(dev) = self
+            .dev
+            .as_ref()
+            .filter(|_| !self.failed.load(Ordering::Relaxed))
+        else {
+            return false;
+        };
+        let start = std::time::Instant::now();
+        let r = f(dev.as_ref());
+        self.add_device_time(start);
+        match r {
+            Ok(()) => true,
+            Err(e) => {
+                self.report_failure(dev.as_ref(), &e);
+                false
+            }
+        }
+    }
+
     /// Free the device tables of these stores (their session ended or was reset).
     pub fn forget_tables(&self, ids: impl IntoIterator<Item = u64>) {
         let Some(dev) = &self.dev else {
@@ -383,9 +454,19 @@ impl Exec {
                 }
             }
             dev.launch(&op(&bufs), Stream::COMPUTE)?;
-            for (a, b) in args.iter_mut().zip(&bufs.0) {
+            // Results land in the host buffers only once every one has been read: a failed
+            // read must leave the inputs of the CPU fallback as they were.
+            let mut back = Vec::new();
+            for (i, (a, b)) in args.iter().zip(&bufs.0).enumerate() {
                 if let (Arg::Out(d) | Arg::InOut(d), Some(b)) = (a, b) {
-                    dev.read(*b, d, Stream::COMPUTE)?;
+                    let mut tmp = vec![0u8; d.len()];
+                    dev.read(*b, &mut tmp, Stream::COMPUTE)?;
+                    back.push((i, tmp));
+                }
+            }
+            for (i, tmp) in back {
+                if let Arg::Out(d) | Arg::InOut(d) = &mut args[i] {
+                    d.copy_from_slice(&tmp);
                 }
             }
             Ok(())

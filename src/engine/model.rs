@@ -300,6 +300,7 @@ impl Engine {
         b: &BlockWeights,
         st: &mut AttnState,
         x: &mut [f32],
+        res: &mut offload::Residual,
         tokens: &[u32],
         t0: usize,
     ) {
@@ -312,10 +313,13 @@ impl Engine {
         // A site's input: the mix coefficients of every token and the collapsed, normed u.
         // Whole-model mode computes them as device ops over all tokens at once (no faults);
         // otherwise per token on the CPU, where the traps can reach them.
-        let site_input = |p: &crate::model::weights::HcParams, norm: &[f32], x: &[f32]| {
+        let site_input = |p: &crate::model::weights::HcParams,
+                          norm: &[f32],
+                          x: &[f32],
+                          res: &mut offload::Residual| {
             if whole {
-                let coef = offload::hc_mix(&self.exec, p, x, hc, d, iters, neps, heps);
-                let mut u = offload::hc_collapse(&self.exec, x, &coef, mix_len, hc, d);
+                let coef = offload::hc_mix(&self.exec, p, x, res, hc, d, iters, neps, heps);
+                let mut u = offload::hc_collapse(&self.exec, x, Some(res), &coef, mix_len, hc, d);
                 offload::rms_norm_rows(&self.exec, &mut u, Some(norm), d, neps);
                 return (Site::Batched(coef), u);
             }
@@ -333,16 +337,19 @@ impl Engine {
                 });
             (Site::PerToken(mixes), u)
         };
-        let write_back = |site: Site, f: &[f32], x: &mut [f32]| match site {
-            Site::Batched(coef) => offload::hc_expand(&self.exec, x, f, &coef, hc, d),
-            Site::PerToken(mixes) => x
-                .par_chunks_mut(hc * d)
-                .zip(f.par_chunks(d))
-                .zip(&mixes)
-                .for_each(|((xt, ft), m)| hyper::expand(m, ft, xt, d, &self.traps)),
-        };
+        let write_back =
+            |site: Site, f: &[f32], x: &mut [f32], res: &mut offload::Residual| match site {
+                Site::Batched(coef) => offload::hc_expand(&self.exec, x, res, f, &coef, hc, d),
+                Site::PerToken(mixes) => {
+                    x.par_chunks_mut(hc * d)
+                        .zip(f.par_chunks(d))
+                        .zip(&mixes)
+                        .for_each(|((xt, ft), m)| hyper::expand(m, ft, xt, d, &self.traps));
+                    res.host_changed();
+                }
+            };
         // Attention site.
-        let (site, u) = site_input(&b.hc_attn, &b.attn_norm, x);
+        let (site, u) = site_input(&b.hc_attn, &b.attn_norm, x, res);
         let ctx = AttnCtx {
             cfg,
             kind: b.kind,
@@ -352,9 +359,9 @@ impl Engine {
             exec: &self.exec,
         };
         let a = attention::forward(&ctx, &b.attn, st, &u, t0, t);
-        write_back(site, &a, x);
+        write_back(site, &a, x, res);
         // MoE site.
-        let (site, u) = site_input(&b.hc_ffn, &b.ffn_norm, x);
+        let (site, u) = site_input(&b.hc_ffn, &b.ffn_norm, x, res);
         let mctx = moe::MoeCtx {
             cfg,
             ex: &self.exec,
@@ -363,7 +370,7 @@ impl Engine {
             layer: b.layer,
         };
         let f = moe::forward(&mctx, &b.ffn, &u, tokens);
-        write_back(site, &f, x);
+        write_back(site, &f, x, res);
     }
 
     /// Run `tokens` (positions t0..) through the model, updating `state`. Returns logits for
@@ -407,11 +414,14 @@ impl Engine {
                 });
             }
         }
+        // The residual streams also live on the device while its layers run there.
+        let mut res = offload::Residual::default();
         for (b, st) in self.weights.layers.iter().zip(state.iter_mut()) {
             self.exec.enter_layer(Some(b.layer));
-            self.block(b, st, &mut x, tokens, t0);
+            self.block(b, st, &mut x, &mut res, tokens, t0);
         }
         self.exec.enter_layer(None);
+        res.release(&self.exec);
         let rows: Vec<usize> = match want {
             Want::None => return Vec::new(),
             Want::Last => vec![t - 1],
@@ -434,7 +444,7 @@ impl Engine {
                 d,
                 eps,
             );
-            let mut hidden = offload::hc_collapse(&self.exec, &xs, &pre, hc, hc, d);
+            let mut hidden = offload::hc_collapse(&self.exec, &xs, None, &pre, hc, hc, d);
             offload::rms_norm_rows(&self.exec, &mut hidden, Some(&w.norm), d, cfg.rms_norm_eps);
             return self.exec.linear(&w.head, &hidden, rows.len());
         }

@@ -80,12 +80,58 @@ pub fn rope_rows(
     }
 }
 
+/// The residual streams x [t, hc·d] of a forward pass, also kept on the device while its
+/// layers run there, so the mHC ops need not send x up each time. The host copy stays the
+/// reference: it is read back after every device expand (and when that read fails the expand
+/// is redone on the host), so a device error never loses the state.
+#[derive(Default)]
+pub struct Residual {
+    /// The device copy and whether it equals the host's.
+    buf: Option<Buf>,
+    current: bool,
+}
+
+impl Residual {
+    /// The device copy of `x`, sent up if the host's changed since; None when ops do not
+    /// run on the device here or it has no room (the ops then take the host copy).
+    fn device(&mut self, ex: &Exec, x: &[f32]) -> Option<Buf> {
+        if !ex.ops_on_device() {
+            return None;
+        }
+        match self.buf {
+            Some(b) if self.current => Some(b),
+            Some(b) => {
+                self.current = ex.rewrite(b, f32_bytes(x));
+                self.current.then_some(b)
+            }
+            None => {
+                self.buf = ex.upload(f32_bytes(x));
+                self.current = self.buf.is_some();
+                self.buf
+            }
+        }
+    }
+
+    /// The host copy was changed by CPU code.
+    pub fn host_changed(&mut self) {
+        self.current = false;
+    }
+
+    /// Free the device copy (end of the forward pass).
+    pub fn release(self, ex: &Exec) {
+        if let Some(b) = self.buf {
+            ex.release(b);
+        }
+    }
+}
+
 /// mHC coefficients of `t` tokens' states x [t, hc·d]: [t, 2hc + hc²] = [pre | post | comb].
 #[allow(clippy::too_many_arguments)] // the site, the states and the model's constants
 pub fn hc_mix(
     ex: &Exec,
     p: &HcParams,
     x: &[f32],
+    res: &mut Residual,
     hc: usize,
     d: usize,
     iters: usize,
@@ -96,9 +142,10 @@ pub fn hc_mix(
     let mix = 2 * hc + hc * hc;
     let mut out = vec![0f32; t * mix];
     let scale = [p.scale[0], p.scale[1], p.scale[2]];
+    let xa = res.device(ex, x).map_or(Arg::In(f32_bytes(x)), Arg::Dev);
     let done = ex.offload(
         &mut [
-            Arg::In(f32_bytes(x)),
+            xa,
             Arg::Param(f32_bytes(&p.fn_)),
             Arg::Param(f32_bytes(&p.base)),
             Arg::Out(f32_bytes_mut(&mut out)),
@@ -131,6 +178,7 @@ pub fn hc_mix(
 pub fn hc_collapse(
     ex: &Exec,
     x: &[f32],
+    res: Option<&mut Residual>,
     coef: &[f32],
     stride: usize,
     hc: usize,
@@ -138,9 +186,12 @@ pub fn hc_collapse(
 ) -> Vec<f32> {
     let t = x.len() / (hc * d);
     let mut u = vec![0f32; t * d];
+    let xa = res
+        .and_then(|r| r.device(ex, x))
+        .map_or(Arg::In(f32_bytes(x)), Arg::Dev);
     let done = ex.offload(
         &mut [
-            Arg::In(f32_bytes(x)),
+            xa,
             Arg::In(f32_bytes(coef)),
             Arg::Out(f32_bytes_mut(&mut u)),
         ],
@@ -168,24 +219,46 @@ pub fn hc_collapse(
 }
 
 /// In place: x[t, k] = post_k f[t] + Σ_i comb[i][k] x[t, i], coef as `hc_mix` returns it.
-pub fn hc_expand(ex: &Exec, x: &mut [f32], f: &[f32], coef: &[f32], hc: usize, d: usize) {
+/// With the device copy of x current, the op updates it there and the host copy is read
+/// back; should that read fail, the host (still holding the old x) computes it instead.
+pub fn hc_expand(
+    ex: &Exec,
+    x: &mut [f32],
+    res: &mut Residual,
+    f: &[f32],
+    coef: &[f32],
+    hc: usize,
+    d: usize,
+) {
     let t = x.len() / (hc * d);
     let mix = 2 * hc + hc * hc;
-    let done = ex.offload(
-        &mut [
-            Arg::InOut(f32_bytes_mut(x)),
-            Arg::In(f32_bytes(f)),
-            Arg::In(f32_bytes(coef)),
-        ],
-        |b| Op::HcExpand {
-            x: b[0],
-            f: b[1],
-            coef: b[2],
-            t,
-            hc,
-            d,
-        },
-    );
+    let op = |xb: Buf, b: &crate::backend::exec::Bufs| Op::HcExpand {
+        x: xb,
+        f: b[0],
+        coef: b[1],
+        t,
+        hc,
+        d,
+    };
+    let done = match res.device(ex, x) {
+        Some(xb) => {
+            let args = &mut [Arg::In(f32_bytes(f)), Arg::In(f32_bytes(coef))];
+            let ran = ex.offload(args, |b| op(xb, b));
+            // Until the read succeeds the two copies differ.
+            res.current = false;
+            let back = ran && ex.read_back(xb, f32_bytes_mut(x));
+            res.current = back;
+            back
+        }
+        None => ex.offload(
+            &mut [
+                Arg::In(f32_bytes(f)),
+                Arg::In(f32_bytes(coef)),
+                Arg::InOut(f32_bytes_mut(x)),
+            ],
+            |b| op(b[2], b),
+        ),
+    };
     if !done {
         for (k, xt) in x.chunks_mut(hc * d).enumerate() {
             let c = &coef[k * mix..(k + 1) * mix];
