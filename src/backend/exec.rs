@@ -74,7 +74,7 @@ impl std::ops::Index<usize> for Bufs {
 const NO_LAYER: usize = usize::MAX;
 
 /// A key table kept on the device (see [`Exec::table`]).
-struct Mirror {
+struct KeyTable {
     buf: Buf,
     width: usize,
     version: u64,
@@ -152,7 +152,7 @@ pub struct Exec {
     /// even when the whole model does not; `layer` is the one running now (NO_LAYER: none).
     device_layers: AtomicUsize,
     layer: AtomicUsize,
-    mirrors: Mutex<HashMap<u64, Mirror>>,
+    tables: Mutex<HashMap<u64, KeyTable>>,
     /// Device copies of model parameters, by (address, length) of the host bytes.
     params: Mutex<HashMap<(usize, usize), Buf>>,
     stream_costs: Mutex<CostState>,
@@ -184,7 +184,7 @@ impl Exec {
             whole: AtomicBool::new(false),
             device_layers: AtomicUsize::new(0),
             layer: AtomicUsize::new(NO_LAYER),
-            mirrors: Mutex::new(HashMap::new()),
+            tables: Mutex::new(HashMap::new()),
             params: Mutex::new(HashMap::new()),
             stream_costs: Mutex::new(CostState::Off),
             experts: Mutex::new(None),
@@ -253,7 +253,7 @@ impl Exec {
             return None;
         }
         let dev = self.dev.as_ref()?;
-        let mut g = lock(&self.mirrors);
+        let mut g = lock(&self.tables);
         let fits = g.get(&id).is_some_and(|m| {
             m.version == version
                 && m.width == width
@@ -280,7 +280,7 @@ impl Exec {
             };
             g.insert(
                 id,
-                Mirror {
+                KeyTable {
                     buf,
                     width,
                     version,
@@ -400,7 +400,7 @@ impl Exec {
         let Some(dev) = &self.dev else {
             return;
         };
-        let mut g = lock(&self.mirrors);
+        let mut g = lock(&self.tables);
         for id in ids {
             if let Some(m) = g.remove(&id) {
                 dev.free(m.buf);
@@ -410,7 +410,7 @@ impl Exec {
 
     /// Device bytes held by key tables.
     pub fn table_bytes(&self) -> u64 {
-        lock(&self.mirrors)
+        lock(&self.tables)
             .values()
             .map(|m| (4 * m.width * m.cap_rows) as u64)
             .sum()
@@ -911,8 +911,8 @@ impl Drop for Exec {
             for (b, _) in [sc.x.take(), sc.y.take()].into_iter().flatten() {
                 dev.free(b);
             }
-            let mirrors = self.mirrors.get_mut().unwrap_or_else(|p| p.into_inner());
-            for (_, m) in mirrors.drain() {
+            let tables = self.tables.get_mut().unwrap_or_else(|p| p.into_inner());
+            for (_, m) in tables.drain() {
                 dev.free(m.buf);
             }
             let params = self.params.get_mut().unwrap_or_else(|p| p.into_inner());

@@ -72,7 +72,7 @@ impl AttnState {
         }
     }
 
-    /// Identities of the row stores a device may hold copies of (see `Exec::mirror`).
+    /// Identities of the row stores a device may hold copies of (see `Exec::table`).
     pub fn store_ids(&self) -> Vec<u64> {
         let index = self.index.as_ref().map(|c| c.rows.identity().0);
         std::iter::once(self.table).chain(index).collect()

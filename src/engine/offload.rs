@@ -316,7 +316,7 @@ pub fn hc_head(
     out
 }
 
-/// A key table for [`attend`]: host rows, or a device buffer of so many rows (a mirror).
+/// A key table for [`attend`]: host rows, or a device buffer of so many rows (`Exec::table`).
 #[derive(Clone, Copy)]
 pub enum Keys<'a> {
     Host(&'a [f32]),
