@@ -309,19 +309,7 @@ impl Exec {
     /// Write rows of `width` floats into a [`Exec::table`] from row `row` on. False on a
     /// device error (reported; the caller uses its host path).
     pub fn write_rows(&self, buf: Buf, row: usize, width: usize, data: &[f32]) -> bool {
-        let Some(dev) = &self.dev else {
-            return false;
-        };
-        let start = std::time::Instant::now();
-        let r = dev.write_at(buf, 4 * width * row, f32_bytes(data), Stream::COMPUTE);
-        self.add_device_time(start);
-        match r {
-            Ok(()) => true,
-            Err(e) => {
-                self.report_failure(dev.as_ref(), &e);
-                false
-            }
-        }
+        self.dev_io(|dev| dev.write_at(buf, 4 * width * row, f32_bytes(data), Stream::COMPUTE))
     }
 
     /// A device buffer holding `data` (for activations kept there across ops); None when ops
