@@ -68,9 +68,7 @@ fn sim_device_at_every_capacity_matches_goldens_and_cpu_bit_for_bit() {
         assert!(sim.in_use() <= capacity);
         let got = prefill_logits(&e, &g.input_ids, 64);
         assert!(
-            got.iter()
-                .zip(&cpu)
-                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            same_bits(&got, &cpu),
             "{label}: device path changed the logits"
         );
         let (err, at) = max_rel_err(&got, &g.prefill_logits, v);
@@ -171,9 +169,7 @@ fn expert_cache_at_every_size_keeps_logits_bit_identical() {
             let got = prefill_logits(&e, &g.input_ids, 64);
             let what = format!("{policy:?} with {slots} slots");
             assert!(
-                got.iter()
-                    .zip(&cpu)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                same_bits(&got, &cpu),
                 "{what}: the expert cache changed the logits"
             );
             let (err, at) = max_rel_err(&got, &g.prefill_logits, v);
@@ -401,10 +397,7 @@ fn whole_model_mode_runs_every_op_on_the_device_bit_identically() {
             );
             let dev = run_all(&e);
             assert!(
-                dev.0
-                    .iter()
-                    .zip(&cpu.0)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                same_bits(&dev.0, &cpu.0),
                 "{dir} {num:?}: whole-model logits differ from the CPU engine's"
             );
             assert_eq!(dev.1, cpu.1, "{dir} {num:?}: greedy continuation");
@@ -470,9 +463,7 @@ fn streamed_prefill_follows_the_cost_model_and_changes_no_logit() {
         let before = e.exec.resident_bytes();
         let got = prefill_logits(&e, &g.input_ids, one_chunk);
         assert!(
-            got.iter()
-                .zip(&cpu)
-                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            same_bits(&got, &cpu),
             "link {link}: streaming changed the logits"
         );
         let st = e.exec.expert_stats();
@@ -497,10 +488,7 @@ fn decode_both(a: &mut Session, b: &mut Session, tokens: &[u32], what: &str) {
             a.decode_step(tok).expect("decode"),
             b.decode_step(tok).expect("decode"),
         );
-        assert!(
-            x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
-            "{what}: device and CPU logits differ"
-        );
+        assert!(same_bits(&x, &y), "{what}: device and CPU logits differ");
     }
 }
 
@@ -528,10 +516,7 @@ fn kv_rows_stay_on_the_device_and_decode_traffic_does_not_grow_with_context() {
         Session::new(&cpu_engine, 4096, 64),
     );
     let same = |a: &[f32], b: &[f32], what: &str| {
-        assert!(
-            a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
-            "{what}: device and CPU logits differ"
-        );
+        assert!(same_bits(a, b), "{what}: device and CPU logits differ");
     };
     // Bytes a decode step sends to the device, averaged over 16 steps (a compressed row is
     // completed every 4 or 128 tokens), after prefilling `n` tokens of the prompt (both past
@@ -711,9 +696,7 @@ fn a_device_failing_mid_forward_never_changes_the_answer() {
             .expect("placement");
         let got = prefill_logits(&e, &ids, 16);
         assert!(
-            got.iter()
-                .zip(&cpu)
-                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            same_bits(&got, &cpu),
             "failure after {ok} reads changed the logits"
         );
     }

@@ -32,6 +32,9 @@ pub enum Arg<'a> {
     Absent,
     /// A buffer already on the device (a [`Exec::table`]), used as it is.
     Dev(Buf),
+    /// Device scratch of this many bytes: written by one op of [`Exec::offload_ops`] and read
+    /// by a later one, never copied.
+    Temp(usize),
     /// A model parameter (norm weights, mHC matrices, RoPE frequencies, sinks, biases):
     /// host bytes that never change while the engine lives, copied to the device at first
     /// use and kept there (keyed by address and length).
@@ -404,11 +407,17 @@ impl Exec {
             .sum()
     }
 
-    /// Run one op of whole-model mode: the host buffers in `args` are copied to fresh device
-    /// buffers, `op` is built over them (in the same order) and launched, and the `Out` /
-    /// `InOut` ones are copied back. False when not in whole-model mode or on any device
-    /// error (reported once): the caller then computes on the CPU.
+    /// Run one op on the device (see [`Exec::offload_ops`]).
     pub fn offload(&self, args: &mut [Arg], op: impl FnOnce(&Bufs) -> Op) -> bool {
+        self.offload_ops(args, |b| vec![op(b)])
+    }
+
+    /// Run ops on the device, in order: the host buffers in `args` are copied to fresh device
+    /// buffers (`Temp` ones only allocated, for results one op hands the next), the ops are
+    /// built over them (in the same order) and launched, and the `Out` / `InOut` ones are
+    /// copied back. False when ops do not run on the device here or on any device error
+    /// (reported once; a lack of room is not one): the caller then computes on the CPU.
+    pub fn offload_ops(&self, args: &mut [Arg], ops: impl FnOnce(&Bufs) -> Vec<Op>) -> bool {
         let Some(dev) = self.dev.as_ref().filter(|_| self.ops_on_device()) else {
             return false;
         };
@@ -421,6 +430,7 @@ impl Exec {
                     Arg::In(d) => (d.len(), Some(d)),
                     Arg::InOut(d) => (d.len(), Some(&**d)),
                     Arg::Out(d) => (d.len(), None),
+                    Arg::Temp(n) => (*n, None),
                     Arg::Absent => {
                         bufs.0.push(None);
                         continue;
@@ -441,19 +451,26 @@ impl Exec {
                     dev.write(b, d, Stream::COMPUTE)?;
                 }
             }
-            dev.launch(&op(&bufs), Stream::COMPUTE)?;
-            // Results land in the host buffers only once every one has been read: a failed
-            // read must leave the inputs of the CPU fallback as they were.
+            for op in ops(&bufs) {
+                dev.launch(&op, Stream::COMPUTE)?;
+            }
+            // Pure outputs are read in place (a CPU fallback overwrites them whole); in-out
+            // buffers land only once every read succeeded, since a failed read must leave the
+            // fallback's inputs as they were.
             let mut back = Vec::new();
-            for (i, (a, b)) in args.iter().zip(&bufs.0).enumerate() {
-                if let (Arg::Out(d) | Arg::InOut(d), Some(b)) = (a, b) {
-                    let mut tmp = vec![0u8; d.len()];
-                    dev.read(*b, &mut tmp, Stream::COMPUTE)?;
-                    back.push((i, tmp));
+            for (i, (a, b)) in args.iter_mut().zip(&bufs.0).enumerate() {
+                match (a, b) {
+                    (Arg::Out(d), Some(b)) => dev.read(*b, d, Stream::COMPUTE)?,
+                    (Arg::InOut(d), Some(b)) => {
+                        let mut tmp = vec![0u8; d.len()];
+                        dev.read(*b, &mut tmp, Stream::COMPUTE)?;
+                        back.push((i, tmp));
+                    }
+                    _ => {}
                 }
             }
             for (i, tmp) in back {
-                if let Arg::Out(d) | Arg::InOut(d) = &mut args[i] {
+                if let Arg::InOut(d) = &mut args[i] {
                     d.copy_from_slice(&tmp);
                 }
             }
@@ -641,18 +658,20 @@ impl Exec {
                 st.misses += 1;
             }
         }
-        // Bring the device in line with the policy's slots: first what it let go of in any
-        // layer (a rebalancing policy moves slots between layers), then this layer's new.
+        // Bring the device in line with the policy's slots: first what it let go of (in
+        // this layer, or in any after slots moved between layers), then this layer's new.
         let want = slots.policy.resident(layer);
+        let every_layer = slots.policy.take_moved();
         let mut keep: HashMap<usize, Vec<usize>> = HashMap::new();
         let gone: Vec<(usize, usize)> = slots
             .held
             .keys()
             .filter(|(l, e)| {
-                !keep
-                    .entry(*l)
-                    .or_insert_with(|| slots.policy.resident(*l))
-                    .contains(e)
+                (every_layer || *l == layer)
+                    && !keep
+                        .entry(*l)
+                        .or_insert_with(|| slots.policy.resident(*l))
+                        .contains(e)
             })
             .copied()
             .collect();

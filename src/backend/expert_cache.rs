@@ -95,6 +95,11 @@ pub trait Policy {
     fn access(&mut self, a: Access) -> bool;
     /// Experts of `layer` resident now.
     fn resident(&self, layer: usize) -> Vec<usize>;
+    /// Whether slots moved between layers since the last call (other layers' residents may
+    /// then have changed too).
+    fn take_moved(&mut self) -> bool {
+        false
+    }
 }
 
 pub struct Lru {
@@ -198,6 +203,8 @@ pub struct Adaptive {
     period: usize,
     floor: usize,
     since: usize,
+    /// A rebalance moved slots since `take_moved` last looked.
+    moved: bool,
 }
 
 /// An expert with its decayed count.
@@ -215,6 +222,7 @@ impl Adaptive {
             period: 0,
             floor: 0,
             since: 0,
+            moved: false,
         }
     }
 
@@ -287,6 +295,7 @@ impl Adaptive {
                 self.resident[g].push(e);
             }
             self.cap[g] += 1;
+            self.moved = true;
             ext[l] = self.extremes(l);
             ext[g] = self.extremes(g);
         }
@@ -363,6 +372,10 @@ impl Policy for Adaptive {
         let mut v: Vec<usize> = self.resident[layer].iter().map(|&e| e as usize).collect();
         v.sort_unstable();
         v
+    }
+
+    fn take_moved(&mut self) -> bool {
+        std::mem::take(&mut self.moved)
     }
 }
 

@@ -345,10 +345,18 @@ fn whole_model_core(
         Some(p) if !fresh => p.max(first),
         _ => first,
     };
-    for j in from..t0 {
-        if !ex.write_rows(buf, j % win, hd, st.window.get(j)) {
+    // The ring's missing positions as at most two runs of consecutive slots (split where
+    // the slot wraps), one copy each.
+    let mut j = from;
+    while j < t0 {
+        let end = t0.min((j / win + 1) * win);
+        let run: Vec<f32> = (j..end)
+            .flat_map(|p| st.window.get(p).iter().copied())
+            .collect();
+        if !ex.write_rows(buf, j % win, hd, &run) {
             return None;
         }
+        j = end;
     }
     st.ring_synced = Some(t0);
     if !ex.write_rows(buf, win, hd, kv) {

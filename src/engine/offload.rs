@@ -396,35 +396,34 @@ pub fn indexer_select(
         return None;
     }
     let ih = w.len();
-    let mut scores = vec![0f32; n];
-    let ok = ex.offload(
+    // Scores and their top k in one go: the scores stay on the device.
+    let mut out = vec![0u8; 4 * k];
+    ex.offload_ops(
         &mut [
             Arg::In(f32_bytes(q)),
             Arg::In(f32_bytes(w)),
             Arg::Dev(keys),
-            Arg::Out(f32_bytes_mut(&mut scores)),
+            Arg::Temp(4 * n),
+            Arg::Out(&mut out),
         ],
-        |b| Op::IndexerScores {
-            q: b[0],
-            w: b[1],
-            keys: b[2],
-            out: b[3],
-            n,
-            ih,
-            ihd,
-        },
-    );
-    if !ok {
-        return None;
-    }
-    let mut out = vec![0u8; 4 * k];
-    ex.offload(
-        &mut [Arg::In(f32_bytes(&scores)), Arg::Out(&mut out)],
-        |b| Op::TopkSelect {
-            scores: b[0],
-            n,
-            k,
-            out: b[1],
+        |b| {
+            vec![
+                Op::IndexerScores {
+                    q: b[0],
+                    w: b[1],
+                    keys: b[2],
+                    out: b[3],
+                    n,
+                    ih,
+                    ihd,
+                },
+                Op::TopkSelect {
+                    scores: b[3],
+                    n,
+                    k,
+                    out: b[4],
+                },
+            ]
         },
     )
     .then(|| {

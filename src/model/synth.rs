@@ -253,13 +253,23 @@ pub fn random_bytes(rng: &mut SplitMix64, n: usize, fix: impl Fn(u8) -> u8) -> B
 
 /// A random weight of the given format ("fp4", "fp8", else bf16) and shape (valid codes, scales near 1/sqrt(cols)).
 pub fn random_weight(kind: &str, rows: usize, cols: usize, rng: &mut SplitMix64) -> Weight {
-    let scale = |_: u8| 120u8;
+    random_weight_scaled(kind, rows, cols, rng, |_| 120)
+}
+
+/// [`random_weight`] with each E8M0 scale byte made by `scale` from a random byte.
+pub fn random_weight_scaled(
+    kind: &str,
+    rows: usize,
+    cols: usize,
+    rng: &mut SplitMix64,
+    scale: impl Fn(u8) -> u8,
+) -> Weight {
     match kind {
         "fp4" => Weight::Fp4 {
             rows,
             cols,
             packed: random_bytes(rng, rows * cols / 2, |b| b),
-            scales: random_bytes(rng, rows * cols / 32, scale),
+            scales: random_bytes(rng, rows * cols / 32, &scale),
         },
         "fp8" => Weight::Fp8 {
             rows,
@@ -267,7 +277,7 @@ pub fn random_weight(kind: &str, rows: usize, cols: usize, rng: &mut SplitMix64)
             codes: random_bytes(rng, rows * cols, |b| {
                 if b & 0x7F == 0x7F { b & 0xFE } else { b }
             }),
-            scales: random_bytes(rng, rows.div_ceil(128) * cols.div_ceil(128), scale),
+            scales: random_bytes(rng, rows.div_ceil(128) * cols.div_ceil(128), &scale),
         },
         _ => Weight::Bf16 {
             rows,

@@ -188,3 +188,8 @@ pub fn close_stdout_early(mut cmd: Command) -> Output {
     drop(out);
     child.wait_with_output().expect("wait")
 }
+
+/// Whether two float slices hold the same bits, element by element.
+pub fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}

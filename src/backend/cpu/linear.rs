@@ -424,8 +424,7 @@ pub fn linear(w: &Weight, x: &[f32], t: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::checkpoint::Bytes;
-    use crate::model::synth::SplitMix64;
+    use crate::model::synth::{SplitMix64, random_weight_scaled};
 
     /// f64 reference and the magnitude bound for the summation-order tolerance.
     fn reference(w: &[f32], x: &[f32], cols: usize, i: usize, b: usize) -> (f64, f64) {
@@ -473,30 +472,8 @@ mod tests {
         // on the same FP4, FP8 and BF16 weights.
         let mut r = SplitMix64::new(12);
         let (rows, cols) = (130usize, 256usize);
-        let rb = |n: usize, r: &mut SplitMix64, f: &dyn Fn(u8) -> u8| {
-            Bytes::from_vec((0..n).map(|_| f(r.next_u64() as u8)).collect())
-        };
-        let ws = [
-            Weight::Fp4 {
-                rows,
-                cols,
-                packed: rb(rows * cols / 2, &mut r, &|b| b),
-                scales: rb(rows * cols / 32, &mut r, &|b| 115 + b % 20),
-            },
-            Weight::Fp8 {
-                rows,
-                cols,
-                codes: rb(rows * cols, &mut r, &|b| {
-                    if b & 0x7F == 0x7F { 0 } else { b }
-                }),
-                scales: rb(2 * 2, &mut r, &|b| 115 + b % 20),
-            },
-            Weight::Bf16 {
-                rows,
-                cols,
-                data: rb(rows * cols * 2, &mut r, &|b| b & 0xBF),
-            },
-        ];
+        let ws = ["fp4", "fp8", "bf16"]
+            .map(|kind| random_weight_scaled(kind, rows, cols, &mut r, |b| 115 + b % 20));
         let x: Vec<f32> = (0..5 * cols).map(|_| r.uniform()).collect();
         for w in &ws {
             let tiled = linear(w, &x, 5); // t = 5: tiled
@@ -523,25 +500,8 @@ mod tests {
         // them: fused for t <= 16 (one and several inputs per pass), tiled above.
         let mut r = SplitMix64::new(13);
         let (rows, cols) = (70usize, 256usize);
-        let rb = |n: usize, r: &mut SplitMix64, f: &dyn Fn(u8) -> u8| {
-            Bytes::from_vec((0..n).map(|_| f(r.next_u64() as u8)).collect())
-        };
-        let ws = [
-            Weight::Fp4 {
-                rows,
-                cols,
-                packed: rb(rows * cols / 2, &mut r, &|b| b),
-                scales: rb(rows * cols / 32, &mut r, &|b| 115 + b % 20),
-            },
-            Weight::Fp8 {
-                rows,
-                cols,
-                codes: rb(rows * cols, &mut r, &|b| {
-                    if b & 0x7F == 0x7F { 0 } else { b }
-                }),
-                scales: rb(2, &mut r, &|b| 115 + b % 20), // 1 row-block x 2 column blocks
-            },
-        ];
+        let ws = ["fp4", "fp8"]
+            .map(|kind| random_weight_scaled(kind, rows, cols, &mut r, |b| 115 + b % 20));
         for t in [1usize, 5, 16, 17, 40] {
             let mut x: Vec<f32> = (0..t * cols).map(|_| r.uniform()).collect();
             crate::model::formats::fake_quant_e4m3_blocks(&mut x, 128);
