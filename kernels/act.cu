@@ -40,3 +40,37 @@ extern "C" __global__ void rope(float* x, const float* __restrict__ inv_freq, in
     z[2 * j] = a * cf - b * sf;
     z[2 * j + 1] = a * sf + b * cf;
 }
+
+// Strided row copy: dst[r * dst_stride + c] = src[r * src_stride + c] (offsets already
+// applied to the pointers); blockIdx.y = row, x-threads over the `width` columns.
+extern "C" __global__ void copy_rows(const float* __restrict__ src, int src_stride,
+                                     float* __restrict__ dst, int dst_stride, int width) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= width) return;
+    size_t r = blockIdx.y;
+    dst[r * dst_stride + c] = src[r * src_stride + c];
+}
+
+// out[j, :] = x[idx[j], :]; blockIdx.y = j, x-threads over the columns.
+extern "C" __global__ void gather_rows(const float* __restrict__ x, const int* __restrict__ idx,
+                                       float* __restrict__ out, int width) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= width) return;
+    size_t j = blockIdx.y;
+    out[j * width + c] = x[(size_t)idx[j] * width + c];
+}
+
+// For j = 0..n-1 in order: y[r_j, c] += f_j * x[j, c], r_j = idx ? idx[j] : j,
+// f_j = w ? w[j] : 1. One thread per column walks the rows in order, so repeated rows add
+// in the CPU's order; the product is rounded before the add (no contraction), as the CPU's.
+extern "C" __global__ void add_rows(float* __restrict__ y, const float* __restrict__ x,
+                                    const int* __restrict__ idx, const float* __restrict__ w,
+                                    int n, int width) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= width) return;
+    for (int j = 0; j < n; j++) {
+        size_t r = idx ? (size_t)idx[j] : (size_t)j;
+        float f = w ? w[j] : 1.0f;
+        y[r * width + c] = __fadd_rn(y[r * width + c], __fmul_rn(f, x[(size_t)j * width + c]));
+    }
+}

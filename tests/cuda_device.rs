@@ -229,6 +229,7 @@ fn small_kernels_match_the_cpu() {
             g: pick(gp, gb),
             u: pick(gp, ub),
             row_w: Some(pick(gp, rw)),
+            row_w_off: 0,
             out: pick(gp, out),
             n,
             width: 2048,
@@ -612,6 +613,68 @@ fn attention_hyper_and_indexer_kernels_match_the_cpu() {
         4 * k,
     );
     assert_eq!(bytes_i32(&a), bytes_i32(&b), "topk_select");
+}
+
+#[test]
+fn row_copy_gather_and_add_kernels_match_the_cpu_exactly() {
+    let Some(g) = gpu() else { return };
+    let p = Pair {
+        cpu: CpuDevice::new(),
+        gpu: &g,
+    };
+    let mut r = SplitMix64::new(91);
+    let (t, groups, w) = (5usize, 8usize, 2048usize);
+    let x = p.f32(&(0..t * groups * w).map(|_| r.normal()).collect::<Vec<_>>());
+    // Group 3's columns of [t, groups·w] into columns 3w.. of a second [t, groups·w].
+    let out = p.zeros(4 * t * groups * w);
+    let (a, b) = p.run(
+        |gp| Op::CopyRows {
+            src: pick(gp, x),
+            src_off: 3 * w,
+            src_stride: groups * w,
+            dst: pick(gp, out),
+            dst_off: 3 * w,
+            dst_stride: groups * w,
+            rows: t,
+            width: w,
+        },
+        out,
+        4 * t * groups * w,
+    );
+    assert_eq!(a, b, "copy_rows");
+    // Rows 4, 0, 4, 2 of [t·groups, w]; then added back with weights, repeats in order.
+    let ids = [4i32, 0, 4, 2];
+    let ib = p.bytes(&i32b(&ids));
+    let gath = p.zeros(4 * ids.len() * w);
+    let (a, b) = p.run(
+        |gp| Op::GatherRows {
+            x: pick(gp, x),
+            idx: pick(gp, ib),
+            out: pick(gp, gath),
+            n: ids.len(),
+            width: w,
+        },
+        gath,
+        4 * ids.len() * w,
+    );
+    assert_eq!(a, b, "gather_rows");
+    let wts = p.f32(&[9.0, 0.25, -1.5, 3.0, 0.75]);
+    let y = p.f32(&(0..t * w).map(|_| r.normal()).collect::<Vec<_>>());
+    let (a, b) = p.run(
+        |gp| Op::AddRows {
+            y: pick(gp, y),
+            x: pick(gp, x),
+            x_off: w,
+            idx: Some(pick(gp, ib)),
+            weights: Some(pick(gp, wts)),
+            w_off: 1,
+            n: ids.len(),
+            width: w,
+        },
+        y,
+        4 * t * w,
+    );
+    assert_eq!(a, b, "add_rows: the same adds in the same order");
 }
 
 #[test]

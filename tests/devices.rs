@@ -174,6 +174,11 @@ fn expert_cache_at_every_size_keeps_logits_bit_identical() {
             );
             let (err, at) = max_rel_err(&got, &g.prefill_logits, v);
             assert!(err <= TOL, "{what}: {err:.2e} at {at}");
+            assert_eq!(
+                e.exec.redone_steps(),
+                0,
+                "{what}: the device ran every step"
+            );
             let st = e.exec.expert_stats();
             assert_eq!(st.hits + st.misses, trace.accesses.len() as u64, "{what}");
             if slots == 0 {
@@ -396,6 +401,11 @@ fn whole_model_mode_runs_every_op_on_the_device_bit_identically() {
                 "{dir}: everything fits, so every op is offloaded"
             );
             let dev = run_all(&e);
+            assert_eq!(
+                e.exec.redone_steps(),
+                0,
+                "{dir} {num:?}: the device ran every step"
+            );
             assert!(
                 same_bits(&dev.0, &cpu.0),
                 "{dir} {num:?}: whole-model logits differ from the CPU engine's"
@@ -466,6 +476,11 @@ fn streamed_prefill_follows_the_cost_model_and_changes_no_logit() {
             same_bits(&got, &cpu),
             "link {link}: streaming changed the logits"
         );
+        assert_eq!(
+            e.exec.redone_steps(),
+            0,
+            "link {link}: the device ran every step"
+        );
         let st = e.exec.expert_stats();
         assert_eq!(
             (st.streamed, st.on_cpu),
@@ -522,6 +537,7 @@ fn kv_rows_stay_on_the_device_and_decode_traffic_does_not_grow_with_context() {
     // completed every 4 or 128 tokens), after prefilling `n` tokens of the prompt (both past
     // the 128-token window, so the per-step window rows are the same).
     let mut per_step = Vec::new();
+    let mut back_per_step = Vec::new();
     let mut fed = 0;
     for n in [200usize, 480] {
         let a = dev_s.prefill(&ids[fed..n], Want::Last).expect("prefill");
@@ -530,13 +546,14 @@ fn kv_rows_stay_on_the_device_and_decode_traffic_does_not_grow_with_context() {
             &cpu_s.prefill(&ids[fed..n], Want::Last).expect("prefill"),
             "prefill",
         );
-        let before = sim.stats().bytes_to_device;
+        let (before, before_back) = (sim.stats().bytes_to_device, sim.stats().bytes_to_host);
         for k in 0..16 {
             let tok = ids[n + k];
             let a = dev_s.decode_step(tok).expect("decode");
             same(&a, &cpu_s.decode_step(tok).expect("decode"), "decode");
         }
         per_step.push((sim.stats().bytes_to_device - before) / 16);
+        back_per_step.push((sim.stats().bytes_to_host - before_back) / 16);
         fed = n + 16;
     }
     let cfg = &e.cfg;
@@ -569,6 +586,37 @@ fn kv_rows_stay_on_the_device_and_decode_traffic_does_not_grow_with_context() {
         "{per_step:?} vs {} of compressed rows",
         rows_bytes(496)
     );
+    // The activations stay on the device: a decode step brings back the logits and, per
+    // layer, only what the host needs: the new KV row (its window ring), the compressors'
+    // inputs (their pooling state), the indexer's weights and top-k choice, the routing, and
+    // (no expert slots here) the MoE input for the CPU's experts. Nothing of q, the
+    // attention output, the residual streams or the expert activations.
+    let (hd, ihd, k) = (cfg.head_dim, cfg.index_head_dim, cfg.num_experts_per_tok);
+    let contract: usize = 4 * cfg.vocab_size
+        + (0..cfg.num_hidden_layers)
+            .map(|l| {
+                let r = cfg.compress_ratio(l);
+                let coff = if r == 4 { 2 } else { 1 };
+                let comp = if r > 0 { 2 * coff * hd } else { 0 };
+                let index = if r == 4 {
+                    2 * coff * ihd + cfg.index_n_heads + cfg.index_topk
+                } else {
+                    0
+                };
+                4 * (hd + comp + index + 2 * k + cfg.hidden_size)
+            })
+            .sum::<usize>();
+    let residual = 4 * cfg.hc_mult * cfg.hidden_size * cfg.num_hidden_layers;
+    eprintln!(
+        "bytes back per decode step: {back_per_step:?} (at most {contract}; residual streams of every layer {residual})"
+    );
+    for b in &back_per_step {
+        assert!(
+            *b <= contract as u64,
+            "{back_per_step:?} bytes back per step, more than {contract}"
+        );
+    }
+    assert_eq!(e.exec.redone_steps(), 0, "the device ran every step");
     // Rewind past completed rows, then continue differently: the device copies start over.
     let (md, mc) = (dev_s.mark(), cpu_s.mark());
     decode_both(&mut dev_s, &mut cpu_s, &ids[3..12], "before rewind");

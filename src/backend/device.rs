@@ -75,11 +75,13 @@ pub enum Op {
         n: usize,
         eps: f32,
     },
-    /// out[i] = SiLU(min(g[i], limit)) · clamp(u[i], ±limit) (· row_w[i / width] if given).
+    /// out[i] = SiLU(min(g[i], limit)) · clamp(u[i], ±limit) (· row_w[row_w_off + i / width]
+    /// if given).
     Swiglu {
         g: Buf,
         u: Buf,
         row_w: Option<Buf>,
+        row_w_off: usize,
         out: Buf,
         n: usize,
         width: usize,
@@ -87,6 +89,41 @@ pub enum Op {
     },
     /// y[i] += a · x[i]
     Axpy { y: Buf, x: Buf, a: f32, n: usize },
+    /// Strided row copy: dst[dst_off + r·dst_stride + c] = src[src_off + r·src_stride + c]
+    /// for r < rows, c < width (e.g. one group's columns of a [t, groups·w] activation, or
+    /// rows into a key table). src and dst are different buffers.
+    CopyRows {
+        src: Buf,
+        src_off: usize,
+        src_stride: usize,
+        dst: Buf,
+        dst_off: usize,
+        dst_stride: usize,
+        rows: usize,
+        width: usize,
+    },
+    /// out[j, :] = x[idx[j], :] for j < n (idx i32): the rows of the tokens routed to one
+    /// expert.
+    GatherRows {
+        x: Buf,
+        idx: Buf,
+        out: Buf,
+        n: usize,
+        width: usize,
+    },
+    /// For j = 0, 1, .. n-1 in that order: y[r_j, :] += f_j · x[x_off + j·width ..][..width]
+    /// with r_j = idx[j] (i32; absent: j) and f_j = weights[w_off + j] (absent: 1). Adds one
+    /// expert's outputs into the tokens' sums, in the same order as the CPU does.
+    AddRows {
+        y: Buf,
+        x: Buf,
+        x_off: usize,
+        idx: Option<Buf>,
+        weights: Option<Buf>,
+        w_off: usize,
+        n: usize,
+        width: usize,
+    },
     /// Interleaved RoPE on the trailing `rope_dim` values of each of `rows` rows of `width`;
     /// row r is at position pos + r / rows_per_pos (e.g. all heads of a token share one).
     Rope {

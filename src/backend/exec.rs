@@ -11,7 +11,7 @@ use super::expert_cache::{Access, Policy, Trace};
 use crate::model::weights::Weight;
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 /// Identity of a weight: the address of its stored bytes (stable: mmap or owned buffer).
@@ -163,6 +163,8 @@ pub struct Exec {
     expert_stats: Mutex<ExpertStats>,
     trace: Mutex<Option<Trace>>,
     time: Mutex<TimeSplit>,
+    /// Steps the device gave up on (computed again on the host).
+    redone: AtomicU64,
 }
 
 impl Default for Exec {
@@ -194,6 +196,7 @@ impl Exec {
             expert_stats: Mutex::new(ExpertStats::default()),
             trace: Mutex::new(None),
             time: Mutex::new(TimeSplit::default()),
+            redone: AtomicU64::new(0),
         }
     }
 
@@ -233,6 +236,28 @@ impl Exec {
         let here = self.whole.load(Ordering::Relaxed)
             || (layer != NO_LAYER && layer < self.device_layers.load(Ordering::Relaxed));
         here && self.dev.is_some() && !self.failed.load(Ordering::Relaxed)
+    }
+
+    /// A step's device path gave up (no room, an error) and the host computed it instead.
+    pub fn note_redone_step(&self) {
+        self.redone.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Steps the device gave up on so far.
+    pub fn redone_steps(&self) -> u64 {
+        self.redone.load(Ordering::Relaxed)
+    }
+
+    /// How many of a model's `blocks` (a prefix) run every op on the device: all of them in
+    /// whole-model mode, those given to [`Exec::set_device_layers`], none after a failure.
+    pub fn device_blocks(&self, blocks: usize) -> usize {
+        if self.dev.is_none() || self.failed.load(Ordering::Relaxed) {
+            0
+        } else if self.whole.load(Ordering::Relaxed) {
+            blocks
+        } else {
+            self.device_layers.load(Ordering::Relaxed).min(blocks)
+        }
     }
 
     /// A key table that stays on the device across steps: `head` rows the caller writes
@@ -359,7 +384,74 @@ impl Exec {
         ok
     }
 
-    /// Free a buffer from [`Exec::upload`].
+    /// A device buffer of `bytes` (contents unset) for activations kept there across ops;
+    /// None when ops do not run on the device here, it has no room, or it failed (reported).
+    pub fn alloc(&self, bytes: usize) -> Option<Buf> {
+        if !self.ops_on_device() {
+            return None;
+        }
+        let dev = self.dev.as_ref()?;
+        match dev.alloc(bytes.max(4)) {
+            Ok(b) => Some(b),
+            Err(DeviceError::OutOfMemory { .. }) => None,
+            Err(e) => {
+                self.report_failure(dev.as_ref(), &e);
+                None
+            }
+        }
+    }
+
+    /// Launch ops over device buffers, in order; false on a device error (reported).
+    pub fn launch(&self, ops: &[Op]) -> bool {
+        self.ops_on_device()
+            && self.dev_io(|dev| {
+                ops.iter()
+                    .try_for_each(|op| dev.launch(op, Stream::COMPUTE))
+            })
+    }
+
+    /// y = x · W[rows]ᵀ with x [t, cols] and y [t, rows.len()] device buffers and `w`
+    /// resident. False when it is not, or on a device error (reported).
+    pub fn linear_on_device(
+        &self,
+        w: &Weight,
+        rows: Range<usize>,
+        x: Buf,
+        y: Buf,
+        t: usize,
+    ) -> bool {
+        let key = weight_key(w);
+        let Some(dw) = self
+            .resident
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .copied()
+        else {
+            return false;
+        };
+        if !self.ops_on_device() {
+            return false;
+        }
+        let pending = lock(&self.pending).remove(&key);
+        self.dev_io(|dev| {
+            if let Some(e) = pending {
+                dev.wait(Stream::COMPUTE, e)?;
+            }
+            dev.launch(
+                &Op::Linear {
+                    w: dw,
+                    rows,
+                    x,
+                    y,
+                    t,
+                },
+                Stream::COMPUTE,
+            )
+        })
+    }
+
+    /// Free a buffer from [`Exec::upload`] or [`Exec::alloc`].
     pub fn release(&self, b: Buf) {
         if let Some(dev) = &self.dev {
             dev.free(b);

@@ -102,6 +102,10 @@ impl SimDevice {
             Op::RmsNorm { rows, n, .. } => (8.0 * (rows * n) as f64, 3.0 * (rows * n) as f64),
             Op::Swiglu { n, .. } => (12.0 * *n as f64, 10.0 * *n as f64),
             Op::Axpy { n, .. } => (12.0 * *n as f64, 2.0 * *n as f64),
+            Op::CopyRows { rows, width, .. } | Op::GatherRows { n: rows, width, .. } => {
+                (8.0 * (rows * width) as f64, 0.0)
+            }
+            Op::AddRows { n, width, .. } => (12.0 * (n * width) as f64, 2.0 * (n * width) as f64),
             Op::Rope { rows, width, .. } => (8.0 * (rows * width) as f64, 0.0),
             Op::RouteTopk {
                 tokens, n_experts, ..

@@ -7,7 +7,7 @@ use super::compressor::CompressorState;
 use super::indexer::{self, IndexerQuery};
 use super::kv_cache::WindowRing;
 use super::numerics::Numerics;
-use super::offload;
+use super::offload::{self, Act};
 use super::rope::Rope;
 use super::traps::{Trap, Traps};
 use crate::backend::cpu::{attend_sink, rms_norm, rms_norm_rows, rms_norm_unweighted};
@@ -39,7 +39,45 @@ pub struct AttnMark {
     index: Option<super::compressor::CompressorMark>,
 }
 
+/// What one step at positions t0..t0+t may change in a block's state (see
+/// [`AttnState::step_mark`]): the compressors' marks and the ring rows the step overwrites.
+#[derive(Debug)]
+pub struct StepMark {
+    ring: Vec<(usize, Vec<f32>)>,
+    comp: Option<super::compressor::CompressorMark>,
+    index: Option<super::compressor::CompressorMark>,
+}
+
 impl AttnState {
+    /// Undo information for a step of `t` tokens from `t0`: costs the ring rows it overwrites
+    /// (at most the window) and the compressors' carry-over, not the context.
+    pub fn step_mark(&self, t0: usize, t: usize) -> StepMark {
+        let win = self.window.size();
+        let from = (t0 + t).saturating_sub(win).max(t0);
+        StepMark {
+            ring: (from..t0 + t)
+                .map(|p| (p, self.window.get(p).to_vec()))
+                .collect(),
+            comp: self.comp.as_ref().map(|c| c.mark()),
+            index: self.index.as_ref().map(|c| c.mark()),
+        }
+    }
+
+    /// Put the state back as [`AttnState::step_mark`] saw it (the device's copy of the ring
+    /// is then no longer trusted).
+    pub fn step_restore(&mut self, m: StepMark) {
+        for (p, row) in &m.ring {
+            self.window.put(*p, row);
+        }
+        self.ring_synced = None;
+        if let (Some(c), Some(cm)) = (self.comp.as_mut(), &m.comp) {
+            c.restore(cm);
+        }
+        if let (Some(c), Some(cm)) = (self.index.as_mut(), &m.index) {
+            c.restore(cm);
+        }
+    }
+
     pub fn mark(&self) -> AttnMark {
         AttnMark {
             window: self.window.clone(),
@@ -114,51 +152,26 @@ pub fn forward(
 
     // Query path: q_lat = q_norm(wq_a x); q = wq_b q_lat; per-head RMS; RoPE.
     // The FP8 GEMM input (rounded once in reference numerics), shared by wq_a and wkv.
-    // Whole-model mode: the same steps as device ops (fault injection stays on the CPU).
-    let whole = ex.ops_on_device() && ctx.traps.none();
-    let xq = if whole {
-        offload::gemm_input(ex, num, x, d)
-    } else {
-        num.gemm_input(x, d)
-    };
+    let xq = num.gemm_input(x, d);
     let mut q_lat = ex.linear(&w.wq_a, &xq, t);
     let ql = cfg.q_lora_rank;
-    if whole {
-        offload::rms_norm_rows(ex, &mut q_lat, Some(&w.q_norm), ql, eps);
-    } else {
-        rms_norm_rows(&mut q_lat, &w.q_norm, eps);
-    }
-    let mut q = if whole {
-        ex.linear(&w.wq_b, &offload::gemm_input(ex, num, &q_lat, ql), t)
-    } else {
-        ex.linear(&w.wq_b, &num.gemm_input(&q_lat, ql), t)
-    };
-    if whole {
-        offload::rms_norm_rows(ex, &mut q, None, hd, eps);
-        offload::rope_rows(ex, ctx.rope, &mut q, hd, t0, h, false);
-    } else {
-        for (k, qt) in q.chunks_mut(h * hd).enumerate() {
-            for head in qt.chunks_mut(hd) {
-                if !ctx.traps.has(Trap::NoQHeadNorm) {
-                    rms_norm_unweighted(head, eps);
-                }
-                ctx.rope.apply(head, t0 + k, false);
+    rms_norm_rows(&mut q_lat, &w.q_norm, eps);
+    let mut q = ex.linear(&w.wq_b, &num.gemm_input(&q_lat, ql), t);
+    for (k, qt) in q.chunks_mut(h * hd).enumerate() {
+        for head in qt.chunks_mut(hd) {
+            if !ctx.traps.has(Trap::NoQHeadNorm) {
+                rms_norm_unweighted(head, eps);
             }
+            ctx.rope.apply(head, t0 + k, false);
         }
     }
 
     // Key/value path: kv = kv_norm(wkv x), RoPE on the trailing dims, (QAT) FP8 nope dims.
     let mut kv = ex.linear(&w.wkv, &xq, t);
-    if whole {
-        offload::rms_norm_rows(ex, &mut kv, Some(&w.kv_norm), hd, eps);
-        offload::rope_rows(ex, ctx.rope, &mut kv, hd, t0, 1, false);
-        offload::kv_rows(ex, num, &mut kv, hd, nope);
-    } else {
-        for (k, row) in kv.chunks_mut(hd).enumerate() {
-            rms_norm(row, &w.kv_norm, eps);
-            ctx.rope.apply(row, t0 + k, false);
-            num.kv_row(row, nope);
-        }
+    for (k, row) in kv.chunks_mut(hd).enumerate() {
+        rms_norm(row, &w.kv_norm, eps);
+        ctx.rope.apply(row, t0 + k, false);
+        num.kv_row(row, nope);
     }
 
     // Compressors run on the same normed x; rows completed in this chunk are visible to the
@@ -186,17 +199,11 @@ pub fn forward(
             ctx.traps,
             |row| num.indexer_vec(row),
         );
-        if whole {
-            iq = ex.linear(&iwts.wq_b, &offload::gemm_input(ex, num, &q_lat, ql), t);
-            offload::rope_rows(ex, ctx.rope, &mut iq, ihd, t0, ih, false);
-            offload::indexer_vecs(ex, num, &mut iq, ihd);
-        } else {
-            iq = ex.linear(&iwts.wq_b, &num.gemm_input(&q_lat, ql), t);
-            for (k, qt) in iq.chunks_mut(ih * ihd).enumerate() {
-                for head in qt.chunks_mut(ihd) {
-                    ctx.rope.apply(head, t0 + k, false);
-                    num.indexer_vec(head);
-                }
+        iq = ex.linear(&iwts.wq_b, &num.gemm_input(&q_lat, ql), t);
+        for (k, qt) in iq.chunks_mut(ih * ihd).enumerate() {
+            for head in qt.chunks_mut(ihd) {
+                ctx.rope.apply(head, t0 + k, false);
+                num.indexer_vec(head);
             }
         }
         iw = ex.linear(&iwts.weights_proj, x, t);
@@ -207,77 +214,67 @@ pub fn forward(
     // Core attention, one query at a time (in parallel).
     let win = cfg.sliding_window;
     let scale = 1.0 / (hd as f32).sqrt();
-    let whole_out = if whole {
-        whole_model_core(ctx, w, st, &kv, (&q, &iq, &iw), t0, t)
-    } else {
-        None
-    };
     let st_ro = &*st;
     let kv_ro = &kv;
-    let computed = whole_out.is_some();
-    let mut o = whole_out.unwrap_or_else(|| vec![0f32; t * h * hd]);
-    o.par_chunks_mut(h * hd)
-        .enumerate()
-        .filter(|_| !computed)
-        .for_each(|(k, ok)| {
-            let p = t0 + k;
-            // Keys: the window p-win+1..=p (earlier chunks from the ring), then compressed rows.
-            let win = if ctx.traps.has(Trap::Window127) {
-                win - 1
-            } else {
-                win
-            };
-            let lo = (p + 1).saturating_sub(win);
-            let mut keys: Vec<&[f32]> = (lo..=p)
-                .map(|j| {
-                    if j >= t0 {
-                        &kv_ro[(j - t0) * hd..(j - t0 + 1) * hd]
-                    } else {
-                        st_ro.window.get(j)
-                    }
-                })
-                .collect();
-            if let Some(cs) = &st_ro.comp {
-                let mut n_vis = cs.visible(p);
-                if ctx.traps.has(Trap::CompressedSeesIncomplete) {
-                    n_vis = (n_vis + 1).min(cs.rows.len());
-                }
-                // Trap: drop rows whose tokens are still inside the window.
-                let skip_inside = |i: &usize| {
-                    !(ctx.traps.has(Trap::CompressedSkipInsideWindow) && (i + 1) * cs.ratio() > lo)
-                };
-                match ctx.kind {
-                    AttnKind::Hca => {
-                        keys.extend((0..n_vis).filter(skip_inside).map(|i| cs.rows.row(i)))
-                    }
-                    AttnKind::Csa => {
-                        let is = st_ro.index.as_ref().expect("CSA layer has an indexer");
-                        let query = IndexerQuery {
-                            q: &iq[k * ih * ihd..(k + 1) * ih * ihd],
-                            w: &iw[k * ih..(k + 1) * ih],
-                        };
-                        let sel =
-                            indexer::select(is, &query, n_vis, ihd, cfg.index_topk, ctx.traps);
-                        keys.extend(sel.into_iter().filter(skip_inside).map(|i| cs.rows.row(i)));
-                    }
-                    AttnKind::Window => {}
-                }
-            }
-            let mut logits = Vec::with_capacity(keys.len());
-            for (hh, oh) in ok.chunks_mut(hd).enumerate() {
-                let qh = &q[k * h * hd + hh * hd..k * h * hd + (hh + 1) * hd];
-                let sink = if ctx.traps.has(Trap::NoSink) {
-                    f32::NEG_INFINITY
+    let mut o = vec![0f32; t * h * hd];
+    o.par_chunks_mut(h * hd).enumerate().for_each(|(k, ok)| {
+        let p = t0 + k;
+        // Keys: the window p-win+1..=p (earlier chunks from the ring), then compressed rows.
+        let win = if ctx.traps.has(Trap::Window127) {
+            win - 1
+        } else {
+            win
+        };
+        let lo = (p + 1).saturating_sub(win);
+        let mut keys: Vec<&[f32]> = (lo..=p)
+            .map(|j| {
+                if j >= t0 {
+                    &kv_ro[(j - t0) * hd..(j - t0 + 1) * hd]
                 } else {
-                    w.sink[hh]
-                };
-                attend_sink(qh, &keys, sink, scale, &mut logits, oh);
-                // Inverse RoPE at the query's position makes the value contribution relative.
-                if !ctx.traps.has(Trap::NoInverseRope) {
-                    ctx.rope.apply(oh, p, true);
+                    st_ro.window.get(j)
                 }
+            })
+            .collect();
+        if let Some(cs) = &st_ro.comp {
+            let mut n_vis = cs.visible(p);
+            if ctx.traps.has(Trap::CompressedSeesIncomplete) {
+                n_vis = (n_vis + 1).min(cs.rows.len());
             }
-        });
+            // Trap: drop rows whose tokens are still inside the window.
+            let skip_inside = |i: &usize| {
+                !(ctx.traps.has(Trap::CompressedSkipInsideWindow) && (i + 1) * cs.ratio() > lo)
+            };
+            match ctx.kind {
+                AttnKind::Hca => {
+                    keys.extend((0..n_vis).filter(skip_inside).map(|i| cs.rows.row(i)))
+                }
+                AttnKind::Csa => {
+                    let is = st_ro.index.as_ref().expect("CSA layer has an indexer");
+                    let query = IndexerQuery {
+                        q: &iq[k * ih * ihd..(k + 1) * ih * ihd],
+                        w: &iw[k * ih..(k + 1) * ih],
+                    };
+                    let sel = indexer::select(is, &query, n_vis, ihd, cfg.index_topk, ctx.traps);
+                    keys.extend(sel.into_iter().filter(skip_inside).map(|i| cs.rows.row(i)));
+                }
+                AttnKind::Window => {}
+            }
+        }
+        let mut logits = Vec::with_capacity(keys.len());
+        for (hh, oh) in ok.chunks_mut(hd).enumerate() {
+            let qh = &q[k * h * hd + hh * hd..k * h * hd + (hh + 1) * hd];
+            let sink = if ctx.traps.has(Trap::NoSink) {
+                f32::NEG_INFINITY
+            } else {
+                w.sink[hh]
+            };
+            attend_sink(qh, &keys, sink, scale, &mut logits, oh);
+            // Inverse RoPE at the query's position makes the value contribution relative.
+            if !ctx.traps.has(Trap::NoInverseRope) {
+                ctx.rope.apply(oh, p, true);
+            }
+        }
+    });
 
     // The window ring now takes this chunk's keys (after every query read the old ones).
     for k in t.saturating_sub(win)..t {
@@ -310,29 +307,140 @@ pub fn forward(
                 .copy_from_slice(&yg[k * ol..(k + 1) * ol]);
         }
     }
-    ex.linear(&w.wo_b, &offload::gemm_input(ex, num, &y, g * ol), t)
+    ex.linear(&w.wo_b, &num.gemm_input(&y, g * ol), t)
 }
 
-/// Whole-model mode's core attention: one key table (the window rows before the chunk, the
-/// chunk's rows, every compressed row), each query's rows as indices into it (the indexer
-/// choosing on the device for CSA layers), the sink attention and the inverse RoPE as device
-/// ops. None if the device could not run it (the caller computes on the CPU).
-fn whole_model_core(
-    ctx: &AttnCtx,
+/// [`forward`] with every op on the device and the activations kept there: `x` [t, D] in,
+/// [t, D] out. The host gets the new KV rows (for its window ring), the compressors' inputs
+/// (their pooling state lives on the host) and the indexer's choices; nothing else comes
+/// back. None when the device could not run a step: the state may then be part-updated, and
+/// the caller restores it (`AttnState::step_mark`) before the host computes the step.
+pub fn forward_on_device<'e>(
+    ctx: &AttnCtx<'e>,
     w: &AttnWeights,
     st: &mut AttnState,
-    kv: &[f32],
-    (q, iq, iw): (&[f32], &[f32], &[f32]),
+    x: &Act<'e>,
     t0: usize,
     t: usize,
-) -> Option<Vec<f32>> {
+) -> Option<Act<'e>> {
+    let cfg = ctx.cfg;
+    let (d, h, hd) = (cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim);
+    let (ql, nope, eps, num, ex) = (
+        cfg.q_lora_rank,
+        cfg.nope_dim(),
+        cfg.rms_norm_eps,
+        ctx.numerics,
+        ctx.exec,
+    );
+    // Query path.
+    let xq = offload::gemm_input(ex, num, x, d)?;
+    let q_lat = offload::linear(ex, &w.wq_a, &xq, t)?;
+    offload::rms_norm_rows(ex, &q_lat, Some(&w.q_norm), ql, eps)?;
+    let q_in = offload::gemm_input(ex, num, &q_lat, ql)?;
+    let q = offload::linear(ex, &w.wq_b, &q_in, t)?;
+    offload::rms_norm_rows(ex, &q, None, hd, eps)?;
+    offload::rope_rows(ex, ctx.rope, &q, hd, t0, h, false)?;
+    // Key/value path; the host keeps a copy of the new rows for its window ring.
+    let kv = offload::linear(ex, &w.wkv, &xq, t)?;
+    drop(xq);
+    offload::rms_norm_rows(ex, &kv, Some(&w.kv_norm), hd, eps)?;
+    offload::rope_rows(ex, ctx.rope, &kv, hd, t0, 1, false)?;
+    offload::kv_rows(ex, num, &kv, hd, nope)?;
+    let kv_host = kv.read()?;
+    // Compressors: their inputs come to the host, where the pooling state is.
+    if let (Some(cw), Some(cs)) = (&w.compressor, st.comp.as_mut()) {
+        let a = offload::linear(ex, &cw.wkv, x, t)?.read()?;
+        let z = offload::linear(ex, &cw.wgate, x, t)?.read()?;
+        cs.feed_chunk(cw, ctx.rope, eps, &a, &z, t0, ctx.traps, |row| {
+            num.kv_row(row, nope)
+        });
+    }
+    let (ih, ihd) = (cfg.index_n_heads, cfg.index_head_dim);
+    let mut index_q = None;
+    if let (Some(iwts), Some(is)) = (&w.indexer, st.index.as_mut()) {
+        let a = offload::linear(ex, &iwts.compressor.wkv, x, t)?.read()?;
+        let z = offload::linear(ex, &iwts.compressor.wgate, x, t)?.read()?;
+        is.feed_chunk(
+            &iwts.compressor,
+            ctx.rope,
+            eps,
+            &a,
+            &z,
+            t0,
+            ctx.traps,
+            |row| num.indexer_vec(row),
+        );
+        let iq = offload::linear(ex, &iwts.wq_b, &q_in, t)?;
+        offload::rope_rows(ex, ctx.rope, &iq, ihd, t0, ih, false)?;
+        offload::indexer_vecs(ex, num, &iq, ihd)?;
+        let mut iw = offload::linear(ex, &iwts.weights_proj, x, t)?.read()?;
+        let s = (ihd as f32).powf(-0.5) * (ih as f32).powf(-0.5);
+        iw.iter_mut().for_each(|v| *v *= s);
+        index_q = Some((iq, iw));
+    }
+    drop(q_in);
+    let o = core_on_device(ctx, w, st, &kv, &q, index_q.as_ref(), t0, t)?;
+    // The window ring now takes this chunk's keys (after every query read the old ones).
+    let win = cfg.sliding_window;
+    for k in t.saturating_sub(win)..t {
+        st.window.put(t0 + k, &kv_host[k * hd..(k + 1) * hd]);
+    }
+    // Grouped output projection: group g's columns of o into wo_a's rows g·o_lora.. .
+    let (g, ol) = (cfg.o_groups, cfg.o_lora_rank);
+    let gin = h * hd / g;
+    let y = Act::new(ex, t * g * ol)?;
+    let xg = Act::new(ex, t * gin)?;
+    let yg = Act::new(ex, t * ol)?;
+    for gi in 0..g {
+        let ok = ex.launch(&[offload::copy(
+            o.buf(),
+            gi * gin,
+            h * hd,
+            xg.buf(),
+            0,
+            gin,
+            t,
+            gin,
+        )]) && ex.linear_on_device(&w.wo_a, gi * ol..(gi + 1) * ol, xg.buf(), yg.buf(), t)
+            && ex.launch(&[offload::copy(
+                yg.buf(),
+                0,
+                ol,
+                y.buf(),
+                gi * ol,
+                g * ol,
+                t,
+                ol,
+            )]);
+        if !ok {
+            return None;
+        }
+    }
+    let y_in = offload::gemm_input(ex, num, &y, g * ol)?;
+    offload::linear(ex, &w.wo_b, &y_in, t)
+}
+
+/// The device path's core attention: one key table per block (the window ring at slot
+/// position mod win, the chunk's rows after it, then every compressed row, kept there across
+/// steps), each query's rows as indices into it (the indexer choosing on the device for CSA
+/// layers), the sink attention and the inverse RoPE. The chunk's rows are copied into the
+/// table from `kv` on the device, and afterwards into their ring slots, so the next step
+/// finds them there.
+#[allow(clippy::too_many_arguments)] // the layer, its state, the chunk's activations, where
+fn core_on_device<'e>(
+    ctx: &AttnCtx<'e>,
+    w: &AttnWeights,
+    st: &mut AttnState,
+    kv: &Act,
+    q: &Act,
+    index_q: Option<&(Act, Vec<f32>)>,
+    t0: usize,
+    t: usize,
+) -> Option<Act<'e>> {
     let cfg = ctx.cfg;
     let (h, hd, win) = (cfg.num_attention_heads, cfg.head_dim, cfg.sliding_window);
     let (ih, ihd) = (cfg.index_n_heads, cfg.index_head_dim);
     let ex = ctx.exec;
-    // The key table on the device: the window ring (slot = position mod win, only rows not
-    // there yet are copied), the chunk's rows after it, then the compressed rows, which stay
-    // there across steps (only new ones are copied).
     let first = t0.saturating_sub(win - 1);
     let (n, version) = st
         .comp
@@ -345,8 +453,8 @@ fn whole_model_core(
         Some(p) if !fresh => p.max(first),
         _ => first,
     };
-    // The ring's missing positions as at most two runs of consecutive slots (split where
-    // the slot wraps), one copy each.
+    // Ring positions the table lacks (after a fresh start or a rewind), from the host's ring
+    // as at most two runs of consecutive slots (split where the slot wraps).
     let mut j = from;
     while j < t0 {
         let end = t0.min((j / win + 1) * win);
@@ -358,12 +466,10 @@ fn whole_model_core(
         }
         j = end;
     }
-    st.ring_synced = Some(t0);
-    if !ex.write_rows(buf, win, hd, kv) {
+    st.ring_synced = None;
+    if !ex.launch(&[offload::copy(kv.buf(), 0, hd, buf, win * hd, hd, t, hd)]) {
         return None;
     }
-    let keys = offload::Keys::Device(buf, comp_at + n);
-    // The indexer's keys likewise.
     let index_keys = match (&st.index, ctx.kind) {
         (Some(is), AttnKind::Csa) => {
             let (id, version) = is.rows.identity();
@@ -387,9 +493,11 @@ fn whole_model_core(
                     let sel = if n_vis <= cfg.index_topk {
                         (0..n_vis).collect()
                     } else {
+                        let (iq, iw) = index_q?;
                         offload::indexer_select(
                             ex,
-                            &iq[k * ih * ihd..(k + 1) * ih * ihd],
+                            iq,
+                            k * ih * ihd,
                             &iw[k * ih..(k + 1) * ih],
                             index_keys?,
                             n_vis,
@@ -405,7 +513,28 @@ fn whole_model_core(
         idx.push(v);
     }
     let scale = 1.0 / (hd as f32).sqrt();
-    let mut o = offload::attend(ex, q, keys, &idx, &w.sink, scale, h, hd)?;
-    offload::rope_rows(ex, ctx.rope, &mut o, hd, t0, h, true);
+    let o = offload::attend(ex, q, buf, &idx, &w.sink, scale, h, hd)?;
+    offload::rope_rows(ex, ctx.rope, &o, hd, t0, h, true)?;
+    // The chunk's last rows into their ring slots (at most two runs), so the next step needs
+    // no copy from the host.
+    let mut p = (t0 + t).saturating_sub(win).max(t0);
+    while p < t0 + t {
+        let end = (t0 + t).min((p / win + 1) * win);
+        let ok = ex.launch(&[offload::copy(
+            kv.buf(),
+            (p - t0) * hd,
+            hd,
+            buf,
+            (p % win) * hd,
+            hd,
+            end - p,
+            hd,
+        )]);
+        if !ok {
+            return None;
+        }
+        p = end;
+    }
+    st.ring_synced = Some(t0 + t);
     Some(o)
 }

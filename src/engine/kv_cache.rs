@@ -126,6 +126,11 @@ impl WindowRing {
         }
     }
 
+    /// Rows it holds (the window).
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
     pub fn put(&mut self, pos: usize, row: &[f32]) {
         let s = pos % self.size;
         self.data[s * self.width..(s + 1) * self.width].copy_from_slice(row);

@@ -1,11 +1,11 @@
 //! The whole model: embedding into hc copies, the blocks (mHC around attention and MoE),
 //! the HC head, the final norm and the LM head (spec §5.1–5.11).
 
-use super::attention::{self, AttnCtx, AttnState};
+use super::attention::{self, AttnCtx, AttnState, StepMark};
 use super::hyper;
 use super::moe;
 use super::numerics::Numerics;
-use super::offload;
+use super::offload::{self, Act};
 use super::rope::Rope;
 #[cfg(feature = "traps")]
 use super::traps::Trap;
@@ -28,13 +28,6 @@ pub enum Want {
     None,
     Last,
     All,
-}
-
-/// An mHC site's coefficients for a chunk: one [pre | post | comb] row per token (device ops)
-/// or the per-token structs (the CPU path, where faults can be injected).
-enum Site {
-    Batched(Vec<f32>),
-    PerToken(Vec<hyper::HcMix>),
 }
 
 /// How the routed-expert slots of a hybrid placement are managed.
@@ -294,13 +287,14 @@ impl Engine {
             .collect()
     }
 
-    /// One block on `t` tokens: x is the residual state [t, hc, D], updated in place.
+    /// One block on `t` tokens on the host: x is the residual state [t, hc, D], updated in
+    /// place. mHC per token (where the traps can reach it); products go where their weights
+    /// are.
     fn block(
         &self,
         b: &BlockWeights,
         st: &mut AttnState,
         x: &mut [f32],
-        res: &mut offload::Residual,
         tokens: &[u32],
         t0: usize,
     ) {
@@ -308,21 +302,8 @@ impl Engine {
         let (d, hc) = (cfg.hidden_size, cfg.hc_mult);
         let t = tokens.len();
         let (iters, neps, heps) = (cfg.hc_sinkhorn_iters, cfg.rms_norm_eps, cfg.hc_eps);
-        let whole = self.exec.ops_on_device() && self.traps.none();
-        let mix_len = 2 * hc + hc * hc;
         // A site's input: the mix coefficients of every token and the collapsed, normed u.
-        // Whole-model mode computes them as device ops over all tokens at once (no faults);
-        // otherwise per token on the CPU, where the traps can reach them.
-        let site_input = |p: &crate::model::weights::HcParams,
-                          norm: &[f32],
-                          x: &[f32],
-                          res: &mut offload::Residual| {
-            if whole {
-                let coef = offload::hc_mix(&self.exec, p, x, res, hc, d, iters, neps, heps);
-                let mut u = offload::hc_collapse(&self.exec, x, Some(res), &coef, mix_len, hc, d);
-                offload::rms_norm_rows(&self.exec, &mut u, Some(norm), d, neps);
-                return (Site::Batched(coef), u);
-            }
+        let site_input = |p: &crate::model::weights::HcParams, norm: &[f32], x: &[f32]| {
             let mixes: Vec<hyper::HcMix> = x
                 .par_chunks(hc * d)
                 .map(|xt| hyper::mix(p, xt, hc, iters, neps, heps, &self.traps))
@@ -335,42 +316,79 @@ impl Engine {
                     ut.copy_from_slice(&hyper::collapse(&m.pre, xt, d, neps, &self.traps));
                     rms_norm(ut, norm, neps);
                 });
-            (Site::PerToken(mixes), u)
+            (mixes, u)
         };
-        let write_back =
-            |site: Site, f: &[f32], x: &mut [f32], res: &mut offload::Residual| match site {
-                Site::Batched(coef) => offload::hc_expand(&self.exec, x, res, f, &coef, hc, d),
-                Site::PerToken(mixes) => {
-                    x.par_chunks_mut(hc * d)
-                        .zip(f.par_chunks(d))
-                        .zip(&mixes)
-                        .for_each(|((xt, ft), m)| hyper::expand(m, ft, xt, d, &self.traps));
-                    res.host_changed();
-                }
-            };
-        // Attention site.
-        let (site, u) = site_input(&b.hc_attn, &b.attn_norm, x, res);
-        let ctx = AttnCtx {
-            cfg,
+        let write_back = |mixes: Vec<hyper::HcMix>, f: &[f32], x: &mut [f32]| {
+            x.par_chunks_mut(hc * d)
+                .zip(f.par_chunks(d))
+                .zip(&mixes)
+                .for_each(|((xt, ft), m)| hyper::expand(m, ft, xt, d, &self.traps));
+        };
+        let (mixes, u) = site_input(&b.hc_attn, &b.attn_norm, x);
+        let a = attention::forward(&self.attn_ctx(b), &b.attn, st, &u, t0, t);
+        write_back(mixes, &a, x);
+        let (mixes, u) = site_input(&b.hc_ffn, &b.ffn_norm, x);
+        let f = moe::forward(&self.moe_ctx(b), &b.ffn, &u, tokens);
+        write_back(mixes, &f, x);
+    }
+
+    fn attn_ctx(&self, b: &BlockWeights) -> AttnCtx<'_> {
+        AttnCtx {
+            cfg: &self.cfg,
             kind: b.kind,
             rope: &self.ropes[b.layer],
             numerics: self.numerics,
             traps: &self.traps,
             exec: &self.exec,
-        };
-        let a = attention::forward(&ctx, &b.attn, st, &u, t0, t);
-        write_back(site, &a, x, res);
-        // MoE site.
-        let (site, u) = site_input(&b.hc_ffn, &b.ffn_norm, x, res);
-        let mctx = moe::MoeCtx {
-            cfg,
+        }
+    }
+
+    fn moe_ctx(&self, b: &BlockWeights) -> moe::MoeCtx<'_> {
+        moe::MoeCtx {
+            cfg: &self.cfg,
             ex: &self.exec,
             num: self.numerics,
             traps: &self.traps,
             layer: b.layer,
+        }
+    }
+
+    fn hc_dims(&self) -> offload::HcDims {
+        let cfg = &self.cfg;
+        offload::HcDims {
+            hc: cfg.hc_mult,
+            d: cfg.hidden_size,
+            iters: cfg.hc_sinkhorn_iters,
+            norm_eps: cfg.rms_norm_eps,
+            hc_eps: cfg.hc_eps,
+        }
+    }
+
+    /// [`Engine::block`] with every op on the device: the residual streams x [t, hc·D] stay
+    /// there and are updated in place. None when the device could not run a step.
+    fn block_on_device<'e>(
+        &'e self,
+        b: &BlockWeights,
+        st: &mut AttnState,
+        x: &Act<'e>,
+        tokens: &[u32],
+        t0: usize,
+    ) -> Option<()> {
+        let ex = &self.exec;
+        let k = self.hc_dims();
+        let mix_len = 2 * k.hc + k.hc * k.hc;
+        let site_input = |p: &crate::model::weights::HcParams, norm: &[f32]| {
+            let coef = offload::hc_mix(ex, p, x, k)?;
+            let u = offload::hc_collapse(ex, x, &coef, mix_len, k.hc, k.d)?;
+            offload::rms_norm_rows(ex, &u, Some(norm), k.d, k.norm_eps)?;
+            Some((coef, u))
         };
-        let f = moe::forward(&mctx, &b.ffn, &u, tokens);
-        write_back(site, &f, x, res);
+        let (coef, u) = site_input(&b.hc_attn, &b.attn_norm)?;
+        let a = attention::forward_on_device(&self.attn_ctx(b), &b.attn, st, &u, t0, tokens.len())?;
+        offload::hc_expand(ex, x, &a, &coef, k.hc, k.d)?;
+        let (coef, u) = site_input(&b.hc_ffn, &b.ffn_norm)?;
+        let f = moe::forward_on_device(&self.moe_ctx(b), &b.ffn, &u, tokens)?;
+        offload::hc_expand(ex, x, &f, &coef, k.hc, k.d)
     }
 
     /// Run `tokens` (positions t0..) through the model, updating `state`. Returns logits for
@@ -414,40 +432,42 @@ impl Engine {
                 });
             }
         }
-        // The residual streams also live on the device while its layers run there.
-        let mut res = offload::Residual::default();
+        // Blocks whose ops run on the device keep the activations there; if the device gives
+        // up anywhere, their state is put back and the step computed on the host.
+        let n_dev = if self.traps.none() && self.numerics != Numerics::Fast {
+            self.exec.device_blocks(state.len())
+        } else {
+            0
+        };
+        if n_dev > 0 {
+            let marks: Vec<StepMark> = state[..n_dev].iter().map(|s| s.step_mark(t0, t)).collect();
+            if let Some(out) = self.forward_on_device(state, &x, tokens, t0, want, n_dev) {
+                return out;
+            }
+            self.exec.enter_layer(None);
+            self.exec.note_redone_step();
+            for (s, m) in state.iter_mut().zip(marks) {
+                s.step_restore(m);
+            }
+        }
         for (b, st) in self.weights.layers.iter().zip(state.iter_mut()) {
             self.exec.enter_layer(Some(b.layer));
-            self.block(b, st, &mut x, &mut res, tokens, t0);
+            self.block(b, st, &mut x, tokens, t0);
         }
         self.exec.enter_layer(None);
-        res.release(&self.exec);
+        self.head(&x, t, want)
+    }
+
+    /// The wanted positions' logits from the residual states x [t, hc·D] on the host.
+    fn head(&self, x: &[f32], t: usize, want: Want) -> Vec<f32> {
+        let cfg = &self.cfg;
+        let (d, hc) = (cfg.hidden_size, cfg.hc_mult);
         let rows: Vec<usize> = match want {
             Want::None => return Vec::new(),
             Want::Last => vec![t - 1],
             Want::All => (0..t).collect(),
         };
         let w = &self.weights;
-        if self.exec.ops_on_device() && self.traps.none() {
-            let xs: Vec<f32> = rows
-                .iter()
-                .flat_map(|&k| x[k * hc * d..(k + 1) * hc * d].iter().copied())
-                .collect();
-            let eps = (cfg.rms_norm_eps, cfg.hc_eps);
-            let pre = offload::hc_head(
-                &self.exec,
-                &w.hc_head_fn,
-                &w.hc_head_base,
-                w.hc_head_scale[0],
-                &xs,
-                hc,
-                d,
-                eps,
-            );
-            let mut hidden = offload::hc_collapse(&self.exec, &xs, None, &pre, hc, hc, d);
-            offload::rms_norm_rows(&self.exec, &mut hidden, Some(&w.norm), d, cfg.rms_norm_eps);
-            return self.exec.linear(&w.head, &hidden, rows.len());
-        }
         let mut hidden = vec![0f32; rows.len() * d];
         hidden.par_chunks_mut(d).zip(&rows).for_each(|(h, &k)| {
             let xt = &x[k * hc * d..(k + 1) * hc * d];
@@ -463,5 +483,79 @@ impl Engine {
             rms_norm(h, &w.norm, cfg.rms_norm_eps);
         });
         self.exec.linear(&w.head, &hidden, rows.len())
+    }
+
+    /// [`Engine::forward`] from the embedded states `x`: blocks 0..n_dev on the device (the
+    /// residual streams go up once and stay there), the rest and the head on the host, or the
+    /// head on the device too when every block ran there. Only the logits come back (or
+    /// the states where the host takes over). None when the device could not run the step.
+    fn forward_on_device(
+        &self,
+        state: &mut [AttnState],
+        x: &[f32],
+        tokens: &[u32],
+        t0: usize,
+        want: Want,
+        n_dev: usize,
+    ) -> Option<Vec<f32>> {
+        let ex = &self.exec;
+        let t = tokens.len();
+        ex.enter_layer(Some(0));
+        let xd = Act::upload(ex, x)?;
+        let blocks = self.weights.layers.iter().zip(state.iter_mut());
+        let mut host_part = Vec::new();
+        for (i, (b, st)) in blocks.enumerate() {
+            if i < n_dev {
+                ex.enter_layer(Some(b.layer));
+                self.block_on_device(b, st, &xd, tokens, t0)?;
+            } else {
+                host_part.push((b, st));
+            }
+        }
+        ex.enter_layer(None);
+        if !host_part.is_empty() || !ex.ops_on_device() {
+            let mut xh = xd.read()?;
+            for (b, st) in host_part {
+                ex.enter_layer(Some(b.layer));
+                self.block(b, st, &mut xh, tokens, t0);
+            }
+            ex.enter_layer(None);
+            return Some(self.head(&xh, t, want));
+        }
+        // The head on the device: the HC head's collapse of the wanted rows, the norm, then
+        // the LM head (or its input back to the host if the head is not resident).
+        let cfg = &self.cfg;
+        let k = self.hc_dims();
+        let w = &self.weights;
+        let width = k.hc * k.d;
+        let (xs, n) = match want {
+            Want::None => return Some(Vec::new()),
+            Want::All => (None, t),
+            Want::Last => {
+                let last = Act::new(ex, width)?;
+                let copy = offload::copy(
+                    xd.buf(),
+                    (t - 1) * width,
+                    width,
+                    last.buf(),
+                    0,
+                    width,
+                    1,
+                    width,
+                );
+                ex.launch(&[copy]).then_some(())?;
+                (Some(last), 1)
+            }
+        };
+        let xs = xs.as_ref().unwrap_or(&xd);
+        let head = (&w.hc_head_fn[..], &w.hc_head_base[..], w.hc_head_scale[0]);
+        let pre = offload::hc_head(ex, head, xs, k)?;
+        let hidden = offload::hc_collapse(ex, xs, &pre, k.hc, k.hc, k.d)?;
+        offload::rms_norm_rows(ex, &hidden, Some(&w.norm), k.d, cfg.rms_norm_eps)?;
+        if ex.is_resident(&w.head) {
+            offload::linear(ex, &w.head, &hidden, n)?.read()
+        } else {
+            Some(ex.linear(&w.head, &hidden.read()?, n))
+        }
     }
 }

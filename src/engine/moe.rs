@@ -3,7 +3,7 @@
 //! normalised and scaled, SwiGLU experts with clamps, plus the shared expert.
 
 use super::numerics::Numerics;
-use super::offload;
+use super::offload::{self, Act, RowWeights};
 use super::traps::{Trap, Traps};
 use crate::backend::cpu::{RouteRule, axpy, route_token};
 use crate::backend::exec::Exec;
@@ -70,30 +70,43 @@ fn expert(
     pre_weights: Option<&[f32]>,
 ) -> Vec<f32> {
     let d = e.w1.cols();
-    let xin = offload::gemm_input(ex, num, x, d);
+    let xin = num.gemm_input(x, d);
     let g = ex.linear(&e.w1, &xin, t);
     let u = ex.linear(&e.w3, &xin, t);
     let inter = e.w1.rows();
-    // On the device in whole-model mode (the gate's lower clamp is fault injection only).
-    let on_device = if gate_lower == f32::NEG_INFINITY {
-        offload::swiglu(ex, &g, &u, pre_weights, inter, limit)
-    } else {
-        None
-    };
-    let act = on_device.unwrap_or_else(|| {
-        let mut act: Vec<f32> = g
-            .iter()
-            .zip(&u)
-            .map(|(&g, &u)| swiglu(g, u, limit, gate_lower))
-            .collect();
-        if let Some(pw) = pre_weights {
-            for (row, &wt) in act.chunks_mut(inter).zip(pw) {
-                row.iter_mut().for_each(|v| *v *= wt);
-            }
+    let mut act: Vec<f32> = g
+        .iter()
+        .zip(&u)
+        .map(|(&g, &u)| swiglu(g, u, limit, gate_lower))
+        .collect();
+    if let Some(pw) = pre_weights {
+        for (row, &wt) in act.chunks_mut(inter).zip(pw) {
+            row.iter_mut().for_each(|v| *v *= wt);
         }
-        act
-    });
-    ex.linear(&e.w2, &offload::gemm_input(ex, num, &act, inter), t)
+    }
+    ex.linear(&e.w2, &num.gemm_input(&act, inter), t)
+}
+
+/// [`expert`] on the device: x [t, D] there, the three matrices resident; `pre` the routing
+/// weights the activation is scaled by in reference numerics.
+fn expert_on_device<'e>(
+    ex: &'e Exec,
+    e: &ExpertWeights,
+    x: &Act,
+    t: usize,
+    limit: f32,
+    num: Numerics,
+    pre: RowWeights,
+) -> Option<Act<'e>> {
+    let xin = offload::gemm_input(ex, num, x, e.w1.cols())?;
+    let g = offload::linear(ex, &e.w1, &xin, t)?;
+    let u = offload::linear(ex, &e.w3, &xin, t)?;
+    drop(xin);
+    let inter = e.w1.rows();
+    let act = offload::swiglu(ex, &g, &u, pre, inter, limit)?;
+    drop((g, u));
+    let a_in = offload::gemm_input(ex, num, &act, inter)?;
+    offload::linear(ex, &e.w2, &a_in, t)
 }
 
 /// What one MoE site needs besides its weights and inputs.
@@ -104,6 +117,76 @@ pub struct MoeCtx<'a> {
     pub traps: &'a Traps,
     /// The block index (the expert cache keys experts by layer).
     pub layer: usize,
+}
+
+/// Where a chunk's routed experts run: the tokens each expert got, the experts with tokens
+/// (ascending), and which of them run on the device.
+struct Dispatch {
+    /// (token, routing weight) per expert.
+    groups: Vec<Vec<(usize, f32)>>,
+    active: Vec<usize>,
+    on_dev: Vec<usize>,
+    on_cpu: Vec<usize>,
+    /// Experts streamed to the device for this chunk (released by `finish`).
+    streamed: Vec<(usize, [crate::model::weights::Weight; 3])>,
+}
+
+impl Dispatch {
+    /// The cache sees every selection before the experts run (a hash layer's were given to
+    /// it ahead of the forward pass, `Engine::forward`); its hits run on the device (experts
+    /// it promotes now serve later tokens: the copy runs in the background), as do experts
+    /// streamed in for a prefill chunk where the cost model finds that cheaper than their
+    /// tokens on the CPU; with fixed residency, the resident ones.
+    fn new(ctx: &MoeCtx, w: &MoeWeights, routes: &[Route]) -> Dispatch {
+        let ex = ctx.ex;
+        let mut groups: Vec<Vec<(usize, f32)>> = vec![Vec::new(); ctx.cfg.n_routed_experts];
+        for (ti, r) in routes.iter().enumerate() {
+            for (&e, &wt) in r.experts.iter().zip(&r.weights) {
+                groups[e].push((ti, wt));
+            }
+        }
+        let active: Vec<usize> = (0..groups.len())
+            .filter(|&e| !groups[e].is_empty())
+            .collect();
+        let mats = |e: usize| {
+            let x = &w.experts[e];
+            [&x.w1, &x.w3, &x.w2]
+        };
+        let prefetched = w.tid2eid.is_some() && ctx.traps.none();
+        let hits = if prefetched {
+            None
+        } else {
+            ex.experts_selected(
+                ctx.layer,
+                routes.iter().flat_map(|r| r.experts.iter().copied()),
+                mats,
+            )
+        };
+        let counts: Vec<(usize, usize)> = active.iter().map(|&e| (e, groups[e].len())).collect();
+        let streamed = if routes.len() > 1 {
+            ex.stream_for_chunk(&counts, mats)
+        } else {
+            Vec::new()
+        };
+        let on_device = |e: usize| match &hits {
+            Some(h) => h.contains(&e) || streamed.iter().any(|(s, _)| *s == e),
+            None => mats(e).iter().all(|m| ex.is_resident(m)),
+        };
+        let (on_dev, on_cpu) = active
+            .iter()
+            .partition(|&&e| ex.device().is_some() && on_device(e));
+        Dispatch {
+            groups,
+            active,
+            on_dev,
+            on_cpu,
+            streamed,
+        }
+    }
+
+    fn finish(self, ex: &Exec) {
+        ex.release_streamed(self.streamed);
+    }
 }
 
 /// MoE output for `t` tokens: x [t, D] -> [t, D].
@@ -120,29 +203,8 @@ pub fn forward(ctx: &MoeCtx, w: &MoeWeights, x: &[f32], tokens: &[u32]) -> Vec<f
     };
     // Router in fp32 on the BF16 weight (no activation rounding: it is not an FP8 GEMM).
     let logits = ex.linear(&w.gate, x, t);
-    let routes = if ex.ops_on_device() && traps.none() {
-        offload::route(ex, cfg, w, &logits, tokens)
-            .unwrap_or_else(|| route(cfg, w, &logits, tokens, traps))
-    } else {
-        route(cfg, w, &logits, tokens, traps)
-    };
-    // The expert cache sees every selection before the experts run (hits on the device);
-    // a hash layer's were given to it ahead of the forward pass (Engine::forward).
-    let prefetched = w.tid2eid.is_some() && traps.none();
-    // Experts that run on the device: the cache's hits (experts it promotes now serve later
-    // tokens: the copy runs in the background); with fixed residency, whatever is resident.
-    let hits = if prefetched {
-        None
-    } else {
-        ex.experts_selected(
-            ctx.layer,
-            routes.iter().flat_map(|r| r.experts.iter().copied()),
-            |e| {
-                let x = &w.experts[e];
-                [&x.w1, &x.w3, &x.w2]
-            },
-        )
-    };
+    let routes = route(cfg, w, &logits, tokens, traps);
+    let plan = Dispatch::new(ctx, w, &routes);
     // Shared expert on every token, weight 1, clamped like the routed ones.
     let shared_limit = if traps.has(Trap::SharedNoClamp) {
         f32::INFINITY
@@ -150,13 +212,7 @@ pub fn forward(ctx: &MoeCtx, w: &MoeWeights, x: &[f32], tokens: &[u32]) -> Vec<f
         limit
     };
     let mut y = expert(ex, &w.shared, x, t, (shared_limit, lower), num, None);
-    // Group tokens by expert so each expert's weights are read once per chunk.
-    let mut groups: Vec<Vec<(usize, f32)>> = vec![Vec::new(); cfg.n_routed_experts];
-    for (ti, r) in routes.iter().enumerate() {
-        for (&e, &wt) in r.experts.iter().zip(&r.weights) {
-            groups[e].push((ti, wt));
-        }
-    }
+    let groups = &plan.groups;
     // One expert over its tokens: [n, D] out, in the order of `groups[e]`.
     // `on`: the executor the expert's products go through (the CPU one for misses whose
     // promotion copy is still in flight).
@@ -181,30 +237,9 @@ pub fn forward(ctx: &MoeCtx, w: &MoeWeights, x: &[f32], tokens: &[u32]) -> Vec<f
             );
         }
     };
-    let active: Vec<usize> = (0..groups.len())
-        .filter(|&e| !groups[e].is_empty())
-        .collect();
-    // Prefill: experts missing from the device are streamed in for this chunk where that is
-    // cheaper than their tokens on the CPU (the cost model in Exec::stream_for_chunk).
-    let counts: Vec<(usize, usize)> = active.iter().map(|&e| (e, groups[e].len())).collect();
-    let streamed = if t > 1 {
-        ex.stream_for_chunk(&counts, |e| {
-            let x = &w.experts[e];
-            [&x.w1, &x.w3, &x.w2]
-        })
-    } else {
-        Vec::new()
-    };
-    let on_device = |e: usize| match &hits {
-        Some(h) => h.contains(&e) || streamed.iter().any(|(s, _)| *s == e),
-        None => ex.is_resident(&w.experts[e].w1),
-    };
-    let (on_dev, on_cpu): (Vec<usize>, Vec<usize>) = active
-        .iter()
-        .partition(|&&e| ex.device().is_some() && on_device(e));
-    if on_dev.is_empty() {
+    if plan.on_dev.is_empty() {
         // CPU only: each expert's output is added as soon as it is computed.
-        for e in active {
+        for &e in &plan.active {
             // With a device, an expert not on it runs on the CPU even if a copy is in flight.
             let out = if ex.device().is_some() {
                 ex.time_cpu(|| run(e, &CPU))
@@ -217,10 +252,15 @@ pub fn forward(ctx: &MoeCtx, w: &MoeWeights, x: &[f32], tokens: &[u32]) -> Vec<f
         // Hits on the device and misses on the CPU at the same time; the outputs are then
         // added in expert order, as above, so the sum is the same to the last bit.
         let (dev_out, cpu_out) = rayon::join(
-            || on_dev.iter().map(|&e| (e, run(e, ex))).collect::<Vec<_>>(),
+            || {
+                plan.on_dev
+                    .iter()
+                    .map(|&e| (e, run(e, ex)))
+                    .collect::<Vec<_>>()
+            },
             || {
                 ex.time_cpu(|| {
-                    on_cpu
+                    plan.on_cpu
                         .iter()
                         .map(|&e| (e, run(e, &CPU)))
                         .collect::<Vec<_>>()
@@ -233,6 +273,134 @@ pub fn forward(ctx: &MoeCtx, w: &MoeWeights, x: &[f32], tokens: &[u32]) -> Vec<f
             add(e, &out);
         }
     }
-    ex.release_streamed(streamed);
+    plan.finish(ex);
     y
+}
+
+/// [`forward`] with the activations on the device: x [t, D] there, [t, D] returned there.
+/// Routing runs on the device and comes back (the routes and their weights); the device's
+/// experts (cache hits, streamed ones) run there while the CPU computes the others from the
+/// host copy of x (read only when there are any); their outputs go up in one copy and every
+/// expert's output is added on the device, in expert order as on the host. None when the
+/// device could not run a step (the caller computes it on the host).
+pub fn forward_on_device<'e>(
+    ctx: &MoeCtx<'e>,
+    w: &MoeWeights,
+    x: &Act<'e>,
+    tokens: &[u32],
+) -> Option<Act<'e>> {
+    let ex = ctx.ex;
+    let logits = offload::linear(ex, &w.gate, x, tokens.len())?;
+    let (routes, route_w) = offload::route(ex, ctx.cfg, w, &logits, tokens)?;
+    drop(logits);
+    let plan = Dispatch::new(ctx, w, &routes);
+    let y = run_on_device(ctx, w, x, &routes, &route_w, &plan);
+    plan.finish(ex);
+    y
+}
+
+/// The experts of [`forward_on_device`] once they are placed.
+fn run_on_device<'e>(
+    ctx: &MoeCtx<'e>,
+    w: &MoeWeights,
+    x: &Act<'e>,
+    routes: &[Route],
+    route_w: &Act,
+    plan: &Dispatch,
+) -> Option<Act<'e>> {
+    let (cfg, ex, num) = (ctx.cfg, ctx.ex, ctx.num);
+    let (d, t, limit) = (cfg.hidden_size, routes.len(), cfg.swiglu_limit);
+    let groups = &plan.groups;
+    let reference = num == Numerics::Reference;
+    let y = expert_on_device(ex, &w.shared, x, t, limit, num, RowWeights::One)?;
+    // For one token, an expert's input is x itself and its weight sits in the routing's
+    // weights on the device (slot i of the token's route); otherwise gathered / sent.
+    let slot = |e: usize| routes[0].experts.iter().position(|&x| x == e).unwrap_or(0);
+    let host_weights = |e: usize| groups[e].iter().map(|m| m.1).collect::<Vec<f32>>();
+    let token_ids = |e: usize| groups[e].iter().map(|m| m.0).collect::<Vec<usize>>();
+    let x_host = if plan.on_cpu.is_empty() {
+        None
+    } else {
+        Some(x.read()?)
+    };
+    let run_dev = |e: usize| -> Option<Act<'e>> {
+        let n = groups[e].len();
+        let wts = host_weights(e);
+        let pre = match (reference, t) {
+            (false, _) => RowWeights::One,
+            (true, 1) => RowWeights::Dev(route_w.buf(), slot(e)),
+            (true, _) => RowWeights::Host(&wts),
+        };
+        if t == 1 {
+            expert_on_device(ex, &w.experts[e], x, n, limit, num, pre)
+        } else {
+            let xe = offload::gather_rows(ex, x, &token_ids(e), d)?;
+            expert_on_device(ex, &w.experts[e], &xe, n, limit, num, pre)
+        }
+    };
+    let run_cpu = |e: usize| -> Vec<f32> {
+        let xh = x_host.as_deref().unwrap_or_default();
+        let members = &groups[e];
+        let mut xe = vec![0f32; members.len() * d];
+        for (j, &(ti, _)) in members.iter().enumerate() {
+            xe[j * d..(j + 1) * d].copy_from_slice(&xh[ti * d..(ti + 1) * d]);
+        }
+        let wts = host_weights(e);
+        let pre = reference.then_some(wts.as_slice());
+        expert(
+            &CPU,
+            &w.experts[e],
+            &xe,
+            members.len(),
+            (limit, f32::NEG_INFINITY),
+            num,
+            pre,
+        )
+    };
+    let (dev_out, cpu_out) = rayon::join(
+        || {
+            plan.on_dev
+                .iter()
+                .map(|&e| Some((e, run_dev(e)?)))
+                .collect::<Option<Vec<_>>>()
+        },
+        || {
+            ex.time_cpu(|| {
+                plan.on_cpu
+                    .iter()
+                    .map(|&e| (e, run_cpu(e)))
+                    .collect::<Vec<_>>()
+            })
+        },
+    );
+    let dev_out = dev_out?;
+    // The CPU's outputs go up in one copy; x_off of each expert's rows in it.
+    let mut cpu_rows = Vec::new();
+    let mut cpu_at = std::collections::HashMap::new();
+    for (e, out) in &cpu_out {
+        cpu_at.insert(*e, cpu_rows.len());
+        cpu_rows.extend_from_slice(out);
+    }
+    let cpu_buf = if cpu_rows.is_empty() {
+        None
+    } else {
+        Some(Act::upload(ex, &cpu_rows)?)
+    };
+    for &e in &plan.active {
+        let (src, x_off) = match dev_out.iter().find(|(de, _)| *de == e) {
+            Some((_, a)) => (a.buf(), 0),
+            None => (cpu_buf.as_ref()?.buf(), *cpu_at.get(&e)?),
+        };
+        let n = groups[e].len();
+        let wts = host_weights(e);
+        let weights = match (reference, t) {
+            (true, _) => RowWeights::One,
+            (false, 1) => RowWeights::Dev(route_w.buf(), slot(e)),
+            (false, _) => RowWeights::Host(&wts),
+        };
+        let ids = token_ids(e);
+        let idx = (t > 1).then_some(ids.as_slice());
+        offload::add_rows(ex, &y, src, x_off, idx, weights, n, d)?;
+    }
+    Some(y)
 }

@@ -79,6 +79,13 @@ fn get_f32(m: &Memory, b: Buf, n: usize, op: &'static str) -> Result<Vec<f32>> {
     Ok(bytes_f32(&v[..4 * n]))
 }
 
+/// `n` f32 values of buffer `b` from value `off` on.
+fn get_f32_at(m: &Memory, b: Buf, off: usize, n: usize, op: &'static str) -> Result<Vec<f32>> {
+    let mut v = get_f32(m, b, off + n, op)?;
+    v.drain(..off);
+    Ok(v)
+}
+
 /// i32 contents of buffer `b`, which must hold at least `n` values.
 fn get_i32(m: &Memory, b: Buf, n: usize, op: &'static str) -> Result<Vec<i32>> {
     let v = m.bufs.get(&b.0).ok_or(DeviceError::Unknown(b.0))?;
@@ -151,6 +158,7 @@ fn run_op(m: &mut Memory, op: &Op) -> Result<()> {
             g,
             u,
             row_w,
+            row_w_off,
             out,
             n,
             width,
@@ -159,7 +167,7 @@ fn run_op(m: &mut Memory, op: &Op) -> Result<()> {
             let gs = get_f32(m, *g, *n, "swiglu")?;
             let us = get_f32(m, *u, *n, "swiglu")?;
             let rw = row_w
-                .map(|b| get_f32(m, b, n.div_ceil(*width), "swiglu"))
+                .map(|b| get_f32_at(m, b, *row_w_off, n.div_ceil(*width), "swiglu"))
                 .transpose()?;
             let o: Vec<f32> = (0..*n)
                 .map(|i| {
@@ -174,6 +182,86 @@ fn run_op(m: &mut Memory, op: &Op) -> Result<()> {
             let mut ys = get_f32(m, *y, *n, "axpy")?;
             axpy(&mut ys, *a, &xs);
             put_f32(m, *y, &ys, "axpy")
+        }
+        Op::CopyRows {
+            src,
+            src_off,
+            src_stride,
+            dst,
+            dst_off,
+            dst_stride,
+            rows,
+            width,
+        } => {
+            if *rows == 0 {
+                return Ok(());
+            }
+            let s_end = src_off + (rows - 1) * src_stride + width;
+            let d_end = dst_off + (rows - 1) * dst_stride + width;
+            let sv = get_f32(m, *src, s_end, "copy_rows")?;
+            let mut dv = get_f32(m, *dst, d_end, "copy_rows")?;
+            for r in 0..*rows {
+                let (a, b) = (src_off + r * src_stride, dst_off + r * dst_stride);
+                dv[b..b + width].copy_from_slice(&sv[a..a + width]);
+            }
+            put_f32(m, *dst, &dv, "copy_rows")
+        }
+        Op::GatherRows {
+            x,
+            idx,
+            out,
+            n,
+            width,
+        } => {
+            let ids = get_i32(m, *idx, *n, "gather_rows")?;
+            let rows = ids
+                .iter()
+                .map(|&i| i.max(0) as usize + 1)
+                .max()
+                .unwrap_or(0);
+            let xs = get_f32(m, *x, rows * width, "gather_rows")?;
+            let o: Vec<f32> = ids
+                .iter()
+                .flat_map(|&i| {
+                    xs[i as usize * width..(i as usize + 1) * width]
+                        .iter()
+                        .copied()
+                })
+                .collect();
+            put_f32(m, *out, &o, "gather_rows")
+        }
+        Op::AddRows {
+            y,
+            x,
+            x_off,
+            idx,
+            weights,
+            w_off,
+            n,
+            width,
+        } => {
+            let ids = match idx {
+                Some(b) => get_i32(m, *b, *n, "add_rows")?
+                    .into_iter()
+                    .map(|i| i.max(0) as usize)
+                    .collect(),
+                None => (0..*n).collect::<Vec<usize>>(),
+            };
+            let f = weights
+                .map(|b| get_f32_at(m, b, *w_off, *n, "add_rows"))
+                .transpose()?;
+            let xs = get_f32_at(m, *x, *x_off, n * width, "add_rows")?;
+            let rows = ids.iter().map(|&i| i + 1).max().unwrap_or(0);
+            let mut ys = get_f32(m, *y, rows * width, "add_rows")?;
+            for (j, &r) in ids.iter().enumerate() {
+                let a = f.as_ref().map_or(1.0, |f| f[j]);
+                axpy(
+                    &mut ys[r * width..(r + 1) * width],
+                    a,
+                    &xs[j * width..(j + 1) * width],
+                );
+            }
+            put_f32(m, *y, &ys, "add_rows")
         }
         Op::Rope {
             x,
@@ -756,6 +844,7 @@ mod tests {
             g,
             u,
             row_w: Some(rw),
+            row_w_off: 0,
             out,
             n: 1,
             width: 1,
@@ -837,5 +926,85 @@ mod tests {
         )
         .expect("topk");
         assert_eq!(bytes_i32(&get(&d, o, 3)), vec![1, 3, 4]);
+    }
+
+    #[test]
+    fn row_copies_gathers_and_adds_by_hand() {
+        let d = CpuDevice::new();
+        let i32_buf = |v: &[i32]| {
+            let b = d.alloc(4 * v.len()).expect("alloc");
+            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            d.write(b, &bytes, Stream::COMPUTE).expect("write");
+            b
+        };
+        // Group 1 (columns 2..4) of a [2, 2 groups x 2] activation into a [2, 2] buffer, then
+        // into columns 1..3 of rows 0 and 1 of a [2, 4] one.
+        let src = buf(&d, &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]);
+        let mid = buf(&d, &[0.0; 4]);
+        let dst = buf(&d, &[-1.0; 8]);
+        let copy = |src, src_off, dst, dst_off, dst_stride| Op::CopyRows {
+            src,
+            src_off,
+            src_stride: 4,
+            dst,
+            dst_off,
+            dst_stride,
+            rows: 2,
+            width: 2,
+        };
+        d.launch(&copy(src, 2, mid, 0, 2), Stream::COMPUTE)
+            .expect("copy");
+        assert_eq!(bytes_f32(&get(&d, mid, 4)), vec![3.0, 4.0, 7.0, 8.0]);
+        d.launch(&copy(src, 2, dst, 1, 4), Stream::COMPUTE)
+            .expect("copy");
+        assert_eq!(
+            bytes_f32(&get(&d, dst, 8)),
+            vec![-1.0, 3.0, 4.0, -1.0, -1.0, 7.0, 8.0, -1.0]
+        );
+        // Rows 1, 0, 1 of a [2, 2] buffer.
+        let x = buf(&d, &[1.0, 2.0, 3.0, 4.0]);
+        let out = buf(&d, &[0.0; 6]);
+        let idx = i32_buf(&[1, 0, 1]);
+        let gather = Op::GatherRows {
+            x,
+            idx,
+            out,
+            n: 3,
+            width: 2,
+        };
+        d.launch(&gather, Stream::COMPUTE).expect("gather");
+        assert_eq!(
+            bytes_f32(&get(&d, out, 6)),
+            vec![3.0, 4.0, 1.0, 2.0, 3.0, 4.0]
+        );
+        // y[1] += 0.5 [10, 20]; y[0] += 2 [30, 40]; y[1] += 4 [50, 60] (rows from x_off 2,
+        // weights from w_off 1); then without idx or weights, y[j] += x[j].
+        let y = buf(&d, &[1.0, 1.0, 1.0, 1.0]);
+        let xs = buf(&d, &[0.0, 0.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0]);
+        let w = buf(&d, &[9.0, 0.5, 2.0, 4.0]);
+        let add = Op::AddRows {
+            y,
+            x: xs,
+            x_off: 2,
+            idx: Some(i32_buf(&[1, 0, 1])),
+            weights: Some(w),
+            w_off: 1,
+            n: 3,
+            width: 2,
+        };
+        d.launch(&add, Stream::COMPUTE).expect("add");
+        assert_eq!(bytes_f32(&get(&d, y, 4)), vec![61.0, 81.0, 206.0, 251.0]);
+        let plain = Op::AddRows {
+            y,
+            x: xs,
+            x_off: 0,
+            idx: None,
+            weights: None,
+            w_off: 0,
+            n: 2,
+            width: 2,
+        };
+        d.launch(&plain, Stream::COMPUTE).expect("add");
+        assert_eq!(bytes_f32(&get(&d, y, 4)), vec![61.0, 81.0, 216.0, 271.0]);
     }
 }

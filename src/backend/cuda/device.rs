@@ -530,19 +530,17 @@ impl Device for CudaDevice {
                 g,
                 u,
                 row_w,
+                row_w_off,
                 out,
                 n,
                 width,
                 limit,
             } => {
-                let (gp, up, rp, op_, n_i, w_i) = (
-                    a(*g)?,
-                    a(*u)?,
-                    opt(*row_w)?,
-                    a(*out)?,
-                    *n as i32,
-                    *width as i32,
-                );
+                let rp = match row_w {
+                    Some(b) => a(*b)? + 4 * *row_w_off as u64,
+                    None => 0,
+                };
+                let (gp, up, op_, n_i, w_i) = (a(*g)?, a(*u)?, a(*out)?, *n as i32, *width as i32);
                 let mut b = st.launch_builder(self.func("swiglu")?);
                 b.arg(&gp)
                     .arg(&up)
@@ -560,6 +558,76 @@ impl Device for CudaDevice {
                 b.arg(&yp).arg(&xp).arg(alpha).arg(&n_i);
                 // SAFETY: matches kernels/act.cu axpy; buffers hold n floats.
                 unsafe { b.launch(cfg1(n.div_ceil(256), 256)) }.map_err(drv)?;
+            }
+            Op::CopyRows {
+                src,
+                src_off,
+                src_stride,
+                dst,
+                dst_off,
+                dst_stride,
+                rows,
+                width,
+            } => {
+                if *rows == 0 || *width == 0 {
+                    return Ok(());
+                }
+                let sp = a(*src)? + 4 * *src_off as u64;
+                let dp = a(*dst)? + 4 * *dst_off as u64;
+                let (ss, ds, w_i) = (*src_stride as i32, *dst_stride as i32, *width as i32);
+                let mut b = st.launch_builder(self.func("copy_rows")?);
+                b.arg(&sp).arg(&ss).arg(&dp).arg(&ds).arg(&w_i);
+                let cfg = LaunchConfig {
+                    grid_dim: (width.div_ceil(256) as u32, *rows as u32, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: matches kernels/act.cu copy_rows; the op's offsets and strides stay
+                // inside both buffers (the caller's shapes).
+                unsafe { b.launch(cfg) }.map_err(drv)?;
+            }
+            Op::GatherRows {
+                x,
+                idx,
+                out,
+                n,
+                width,
+            } => {
+                if *n == 0 || *width == 0 {
+                    return Ok(());
+                }
+                let (xp, ip, op_, w_i) = (a(*x)?, a(*idx)?, a(*out)?, *width as i32);
+                let mut b = st.launch_builder(self.func("gather_rows")?);
+                b.arg(&xp).arg(&ip).arg(&op_).arg(&w_i);
+                let cfg = LaunchConfig {
+                    grid_dim: (width.div_ceil(256) as u32, *n as u32, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: matches kernels/act.cu gather_rows; idx holds n rows of x.
+                unsafe { b.launch(cfg) }.map_err(drv)?;
+            }
+            Op::AddRows {
+                y,
+                x,
+                x_off,
+                idx,
+                weights,
+                w_off,
+                n,
+                width,
+            } => {
+                let xp = a(*x)? + 4 * *x_off as u64;
+                let wp = match weights {
+                    Some(b) => a(*b)? + 4 * *w_off as u64,
+                    None => 0,
+                };
+                let (yp, ip, n_i, w_i) = (a(*y)?, opt(*idx)?, *n as i32, *width as i32);
+                let mut b = st.launch_builder(self.func("add_rows")?);
+                b.arg(&yp).arg(&xp).arg(&ip).arg(&wp).arg(&n_i).arg(&w_i);
+                // SAFETY: matches kernels/act.cu add_rows; x holds n rows from x_off, idx
+                // (if given) n rows of y.
+                unsafe { b.launch(cfg1(width.div_ceil(256), 256)) }.map_err(drv)?;
             }
             Op::Rope {
                 x,
