@@ -633,15 +633,34 @@ fn kv_rows_stay_on_the_device_and_decode_traffic_does_not_grow_with_context() {
     assert_eq!(e.exec.table_bytes(), 0);
 }
 
-/// A simulated card whose driver breaks after `ok` more transfers back to the host: every
-/// read from then on fails (launches keep "working", so results computed on the device can
-/// no longer be fetched).
-struct BreaksAfter {
+/// A simulated card with two faults a test can set: its driver breaks after `reads_left`
+/// more transfers back to the host (every read from then on fails; launches keep "working",
+/// so results computed on the device can no longer be fetched), and weight uploads wait
+/// while `gate` is closed (a staging copy that takes as long as the test wants).
+struct TestCard {
     dev: SimDevice,
-    ok: std::sync::atomic::AtomicI64,
+    reads_left: std::sync::atomic::AtomicI64,
+    gate: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
 }
 
-impl Device for BreaksAfter {
+impl TestCard {
+    fn new(reads_left: i64) -> TestCard {
+        TestCard {
+            dev: SimDevice::new(1 << 30, SimCost::default()),
+            reads_left: std::sync::atomic::AtomicI64::new(reads_left),
+            gate: std::sync::Mutex::new(true),
+            opened: std::sync::Condvar::new(),
+        }
+    }
+
+    fn set_gate(&self, open: bool) {
+        *self.gate.lock().expect("gate") = open;
+        self.opened.notify_all();
+    }
+}
+
+impl Device for TestCard {
     fn name(&self) -> String {
         "failing card".into()
     }
@@ -675,7 +694,11 @@ impl Device for BreaksAfter {
         dst: &mut [u8],
         s: dsflash::backend::device::Stream,
     ) -> dsflash::backend::device::Result<()> {
-        if self.ok.fetch_sub(1, std::sync::atomic::Ordering::Relaxed) <= 0 {
+        if self
+            .reads_left
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed)
+            <= 0
+        {
             dst.fill(0xFF); // a failed read may leave anything behind
             return Err(dsflash::backend::device::DeviceError::Backend(
                 "CUDA_ERROR_ILLEGAL_ADDRESS".into(),
@@ -688,6 +711,11 @@ impl Device for BreaksAfter {
         w: &dsflash::model::weights::Weight,
         s: dsflash::backend::device::Stream,
     ) -> dsflash::backend::device::Result<dsflash::backend::device::DevWeight> {
+        let mut open = self.gate.lock().expect("gate");
+        while !*open {
+            open = self.opened.wait(open).expect("gate");
+        }
+        drop(open);
         self.dev.upload_weight(w, s)
     }
     fn free_weight(&self, w: dsflash::backend::device::DevWeight) {
@@ -736,10 +764,7 @@ fn a_device_failing_mid_forward_never_changes_the_answer() {
     );
     for ok in [0i64, 1, 2, 3, 5, 8, 13, 40, 90, 200] {
         let mut e = Engine::open(&dir, Numerics::Reference).expect("open");
-        let dev = Arc::new(BreaksAfter {
-            dev: SimDevice::new(1 << 30, SimCost::default()),
-            ok: std::sync::atomic::AtomicI64::new(ok),
-        });
+        let dev = Arc::new(TestCard::new(ok));
         e.use_device_hybrid(dev, hybrid(ExpertPolicy::Adaptive(None), Some(2)))
             .expect("placement");
         let got = prefill_logits(&e, &ids, 16);
@@ -748,4 +773,79 @@ fn a_device_failing_mid_forward_never_changes_the_answer() {
             "failure after {ok} reads changed the logits"
         );
     }
+}
+
+/// Expert promotions copy in the background: while the card's uploads are held up, decode
+/// steps go on (the promoted experts run on the CPU meanwhile) with the CPU engine's logits;
+/// once the copies land, the experts run on the device.
+#[test]
+fn decode_never_waits_for_a_promotion_copy() {
+    let dir = fixture("tiny");
+    let cpu_engine = Engine::open(&dir, Numerics::Reference).expect("open");
+    let mut e = Engine::open(&dir, Numerics::Reference).expect("open");
+    let card = Arc::new(TestCard::new(i64::MAX));
+    let n_exp = e.cfg.n_routed_experts;
+    e.use_device_hybrid(card.clone(), hybrid(ExpertPolicy::Lru, Some(n_exp)))
+        .expect("placement");
+    // The dense part is resident; from now on every upload waits for the gate.
+    card.set_gate(false);
+    let ids: Vec<u32> = (3..12).collect();
+    let mut cpu_s = Session::new(&cpu_engine, 4096, 64);
+    let want: Vec<Vec<f32>> = ids
+        .iter()
+        .map(|&t| cpu_s.decode_step(t).expect("decode"))
+        .collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let got = std::thread::scope(|sc| {
+        let e = &e;
+        let ids = &ids;
+        let h = sc.spawn(move || {
+            let mut s = Session::new(e, 4096, 64);
+            let out: Vec<Vec<f32>> = ids
+                .iter()
+                .map(|&t| s.decode_step(t).expect("decode"))
+                .collect();
+            let _ = tx.send(());
+            out
+        });
+        // Decoding must finish with the gate still closed (if it waited for a copy it
+        // never would: the gate opens only after this wait gives up).
+        let finished = rx.recv_timeout(std::time::Duration::from_secs(300)).is_ok();
+        if !finished {
+            card.set_gate(true);
+            let _ = h.join();
+            panic!("a decode step waited for a promotion copy");
+        }
+        let promotions_queued = e.exec.expert_stats().promotions;
+        let resident_meanwhile = e.weights.layers[2]
+            .ffn
+            .experts
+            .iter()
+            .any(|x| e.exec.is_resident(&x.w1));
+        card.set_gate(true);
+        let out = h.join().expect("decode thread");
+        assert!(promotions_queued > 0, "the cache promoted experts");
+        assert!(
+            !resident_meanwhile,
+            "no expert can be resident before its copy was made"
+        );
+        out
+    });
+    for (k, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            same_bits(a, b),
+            "step {k}: logits differ from the CPU engine's"
+        );
+    }
+    // The copies land: the experts are resident and run on the device from now on.
+    e.exec.wait_promotions();
+    assert!(
+        e.weights.layers[2]
+            .ffn
+            .experts
+            .iter()
+            .any(|x| e.exec.is_resident(&x.w1)),
+        "promoted experts are resident once their copies are made"
+    );
+    assert_eq!(e.exec.redone_steps(), 0);
 }

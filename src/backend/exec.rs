@@ -8,11 +8,12 @@ use super::device::{
     Buf, DevWeight, Device, DeviceError, Op, Stats, Stream, f32_bytes, f32_bytes_mut, lock,
 };
 use super::expert_cache::{Access, Policy, Trace};
+use super::promote::{Promoter, Residency};
 use crate::model::weights::Weight;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 /// Identity of a weight: the address of its stored bytes (stable: mmap or owned buffer).
 pub fn weight_key(w: &Weight) -> usize {
@@ -144,12 +145,12 @@ pub struct StreamCosts {
 
 pub struct Exec {
     dev: Option<Arc<dyn Device>>,
-    resident: RwLock<HashMap<usize, DevWeight>>,
-    /// Copies still in flight on the copy stream, per weight: the compute stream waits for
-    /// one only before the first kernel that reads that weight.
-    pending: Mutex<HashMap<usize, super::device::Event>>,
+    /// Resident weights, copies still in flight on the copy stream (the compute stream waits
+    /// for one only before the first kernel that reads that weight), the failed flag.
+    res: Residency,
+    /// Expert promotions run on their own thread (None: no device).
+    promoter: Option<Promoter>,
     scratch: Mutex<Scratch>,
-    failed: AtomicBool,
     whole: AtomicBool,
     /// Layers 0..device_layers run their ops on the device (their dense matrices resident)
     /// even when the whole model does not; `layer` is the one running now (NO_LAYER: none).
@@ -180,12 +181,13 @@ impl Exec {
     }
 
     fn with(dev: Option<Arc<dyn Device>>) -> Exec {
+        let res = Residency::new();
+        let promoter = dev.clone().map(|d| Promoter::spawn(d, res.clone()));
         Exec {
             dev,
-            resident: RwLock::new(HashMap::new()),
-            pending: Mutex::new(HashMap::new()),
+            promoter,
+            res,
             scratch: Mutex::new(Scratch::default()),
-            failed: AtomicBool::new(false),
             whole: AtomicBool::new(false),
             device_layers: AtomicUsize::new(0),
             layer: AtomicUsize::new(NO_LAYER),
@@ -235,7 +237,7 @@ impl Exec {
         let layer = self.layer.load(Ordering::Relaxed);
         let here = self.whole.load(Ordering::Relaxed)
             || (layer != NO_LAYER && layer < self.device_layers.load(Ordering::Relaxed));
-        here && self.dev.is_some() && !self.failed.load(Ordering::Relaxed)
+        here && self.dev.is_some() && !self.res.failed.load(Ordering::Relaxed)
     }
 
     /// A step's device path gave up (no room, an error) and the host computed it instead.
@@ -251,7 +253,7 @@ impl Exec {
     /// How many of a model's `blocks` (a prefix) run every op on the device: all of them in
     /// whole-model mode, those given to [`Exec::set_device_layers`], none after a failure.
     pub fn device_blocks(&self, blocks: usize) -> usize {
-        if self.dev.is_none() || self.failed.load(Ordering::Relaxed) {
+        if self.dev.is_none() || self.res.failed.load(Ordering::Relaxed) {
             0
         } else if self.whole.load(Ordering::Relaxed) {
             blocks
@@ -422,6 +424,7 @@ impl Exec {
     ) -> bool {
         let key = weight_key(w);
         let Some(dw) = self
+            .res
             .resident
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -433,7 +436,7 @@ impl Exec {
         if !self.ops_on_device() {
             return false;
         }
-        let pending = lock(&self.pending).remove(&key);
+        let pending = lock(&self.res.pending).remove(&key);
         self.dev_io(|dev| {
             if let Some(e) = pending {
                 dev.wait(Stream::COMPUTE, e)?;
@@ -462,7 +465,7 @@ impl Exec {
         let Some(dev) = self
             .dev
             .as_ref()
-            .filter(|_| !self.failed.load(Ordering::Relaxed))
+            .filter(|_| !self.res.failed.load(Ordering::Relaxed))
         else {
             return false;
         };
@@ -601,12 +604,7 @@ impl Exec {
 
     /// A device error that is not about room or shape: say so once and stop using the device.
     fn report_failure(&self, dev: &dyn Device, e: &DeviceError) {
-        if !self.failed.swap(true, Ordering::Relaxed) {
-            eprintln!(
-                "dsflash: {} failed ({e}); continuing on the CPU",
-                dev.name()
-            );
-        }
+        self.res.report_failure(dev, e);
     }
 
     /// Make `w` resident on the device. Ok(false): no device, or it does not fit.
@@ -614,24 +612,35 @@ impl Exec {
         let Some(dev) = &self.dev else {
             return Ok(false);
         };
-        let key = weight_key(w);
         if self.is_resident(w) {
             return Ok(true);
         }
-        match dev.upload_weight(w, Stream::COPY) {
-            Ok(dw) => {
-                // Kernels must not read it before the copy lands: the event is waited for (on
-                // the device, not the host) just before the first one that does.
-                let e = dev.record(Stream::COPY)?;
-                lock(&self.pending).insert(key, e);
-                self.resident
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(key, dw);
-                Ok(true)
-            }
+        // Kernels must not read it before the copy lands: the event is waited for (on the
+        // device, not the host) just before the first one that does.
+        match self.res.upload(dev.as_ref(), weight_key(w), w) {
+            Ok(()) => Ok(true),
             Err(DeviceError::OutOfMemory { .. }) => Ok(false),
             Err(e) => Err(e),
+        }
+    }
+
+    /// Make `w` resident in the background ([`Promoter`]): it counts as resident once its
+    /// copy is queued on the device. Without a worker, or if the copy fails at once, false.
+    fn promote(&self, w: &Weight) -> bool {
+        if self.is_resident(w) {
+            return true;
+        }
+        match &self.promoter {
+            Some(p) => p.queue(weight_key(w), w),
+            None => matches!(self.make_resident(w), Ok(true)),
+        }
+    }
+
+    /// Wait until the background promotions asked for so far are on the device (tests,
+    /// benchmarks and the end of a prefill use it to make placement deterministic).
+    pub fn wait_promotions(&self) {
+        if let Some(p) = &self.promoter {
+            p.wait_all();
         }
     }
 
@@ -724,6 +733,25 @@ impl Exec {
         }
         let mut g = lock(&self.experts);
         let slots = g.as_mut()?;
+        // Promotions the device had no room for give their slots up.
+        let refused: std::collections::HashSet<usize> = self
+            .promoter
+            .as_ref()
+            .map(|p| p.take_refused().into_iter().collect())
+            .unwrap_or_default();
+        if !refused.is_empty() {
+            let gone: Vec<(usize, usize)> = slots
+                .held
+                .iter()
+                .filter(|(_, ws)| ws.iter().any(|w| refused.contains(&weight_key(w))))
+                .map(|(k, _)| *k)
+                .collect();
+            for k in gone {
+                if let Some(ws) = slots.held.remove(&k) {
+                    ws.iter().for_each(|w| self.evict(w));
+                }
+            }
+        }
         let before: std::collections::HashSet<usize> = slots
             .held
             .keys()
@@ -777,8 +805,9 @@ impl Exec {
                 continue;
             }
             let ws = weights(e);
-            // A device too full for the expert leaves it on the CPU (no error).
-            if ws.iter().all(|w| matches!(self.make_resident(w), Ok(true))) {
+            // The copies run in the background; a device too full for the expert leaves it
+            // on the CPU (no error).
+            if ws.iter().all(|w| self.promote(w)) {
                 slots.held.insert((layer, e), ws.map(|w| w.clone()));
                 st.promotions += 1;
             } else {
@@ -883,8 +912,14 @@ impl Exec {
 
     /// Drop `w` from the device (its bytes stay in the checkpoint).
     pub fn evict(&self, w: &Weight) {
-        lock(&self.pending).remove(&weight_key(w));
+        if let Some(p) = &self.promoter {
+            // A copy still queued finishes first (rare: a slot given up right after it was
+            // filled), so its memory can be freed.
+            p.wait_for(weight_key(w));
+        }
+        lock(&self.res.pending).remove(&weight_key(w));
         let dw = self
+            .res
             .resident
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -895,7 +930,8 @@ impl Exec {
     }
 
     pub fn is_resident(&self, w: &Weight) -> bool {
-        self.resident
+        self.res
+            .resident
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .contains_key(&weight_key(w))
@@ -903,7 +939,8 @@ impl Exec {
 
     /// Bytes of weights resident on the device.
     pub fn resident_bytes(&self) -> u64 {
-        self.resident
+        self.res
+            .resident
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .values()
@@ -927,9 +964,10 @@ impl Exec {
         if let Some(dev) = self
             .dev
             .as_ref()
-            .filter(|_| !self.failed.load(Ordering::Relaxed))
+            .filter(|_| !self.res.failed.load(Ordering::Relaxed))
         {
             let dw = self
+                .res
                 .resident
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
@@ -962,7 +1000,7 @@ impl Exec {
         t: usize,
         y: &mut [f32],
     ) -> Result<(), DeviceError> {
-        if let Some(e) = lock(&self.pending).remove(&key) {
+        if let Some(e) = lock(&self.res.pending).remove(&key) {
             dev.wait(Stream::COMPUTE, e)?;
         }
         let mut sc = lock(&self.scratch);
@@ -1005,6 +1043,8 @@ fn grow(
 
 impl Drop for Exec {
     fn drop(&mut self) {
+        // The promotion worker finishes its queue first.
+        self.promoter.take();
         if let Some(dev) = &self.dev {
             let sc = self.scratch.get_mut().unwrap_or_else(|p| p.into_inner());
             for (b, _) in [sc.x.take(), sc.y.take()].into_iter().flatten() {
@@ -1018,12 +1058,9 @@ impl Drop for Exec {
             for (_, b) in params.drain() {
                 dev.free(b);
             }
-            for (_, dw) in self
-                .resident
-                .get_mut()
-                .unwrap_or_else(|p| p.into_inner())
-                .drain()
-            {
+            let resident =
+                std::mem::take(&mut *self.res.resident.write().unwrap_or_else(|p| p.into_inner()));
+            for (_, dw) in resident {
                 dev.free_weight(dw);
             }
         }
@@ -1131,7 +1168,7 @@ mod tests {
         assert!(ex.make_resident(&a).expect("upload"));
         assert_eq!(ex.linear(&a, &x, 1), cpu::linear(&a, &x, 1));
         assert!(
-            ex.failed.load(Ordering::Relaxed),
+            ex.res.failed.load(Ordering::Relaxed),
             "the failure is remembered"
         );
         assert_eq!(ex.linear(&a, &x, 1), cpu::linear(&a, &x, 1));

@@ -168,9 +168,13 @@ impl Dispatch {
         } else {
             Vec::new()
         };
-        let on_device = |e: usize| match &hits {
-            Some(h) => h.contains(&e) || streamed.iter().any(|(s, _)| *s == e),
-            None => mats(e).iter().all(|m| ex.is_resident(m)),
+        // (A hit whose promotion copy is still being made runs on the CPU.)
+        let on_device = |e: usize| {
+            let placed = match &hits {
+                Some(h) => h.contains(&e) || streamed.iter().any(|(s, _)| *s == e),
+                None => true,
+            };
+            placed && mats(e).iter().all(|m| ex.is_resident(m))
         };
         let (on_dev, on_cpu) = active
             .iter()
