@@ -313,16 +313,17 @@ pub(crate) fn charge(in_use: &mut u64, capacity: u64, bytes: u64) -> Result<()> 
     Ok(())
 }
 
-/// Counters every device keeps (the simulated one also its modelled time).
+/// Counters every device keeps.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Stats {
     pub bytes_to_device: u64,
     pub bytes_to_host: u64,
     pub transfers: u64,
     pub launches: u64,
-    /// Simulated device only: modelled seconds spent copying and computing.
-    pub modelled_copy_s: f64,
-    pub modelled_compute_s: f64,
+    /// Device seconds spent copying (both ways, weights included) and running kernels:
+    /// modelled on the simulated device, measured with events on a GPU, 0 on the CPU device.
+    pub copy_s: f64,
+    pub kernel_s: f64,
 }
 
 pub trait Device: Send + Sync {

@@ -70,9 +70,9 @@ impl SimDevice {
         *t += dt;
         let now = *t;
         if copy {
-            c.stats.modelled_copy_s += dt;
+            c.stats.copy_s += dt;
         } else {
-            c.stats.modelled_compute_s += dt;
+            c.stats.kernel_s += dt;
         }
         now
     }

@@ -41,6 +41,7 @@ pub struct CudaDevice {
     /// first upload; None after an allocation failure: pageable copies then).
     staging: Mutex<Option<Staging>>,
     stats: Mutex<Stats>,
+    timing: Mutex<Timing>,
     next: AtomicU64,
     capacity: u64,
     name: String,
@@ -49,6 +50,40 @@ pub struct CudaDevice {
     /// Units compiled now (the rest came from the disk cache).
     pub compiled_units: usize,
 }
+
+/// Device time of copies and kernels: an event pair around each, turned into seconds once
+/// the end event has passed (the host never waits for that, except when stats are read).
+#[derive(Default)]
+struct Timing {
+    spans: Vec<(CudaEvent, CudaEvent, bool)>,
+    copy_s: f64,
+    kernel_s: f64,
+}
+
+impl Timing {
+    /// Spans whose end passed (all of them with `wait`) into the totals.
+    fn harvest(&mut self, wait: bool) {
+        let spans = std::mem::take(&mut self.spans);
+        for (a, b, copy) in spans {
+            if !wait && !b.is_complete() {
+                self.spans.push((a, b, copy));
+                continue;
+            }
+            // A failed query (a device error, reported elsewhere) drops the span.
+            if let Ok(ms) = a.elapsed_ms(&b) {
+                let t = if copy {
+                    &mut self.copy_s
+                } else {
+                    &mut self.kernel_s
+                };
+                *t += f64::from(ms) / 1e3;
+            }
+        }
+    }
+}
+
+/// Spans kept before the finished ones are summed.
+const TIMING_SPANS: usize = 256;
 
 /// Bytes per pinned staging buffer.
 const STAGE_BYTES: usize = 16 << 20;
@@ -179,6 +214,7 @@ impl CudaDevice {
                 in_use: 0,
             }),
             stats: Mutex::new(Stats::default()),
+            timing: Mutex::new(Timing::default()),
             next: AtomicU64::new(1),
             capacity,
             arch,
@@ -347,171 +383,37 @@ impl CudaDevice {
         unsafe { b.launch(cfg) }.map_err(drv)?;
         Ok(())
     }
-}
 
-impl CudaDevice {
-    /// Device-to-device copy bandwidth in GB/s, counting bytes read and written (the
-    /// memory's own throughput: the bound a weight-streaming kernel is measured against).
-    pub fn copy_gbs(&self, bytes: usize, reps: usize) -> Result<f64> {
-        let st = &self.streams[0];
-        let src = st.alloc_zeros::<u8>(bytes).map_err(drv)?;
-        let mut dst = st.alloc_zeros::<u8>(bytes).map_err(drv)?;
-        st.memcpy_dtod(&src, &mut dst).map_err(drv)?;
-        st.synchronize().map_err(drv)?;
-        let t = std::time::Instant::now();
-        for _ in 0..reps.max(1) {
-            st.memcpy_dtod(&src, &mut dst).map_err(drv)?;
+    /// Run `f` (copies or kernels queued on `st`) between two timing events.
+    fn timed<R>(
+        &self,
+        st: &Arc<CudaStream>,
+        copy: bool,
+        f: impl FnOnce() -> Result<R>,
+    ) -> Result<R> {
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = st.record_event(flags).map_err(drv)?;
+        let r = f()?;
+        let end = st.record_event(flags).map_err(drv)?;
+        let mut t = lock(&self.timing);
+        t.spans.push((start, end, copy));
+        if t.spans.len() >= TIMING_SPANS {
+            t.harvest(false);
         }
-        st.synchronize().map_err(drv)?;
-        Ok(2.0 * (bytes * reps.max(1)) as f64 / t.elapsed().as_secs_f64() / 1e9)
-    }
-}
-
-fn cfg1(blocks: usize, threads: u32) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (blocks.max(1) as u32, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
-impl Device for CudaDevice {
-    fn name(&self) -> String {
-        self.name.clone()
+        Ok(r)
     }
 
-    fn capacity(&self) -> u64 {
-        self.capacity
-    }
-
-    fn in_use(&self) -> u64 {
-        self.lock().in_use
-    }
-
-    fn alloc(&self, bytes: usize) -> Result<Buf> {
-        let mut m = self.lock();
-        charge(&mut m.in_use, self.capacity, bytes as u64)?;
-        let sl = match self.streams[0].alloc_zeros::<u8>(bytes.max(1)) {
-            Ok(s) => s,
-            Err(e) => {
-                m.in_use -= bytes as u64;
-                return Err(drv(e));
-            }
-        };
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        m.bufs.insert(id, sl);
-        Ok(Buf(id))
-    }
-
-    fn free(&self, b: Buf) {
-        let mut m = self.lock();
-        if let Some(sl) = m.bufs.remove(&b.0) {
-            m.in_use -= sl.len() as u64;
-        }
-    }
-
-    fn write_at(&self, dst: Buf, offset: usize, src: &[u8], s: Stream) -> Result<()> {
-        let mut m = self.lock();
-        let st = self.stream(s).clone();
-        let sl = m.bufs.get_mut(&dst.0).ok_or(DeviceError::Unknown(dst.0))?;
-        if sl.len() < offset + src.len() {
-            return Err(DeviceError::Shape {
-                op: "write",
-                msg: format!(
-                    "{} bytes at {offset} into a buffer of {}",
-                    src.len(),
-                    sl.len()
-                ),
-            });
-        }
-        let mut view = sl.slice_mut(offset..offset + src.len());
-        st.memcpy_htod(src, &mut view).map_err(drv)?;
-        self.count(|c| {
-            c.bytes_to_device += src.len() as u64;
-            c.transfers += 1;
-        });
-        Ok(())
-    }
-
-    fn read(&self, src: Buf, dst: &mut [u8], s: Stream) -> Result<()> {
+    /// The kernel launch of one op on stream `st`.
+    fn launch_op(&self, op: &Op, st: &Arc<CudaStream>) -> Result<()> {
         let m = self.lock();
-        let st = self.stream(s).clone();
-        let sl = m.bufs.get(&src.0).ok_or(DeviceError::Unknown(src.0))?;
-        if sl.len() < dst.len() {
-            return Err(DeviceError::Shape {
-                op: "read",
-                msg: format!("{} bytes from a buffer of {}", dst.len(), sl.len()),
-            });
-        }
-        st.memcpy_dtoh(&sl.slice(0..dst.len()), dst).map_err(drv)?;
-        st.synchronize().map_err(drv)?;
-        self.count(|c| {
-            c.bytes_to_host += dst.len() as u64;
-            c.transfers += 1;
-        });
-        Ok(())
-    }
-
-    fn upload_weight(&self, w: &Weight, s: Stream) -> Result<DevWeight> {
-        let (data, scales): (&[u8], Option<&[u8]>) = match w {
-            Weight::Fp8 { codes, scales, .. } => (codes, Some(scales)),
-            Weight::Fp4 { packed, scales, .. } => (packed, Some(scales)),
-            Weight::Bf16 { data, .. } => (data, None),
-        };
-        let bytes = (data.len() + scales.map_or(0, |s| s.len())) as u64;
-        let mut m = self.lock();
-        charge(&mut m.in_use, self.capacity, bytes)?;
-        let st = self.stream(s).clone();
-        let up = |src: &[u8]| -> Result<CudaSlice<u8>> { self.upload_staged(&st, src) };
-        let res = up(data).and_then(|d| Ok((d, scales.map(up).transpose()?)));
-        let (d, sc) = match res {
-            Ok(v) => v,
-            Err(e) => {
-                m.in_use -= bytes;
-                return Err(e);
-            }
-        };
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let info = DevWeight {
-            id,
-            format: Format::of(w),
-            rows: w.rows(),
-            cols: w.cols(),
-            bytes,
-        };
-        m.weights.insert(
-            id,
-            DevWeightMem {
-                data: d,
-                scales: sc,
-                info,
-            },
-        );
-        self.count(|c| {
-            c.bytes_to_device += bytes;
-            c.transfers += 1;
-        });
-        Ok(info)
-    }
-
-    fn free_weight(&self, w: DevWeight) {
-        let mut m = self.lock();
-        if let Some(dw) = m.weights.remove(&w.id) {
-            m.in_use -= dw.info.bytes;
-        }
-    }
-
-    fn launch(&self, op: &Op, s: Stream) -> Result<()> {
-        let m = self.lock();
-        let st = self.stream(s).clone();
-        let a = |b: Buf| self.addr(&m, b, &st);
+        let a = |b: Buf| self.addr(&m, b, st);
         let opt = |b: Option<Buf>| {
-            b.map(|b| self.addr(&m, b, &st))
+            b.map(|b| self.addr(&m, b, st))
                 .transpose()
                 .map(|p| p.unwrap_or(0))
         };
         match op {
-            Op::Linear { .. } => self.launch_linear(&m, op, &st)?,
+            Op::Linear { .. } => self.launch_linear(&m, op, st)?,
             Op::RmsNorm {
                 x,
                 w,
@@ -977,6 +879,171 @@ impl Device for CudaDevice {
                 unsafe { b.launch(cfg1(*rows, 1024)) }.map_err(drv)?;
             }
         }
+        Ok(())
+    }
+}
+
+impl CudaDevice {
+    /// Device-to-device copy bandwidth in GB/s, counting bytes read and written (the
+    /// memory's own throughput: the bound a weight-streaming kernel is measured against).
+    pub fn copy_gbs(&self, bytes: usize, reps: usize) -> Result<f64> {
+        let st = &self.streams[0];
+        let src = st.alloc_zeros::<u8>(bytes).map_err(drv)?;
+        let mut dst = st.alloc_zeros::<u8>(bytes).map_err(drv)?;
+        st.memcpy_dtod(&src, &mut dst).map_err(drv)?;
+        st.synchronize().map_err(drv)?;
+        let t = std::time::Instant::now();
+        for _ in 0..reps.max(1) {
+            st.memcpy_dtod(&src, &mut dst).map_err(drv)?;
+        }
+        st.synchronize().map_err(drv)?;
+        Ok(2.0 * (bytes * reps.max(1)) as f64 / t.elapsed().as_secs_f64() / 1e9)
+    }
+}
+
+fn cfg1(blocks: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks.max(1) as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+impl Device for CudaDevice {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    fn in_use(&self) -> u64 {
+        self.lock().in_use
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<Buf> {
+        let mut m = self.lock();
+        charge(&mut m.in_use, self.capacity, bytes as u64)?;
+        let sl = match self.streams[0].alloc_zeros::<u8>(bytes.max(1)) {
+            Ok(s) => s,
+            Err(e) => {
+                m.in_use -= bytes as u64;
+                return Err(drv(e));
+            }
+        };
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        m.bufs.insert(id, sl);
+        Ok(Buf(id))
+    }
+
+    fn free(&self, b: Buf) {
+        let mut m = self.lock();
+        if let Some(sl) = m.bufs.remove(&b.0) {
+            m.in_use -= sl.len() as u64;
+        }
+    }
+
+    fn write_at(&self, dst: Buf, offset: usize, src: &[u8], s: Stream) -> Result<()> {
+        let mut m = self.lock();
+        let st = self.stream(s).clone();
+        let sl = m.bufs.get_mut(&dst.0).ok_or(DeviceError::Unknown(dst.0))?;
+        if sl.len() < offset + src.len() {
+            return Err(DeviceError::Shape {
+                op: "write",
+                msg: format!(
+                    "{} bytes at {offset} into a buffer of {}",
+                    src.len(),
+                    sl.len()
+                ),
+            });
+        }
+        let mut view = sl.slice_mut(offset..offset + src.len());
+        self.timed(&st, true, || st.memcpy_htod(src, &mut view).map_err(drv))?;
+        self.count(|c| {
+            c.bytes_to_device += src.len() as u64;
+            c.transfers += 1;
+        });
+        Ok(())
+    }
+
+    fn read(&self, src: Buf, dst: &mut [u8], s: Stream) -> Result<()> {
+        let m = self.lock();
+        let st = self.stream(s).clone();
+        let sl = m.bufs.get(&src.0).ok_or(DeviceError::Unknown(src.0))?;
+        if sl.len() < dst.len() {
+            return Err(DeviceError::Shape {
+                op: "read",
+                msg: format!("{} bytes from a buffer of {}", dst.len(), sl.len()),
+            });
+        }
+        self.timed(&st, true, || {
+            st.memcpy_dtoh(&sl.slice(0..dst.len()), dst).map_err(drv)
+        })?;
+        st.synchronize().map_err(drv)?;
+        self.count(|c| {
+            c.bytes_to_host += dst.len() as u64;
+            c.transfers += 1;
+        });
+        Ok(())
+    }
+
+    fn upload_weight(&self, w: &Weight, s: Stream) -> Result<DevWeight> {
+        let (data, scales): (&[u8], Option<&[u8]>) = match w {
+            Weight::Fp8 { codes, scales, .. } => (codes, Some(scales)),
+            Weight::Fp4 { packed, scales, .. } => (packed, Some(scales)),
+            Weight::Bf16 { data, .. } => (data, None),
+        };
+        let bytes = (data.len() + scales.map_or(0, |s| s.len())) as u64;
+        charge(&mut self.lock().in_use, self.capacity, bytes)?;
+        // The staging copies run without the memory lock: a promotion made by the background
+        // worker must not hold up the decode thread's launches.
+        let st = self.stream(s).clone();
+        let up = |src: &[u8]| -> Result<CudaSlice<u8>> { self.upload_staged(&st, src) };
+        let res = self.timed(&st, true, || {
+            up(data).and_then(|d| Ok((d, scales.map(up).transpose()?)))
+        });
+        let mut m = self.lock();
+        let (d, sc) = match res {
+            Ok(v) => v,
+            Err(e) => {
+                m.in_use -= bytes;
+                return Err(e);
+            }
+        };
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let info = DevWeight {
+            id,
+            format: Format::of(w),
+            rows: w.rows(),
+            cols: w.cols(),
+            bytes,
+        };
+        m.weights.insert(
+            id,
+            DevWeightMem {
+                data: d,
+                scales: sc,
+                info,
+            },
+        );
+        self.count(|c| {
+            c.bytes_to_device += bytes;
+            c.transfers += 1;
+        });
+        Ok(info)
+    }
+
+    fn free_weight(&self, w: DevWeight) {
+        let mut m = self.lock();
+        if let Some(dw) = m.weights.remove(&w.id) {
+            m.in_use -= dw.info.bytes;
+        }
+    }
+
+    fn launch(&self, op: &Op, s: Stream) -> Result<()> {
+        let st = self.stream(s).clone();
+        self.timed(&st, false, || self.launch_op(op, &st))?;
         self.count(|c| c.launches += 1);
         Ok(())
     }
@@ -1002,7 +1069,12 @@ impl Device for CudaDevice {
     }
 
     fn stats(&self) -> Stats {
-        lock(&self.stats).clone()
+        let mut s = lock(&self.stats).clone();
+        let mut t = lock(&self.timing);
+        t.harvest(true);
+        s.copy_s = t.copy_s;
+        s.kernel_s = t.kernel_s;
+        s
     }
 
     fn memory_gbs(&self) -> Option<f64> {
