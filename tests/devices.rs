@@ -640,6 +640,8 @@ fn kv_rows_stay_on_the_device_and_decode_traffic_does_not_grow_with_context() {
 struct TestCard {
     dev: SimDevice,
     reads_left: std::sync::atomic::AtomicI64,
+    /// The next this many allocations report no room.
+    refuse_allocs: std::sync::atomic::AtomicI64,
     gate: std::sync::Mutex<bool>,
     opened: std::sync::Condvar,
 }
@@ -649,6 +651,7 @@ impl TestCard {
         TestCard {
             dev: SimDevice::new(1 << 30, SimCost::default()),
             reads_left: std::sync::atomic::AtomicI64::new(reads_left),
+            refuse_allocs: std::sync::atomic::AtomicI64::new(0),
             gate: std::sync::Mutex::new(true),
             opened: std::sync::Condvar::new(),
         }
@@ -674,6 +677,17 @@ impl Device for TestCard {
         &self,
         bytes: usize,
     ) -> dsflash::backend::device::Result<dsflash::backend::device::Buf> {
+        if self
+            .refuse_allocs
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed)
+            > 0
+        {
+            return Err(dsflash::backend::device::DeviceError::OutOfMemory {
+                requested: bytes as u64,
+                free: 0,
+                capacity: self.dev.capacity(),
+            });
+        }
         self.dev.alloc(bytes)
     }
     fn free(&self, b: dsflash::backend::device::Buf) {
@@ -848,4 +862,42 @@ fn decode_never_waits_for_a_promotion_copy() {
         "promoted experts are resident once their copies are made"
     );
     assert_eq!(e.exec.redone_steps(), 0);
+}
+
+/// A prefill chunk the device finds no room for is computed on the host (same logits), and
+/// later chunks that long go straight there instead of failing again; shorter steps (decode)
+/// keep using the device.
+#[test]
+fn a_chunk_without_device_room_goes_to_the_host_once_and_for_all() {
+    let dir = fixture("tiny");
+    let ids: Vec<u32> = (1..60).collect();
+    let cpu_engine = Engine::open(&dir, Numerics::Reference).expect("open");
+    let mut e = Engine::open(&dir, Numerics::Reference).expect("open");
+    let card = Arc::new(TestCard::new(i64::MAX));
+    e.use_device_hybrid(card.clone(), hybrid(ExpertPolicy::Adaptive(None), Some(2)))
+        .expect("placement");
+    let (mut dev_s, mut cpu_s) = (
+        Session::new(&e, 4096, 16),
+        Session::new(&cpu_engine, 4096, 16),
+    );
+    // The first 16-token chunk meets a full card once.
+    card.refuse_allocs
+        .store(1, std::sync::atomic::Ordering::Relaxed);
+    let a = dev_s.prefill(&ids[..16], Want::Last).expect("prefill");
+    assert!(same_bits(
+        &a,
+        &cpu_s.prefill(&ids[..16], Want::Last).expect("prefill")
+    ));
+    assert_eq!((e.exec.redone_steps(), e.exec.device_steps()), (1, 0));
+    // The next 16-token chunk is not tried on the device again; the 10-token one after it
+    // still is.
+    let a = dev_s.prefill(&ids[16..42], Want::Last).expect("prefill");
+    assert!(same_bits(
+        &a,
+        &cpu_s.prefill(&ids[16..42], Want::Last).expect("prefill")
+    ));
+    assert_eq!((e.exec.redone_steps(), e.exec.device_steps()), (1, 1));
+    // Decode runs on the device.
+    decode_both(&mut dev_s, &mut cpu_s, &ids[42..50], "decode");
+    assert_eq!((e.exec.redone_steps(), e.exec.device_steps()), (1, 9));
 }

@@ -164,7 +164,9 @@ pub struct Exec {
     expert_stats: Mutex<ExpertStats>,
     trace: Mutex<Option<Trace>>,
     time: Mutex<TimeSplit>,
-    /// Steps the device gave up on (computed again on the host).
+    /// Steps computed on the device path, and those it gave up on (computed again on the
+    /// host).
+    device_steps: AtomicU64,
     redone: AtomicU64,
 }
 
@@ -198,6 +200,7 @@ impl Exec {
             expert_stats: Mutex::new(ExpertStats::default()),
             trace: Mutex::new(None),
             time: Mutex::new(TimeSplit::default()),
+            device_steps: AtomicU64::new(0),
             redone: AtomicU64::new(0),
         }
     }
@@ -248,6 +251,16 @@ impl Exec {
     /// Steps the device gave up on so far.
     pub fn redone_steps(&self) -> u64 {
         self.redone.load(Ordering::Relaxed)
+    }
+
+    /// A step ran on the device path from start to end.
+    pub fn note_device_step(&self) {
+        self.device_steps.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Steps the device path completed so far.
+    pub fn device_steps(&self) -> u64 {
+        self.device_steps.load(Ordering::Relaxed)
     }
 
     /// How many of a model's `blocks` (a prefix) run every op on the device: all of them in

@@ -82,6 +82,8 @@ pub struct Engine {
     pub traps: Traps,
     /// Where the matrix products run (the CPU unless weights are placed on a device).
     pub exec: Exec,
+    /// Steps of at least this many tokens skip the device path (one of them failed there).
+    device_gave_up_at: std::sync::atomic::AtomicUsize,
 }
 
 impl Engine {
@@ -111,12 +113,14 @@ impl Engine {
             numerics,
             traps: Traps::default(),
             exec: Exec::cpu(),
+            device_gave_up_at: std::sync::atomic::AtomicUsize::new(usize::MAX),
         })
     }
 
     /// Run on `dev`: its matrices are made resident in priority order (dense, head, experts)
     /// until the device is full; the rest stay on the CPU. Replaces any earlier placement.
     pub fn use_device(&mut self, dev: Arc<dyn Device>) -> Result<Placement, DeviceError> {
+        // (Steps whose activations then find no room run on the host.)
         let p = self.place(dev, u64::MAX, true)?;
         // Everything fits: every op of the forward pass runs on the device.
         self.exec
@@ -135,6 +139,7 @@ impl Engine {
     ) -> Result<Placement, DeviceError> {
         let budget = budget.min(dev.capacity());
         self.exec = Exec::on(dev.clone());
+        self.device_gave_up_at = std::sync::atomic::AtomicUsize::new(usize::MAX);
         let mats: Vec<&Weight> = self
             .weights
             .matrices()
@@ -178,11 +183,16 @@ impl Engine {
     ) -> Result<(Placement, usize), DeviceError> {
         let (policy, slots) = (o.policy, o.slots);
         let budget = o.budget.unwrap_or(u64::MAX).min(dev.capacity());
+        let ctx = o.ctx.unwrap_or(DEFAULT_KV_ROOM);
         let kv = match o.ctx {
             Some(ctx) => self.kv_reserve(ctx, o.chunk),
             None => self.kv_reserve(DEFAULT_KV_ROOM, o.chunk).min(budget / 4),
         };
-        let budget = budget.saturating_sub(kv);
+        // Room for a step's activations too, or the device path would find none once the
+        // expert cache has filled the rest.
+        let budget = budget
+            .saturating_sub(kv)
+            .saturating_sub(self.activation_bytes(o.chunk.max(1), ctx));
         let p = self.place(dev.clone(), budget, false)?;
         self.exec
             .set_whole_model(p.total > 0 && p.resident == p.total);
@@ -225,6 +235,29 @@ impl Engine {
         };
         self.exec.set_expert_policy(pol, seed);
         Ok((p, slots))
+    }
+
+    /// Device bytes a step of `t` tokens at up to `ctx` context may hold in activations on
+    /// the device path (an upper bound: the residual streams and the mHC site's, all of one
+    /// attention site's intermediates and key lists, one MoE site's with every routed
+    /// expert's output kept until they are added).
+    fn activation_bytes(&self, t: usize, ctx: usize) -> u64 {
+        let c = &self.cfg;
+        let (d, hc, hd) = (c.hidden_size, c.hc_mult, c.head_dim);
+        let site = hc * d + 2 * hc + hc * hc + d;
+        let attn = d
+            + 2 * c.q_lora_rank
+            + 3 * c.num_attention_heads * hd
+            + 5 * hd
+            + 2 * c.index_n_heads * c.index_head_dim
+            + 4 * c.o_groups * c.o_lora_rank
+            + 2 * (c.sliding_window + ctx / 128 + c.index_topk + 1);
+        let expert = 2 * d + 4 * c.moe_intermediate_size;
+        let moe =
+            c.n_routed_experts + 2 * c.num_experts_per_tok + (c.num_experts_per_tok + 1) * expert;
+        // Per query: the indexer's scores over every compressed row.
+        let per_step = ctx / 4 + 2 * d * c.num_experts_per_tok;
+        4 * (t * (site + attn + moe) + per_step) as u64
     }
 
     /// Device bytes kept free for the KV rows of `ctx` tokens (fp32, as the host holds them:
@@ -434,7 +467,10 @@ impl Engine {
         }
         // Blocks whose ops run on the device keep the activations there; if the device gives
         // up anywhere, their state is put back and the step computed on the host.
-        let n_dev = if self.traps.none() && self.numerics != Numerics::Fast {
+        let tried = t < self
+            .device_gave_up_at
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let n_dev = if self.traps.none() && self.numerics != Numerics::Fast && tried {
             self.exec.device_blocks(state.len())
         } else {
             0
@@ -442,10 +478,17 @@ impl Engine {
         if n_dev > 0 {
             let marks: Vec<StepMark> = state[..n_dev].iter().map(|s| s.step_mark(t0, t)).collect();
             if let Some(out) = self.forward_on_device(state, &x, tokens, t0, want, n_dev) {
+                self.exec.note_device_step();
                 return out;
             }
             self.exec.enter_layer(None);
             self.exec.note_redone_step();
+            // Steps this long (or longer) go straight to the host from now on: chunks that
+            // do not fit would otherwise be computed twice every time.
+            if t > 1 {
+                self.device_gave_up_at
+                    .fetch_min(t, std::sync::atomic::Ordering::Relaxed);
+            }
             for (s, m) in state.iter_mut().zip(marks) {
                 s.step_restore(m);
             }
