@@ -522,7 +522,8 @@ fn kv_rows_stay_on_the_device_and_decode_traffic_does_not_grow_with_context() {
     assert!(ids.len() >= 500);
     let cpu_engine = Engine::open(&dir, Numerics::Reference).expect("open");
     let mut e = Engine::open(&dir, Numerics::Reference).expect("open");
-    let sim = Arc::new(SimDevice::new(1 << 30, SimCost::default()));
+    // (A simulated card that also counts reads: each one is a synchronisation.)
+    let sim = Arc::new(TestCard::new(i64::MAX));
     e.use_device_hybrid(sim.clone(), hybrid(ExpertPolicy::Adaptive(None), Some(0)))
         .expect("placement");
     assert!(e.exec.ops_on_device(), "the dense part fits: device ops");
@@ -538,6 +539,7 @@ fn kv_rows_stay_on_the_device_and_decode_traffic_does_not_grow_with_context() {
     // the 128-token window, so the per-step window rows are the same).
     let mut per_step = Vec::new();
     let mut back_per_step = Vec::new();
+    let mut reads_per_step = Vec::new();
     let mut fed = 0;
     for n in [200usize, 480] {
         let a = dev_s.prefill(&ids[fed..n], Want::Last).expect("prefill");
@@ -547,6 +549,7 @@ fn kv_rows_stay_on_the_device_and_decode_traffic_does_not_grow_with_context() {
             "prefill",
         );
         let (before, before_back) = (sim.stats().bytes_to_device, sim.stats().bytes_to_host);
+        let reads_before = sim.reads_left();
         for k in 0..16 {
             let tok = ids[n + k];
             let a = dev_s.decode_step(tok).expect("decode");
@@ -554,6 +557,7 @@ fn kv_rows_stay_on_the_device_and_decode_traffic_does_not_grow_with_context() {
         }
         per_step.push((sim.stats().bytes_to_device - before) / 16);
         back_per_step.push((sim.stats().bytes_to_host - before_back) / 16);
+        reads_per_step.push((reads_before - sim.reads_left()) as f64 / 16.0);
         fed = n + 16;
     }
     let cfg = &e.cfg;
@@ -616,6 +620,18 @@ fn kv_rows_stay_on_the_device_and_decode_traffic_does_not_grow_with_context() {
             "{back_per_step:?} bytes back per step, more than {contract}"
         );
     }
+    // And it comes in few reads (each one waits for the device): per layer one for the
+    // attention site, one per query for a CSA layer's indexer choice, one for the MoE site's
+    // routing and input; one for the logits.
+    let csa = (0..cfg.num_hidden_layers)
+        .filter(|&l| cfg.compress_ratio(l) == 4)
+        .count();
+    let most = (2 * cfg.num_hidden_layers + csa + 1) as f64;
+    eprintln!("reads per decode step: {reads_per_step:?} (at most {most})");
+    assert!(
+        reads_per_step.iter().all(|&r| r <= most),
+        "{reads_per_step:?} reads per step"
+    );
     assert_eq!(e.exec.redone_steps(), 0, "the device ran every step");
     // Rewind past completed rows, then continue differently: the device copies start over.
     let (md, mc) = (dev_s.mark(), cpu_s.mark());
@@ -655,6 +671,11 @@ impl TestCard {
             gate: std::sync::Mutex::new(true),
             opened: std::sync::Condvar::new(),
         }
+    }
+
+    /// Reads still allowed (counts down by one per read).
+    fn reads_left(&self) -> i64 {
+        self.reads_left.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn set_gate(&self, open: bool) {

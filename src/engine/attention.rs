@@ -346,20 +346,48 @@ pub fn forward_on_device<'e>(
     offload::rms_norm_rows(ex, &kv, Some(&w.kv_norm), hd, eps)?;
     offload::rope_rows(ex, ctx.rope, &kv, hd, t0, 1, false)?;
     offload::kv_rows(ex, num, &kv, hd, nope)?;
-    let kv_host = kv.read()?;
-    // Compressors: their inputs come to the host, where the pooling state is.
+    // The compressors' inputs and the indexer's query; then what the host needs (the new
+    // KV rows for its window ring, the compressors' inputs for their pooling state, the
+    // indexer's head weights) comes back in one copy.
+    let comp = match &w.compressor {
+        Some(cw) => Some((
+            offload::linear(ex, &cw.wkv, x, t)?,
+            offload::linear(ex, &cw.wgate, x, t)?,
+        )),
+        None => None,
+    };
+    let (ih, ihd) = (cfg.index_n_heads, cfg.index_head_dim);
+    let index = match &w.indexer {
+        Some(iwts) => {
+            let a = offload::linear(ex, &iwts.compressor.wkv, x, t)?;
+            let z = offload::linear(ex, &iwts.compressor.wgate, x, t)?;
+            let iq = offload::linear(ex, &iwts.wq_b, &q_in, t)?;
+            offload::rope_rows(ex, ctx.rope, &iq, ihd, t0, ih, false)?;
+            offload::indexer_vecs(ex, num, &iq, ihd)?;
+            let iw = offload::linear(ex, &iwts.weights_proj, x, t)?;
+            Some((a, z, iq, iw))
+        }
+        None => None,
+    };
+    let mut parts = vec![(kv.buf(), kv.len())];
+    let pairs = comp.iter().map(|(a, z)| (a, z));
+    for (a, z) in pairs.chain(index.iter().map(|(a, z, _, _)| (a, z))) {
+        parts.extend([(a.buf(), a.len()), (z.buf(), z.len())]);
+    }
+    if let Some((_, _, _, iw)) = &index {
+        parts.push((iw.buf(), iw.len()));
+    }
+    let mut back = offload::read_together(ex, &parts)?.into_iter();
+    let kv_host = back.next()?;
     if let (Some(cw), Some(cs)) = (&w.compressor, st.comp.as_mut()) {
-        let a = offload::linear(ex, &cw.wkv, x, t)?.read()?;
-        let z = offload::linear(ex, &cw.wgate, x, t)?.read()?;
+        let (a, z) = (back.next()?, back.next()?);
         cs.feed_chunk(cw, ctx.rope, eps, &a, &z, t0, ctx.traps, |row| {
             num.kv_row(row, nope)
         });
     }
-    let (ih, ihd) = (cfg.index_n_heads, cfg.index_head_dim);
     let mut index_q = None;
-    if let (Some(iwts), Some(is)) = (&w.indexer, st.index.as_mut()) {
-        let a = offload::linear(ex, &iwts.compressor.wkv, x, t)?.read()?;
-        let z = offload::linear(ex, &iwts.compressor.wgate, x, t)?.read()?;
+    if let (Some(iwts), Some(is), Some((_, _, iq, _))) = (&w.indexer, st.index.as_mut(), index) {
+        let (a, z) = (back.next()?, back.next()?);
         is.feed_chunk(
             &iwts.compressor,
             ctx.rope,
@@ -370,14 +398,12 @@ pub fn forward_on_device<'e>(
             ctx.traps,
             |row| num.indexer_vec(row),
         );
-        let iq = offload::linear(ex, &iwts.wq_b, &q_in, t)?;
-        offload::rope_rows(ex, ctx.rope, &iq, ihd, t0, ih, false)?;
-        offload::indexer_vecs(ex, num, &iq, ihd)?;
-        let mut iw = offload::linear(ex, &iwts.weights_proj, x, t)?.read()?;
+        let mut iw = back.next()?;
         let s = (ihd as f32).powf(-0.5) * (ih as f32).powf(-0.5);
         iw.iter_mut().for_each(|v| *v *= s);
         index_q = Some((iq, iw));
     }
+    drop(comp);
     drop(q_in);
     let o = core_on_device(ctx, w, st, &kv, &q, index_q.as_ref(), t0, t)?;
     // The window ring now takes this chunk's keys (after every query read the old ones).

@@ -295,10 +295,10 @@ pub fn forward_on_device<'e>(
 ) -> Option<Act<'e>> {
     let ex = ctx.ex;
     let logits = offload::linear(ex, &w.gate, x, tokens.len())?;
-    let (routes, route_w) = offload::route(ex, ctx.cfg, w, &logits, tokens)?;
+    let (routes, route_w, x_host) = offload::route(ex, ctx.cfg, w, &logits, x, tokens)?;
     drop(logits);
     let plan = Dispatch::new(ctx, w, &routes);
-    let y = run_on_device(ctx, w, x, &routes, &route_w, &plan);
+    let y = run_on_device(ctx, w, (x, &x_host), &routes, &route_w, &plan);
     plan.finish(ex);
     y
 }
@@ -307,7 +307,7 @@ pub fn forward_on_device<'e>(
 fn run_on_device<'e>(
     ctx: &MoeCtx<'e>,
     w: &MoeWeights,
-    x: &Act<'e>,
+    (x, x_host): (&Act<'e>, &[f32]),
     routes: &[Route],
     route_w: &Act,
     plan: &Dispatch,
@@ -322,11 +322,6 @@ fn run_on_device<'e>(
     let slot = |e: usize| routes[0].experts.iter().position(|&x| x == e).unwrap_or(0);
     let host_weights = |e: usize| groups[e].iter().map(|m| m.1).collect::<Vec<f32>>();
     let token_ids = |e: usize| groups[e].iter().map(|m| m.0).collect::<Vec<usize>>();
-    let x_host = if plan.on_cpu.is_empty() {
-        None
-    } else {
-        Some(x.read()?)
-    };
     let run_dev = |e: usize| -> Option<Act<'e>> {
         let n = groups[e].len();
         let wts = host_weights(e);
@@ -343,7 +338,7 @@ fn run_on_device<'e>(
         }
     };
     let run_cpu = |e: usize| -> Vec<f32> {
-        let xh = x_host.as_deref().unwrap_or_default();
+        let xh = x_host;
         let members = &groups[e];
         let mut xe = vec![0f32; members.len() * d];
         for (j, &(ti, _)) in members.iter().enumerate() {

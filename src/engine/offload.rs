@@ -108,6 +108,36 @@ impl RowWeights<'_> {
     }
 }
 
+/// Several device values brought back in one copy (each read is a synchronisation, so a
+/// layer gathers what the host needs first): `parts` are (buffer, values), copied one after
+/// the other into one buffer and read; returns them split again. i32 parts come back as the
+/// f32 values with their bits (`f32::to_bits`).
+pub fn read_together(ex: &Exec, parts: &[(Buf, usize)]) -> Option<Vec<Vec<f32>>> {
+    let total: usize = parts.iter().map(|p| p.1).sum();
+    let all = Act::new(ex, total)?;
+    let mut at = 0;
+    let ops: Vec<Op> = parts
+        .iter()
+        .map(|&(b, n)| {
+            let op = copy(b, 0, n, all.buf, at, n, 1, n);
+            at += n;
+            op
+        })
+        .collect();
+    if !ex.launch(&ops) {
+        return None;
+    }
+    let v = all.read()?;
+    let mut out = Vec::with_capacity(parts.len());
+    let mut rest = &v[..];
+    for &(_, n) in parts {
+        let (a, b) = rest.split_at(n);
+        out.push(a.to_vec());
+        rest = b;
+    }
+    Some(out)
+}
+
 /// y = x · Wᵀ for `t` rows, `w` resident on the device.
 pub fn linear<'e>(ex: &'e Exec, w: &Weight, x: &Act, t: usize) -> Option<Act<'e>> {
     let y = Act::new(ex, t * w.rows())?;
@@ -526,14 +556,16 @@ pub fn indexer_select(
 
 /// MoE routing of the tokens (logits [t, E]): sqrt-softplus scores, the top k of score + bias
 /// or the hash layer's experts, normalised and scaled weights. The routes come to the host
-/// (the one copy a layer's routing needs); the weights [t, k] also stay on the device.
+/// in one copy together with `x` (the MoE input, for the CPU's experts): the one read a MoE
+/// site makes. The weights [t, k] also stay on the device.
 pub fn route<'e>(
     ex: &'e Exec,
     cfg: &ModelConfig,
     w: &MoeWeights,
     logits: &Act,
+    x: &Act,
     tokens: &[u32],
-) -> Option<(Vec<Route>, Act<'e>)> {
+) -> Option<(Vec<Route>, Act<'e>, Vec<f32>)> {
     let (t, n_experts, k) = (tokens.len(), cfg.n_routed_experts, cfg.num_experts_per_tok);
     let hashed: Option<Vec<u8>> = w.tid2eid.as_ref().map(|_| {
         i32_bytes(
@@ -543,13 +575,13 @@ pub fn route<'e>(
         )
     });
     let weights = Act::new(ex, t * k)?;
-    let mut experts = vec![0u8; 4 * t * k];
+    let experts = Act::new(ex, t * k)?;
     let ok = ex.offload(
         &mut [
             Arg::Dev(logits.buf),
             Arg::maybe_param(w.bias.as_deref().map(f32_bytes)),
             Arg::maybe(hashed.as_deref()),
-            Arg::Out(&mut experts),
+            Arg::Dev(experts.buf),
             Arg::Dev(weights.buf),
         ],
         |b| Op::RouteTopk {
@@ -564,16 +596,23 @@ pub fn route<'e>(
             weights: b[4],
         },
     );
-    let wts = if ok { weights.read()? } else { return None };
-    let ids = bytes_i32(&experts);
+    if !ok {
+        return None;
+    }
+    let mut got = read_together(
+        ex,
+        &[(experts.buf, t * k), (weights.buf, t * k), (x.buf, x.len)],
+    )?;
+    let x_host = got.pop()?;
+    let (ids, wts) = (&got[0], &got[1]);
     let routes = (0..t)
         .map(|j| Route {
             experts: ids[j * k..(j + 1) * k]
                 .iter()
-                .map(|&e| e as usize)
+                .map(|&e| e.to_bits() as usize)
                 .collect(),
             weights: wts[j * k..(j + 1) * k].to_vec(),
         })
         .collect();
-    Some((routes, weights))
+    Some((routes, weights, x_host))
 }
