@@ -333,6 +333,7 @@ pub trait Device: Send + Sync {
     fn capacity(&self) -> u64;
     /// Bytes allocated now.
     fn in_use(&self) -> u64;
+    /// A buffer of `bytes` whose contents are unset (the CPU device fills it with NaNs).
     fn alloc(&self, bytes: usize) -> Result<Buf>;
     fn free(&self, b: Buf);
     /// Copy host bytes into a buffer from byte `offset` on, ordered on `s`.

@@ -76,6 +76,8 @@ struct Queue {
 struct Shared {
     q: Mutex<Queue>,
     idle: Condvar,
+    /// The executor is going away: queued copies are dropped, not made.
+    closing: AtomicBool,
 }
 
 /// The background promotion worker of one device.
@@ -94,7 +96,9 @@ impl Promoter {
             .name("dsflash-promote".into())
             .spawn(move || {
                 for (key, w) in rx {
-                    let r = if res.failed.load(Ordering::Relaxed) {
+                    let r = if sh.closing.load(Ordering::Relaxed) {
+                        Ok(())
+                    } else if res.failed.load(Ordering::Relaxed) {
                         Err(DeviceError::Backend("device already failed".into()))
                     } else {
                         res.upload(dev.as_ref(), key, &w)
@@ -165,7 +169,8 @@ impl Promoter {
 
 impl Drop for Promoter {
     fn drop(&mut self) {
-        // Closing the channel ends the worker once the queue is drained.
+        // Copies still queued are skipped; closing the channel ends the worker.
+        self.shared.closing.store(true, Ordering::Relaxed);
         self.tx.take();
         if let Some(h) = self.worker.take() {
             let _ = h.join();

@@ -638,7 +638,8 @@ impl Device for CpuDevice {
         let mut m = self.lock();
         charge(&mut m.in_use, self.capacity, bytes as u64)?;
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        m.bufs.insert(id, vec![0u8; bytes]);
+        // Contents are unset on a real device: NaNs here, so nothing comes to rely on zeros.
+        m.bufs.insert(id, vec![0xFFu8; bytes]);
         Ok(Buf(id))
     }
 
