@@ -402,7 +402,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     let (buf, reps) = if a.quick {
         (256usize << 20, 2)
     } else {
-        (2usize << 30, 3)
+        (2usize << 30, 6)
     };
     let bw = probe::read_bandwidth(buf, reps);
     let peak = probe::fma_peak(if a.quick { 0.3 } else { 1.0 });
@@ -424,7 +424,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     } else {
         512usize << 20
     };
-    let kreps = if a.quick { 1 } else { 3 };
+    let kreps = if a.quick { 1 } else { 15 };
     let mut kernels = Vec::new();
     // The default numerics (reference: E4M3 inputs, bf16 dot products), and the FP4 experts
     // again under `--numerics fast` (int8 inputs, int8 dot products).
