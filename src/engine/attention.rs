@@ -176,29 +176,19 @@ pub fn forward(
 
     // Compressors run on the same normed x; rows completed in this chunk are visible to the
     // later queries of the chunk by the causality rule.
-    if let (Some(cw), Some(cs)) = (&w.compressor, st.comp.as_mut()) {
-        let a = ex.linear(&cw.wkv, x, t);
-        let z = ex.linear(&cw.wgate, x, t);
-        cs.feed_chunk(cw, ctx.rope, eps, &a, &z, t0, ctx.traps, |row| {
-            num.kv_row(row, nope)
-        });
-    }
+    let comp_in = w
+        .compressor
+        .as_ref()
+        .map(|cw| (ex.linear(&cw.wkv, x, t), ex.linear(&cw.wgate, x, t)));
+    let index_in = w.indexer.as_ref().map(|iwts| {
+        let c = &iwts.compressor;
+        (ex.linear(&c.wkv, x, t), ex.linear(&c.wgate, x, t))
+    });
+    feed_compressors(ctx, w, st, comp_in, index_in, t0);
     let mut iq = Vec::new();
     let mut iw = Vec::new();
     let (ih, ihd) = (cfg.index_n_heads, cfg.index_head_dim);
-    if let (Some(iwts), Some(is)) = (&w.indexer, st.index.as_mut()) {
-        let a = ex.linear(&iwts.compressor.wkv, x, t);
-        let z = ex.linear(&iwts.compressor.wgate, x, t);
-        is.feed_chunk(
-            &iwts.compressor,
-            ctx.rope,
-            eps,
-            &a,
-            &z,
-            t0,
-            ctx.traps,
-            |row| num.indexer_vec(row),
-        );
+    if let Some(iwts) = &w.indexer {
         iq = ex.linear(&iwts.wq_b, &num.gemm_input(&q_lat, ql), t);
         for (k, qt) in iq.chunks_mut(ih * ihd).enumerate() {
             for head in qt.chunks_mut(ihd) {
@@ -310,6 +300,31 @@ pub fn forward(
     ex.linear(&w.wo_b, &num.gemm_input(&y, g * ol), t)
 }
 
+/// Feed a chunk's compressor inputs (a, z [t, coff·dim] for the main compressor and for the
+/// indexer's) to the block's compressors: completed rows are rounded as the numerics say and
+/// stored, visible to the chunk's later queries.
+fn feed_compressors(
+    ctx: &AttnCtx,
+    w: &AttnWeights,
+    st: &mut AttnState,
+    comp_in: Option<(Vec<f32>, Vec<f32>)>,
+    index_in: Option<(Vec<f32>, Vec<f32>)>,
+    t0: usize,
+) {
+    let (eps, num, nope) = (ctx.cfg.rms_norm_eps, ctx.numerics, ctx.cfg.nope_dim());
+    if let (Some(cw), Some(cs), Some((a, z))) = (&w.compressor, st.comp.as_mut(), comp_in) {
+        cs.feed_chunk(cw, ctx.rope, eps, &a, &z, t0, ctx.traps, |row| {
+            num.kv_row(row, nope)
+        });
+    }
+    if let (Some(iwts), Some(is), Some((a, z))) = (&w.indexer, st.index.as_mut(), index_in) {
+        let c = &iwts.compressor;
+        is.feed_chunk(c, ctx.rope, eps, &a, &z, t0, ctx.traps, |row| {
+            num.indexer_vec(row)
+        });
+    }
+}
+
 /// [`forward`] with every op on the device and the activations kept there: `x` [t, D] in,
 /// [t, D] out. The host gets the new KV rows (for its window ring), the compressors' inputs
 /// (their pooling state lives on the host) and the indexer's choices; nothing else comes
@@ -379,25 +394,17 @@ pub fn forward_on_device<'e>(
     }
     let mut back = offload::read_together(ex, &parts)?.into_iter();
     let kv_host = back.next()?;
-    if let (Some(cw), Some(cs)) = (&w.compressor, st.comp.as_mut()) {
-        let (a, z) = (back.next()?, back.next()?);
-        cs.feed_chunk(cw, ctx.rope, eps, &a, &z, t0, ctx.traps, |row| {
-            num.kv_row(row, nope)
-        });
-    }
+    let comp_in = match comp {
+        Some(_) => Some((back.next()?, back.next()?)),
+        None => None,
+    };
+    let index_in = match index {
+        Some(_) => Some((back.next()?, back.next()?)),
+        None => None,
+    };
+    feed_compressors(ctx, w, st, comp_in, index_in, t0);
     let mut index_q = None;
-    if let (Some(iwts), Some(is), Some((_, _, iq, _))) = (&w.indexer, st.index.as_mut(), index) {
-        let (a, z) = (back.next()?, back.next()?);
-        is.feed_chunk(
-            &iwts.compressor,
-            ctx.rope,
-            eps,
-            &a,
-            &z,
-            t0,
-            ctx.traps,
-            |row| num.indexer_vec(row),
-        );
+    if let Some((_, _, iq, _)) = index {
         let mut iw = back.next()?;
         let s = (ihd as f32).powf(-0.5) * (ih as f32).powf(-0.5);
         iw.iter_mut().for_each(|v| *v *= s);

@@ -319,16 +319,30 @@ fn run_on_device<'e>(
     let y = expert_on_device(ex, &w.shared, x, t, limit, num, RowWeights::One)?;
     // For one token, an expert's input is x itself and its weight sits in the routing's
     // weights on the device (slot i of the token's route); otherwise gathered / sent.
-    let slot = |e: usize| routes[0].experts.iter().position(|&x| x == e).unwrap_or(0);
+    // The routing weights of an expert's tokens: scaling its activation (reference
+    // numerics) or its output as it is added (the others).
     let host_weights = |e: usize| groups[e].iter().map(|m| m.1).collect::<Vec<f32>>();
+    fn route_weights<'a>(
+        routes: &[Route],
+        on_dev: &Act,
+        e: usize,
+        wts: &'a [f32],
+    ) -> RowWeights<'a> {
+        match routes {
+            [r] => {
+                let slot = r.experts.iter().position(|&x| x == e);
+                RowWeights::Dev(on_dev.buf(), slot.unwrap_or(0))
+            }
+            _ => RowWeights::Host(wts),
+        }
+    }
     let token_ids = |e: usize| groups[e].iter().map(|m| m.0).collect::<Vec<usize>>();
     let run_dev = |e: usize| -> Option<Act<'e>> {
         let n = groups[e].len();
         let wts = host_weights(e);
-        let pre = match (reference, t) {
-            (false, _) => RowWeights::One,
-            (true, 1) => RowWeights::Dev(route_w.buf(), slot(e)),
-            (true, _) => RowWeights::Host(&wts),
+        let pre = match reference {
+            true => route_weights(routes, route_w, e, &wts),
+            false => RowWeights::One,
         };
         if t == 1 {
             expert_on_device(ex, &w.experts[e], x, n, limit, num, pre)
@@ -392,10 +406,9 @@ fn run_on_device<'e>(
         };
         let n = groups[e].len();
         let wts = host_weights(e);
-        let weights = match (reference, t) {
-            (true, _) => RowWeights::One,
-            (false, 1) => RowWeights::Dev(route_w.buf(), slot(e)),
-            (false, _) => RowWeights::Host(&wts),
+        let weights = match reference {
+            true => RowWeights::One,
+            false => route_weights(routes, route_w, e, &wts),
         };
         let ids = token_ids(e);
         let idx = (t > 1).then_some(ids.as_slice());
