@@ -85,3 +85,30 @@ extern "C" __global__ void hadamard_e2m1(float* x, int n) {
     float s = e8m0_to_f32((u8)e8m0_ceil(amax / 6.0f));
     row[i] = round_e2m1(fminf(fmaxf(y / s, -6.0f), 6.0f)) * s;
 }
+
+// 2^k for -149 <= k <= 127, from its bits (exact; as formats::pow2).
+__device__ __forceinline__ float pow2i(int k) {
+    return k >= -126 ? __uint_as_float((u32)(k + 127) << 23) : __uint_as_float(1u << (k + 149));
+}
+
+// The smallest k with amax <= 127 * 2^k, at least -126 (formats::i8_block_exponent).
+__device__ __forceinline__ int i8_block_exponent(float amax) {
+    if (!isfinite(amax)) return 127;
+    u32 b = __float_as_uint(fabsf(amax));
+    int exp = (int)(b >> 23);
+    if (exp == 0) return -126;
+    return max(exp - 127 - 6 + ((b & 0x7fffff) > 0x7e0000 ? 1 : 0), -126);
+}
+
+// The fast numerics' int8 grid: per block, values to q * 2^k with integer |q| <= 127 (ties
+// to even), k from the block's largest magnitude. Launched as quant_e4m3 is.
+extern "C" __global__ void quant_i8(float* x, int width, int len, int block) {
+    float* p = x + (size_t)blockIdx.y * width + (size_t)blockIdx.x * block;
+    int n = min(block, len - (int)blockIdx.x * block);
+    float amax = 0.0f;
+    for (int i = threadIdx.x; i < n; i += WARP) amax = fmaxf(amax, fabsf(p[i]));
+    amax = warp_max(amax);
+    int k = i8_block_exponent(amax);
+    float s = pow2i(k), inv = pow2i(-k);
+    for (int i = threadIdx.x; i < n; i += WARP) p[i] = __fmul_rn(rintf(__fmul_rn(p[i], inv)), s);
+}

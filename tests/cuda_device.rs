@@ -578,6 +578,23 @@ fn attention_hyper_and_indexer_kernels_match_the_cpu() {
             "quant_e4m3",
         );
     }
+    // The fast numerics' int8 grid per 32 values (with tiny and huge blocks): bit for bit.
+    let mut xi = xs.clone();
+    xi[..32].iter_mut().for_each(|v| *v *= 1e-39); // subnormal block
+    xi[32..64].iter_mut().for_each(|v| *v *= 1e30);
+    let xb = p.f32(&xi);
+    let (qa, qb) = p.run(
+        |gp| Op::QuantI8 {
+            x: pick(gp, xb),
+            rows: 64,
+            width: 512,
+            len: 512,
+            block: 32,
+        },
+        xb,
+        4 * 64 * 512,
+    );
+    assert_eq!(qa, qb, "quant_i8");
     let hb = p.f32(&xs[..64 * 128]);
     let (ha, hb2) = p.run(
         |gp| Op::HadamardE2m1 {

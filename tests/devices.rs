@@ -371,9 +371,9 @@ fn expert_profile_round_trip_and_gpu_mem_cap() {
 fn whole_model_mode_runs_every_op_on_the_device_bit_identically() {
     // All three tiny checkpoints fully on a simulated device: every op of the forward pass
     // (norms, mHC, RoPE, routing, SwiGLU, indexer, attention) as a device op, with the
-    // logits and the greedy continuation identical to the CPU engine's in both numerics.
+    // logits and the greedy continuation identical to the CPU engine's in all three numerics.
     for dir in ["tiny", "tiny-b", "tiny-c"] {
-        for num in [Numerics::Ideal, Numerics::Reference] {
+        for num in [Numerics::Ideal, Numerics::Reference, Numerics::Fast] {
             let g = goldens(&fixture(&format!("{dir}/goldens.safetensors")))
                 .into_iter()
                 .max_by_key(|g| g.input_ids.len())

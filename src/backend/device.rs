@@ -234,6 +234,16 @@ pub enum Op {
         len: usize,
         block: usize,
     },
+    /// In place, the fast numerics' int8 grid: the first `len` values of each of `rows` rows
+    /// of `width`, per block of `block`, to q·2^k with integer |q| <= 127
+    /// (`formats::fake_quant_i8_blocks`).
+    QuantI8 {
+        x: Buf,
+        rows: usize,
+        width: usize,
+        len: usize,
+        block: usize,
+    },
     /// In place, per row of `n` (a power of two): orthonormal Hadamard rotation, then the
     /// E2M1 rounding in blocks of 32 (the indexer's queries and keys).
     HadamardE2m1 { x: Buf, rows: usize, n: usize },

@@ -141,7 +141,9 @@ impl SimDevice {
                 (4.0 * (n * ihd) as f64, 2.0 * (n * ih * ihd) as f64)
             }
             Op::TopkSelect { n, .. } => (4.0 * 5.0 * *n as f64, 0.0),
-            Op::QuantE4m3 { rows, width, .. } => (8.0 * (rows * width) as f64, 0.0),
+            Op::QuantE4m3 { rows, width, .. } | Op::QuantI8 { rows, width, .. } => {
+                (8.0 * (rows * width) as f64, 0.0)
+            }
             Op::HadamardE2m1 { rows, n, .. } => (
                 8.0 * (rows * n) as f64,
                 (rows * n) as f64 * (*n as f64).log2(),

@@ -470,7 +470,7 @@ impl Engine {
         let tried = t < self
             .device_gave_up_at
             .load(std::sync::atomic::Ordering::Relaxed);
-        let n_dev = if self.traps.none() && self.numerics != Numerics::Fast && tried {
+        let n_dev = if self.traps.none() && tried {
             self.exec.device_blocks(state.len())
         } else {
             0

@@ -11,6 +11,7 @@ use super::rope::Rope;
 use crate::backend::device::{Buf, Op, bytes_i32, f32_bytes, f32_bytes_mut};
 use crate::backend::exec::{Arg, Exec};
 use crate::model::config::ModelConfig;
+use crate::model::formats::I8_BLOCK;
 use crate::model::weights::{HcParams, MoeWeights, Weight};
 
 fn i32_bytes(v: impl IntoIterator<Item = usize>) -> Vec<u8> {
@@ -192,7 +193,7 @@ pub fn rope_rows(
 }
 
 /// The input of an FP8/FP4 product ([`Numerics::gemm_input`]): x itself (ideal) or a copy
-/// rounded per 128-block to E4M3 (reference). None for numerics without a device form.
+/// rounded per 128-block to E4M3 (reference) or per 32-block to the int8 grid (fast).
 pub fn gemm_input<'a, 'e>(
     ex: &'e Exec,
     num: Numerics,
@@ -201,29 +202,36 @@ pub fn gemm_input<'a, 'e>(
 ) -> Option<Input<'a, 'e>> {
     match num {
         Numerics::Ideal => Some(Input::Same(x)),
-        Numerics::Reference => {
+        Numerics::Reference | Numerics::Fast => {
             let y = Act::new(ex, x.len)?;
             let rows = x.len / cols;
-            ex.launch(&[
-                copy(x.buf, 0, cols, y.buf, 0, cols, rows, cols),
-                Op::QuantE4m3 {
-                    x: y.buf,
+            let (x_, width, len) = (y.buf, cols, cols);
+            let round = match num {
+                Numerics::Fast => Op::QuantI8 {
+                    x: x_,
                     rows,
-                    width: cols,
-                    len: cols,
+                    width,
+                    len,
+                    block: I8_BLOCK,
+                },
+                _ => Op::QuantE4m3 {
+                    x: x_,
+                    rows,
+                    width,
+                    len,
                     block: 128,
                 },
-            ])
-            .then_some(Input::Rounded(y))
+            };
+            ex.launch(&[copy(x.buf, 0, cols, y.buf, 0, cols, rows, cols), round])
+                .then_some(Input::Rounded(y))
         }
-        Numerics::Fast => None,
     }
 }
 
 /// Stored KV rows ([`Numerics::kv_row`] on each row of `width`).
 pub fn kv_rows(ex: &Exec, num: Numerics, kv: &Act, width: usize, nope: usize) -> Option<()> {
     match num {
-        Numerics::Ideal => Some(()),
+        Numerics::Ideal | Numerics::Fast => Some(()),
         Numerics::Reference => ex
             .launch(&[Op::QuantE4m3 {
                 x: kv.buf,
@@ -233,14 +241,13 @@ pub fn kv_rows(ex: &Exec, num: Numerics, kv: &Act, width: usize, nope: usize) ->
                 block: 64,
             }])
             .then_some(()),
-        Numerics::Fast => None,
     }
 }
 
 /// Indexer query heads / keys ([`Numerics::indexer_vec`] on each row of `n`).
 pub fn indexer_vecs(ex: &Exec, num: Numerics, v: &Act, n: usize) -> Option<()> {
     match num {
-        Numerics::Ideal => Some(()),
+        Numerics::Ideal | Numerics::Fast => Some(()),
         Numerics::Reference => ex
             .launch(&[Op::HadamardE2m1 {
                 x: v.buf,
@@ -248,7 +255,6 @@ pub fn indexer_vecs(ex: &Exec, num: Numerics, v: &Act, n: usize) -> Option<()> {
                 n,
             }])
             .then_some(()),
-        Numerics::Fast => None,
     }
 }
 

@@ -12,7 +12,7 @@ use crate::backend::device::{
     Buf, DevWeight, Device, DeviceError, Event, Format, Op, Result, Stats, Stream, bytes_f32,
     bytes_i32, charge, lock,
 };
-use crate::model::formats::{fake_quant_e2m1_blocks, fake_quant_e4m3_blocks};
+use crate::model::formats::{fake_quant_e2m1_blocks, fake_quant_e4m3_blocks, fake_quant_i8_blocks};
 use crate::model::weights::Weight;
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -501,18 +501,29 @@ fn run_op(m: &mut Memory, op: &Op) -> Result<()> {
             width,
             len,
             block,
+        }
+        | Op::QuantI8 {
+            x,
+            rows,
+            width,
+            len,
+            block,
         } => {
+            let (name, round): (_, fn(&mut [f32], usize)) = match op {
+                Op::QuantI8 { .. } => ("quant_i8", fake_quant_i8_blocks),
+                _ => ("quant_e4m3", fake_quant_e4m3_blocks),
+            };
             if len > width || *block == 0 {
                 return Err(shape(
-                    "quant_e4m3",
+                    name,
                     format!("{len} of {width} in blocks of {block}"),
                 ));
             }
-            let mut xs = get_f32(m, *x, rows * width, "quant_e4m3")?;
+            let mut xs = get_f32(m, *x, rows * width, name)?;
             for row in xs.chunks_mut(*width) {
-                fake_quant_e4m3_blocks(&mut row[..*len], *block);
+                round(&mut row[..*len], *block);
             }
-            put_f32(m, *x, &xs, "quant_e4m3")
+            put_f32(m, *x, &xs, name)
         }
         Op::HadamardE2m1 { x, rows, n } => {
             if !n.is_power_of_two() {

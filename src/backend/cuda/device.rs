@@ -776,23 +776,35 @@ impl CudaDevice {
                 width,
                 len,
                 block,
+            }
+            | Op::QuantI8 {
+                x,
+                rows,
+                width,
+                len,
+                block,
             } => {
+                let name = match op {
+                    Op::QuantI8 { .. } => "quant_i8",
+                    _ => "quant_e4m3",
+                };
                 if *block == 0 || *block > 1024 || len > width {
                     return Err(DeviceError::Shape {
-                        op: "quant_e4m3",
+                        op: name,
                         msg: format!("{len} of {width} in blocks of {block}"),
                     });
                 }
                 let xp = a(*x)?;
                 let (w_i, l_i, b_i) = (*width as i32, *len as i32, *block as i32);
-                let mut b = st.launch_builder(self.func("quant_e4m3")?);
+                let mut b = st.launch_builder(self.func(name)?);
                 b.arg(&xp).arg(&w_i).arg(&l_i).arg(&b_i);
                 let cfg = LaunchConfig {
                     grid_dim: (len.div_ceil(*block) as u32, *rows as u32, 1),
                     block_dim: (32, 1, 1),
                     shared_mem_bytes: 0,
                 };
-                // SAFETY: matches kernels/quant.cu quant_e4m3; x holds rows x width floats.
+                // SAFETY: matches kernels/quant.cu quant_e4m3 / quant_i8 (the same arguments);
+                // x holds rows x width floats.
                 unsafe { b.launch(cfg) }.map_err(drv)?;
             }
             Op::HadamardE2m1 { x, rows, n } => {
