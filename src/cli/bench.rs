@@ -232,6 +232,8 @@ pub struct HybridReport {
     /// CPU (the two overlap: hits and misses run at the same time).
     pub device_s_per_token: f64,
     pub cpu_s_per_token: f64,
+    /// Decode steps the device gave up (computed on the host instead; 0 when all is well).
+    pub steps_redone_on_host: u64,
     /// The roofline prediction for this placement and the measured hit rate
     /// (`engine::plan`), with the device's and this machine's measured bandwidths.
     pub predicted_tokens_per_s: f64,
@@ -304,11 +306,12 @@ fn hybrid(a: &BenchArgs) -> anyhow::Result<()> {
         kernel_s_per_token: per(st.kernel_s - st0.kernel_s),
         device_s_per_token: per(tm.device_s - tm0.device_s),
         cpu_s_per_token: per(tm.cpu_s - tm0.cpu_s),
+        steps_redone_on_host: e.exec.redone_steps(),
         predicted_tokens_per_s: predicted,
         fraction_of_prediction: (steps as f64 / dt) / predicted,
     };
     eprintln!(
-        "bench --hybrid: {}: dense {} resident, {} expert slots/layer: {:.2} tok/s ({:.0} % of the {:.1} tok/s roofline), hit rate {:.1} %, {:.1} MB to the device and {:.2} MB back per token; per token {:.1} ms in device ops ({:.1} ms copying, {:.1} ms in kernels on the device), {:.1} ms of CPU products (overlapping)",
+        "bench --hybrid: {}: dense {} resident, {} expert slots/layer: {:.2} tok/s ({:.0} % of the {:.1} tok/s roofline), hit rate {:.1} %, {:.1} MB to the device and {:.2} MB back per token; per token {:.1} ms in device ops ({:.1} ms copying, {:.1} ms in kernels on the device), {:.1} ms of CPU products (overlapping); {} steps given up by the device",
         r.device,
         r.dense_resident,
         r.expert_slots_per_layer,
@@ -321,7 +324,8 @@ fn hybrid(a: &BenchArgs) -> anyhow::Result<()> {
         1e3 * r.device_s_per_token,
         1e3 * r.copy_s_per_token,
         1e3 * r.kernel_s_per_token,
-        1e3 * r.cpu_s_per_token
+        1e3 * r.cpu_s_per_token,
+        r.steps_redone_on_host
     );
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
