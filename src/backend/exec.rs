@@ -383,11 +383,6 @@ impl Exec {
         }
     }
 
-    /// Overwrite a buffer from [`Exec::upload`]; false on a device error (reported).
-    pub fn rewrite(&self, b: Buf, data: &[u8]) -> bool {
-        self.dev_io(|dev| dev.write(b, data, Stream::COMPUTE))
-    }
-
     /// Read a buffer from [`Exec::upload`] back; false on a device error (reported), and
     /// then `out` is unchanged.
     pub fn read_back(&self, b: Buf, out: &mut [u8]) -> bool {
