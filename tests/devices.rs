@@ -541,12 +541,28 @@ fn kv_rows_stay_on_the_device_and_decode_traffic_does_not_grow_with_context() {
     let mut back_per_step = Vec::new();
     let mut reads_per_step = Vec::new();
     let mut fed = 0;
+    // Reads a step may make (each one waits for the device): per layer one for the attention
+    // site, one for a CSA layer's indexer choices, one for the MoE site's routing and input;
+    // one for the logits.
+    let csa = (0..e.cfg.num_hidden_layers)
+        .filter(|&l| e.cfg.compress_ratio(l) == 4)
+        .count();
+    let step_reads = 2 * e.cfg.num_hidden_layers + csa + 1;
     for n in [200usize, 480] {
+        let reads_before = sim.reads_left();
         let a = dev_s.prefill(&ids[fed..n], Want::Last).expect("prefill");
         same(
             &a,
             &cpu_s.prefill(&ids[fed..n], Want::Last).expect("prefill"),
             "prefill",
+        );
+        // A prefill chunk of 64 tokens reads no more than a decode step: the indexer's choices
+        // for all its queries come back together.
+        let chunks = (n - fed).div_ceil(64) as i64;
+        let reads = reads_before - sim.reads_left();
+        assert!(
+            reads <= chunks * step_reads as i64,
+            "{reads} reads for {chunks} prefill chunks"
         );
         let (before, before_back) = (sim.stats().bytes_to_device, sim.stats().bytes_to_host);
         let reads_before = sim.reads_left();
@@ -620,13 +636,8 @@ fn kv_rows_stay_on_the_device_and_decode_traffic_does_not_grow_with_context() {
             "{back_per_step:?} bytes back per step, more than {contract}"
         );
     }
-    // And it comes in few reads (each one waits for the device): per layer one for the
-    // attention site, one per query for a CSA layer's indexer choice, one for the MoE site's
-    // routing and input; one for the logits.
-    let csa = (0..cfg.num_hidden_layers)
-        .filter(|&l| cfg.compress_ratio(l) == 4)
-        .count();
-    let most = (2 * cfg.num_hidden_layers + csa + 1) as f64;
+    // And it comes in few reads.
+    let most = step_reads as f64;
     eprintln!("reads per decode step: {reads_per_step:?} (at most {most})");
     assert!(
         reads_per_step.iter().all(|&r| r <= most),

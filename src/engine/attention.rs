@@ -511,6 +511,23 @@ fn core_on_device<'e>(
         }
         _ => None,
     };
+    // The CSA queries that choose among more rows than the top k: all their choices made on
+    // the device and brought back in one read.
+    let topk = cfg.index_topk;
+    let choosing: Vec<(usize, usize)> = match (&st.comp, ctx.kind) {
+        (Some(cs), AttnKind::Csa) => (0..t)
+            .map(|k| (k, cs.visible(t0 + k)))
+            .filter(|&(_, n_vis)| n_vis > topk)
+            .collect(),
+        _ => Vec::new(),
+    };
+    let mut chosen = if choosing.is_empty() {
+        Vec::new()
+    } else {
+        let (iq, iw) = index_q?;
+        offload::indexer_select(ex, iq, iw, index_keys?, &choosing, (ih, ihd), topk)?
+    }
+    .into_iter();
     let mut idx: Vec<Vec<usize>> = Vec::with_capacity(t);
     for k in 0..t {
         let p = t0 + k;
@@ -523,20 +540,10 @@ fn core_on_device<'e>(
             match ctx.kind {
                 AttnKind::Hca => v.extend((0..n_vis).map(|i| comp_at + i)),
                 AttnKind::Csa => {
-                    let sel = if n_vis <= cfg.index_topk {
+                    let sel = if n_vis <= topk {
                         (0..n_vis).collect()
                     } else {
-                        let (iq, iw) = index_q?;
-                        offload::indexer_select(
-                            ex,
-                            iq,
-                            k * ih * ihd,
-                            &iw[k * ih..(k + 1) * ih],
-                            index_keys?,
-                            n_vis,
-                            ihd,
-                            cfg.index_topk,
-                        )?
+                        chosen.next()?
                     };
                     v.extend(sel.into_iter().map(|i| comp_at + i));
                 }

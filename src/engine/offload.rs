@@ -511,53 +511,68 @@ pub fn attend<'e>(
     .then_some(out)
 }
 
-/// Indexer: the top `k` of the scores of the first `n` rows [n, ihd] of the device table
-/// `keys` for one query (heads [ih, ihd] of `iq` from value `q_off` on; weights `w` [ih]),
-/// ascending. Only the k indices come back.
-#[allow(clippy::too_many_arguments)] // the query, its weights, the keys and the shapes
+/// Indexer: for each (query j, n) of `queries`, the top `k` of the scores of the first n rows
+/// [n, ihd] of the device table `keys` for query j's heads (`iq` [t, ih, ihd] on the device,
+/// weights `w` [t, ih]), ascending. Every query's choice is made on the device and they come
+/// back together in one read.
 pub fn indexer_select(
     ex: &Exec,
     iq: &Act,
-    q_off: usize,
     w: &[f32],
     keys: Buf,
-    n: usize,
-    ihd: usize,
+    queries: &[(usize, usize)],
+    (ih, ihd): (usize, usize),
     k: usize,
-) -> Option<Vec<usize>> {
-    let ih = w.len();
-    let mut out = vec![0u8; 4 * k];
-    ex.offload_ops(
+) -> Option<Vec<Vec<usize>>> {
+    let most = queries.iter().map(|q| q.1).max().unwrap_or(0);
+    let mut out = vec![0u8; 4 * k * queries.len()];
+    let ok = ex.offload_ops(
         &mut [
             Arg::Dev(iq.buf),
-            Arg::Temp(4 * ih * ihd),
             Arg::In(f32_bytes(w)),
             Arg::Dev(keys),
-            Arg::Temp(4 * n),
+            Arg::Temp(4 * ih * ihd),
+            Arg::Temp(4 * ih),
+            Arg::Temp(4 * most),
+            Arg::Temp(4 * k),
             Arg::Out(&mut out),
         ],
         |b| {
-            vec![
-                copy(b[0], q_off, 0, b[1], 0, 0, 1, ih * ihd),
-                Op::IndexerScores {
-                    q: b[1],
-                    w: b[2],
-                    keys: b[3],
-                    out: b[4],
-                    n,
-                    ih,
-                    ihd,
-                },
-                Op::TopkSelect {
-                    scores: b[4],
-                    n,
-                    k,
-                    out: b[5],
-                },
-            ]
+            let (q, wq, scores, sel) = (b[3], b[4], b[5], b[6]);
+            queries
+                .iter()
+                .enumerate()
+                .flat_map(|(i, &(j, n))| {
+                    [
+                        copy(b[0], j * ih * ihd, 0, q, 0, 0, 1, ih * ihd),
+                        copy(b[1], j * ih, 0, wq, 0, 0, 1, ih),
+                        Op::IndexerScores {
+                            q,
+                            w: wq,
+                            keys: b[2],
+                            out: scores,
+                            n,
+                            ih,
+                            ihd,
+                        },
+                        Op::TopkSelect {
+                            scores,
+                            n,
+                            k,
+                            out: sel,
+                        },
+                        copy(sel, 0, 0, b[7], i * k, 0, 1, k),
+                    ]
+                })
+                .collect()
         },
-    )
-    .then(|| bytes_i32(&out).into_iter().map(|i| i as usize).collect())
+    );
+    ok.then(|| {
+        bytes_i32(&out)
+            .chunks(k)
+            .map(|c| c.iter().map(|&i| i as usize).collect())
+            .collect()
+    })
 }
 
 /// MoE routing of the tokens (logits [t, E]): sqrt-softplus scores, the top k of score + bias
