@@ -360,8 +360,11 @@ pub trait Device: Send + Sync {
     fn launch(&self, op: &Op, s: Stream) -> Result<()>;
     /// An event after all work queued on `s` so far.
     fn record(&self, s: Stream) -> Result<Event>;
-    /// Work queued on `s` from now on starts after `e`.
+    /// Work queued on `s` from now on starts after `e`. Each event is waited for at most once
+    /// (a device may forget it then).
     fn wait(&self, s: Stream, e: Event) -> Result<()>;
+    /// An event nobody will wait for (its weight was evicted before its first use).
+    fn forget(&self, _e: Event) {}
     /// Block until every stream is idle.
     fn synchronize(&self) -> Result<()>;
     fn stats(&self) -> Stats;

@@ -925,7 +925,9 @@ impl Exec {
             // filled), so its memory can be freed.
             p.wait_for(weight_key(w));
         }
-        lock(&self.res.pending).remove(&weight_key(w));
+        if let (Some(e), Some(dev)) = (lock(&self.res.pending).remove(&weight_key(w)), &self.dev) {
+            dev.forget(e);
+        }
         let dw = self
             .res
             .resident

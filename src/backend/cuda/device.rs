@@ -28,7 +28,8 @@ struct DevWeightMem {
 struct Mem {
     bufs: HashMap<u64, CudaSlice<u8>>,
     weights: HashMap<u64, DevWeightMem>,
-    events: Vec<CudaEvent>,
+    /// Recorded events not yet waited for, by id.
+    events: HashMap<u64, CudaEvent>,
     in_use: u64,
 }
 
@@ -210,7 +211,7 @@ impl CudaDevice {
             mem: Mutex::new(Mem {
                 bufs: HashMap::new(),
                 weights: HashMap::new(),
-                events: Vec::new(),
+                events: HashMap::new(),
                 in_use: 0,
             }),
             stats: Mutex::new(Stats::default()),
@@ -1066,18 +1067,22 @@ impl Device for CudaDevice {
 
     fn record(&self, s: Stream) -> Result<Event> {
         let ev = self.stream(s).record_event(None).map_err(drv)?;
-        let mut m = self.lock();
-        m.events.push(ev);
-        Ok(Event(m.events.len() as u64 - 1))
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.lock().events.insert(id, ev);
+        Ok(Event(id))
     }
 
     fn wait(&self, s: Stream, e: Event) -> Result<()> {
-        let m = self.lock();
-        let ev = m
+        let ev = self
+            .lock()
             .events
-            .get(e.0 as usize)
+            .remove(&e.0)
             .ok_or(DeviceError::Unknown(e.0))?;
-        self.stream(s).wait(ev).map_err(drv)
+        self.stream(s).wait(&ev).map_err(drv)
+    }
+
+    fn forget(&self, e: Event) {
+        self.lock().events.remove(&e.0);
     }
 
     fn synchronize(&self) -> Result<()> {
