@@ -176,8 +176,10 @@ mod x86 {
     use crate::backend::cpu::bf16dot::x86::e8m0x16;
     use std::arch::x86_64::*;
 
-    /// Bytes ahead of the current load that are prefetched (a hint: past the end is harmless).
-    const PREFETCH: usize = 1024;
+    /// Bytes ahead of the current load that are prefetched into L2 (a hint: past the end is
+    /// harmless), far enough to cover the DRAM latency: one core streaming the FP4 experts
+    /// from memory went from 18 to 23 GB/s at 8 KB ahead instead of 1 KB.
+    const PREFETCH: usize = 8192;
 
     /// The AVX-512 form of the portable block quantizer (see `BlockFn`).
     ///
