@@ -480,11 +480,7 @@ impl CudaDevice {
                 let (ss, ds, w_i) = (*src_stride as i32, *dst_stride as i32, *width as i32);
                 let mut b = st.launch_builder(self.func("copy_rows")?);
                 b.arg(&sp).arg(&ss).arg(&dp).arg(&ds).arg(&w_i);
-                let cfg = LaunchConfig {
-                    grid_dim: (width.div_ceil(256) as u32, *rows as u32, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                };
+                let cfg = cfg_rows(*width, *rows);
                 // SAFETY: matches kernels/act.cu copy_rows; the op's offsets and strides stay
                 // inside both buffers (the caller's shapes).
                 unsafe { b.launch(cfg) }.map_err(drv)?;
@@ -502,11 +498,7 @@ impl CudaDevice {
                 let (xp, ip, op_, w_i) = (a(*x)?, a(*idx)?, a(*out)?, *width as i32);
                 let mut b = st.launch_builder(self.func("gather_rows")?);
                 b.arg(&xp).arg(&ip).arg(&op_).arg(&w_i);
-                let cfg = LaunchConfig {
-                    grid_dim: (width.div_ceil(256) as u32, *n as u32, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                };
+                let cfg = cfg_rows(*width, *n);
                 // SAFETY: matches kernels/act.cu gather_rows; idx holds n rows of x.
                 unsafe { b.launch(cfg) }.map_err(drv)?;
             }
@@ -689,11 +681,7 @@ impl CudaDevice {
                 let (s_i, hc_i, d_i) = (*stride as i32, *hc as i32, *d as i32);
                 let mut b = st.launch_builder(self.func("hc_collapse")?);
                 b.arg(&xp).arg(&cp).arg(&s_i).arg(&up).arg(&hc_i).arg(&d_i);
-                let cfg = LaunchConfig {
-                    grid_dim: (d.div_ceil(256) as u32, *t as u32, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                };
+                let cfg = cfg_rows(*d, *t);
                 // SAFETY: matches kernels/hyper.cu hc_collapse.
                 unsafe { b.launch(cfg) }.map_err(drv)?;
             }
@@ -715,11 +703,7 @@ impl CudaDevice {
                 let (hc_i, d_i) = (*hc as i32, *d as i32);
                 let mut b = st.launch_builder(self.func("hc_expand")?);
                 b.arg(&xp).arg(&fp).arg(&cp).arg(&hc_i).arg(&d_i);
-                let cfg = LaunchConfig {
-                    grid_dim: (d.div_ceil(256) as u32, *t as u32, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                };
+                let cfg = cfg_rows(*d, *t);
                 // SAFETY: matches kernels/hyper.cu hc_expand.
                 unsafe { b.launch(cfg) }.map_err(drv)?;
             }
@@ -763,11 +747,7 @@ impl CudaDevice {
                 let mut b = st.launch_builder(self.func("compress_pool")?);
                 b.arg(&kp).arg(&gp).arg(&pk).arg(&pg).arg(&op_);
                 b.arg(&r_i).arg(&d_i).arg(&cd_i).arg(&off_i);
-                let cfg = LaunchConfig {
-                    grid_dim: (d.div_ceil(256) as u32, *windows as u32, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                };
+                let cfg = cfg_rows(*d, *windows);
                 // SAFETY: matches kernels/compressor.cu compress_pool.
                 unsafe { b.launch(cfg) }.map_err(drv)?;
             }
@@ -911,6 +891,15 @@ impl CudaDevice {
         }
         st.synchronize().map_err(drv)?;
         Ok(2.0 * (bytes * reps.max(1)) as f64 / t.elapsed().as_secs_f64() / 1e9)
+    }
+}
+
+/// 256 threads per block over the `width` columns of each of `rows` rows (blockIdx.y = row).
+fn cfg_rows(width: usize, rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (width.div_ceil(256) as u32, rows as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
     }
 }
 
