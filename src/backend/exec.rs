@@ -313,14 +313,7 @@ impl Exec {
             if let Some(m) = old {
                 dev.free(m.buf);
             }
-            let buf = match dev.alloc(4 * width * (head_cap + store_cap)) {
-                Ok(b) => b,
-                Err(DeviceError::OutOfMemory { .. }) => return None,
-                Err(e) => {
-                    self.report_failure(dev.as_ref(), &e);
-                    return None;
-                }
-            };
+            let buf = self.alloc(4 * width * (head_cap + store_cap))?;
             g.insert(
                 id,
                 KeyTable {
@@ -336,12 +329,7 @@ impl Exec {
         let m = g.get_mut(&id)?;
         if n > m.synced {
             let new = rows(m.synced..n);
-            let at = 4 * width * (m.local_rows + m.synced);
-            let start = std::time::Instant::now();
-            let r = dev.write_at(m.buf, at, f32_bytes(&new), Stream::COMPUTE);
-            self.add_device_time(start);
-            if let Err(e) = r {
-                self.report_failure(dev.as_ref(), &e);
+            if !self.write_rows(m.buf, m.local_rows + m.synced, width, &new) {
                 return None;
             }
             m.synced = n;
@@ -358,40 +346,19 @@ impl Exec {
     /// A device buffer holding `data` (for activations kept there across ops); None when ops
     /// do not run on the device here or it has no room.
     pub fn upload(&self, data: &[u8]) -> Option<Buf> {
-        if !self.ops_on_device() {
-            return None;
-        }
-        let dev = self.dev.as_ref()?;
-        let start = std::time::Instant::now();
-        let r =
-            dev.alloc(data.len().max(4))
-                .and_then(|b| match dev.write(b, data, Stream::COMPUTE) {
-                    Ok(()) => Ok(b),
-                    Err(e) => {
-                        dev.free(b);
-                        Err(e)
-                    }
-                });
-        self.add_device_time(start);
-        match r {
-            Ok(b) => Some(b),
-            Err(DeviceError::OutOfMemory { .. }) => None,
-            Err(e) => {
-                self.report_failure(dev.as_ref(), &e);
-                None
-            }
+        let b = self.alloc(data.len())?;
+        if self.dev_io(|dev| dev.write(b, data, Stream::COMPUTE)) {
+            Some(b)
+        } else {
+            self.release(b);
+            None
         }
     }
 
-    /// Read a buffer from [`Exec::upload`] back; false on a device error (reported), and
-    /// then `out` is unchanged.
+    /// Read a device buffer into `out`; false on a device error (reported; `out` is then
+    /// not to be used).
     pub fn read_back(&self, b: Buf, out: &mut [u8]) -> bool {
-        let mut tmp = vec![0u8; out.len()];
-        let ok = self.dev_io(|dev| dev.read(b, &mut tmp, Stream::COMPUTE));
-        if ok {
-            out.copy_from_slice(&tmp);
-        }
-        ok
+        self.dev_io(|dev| dev.read(b, out, Stream::COMPUTE))
     }
 
     /// A device buffer of `bytes` (contents unset) for activations kept there across ops;
@@ -444,22 +411,25 @@ impl Exec {
         if !self.ops_on_device() {
             return false;
         }
-        let pending = lock(&self.res.pending).remove(&key);
-        self.dev_io(|dev| {
-            if let Some(e) = pending {
-                dev.wait(Stream::COMPUTE, e)?;
-            }
-            dev.launch(
-                &Op::Linear {
-                    w: dw,
-                    rows,
-                    x,
-                    y,
-                    t,
-                },
-                Stream::COMPUTE,
-            )
-        })
+        self.dev_io(|dev| self.launch_linear(dev, key, dw, rows, x, y, t))
+    }
+
+    /// Launch y = x · W[rows]ᵀ, after the weight's upload (if still pending) on the device.
+    #[allow(clippy::too_many_arguments)] // the weight (and its key), rows and buffers
+    fn launch_linear(
+        &self,
+        dev: &dyn Device,
+        key: usize,
+        w: DevWeight,
+        rows: Range<usize>,
+        x: Buf,
+        y: Buf,
+        t: usize,
+    ) -> Result<(), DeviceError> {
+        if let Some(e) = lock(&self.res.pending).remove(&key) {
+            dev.wait(Stream::COMPUTE, e)?;
+        }
+        dev.launch(&Op::Linear { w, rows, x, y, t }, Stream::COMPUTE)
     }
 
     /// Free a buffer from [`Exec::upload`] or [`Exec::alloc`].
@@ -644,8 +614,8 @@ impl Exec {
         }
     }
 
-    /// Wait until the background promotions asked for so far are on the device (tests,
-    /// benchmarks and the end of a prefill use it to make placement deterministic).
+    /// Wait until the background promotions asked for so far are on the device (for tests
+    /// that need the placement settled).
     pub fn wait_promotions(&self) {
         if let Some(p) = &self.promoter {
             p.wait_all();
@@ -1010,23 +980,11 @@ impl Exec {
         t: usize,
         y: &mut [f32],
     ) -> Result<(), DeviceError> {
-        if let Some(e) = lock(&self.res.pending).remove(&key) {
-            dev.wait(Stream::COMPUTE, e)?;
-        }
         let mut sc = lock(&self.scratch);
         let xb = grow(dev, &mut sc.x, 4 * x.len())?;
         let yb = grow(dev, &mut sc.y, 4 * y.len())?;
         dev.write(xb, f32_bytes(x), Stream::COMPUTE)?;
-        dev.launch(
-            &Op::Linear {
-                w,
-                rows,
-                x: xb,
-                y: yb,
-                t,
-            },
-            Stream::COMPUTE,
-        )?;
+        self.launch_linear(dev, key, w, rows, xb, yb, t)?;
         dev.read(yb, f32_bytes_mut(y), Stream::COMPUTE)
     }
 }
@@ -1053,7 +1011,7 @@ fn grow(
 
 impl Drop for Exec {
     fn drop(&mut self) {
-        // The promotion worker finishes its queue first.
+        // The promotion worker stops first (copies still queued are skipped).
         self.promoter.take();
         if let Some(dev) = &self.dev {
             let sc = self.scratch.get_mut().unwrap_or_else(|p| p.into_inner());

@@ -453,6 +453,18 @@ pub fn forward_on_device<'e>(
     offload::linear(ex, &w.wo_b, &y_in, t)
 }
 
+/// Positions split into runs of consecutive ring slots (slot = position mod `win`; a run
+/// ends where the slot wraps): at most two for a range no longer than the window.
+fn slot_runs(
+    r: std::ops::Range<usize>,
+    win: usize,
+) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let end = r.end;
+    std::iter::successors(Some(r.start), move |&p| Some(end.min((p / win + 1) * win)))
+        .take_while(move |&p| p < end)
+        .map(move |p| p..end.min((p / win + 1) * win))
+}
+
 /// The device path's core attention: one key table per block (the window ring at slot
 /// position mod win, the chunk's rows after it, then every compressed row, kept there across
 /// steps), each query's rows as indices into it (the indexer choosing on the device for CSA
@@ -486,18 +498,13 @@ fn core_on_device<'e>(
         Some(p) if !fresh => p.max(first),
         _ => first,
     };
-    // Ring positions the table lacks (after a fresh start or a rewind), from the host's ring
-    // as at most two runs of consecutive slots (split where the slot wraps).
-    let mut j = from;
-    while j < t0 {
-        let end = t0.min((j / win + 1) * win);
-        let run: Vec<f32> = (j..end)
-            .flat_map(|p| st.window.get(p).iter().copied())
-            .collect();
-        if !ex.write_rows(buf, j % win, hd, &run) {
+    // Ring positions the table lacks (after a fresh start or a rewind), from the host's ring.
+    for r in slot_runs(from..t0, win) {
+        let slot = r.start % win;
+        let run: Vec<f32> = r.flat_map(|p| st.window.get(p).iter().copied()).collect();
+        if !ex.write_rows(buf, slot, hd, &run) {
             return None;
         }
-        j = end;
     }
     st.ring_synced = None;
     if !ex.launch(&[offload::copy(kv.buf(), 0, hd, buf, win * hd, hd, t, hd)]) {
@@ -555,25 +562,25 @@ fn core_on_device<'e>(
     let scale = 1.0 / (hd as f32).sqrt();
     let o = offload::attend(ex, q, buf, &idx, &w.sink, scale, h, hd)?;
     offload::rope_rows(ex, ctx.rope, &o, hd, t0, h, true)?;
-    // The chunk's last rows into their ring slots (at most two runs), so the next step needs
-    // no copy from the host.
-    let mut p = (t0 + t).saturating_sub(win).max(t0);
-    while p < t0 + t {
-        let end = (t0 + t).min((p / win + 1) * win);
-        let ok = ex.launch(&[offload::copy(
-            kv.buf(),
-            (p - t0) * hd,
-            hd,
-            buf,
-            (p % win) * hd,
-            hd,
-            end - p,
-            hd,
-        )]);
-        if !ok {
-            return None;
-        }
-        p = end;
+    // The chunk's last rows into their ring slots, so the next step needs no copy from the
+    // host.
+    let last = (t0 + t).saturating_sub(win).max(t0)..t0 + t;
+    let copies: Vec<_> = slot_runs(last, win)
+        .map(|r| {
+            offload::copy(
+                kv.buf(),
+                (r.start - t0) * hd,
+                hd,
+                buf,
+                (r.start % win) * hd,
+                hd,
+                r.len(),
+                hd,
+            )
+        })
+        .collect();
+    if !ex.launch(&copies) {
+        return None;
     }
     st.ring_synced = Some(t0 + t);
     Some(o)

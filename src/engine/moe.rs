@@ -191,6 +191,29 @@ impl Dispatch {
     fn finish(self, ex: &Exec) {
         ex.release_streamed(self.streamed);
     }
+
+    /// Expert `e` over its tokens' rows of x [t, D] (host values), through `on`: [n, D] in
+    /// the order of `groups[e]`.
+    #[allow(clippy::too_many_arguments)] // the expert, its tokens' rows and the numerics
+    fn run_on_host(
+        &self,
+        on: &Exec,
+        w: &ExpertWeights,
+        e: usize,
+        x: &[f32],
+        d: usize,
+        clamps: (f32, f32),
+        num: Numerics,
+    ) -> Vec<f32> {
+        let members = &self.groups[e];
+        let mut xe = vec![0f32; members.len() * d];
+        for (j, &(ti, _)) in members.iter().enumerate() {
+            xe[j * d..(j + 1) * d].copy_from_slice(&x[ti * d..(ti + 1) * d]);
+        }
+        let wts: Vec<f32> = members.iter().map(|m| m.1).collect();
+        let pre = (num == Numerics::Reference).then_some(wts.as_slice());
+        expert(on, w, &xe, members.len(), clamps, num, pre)
+    }
 }
 
 /// MoE output for `t` tokens: x [t, D] -> [t, D].
@@ -217,20 +240,10 @@ pub fn forward(ctx: &MoeCtx, w: &MoeWeights, x: &[f32], tokens: &[u32]) -> Vec<f
     };
     let mut y = expert(ex, &w.shared, x, t, (shared_limit, lower), num, None);
     let groups = &plan.groups;
-    // One expert over its tokens: [n, D] out, in the order of `groups[e]`.
     // `on`: the executor the expert's products go through (the CPU one for misses whose
     // promotion copy is still in flight).
-    let run = |e: usize, on: &Exec| -> Vec<f32> {
-        let members = &groups[e];
-        let n = members.len();
-        let mut xe = vec![0f32; n * d];
-        for (j, &(ti, _)) in members.iter().enumerate() {
-            xe[j * d..(j + 1) * d].copy_from_slice(&x[ti * d..(ti + 1) * d]);
-        }
-        let wts: Vec<f32> = members.iter().map(|m| m.1).collect();
-        let pre = (num == Numerics::Reference).then_some(wts.as_slice());
-        expert(on, &w.experts[e], &xe, n, (limit, lower), num, pre)
-    };
+    let run =
+        |e: usize, on: &Exec| plan.run_on_host(on, &w.experts[e], e, x, d, (limit, lower), num);
     let mut add = |e: usize, out: &[f32]| {
         for (j, &(ti, wt)) in groups[e].iter().enumerate() {
             let scale = if num == Numerics::Reference { 1.0 } else { wt };
@@ -317,10 +330,10 @@ fn run_on_device<'e>(
     let groups = &plan.groups;
     let reference = num == Numerics::Reference;
     let y = expert_on_device(ex, &w.shared, x, t, limit, num, RowWeights::One)?;
-    // For one token, an expert's input is x itself and its weight sits in the routing's
-    // weights on the device (slot i of the token's route); otherwise gathered / sent.
-    // The routing weights of an expert's tokens: scaling its activation (reference
-    // numerics) or its output as it is added (the others).
+    // The routing weights of an expert's tokens scale its activation (reference numerics)
+    // or its output as it is added (the others). For one token, an expert's input is x
+    // itself and its weight sits in the routing's weights on the device (slot i of the
+    // token's route); otherwise the rows are gathered and the weights sent.
     let host_weights = |e: usize| groups[e].iter().map(|m| m.1).collect::<Vec<f32>>();
     fn route_weights<'a>(
         routes: &[Route],
@@ -351,25 +364,8 @@ fn run_on_device<'e>(
             expert_on_device(ex, &w.experts[e], &xe, n, limit, num, pre)
         }
     };
-    let run_cpu = |e: usize| -> Vec<f32> {
-        let xh = x_host;
-        let members = &groups[e];
-        let mut xe = vec![0f32; members.len() * d];
-        for (j, &(ti, _)) in members.iter().enumerate() {
-            xe[j * d..(j + 1) * d].copy_from_slice(&xh[ti * d..(ti + 1) * d]);
-        }
-        let wts = host_weights(e);
-        let pre = reference.then_some(wts.as_slice());
-        expert(
-            &CPU,
-            &w.experts[e],
-            &xe,
-            members.len(),
-            (limit, f32::NEG_INFINITY),
-            num,
-            pre,
-        )
-    };
+    let clamps = (limit, f32::NEG_INFINITY);
+    let run_cpu = |e: usize| plan.run_on_host(&CPU, &w.experts[e], e, x_host, d, clamps, num);
     let (dev_out, cpu_out) = rayon::join(
         || {
             plan.on_dev
