@@ -7,21 +7,40 @@ use std::time::Instant;
 /// Streaming read bandwidth in GB/s: every thread sums its share of a `bytes`-sized buffer
 /// (far larger than the caches); best of `reps`.
 pub fn read_bandwidth(bytes: usize, reps: usize) -> f64 {
-    let n = bytes / 8;
-    let buf: Vec<u64> = (0..n as u64).collect();
-    let chunk = (n / rayon::current_num_threads().max(1) / 8).max(1 << 16);
-    let mut best = 0f64;
-    for _ in 0..reps.max(1) {
+    let p = ReadProbe::new(bytes);
+    (0..reps.max(1)).map(|_| p.pass()).fold(0f64, f64::max)
+}
+
+/// The read-bandwidth loop over a buffer kept for repeated passes, so a benchmark can measure
+/// the bound right next to each kernel: on a shared machine the bandwidth a neighbour leaves
+/// moves within seconds, and a kernel compared with a bound measured a minute earlier reads
+/// as that drift.
+pub struct ReadProbe {
+    buf: Vec<u64>,
+}
+
+impl ReadProbe {
+    /// A probe over `bytes` (make it far larger than the caches).
+    pub fn new(bytes: usize) -> Self {
+        ReadProbe {
+            buf: (0..(bytes / 8) as u64).collect(),
+        }
+    }
+
+    /// One pass with all threads: GB/s.
+    pub fn pass(&self) -> f64 {
+        let n = self.buf.len();
+        let chunk = (n / rayon::current_num_threads().max(1) / 8).max(1 << 16);
         let t = Instant::now();
-        let s: u64 = buf
+        let s: u64 = self
+            .buf
             .par_chunks(chunk)
             .map(sum_chunk)
             .reduce(|| 0, u64::wrapping_add);
         let dt = t.elapsed().as_secs_f64();
         std::hint::black_box(s);
-        best = best.max(bytes as f64 / dt / 1e9);
+        (8 * n) as f64 / dt / 1e9
     }
-    best
 }
 
 /// Sum a chunk with the widest loads available, so the loop is limited by memory, not by
