@@ -47,6 +47,10 @@ pub fn fp8_row_dot(codes: &[u8], scale_row: &[u8], x: &[f32]) -> f32 {
 pub fn bf16_row_dot(bytes: &[u8], x: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
+        if bytes.len().is_multiple_of(32) && std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F is available (checked).
+            return unsafe { x86::bf16_row_dot_avx512(bytes, x) };
+        }
         if bytes.len().is_multiple_of(32) && has_avx2_fma() {
             // SAFETY: AVX2 and FMA are available (checked).
             return unsafe { x86::bf16_row_dot_avx2(bytes, x) };
@@ -200,33 +204,89 @@ mod x86 {
         }
     }
 
+    /// The AVX-512 form of [`bf16_row_dot_avx2`]: 32 columns per step on four accumulators.
+    ///
+    /// # Safety
+    /// Needs AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn bf16_row_dot_avx512(bytes: &[u8], x: &[f32]) -> f32 {
+        let n = bytes.len() / 2;
+        assert!(x.len() >= n && n.is_multiple_of(16), "bf16 row shapes");
+        let f32s =
+            |h: __m256i| _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        // SAFETY (whole block): 16 elements per load inside `bytes` and `x`.
+        unsafe {
+            let mut a = [_mm512_setzero_ps(); 4];
+            let mut c = 0;
+            while c + 64 <= n {
+                for k in 0..4 {
+                    let h =
+                        _mm256_loadu_si256(bytes.as_ptr().add(2 * (c + 16 * k)) as *const __m256i);
+                    a[k] =
+                        _mm512_fmadd_ps(f32s(h), _mm512_loadu_ps(x.as_ptr().add(c + 16 * k)), a[k]);
+                }
+                c += 64;
+            }
+            while c < n {
+                let h = _mm256_loadu_si256(bytes.as_ptr().add(2 * c) as *const __m256i);
+                a[0] = _mm512_fmadd_ps(f32s(h), _mm512_loadu_ps(x.as_ptr().add(c)), a[0]);
+                c += 16;
+            }
+            _mm512_reduce_add_ps(_mm512_add_ps(
+                _mm512_add_ps(a[0], a[1]),
+                _mm512_add_ps(a[2], a[3]),
+            ))
+        }
+    }
+
+    /// Four accumulators: one FMA chain would wait on its own latency every 16 columns
+    /// (4 cycles per 32 bytes, ~30 GB/s per core at 3.7 GHz: the head's old ceiling).
+    ///
     /// # Safety
     /// Needs AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn bf16_row_dot_avx2(bytes: &[u8], x: &[f32]) -> f32 {
         let n = bytes.len() / 2;
         assert!(x.len() >= n && n.is_multiple_of(16), "bf16 row shapes");
-        // SAFETY (whole block): 16 elements (32 bytes) per step inside `bytes` and `x`.
+        // bf16 -> f32: the 16 bits become the high half of the float.
+        let f32s =
+            |h: __m128i| _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+        // SAFETY (whole block): 16 or 32 elements per step inside `bytes` and `x`.
         unsafe {
-            let mut a0 = _mm256_setzero_ps();
-            let mut a1 = _mm256_setzero_ps();
+            let mut a = [_mm256_setzero_ps(); 4];
             let mut c = 0;
-            while c < n {
-                let h = _mm256_loadu_si256(bytes.as_ptr().add(2 * c) as *const __m256i);
-                // bf16 -> f32: the 16 bits become the high half of the float.
-                let f0 = _mm256_castsi256_ps(_mm256_slli_epi32(
-                    _mm256_cvtepu16_epi32(_mm256_castsi256_si128(h)),
-                    16,
-                ));
-                let f1 = _mm256_castsi256_ps(_mm256_slli_epi32(
-                    _mm256_cvtepu16_epi32(_mm256_extracti128_si256(h, 1)),
-                    16,
-                ));
-                a0 = _mm256_fmadd_ps(f0, _mm256_loadu_ps(x.as_ptr().add(c)), a0);
-                a1 = _mm256_fmadd_ps(f1, _mm256_loadu_ps(x.as_ptr().add(c + 8)), a1);
-                c += 16;
+            while c + 32 <= n {
+                for k in 0..2 {
+                    let h =
+                        _mm256_loadu_si256(bytes.as_ptr().add(2 * c + 32 * k) as *const __m256i);
+                    let xp = x.as_ptr().add(c + 16 * k);
+                    a[2 * k] = _mm256_fmadd_ps(
+                        f32s(_mm256_castsi256_si128(h)),
+                        _mm256_loadu_ps(xp),
+                        a[2 * k],
+                    );
+                    a[2 * k + 1] = _mm256_fmadd_ps(
+                        f32s(_mm256_extracti128_si256(h, 1)),
+                        _mm256_loadu_ps(xp.add(8)),
+                        a[2 * k + 1],
+                    );
+                }
+                c += 32;
             }
-            hsum(_mm256_add_ps(a0, a1))
+            if c < n {
+                let h = _mm256_loadu_si256(bytes.as_ptr().add(2 * c) as *const __m256i);
+                let xp = x.as_ptr().add(c);
+                a[0] = _mm256_fmadd_ps(f32s(_mm256_castsi256_si128(h)), _mm256_loadu_ps(xp), a[0]);
+                a[1] = _mm256_fmadd_ps(
+                    f32s(_mm256_extracti128_si256(h, 1)),
+                    _mm256_loadu_ps(xp.add(8)),
+                    a[1],
+                );
+            }
+            hsum(_mm256_add_ps(
+                _mm256_add_ps(a[0], a[1]),
+                _mm256_add_ps(a[2], a[3]),
+            ))
         }
     }
 
@@ -391,18 +451,34 @@ mod tests {
     #[test]
     fn simd_bf16_equals_portable() {
         let mut r = SplitMix64::new(4);
-        let bytes: Vec<u8> = (0..4096 * 2).map(|_| (r.next_u64() as u8) & 0xBF).collect();
-        let x: Vec<f32> = (0..4096).map(|_| r.uniform()).collect();
-        let p = bf16_row_dot_portable(&bytes, &x);
-        let s = bf16_row_dot(&bytes, &x);
-        let mag: f32 = bytes
-            .chunks_exact(2)
-            .zip(&x)
-            .map(|(b, v)| {
-                (crate::model::formats::bf16_to_f32(u16::from_le_bytes([b[0], b[1]])) * v).abs()
-            })
-            .sum();
-        assert!(close(p, s, mag), "{p} vs {s}");
+        // 4096 columns, and lengths that leave each SIMD loop a tail (16, 32, 48 columns).
+        for n in [4096usize, 4112, 4128, 4144, 16] {
+            let bytes: Vec<u8> = (0..n * 2).map(|_| (r.next_u64() as u8) & 0xBF).collect();
+            let x: Vec<f32> = (0..n).map(|_| r.uniform()).collect();
+            let p = bf16_row_dot_portable(&bytes, &x);
+            let mag: f32 = bytes
+                .chunks_exact(2)
+                .zip(&x)
+                .map(|(b, v)| {
+                    (crate::model::formats::bf16_to_f32(u16::from_le_bytes([b[0], b[1]])) * v).abs()
+                })
+                .sum();
+            let mut got = vec![bf16_row_dot(&bytes, &x)];
+            #[cfg(target_arch = "x86_64")]
+            {
+                if has_avx2_fma() {
+                    // SAFETY: AVX2 and FMA are available (checked).
+                    got.push(unsafe { x86::bf16_row_dot_avx2(&bytes, &x) });
+                }
+                if std::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: AVX-512F is available (checked).
+                    got.push(unsafe { x86::bf16_row_dot_avx512(&bytes, &x) });
+                }
+            }
+            for s in got {
+                assert!(close(p, s, mag), "{n} columns: {p} vs {s}");
+            }
+        }
     }
 
     #[test]
