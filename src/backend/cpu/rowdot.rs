@@ -219,6 +219,7 @@ mod x86 {
             let mut a = [_mm512_setzero_ps(); 4];
             let mut c = 0;
             while c + 64 <= n {
+                #[allow(clippy::needless_range_loop)] // k also drives the offsets
                 for k in 0..4 {
                     let h =
                         _mm256_loadu_si256(bytes.as_ptr().add(2 * (c + 16 * k)) as *const __m256i);
