@@ -559,7 +559,6 @@ pub(crate) mod x86 {
         unsafe {
             let ld = |t: &[u8; 128], h: usize| _mm512_loadu_si512(t.as_ptr().add(64 * h) as _);
             let (l0, l1, h0, h1) = (ld(&lo_t, 0), ld(&lo_t, 1), ld(&hi_t, 0), ld(&hi_t, 1));
-            let mag = _mm512_set1_epi8(0x7F);
             let sign = _mm512_set1_epi8(0x80u8 as i8);
             let mut total = [_mm512_setzero_ps(); T];
             for blk in 0..codes.len() / FP8_BLOCK {
@@ -571,11 +570,14 @@ pub(crate) mod x86 {
                     _mm_prefetch::<_MM_HINT_T1>(
                         codes.as_ptr().wrapping_add(c0 + PREFETCH_L2) as *const i8
                     );
-                    let m = _mm512_and_si512(b, mag);
-                    let l = _mm512_permutex2var_epi8(l0, m, l1);
-                    let h = _mm512_or_si512(
-                        _mm512_permutex2var_epi8(h0, m, h1),
-                        _mm512_and_si512(b, sign),
+                    // The two-table byte permute reads bits 6..0 of each index: the code's
+                    // magnitude, so the sign bit needs no mask. It goes to the high byte
+                    // in one ternary bitwise op: table | (code & 0x80), imm 0xF8 = A | (B & C).
+                    let l = _mm512_permutex2var_epi8(l0, b, l1);
+                    let h = _mm512_ternarylogic_epi32::<0xF8>(
+                        _mm512_permutex2var_epi8(h0, b, h1),
+                        b,
+                        sign,
                     );
                     let (w0, w1) = (
                         bh(_mm512_unpacklo_epi8(l, h)),
