@@ -405,12 +405,13 @@ pub(crate) mod x86 {
                 let sv = _mm512_permutexvar_ps(sidx[c % 4], s16);
                 for tt in 0..T {
                     let x = xp[tt].as_ptr().add(128 * c) as *const __m512i;
-                    let mut acc = [_mm512_setzero_ps(); 2];
-                    for i in 0..4 {
-                        acc[i & 1] =
-                            _mm512_dpbf16_ps(acc[i & 1], w[i], bh(_mm512_loadu_si512(x.add(i))));
+                    // One chain per chunk: chunks are independent, so the out-of-order core
+                    // overlaps their latencies and no add joins two partial sums.
+                    let mut acc = _mm512_setzero_ps();
+                    for (i, &wi) in w.iter().enumerate() {
+                        acc = _mm512_dpbf16_ps(acc, wi, bh(_mm512_loadu_si512(x.add(i))));
                     }
-                    total[tt] = _mm512_fmadd_ps(_mm512_add_ps(acc[0], acc[1]), sv, total[tt]);
+                    total[tt] = _mm512_fmadd_ps(acc, sv, total[tt]);
                 }
             }
             total.map(|v| _mm512_reduce_add_ps(v))
