@@ -20,7 +20,7 @@ const STREAM: usize = 512 << 20;
 const TASK: usize = 128 << 10;
 
 /// A kernel over `rows` consecutive rows from `r0` of a weight (output one f32 per row).
-type Kernel<'a> = Box<dyn Fn(&Weight, usize, usize, &mut [f32]) + 'a>;
+type Kernel<'a> = Box<dyn Fn(&Weight, usize, usize, &mut [f32]) + Sync + 'a>;
 
 fn best_gbs(bytes: usize, reps: usize, mut f: impl FnMut()) -> f64 {
     let mut best = f64::INFINITY;
@@ -35,6 +35,10 @@ fn best_gbs(bytes: usize, reps: usize, mut f: impl FnMut()) -> f64 {
 /// `probe`: one pass of the read-bandwidth loop on this core (GB/s), run before each
 /// streaming pass so both see the same neighbours.
 fn measure(name: &str, kind: &str, rows: usize, cols: usize, k: &Kernel, probe: &dyn Fn() -> f64) {
+    let all = rayon::ThreadPoolBuilder::new()
+        .build()
+        .expect("a thread pool");
+    let all_read = probe::ReadProbe::new(STREAM);
     let mut rng = SplitMix64::new(7);
     let one = random_weight(kind, rows, cols, &mut rng);
     let row_bytes = one.stored_bytes() / rows;
@@ -68,10 +72,35 @@ fn measure(name: &str, kind: &str, rows: usize, cols: usize, k: &Kernel, probe: 
         bound = bound.max(probe());
         stream = stream.max(best_gbs(copies * one.stored_bytes(), 1, &mut pass));
     }
+    // All cores: each thread streams its own share of the copies (no shared dispatch), next
+    // to the read loop on all cores.
+    let threads = all.current_num_threads();
+    let share = copies.div_ceil(threads);
+    let (mut all_gbs, mut all_bound) = (0f64, 0f64);
+    for _ in 0..5 {
+        all_bound = all_bound.max(all.install(|| all_read.pass()));
+        all_gbs = all_gbs.max(best_gbs(copies * one.stored_bytes(), 1, || {
+            all.scope(|sc| {
+                for part in ws.chunks(share) {
+                    sc.spawn(move |_| {
+                        let mut out = vec![0f32; per_task];
+                        for w in part {
+                            for r0 in (0..rows).step_by(per_task) {
+                                let m = per_task.min(rows - r0);
+                                k(w, r0, m, &mut out[..m]);
+                            }
+                        }
+                        std::hint::black_box(&out);
+                    });
+                }
+            })
+        }));
+    }
     println!(
-        "{name:<28} {l2:>7.1} {stream:>9.1} {bound:>7.1} {:>9.0}% {:>8.0}%",
+        "{name:<28} {l2:>7.1} {stream:>9.1} {bound:>7.1} {:>9.0}% {:>8.0}%   {all_gbs:>7.1} {all_bound:>7.1} {:>6.0}%",
         100.0 * stream / l2,
-        100.0 * stream / bound
+        100.0 * stream / bound,
+        100.0 * all_gbs / all_bound
     );
 }
 
@@ -104,10 +133,13 @@ fn main() {
         .expect("a one-thread pool");
     let read = probe::ReadProbe::new(STREAM);
     let probe_gbs = || pool.install(|| read.pass());
-    println!("one core, GB/s; `loop`: the read-bandwidth loop, a pass before each streaming one");
     println!(
-        "{:<28} {:>7} {:>9} {:>7} {:>10} {:>9}",
-        "kernel", "in L2", "streaming", "loop", "of in L2", "of loop"
+        "GB/s on one core, then on all cores; `loop`: the read-bandwidth loop, a pass before \
+         each streaming one"
+    );
+    println!(
+        "{:<28} {:>7} {:>9} {:>7} {:>10} {:>9}   {:>7} {:>7} {:>7}",
+        "kernel", "in L2", "streaming", "loop", "of in L2", "of loop", "all", "loop", "of loop"
     );
     let mut rng = SplitMix64::new(1);
     let input = |cols: usize, rng: &mut SplitMix64| -> Vec<f32> {
