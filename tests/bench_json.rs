@@ -1,0 +1,51 @@
+//! `dsflash bench --json`: the object the issue asks for (bounds, each kernel at the real
+//! V4-Flash shapes with GB/s, GFLOP/s and its ratio), each ratio of the bound measured next to
+//! that kernel. Speeds are not asserted (benchmarks, not timed tests): shapes and arithmetic.
+
+mod common;
+use common::*;
+use std::process::Command;
+
+#[test]
+fn bench_json_reports_every_kernel_against_its_own_bound() {
+    let o = Command::new(bin())
+        .args(["bench", "--quick", "--kernels-only", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for k in ["read_bandwidth_gbs", "fma_peak_gflops"] {
+        assert!(v[k].as_f64().unwrap() > 0.0, "{k}: {}", v[k]);
+    }
+    assert!(
+        v["decode"].is_null() && v["prefill"].is_null(),
+        "--kernels-only"
+    );
+    // (name, multiply-adds, stored bytes) by hand from the formats: FP4 = half a byte per
+    // weight + one E8M0 byte per 32; FP8 = a byte per weight + one per 128x128 block;
+    // BF16 = two bytes.
+    let fp4 = |r: u64, c: u64| (r * c, r * c / 2 + r * c / 32);
+    let fp8 = |r: u64, c: u64| (r * c, r * c + r.div_ceil(128) * c.div_ceil(128));
+    let want = [
+        ("expert w1/w3 fp4 2048x4096", fp4(2048, 4096)),
+        ("expert w2 fp4 4096x2048", fp4(4096, 2048)),
+        ("expert w1/w3 fp4 2048x4096 int8 in", fp4(2048, 4096)),
+        ("expert w2 fp4 4096x2048 int8 in", fp4(4096, 2048)),
+        ("wq_b fp8 32768x1024", fp8(32768, 1024)),
+        ("wo_b fp8 4096x8192", fp8(4096, 8192)),
+        ("shared w1/w3 fp8 2048x4096", fp8(2048, 4096)),
+        ("head bf16 129280x4096", (129280 * 4096, 129280 * 4096 * 2)),
+    ];
+    let ks = v["kernels"].as_array().unwrap();
+    assert_eq!(ks.len(), want.len(), "{ks:?}");
+    for (k, (name, (macs, bytes))) in ks.iter().zip(want) {
+        assert_eq!(k["name"], name);
+        let f = |key: &str| k[key].as_f64().unwrap();
+        assert!(f("gbs") > 0.0 && f("bound_gbs") > 0.0, "{k}");
+        let rel = |a: f64, b: f64| (a - b).abs() / b.abs();
+        // GFLOP/s and GB/s come from the same timing: 2 flops per multiply-add per byte.
+        let flops_per_byte = 2.0 * macs as f64 / bytes as f64;
+        assert!(rel(f("gflops") / f("gbs"), flops_per_byte) < 1e-9, "{k}");
+        assert!(rel(f("ratio"), f("gbs") / f("bound_gbs")) < 1e-9, "{k}");
+    }
+}
