@@ -80,6 +80,19 @@ fn all_exact_bf16(x: &[f32]) -> bool {
     })
 }
 
+/// `v` as three bf16 values (returned as f32) with v = hi + mid + lo exactly: hi and mid are
+/// truncations of v and of v - hi to 8 significant bits, so both differences are exact in
+/// fp32 and lo keeps the last 8 bits. An fp32 input of an FP8/FP4 product runs on the bf16
+/// kernels as these three inputs, every product exact; [`prepare_fp8`] / [`prepare_fp4`]
+/// refuse the pieces only where one falls below the bf16 normal range (|v| < ~2^-110).
+pub fn split3(v: f32) -> [f32; 3] {
+    let trunc = |v: f32| f32::from_bits(v.to_bits() & 0xFFFF_0000);
+    let hi = trunc(v);
+    let r = v - hi;
+    let mid = trunc(r);
+    [hi, mid, r - mid]
+}
+
 /// Input for [`fp8_row_dot`]: per 64 columns, two runs of 32; run `s` holds at `8j + k` the
 /// column `16j + 8s + k` (j < 4, k < 8).
 pub fn prepare_fp8(x: &[f32]) -> Option<Vec<u16>> {

@@ -98,6 +98,20 @@ pub fn linear_range(w: &Weight, rows: Range<usize>, x: &[f32], t: usize, y: &mut
     if let Some(xb) = prepare_bf16(w, x, t) {
         return linear_fused_bf16(w, rows, &xb, y);
     }
+    if let Some(xb) = prepare_bf16_split(w, x, t) {
+        // [3t, n]: input tt's three pieces at 3tt, 3tt + 1, 3tt + 2; the two small partial
+        // sums are added first.
+        let mut y3 = vec![0f32; 3 * t * n];
+        linear_fused_bf16(w, rows, &xb, &mut y3);
+        for (yt, p) in y.chunks_exact_mut(n).zip(y3.chunks_exact(3 * n)) {
+            let (hi, rest) = p.split_at(n);
+            let (mid, lo) = rest.split_at(n);
+            for (((o, h), m), l) in yt.iter_mut().zip(hi).zip(mid).zip(lo) {
+                *o = h + (m + l);
+            }
+        }
+        return;
+    }
     if t <= FUSED_MAX_T {
         return linear_fused(w, rows, x, t, y);
     }
@@ -374,6 +388,33 @@ fn prepare_bf16(w: &Weight, x: &[f32], t: usize) -> Option<Vec<Vec<u16>>> {
     }
 }
 
+/// Inputs that are not exactly bf16 (the attention output into `wo_a`, or any input under
+/// `--numerics ideal`) for the bf16 kernels: each as three bf16 pieces ([`bf16dot::split3`]),
+/// 3t inputs, when 3t <= [`FUSED_MAX_T_BF16`]. One core on an FP8 4096-column row: the fp32
+/// kernel is bound by its E4M3 -> fp32 conversions at ~20 GB/s; the bf16 kernel turns each
+/// code into bf16 once for all three pieces.
+fn prepare_bf16_split(w: &Weight, x: &[f32], t: usize) -> Option<Vec<Vec<u16>>> {
+    if 3 * t > FUSED_MAX_T_BF16 || !bf16dot::available() || matches!(w, Weight::Bf16 { .. }) {
+        return None;
+    }
+    let cols = w.cols();
+    let mut pieces = Vec::with_capacity(3 * t);
+    for xt in x.chunks(cols) {
+        let mut p = [vec![0f32; cols], vec![0f32; cols], vec![0f32; cols]];
+        for (c, &v) in xt.iter().enumerate() {
+            let [a, b, d] = bf16dot::split3(v);
+            (p[0][c], p[1][c], p[2][c]) = (a, b, d);
+        }
+        for piece in &p {
+            pieces.push(match w {
+                Weight::Fp4 { .. } => bf16dot::prepare_fp4(piece)?,
+                _ => bf16dot::prepare_fp8(piece)?,
+            });
+        }
+    }
+    Some(pieces)
+}
+
 /// The fused path on bf16 dot products: each row's weights become bf16 once per group of up
 /// to 8 inputs and are dotted with all of them.
 fn linear_fused_bf16(w: &Weight, rows: Range<usize>, xb: &[Vec<u16>], y: &mut [f32]) {
@@ -468,17 +509,18 @@ mod tests {
 
     #[test]
     fn fused_and_tiled_paths_agree() {
-        // The decode path (fused row dots, t <= 4) and the prefill path (tile + GEMM, t > 4)
-        // on the same FP4, FP8 and BF16 weights.
+        // The decode path (fused row dots, t <= 4; with fp32 inputs on bf16 CPUs up to 5,
+        // as three bf16 pieces each) and the prefill path (tile + GEMM) on the same FP4, FP8
+        // and BF16 weights.
         let mut r = SplitMix64::new(12);
         let (rows, cols) = (130usize, 256usize);
         let ws = ["fp4", "fp8", "bf16"]
             .map(|kind| random_weight_scaled(kind, rows, cols, &mut r, |b| 115 + b % 20));
-        let x: Vec<f32> = (0..5 * cols).map(|_| r.uniform()).collect();
+        let x: Vec<f32> = (0..6 * cols).map(|_| r.uniform()).collect();
         for w in &ws {
-            let tiled = linear(w, &x, 5); // t = 5: tiled
+            let tiled = linear(w, &x, 6); // t = 6: tiled
             let mut deq = vec![0f32; cols];
-            for tt in 0..5 {
+            for tt in 0..6 {
                 let fused = linear(w, &x[tt * cols..(tt + 1) * cols], 1); // t = 1: fused
                 for row in 0..rows {
                     dequant_row(w, row, &mut deq);
@@ -491,6 +533,62 @@ mod tests {
                     assert!((f - g).abs() <= 1e-5 * m.max(1e-30), "{row}: {f} vs {g}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn fp32_inputs_as_three_bf16_pieces_match_f64() {
+        // Inputs off every grid (and a few exact zeros and tiny values) take the bf16 kernels
+        // as three pieces each for t <= 5, the fp32 kernels above: both within the fp32
+        // summation bound of an f64 sum.
+        let mut r = SplitMix64::new(14);
+        let (rows, cols) = (70usize, 256usize);
+        let ws = ["fp4", "fp8"]
+            .map(|kind| random_weight_scaled(kind, rows, cols, &mut r, |b| 115 + b % 20));
+        for t in [1usize, 2, 5, 6] {
+            let mut x: Vec<f32> = (0..t * cols).map(|_| r.uniform() * 3.0 - 1.5).collect();
+            x[3] = 0.0;
+            x[7] = 1e-20;
+            x[11] = -3.0e-7;
+            assert!(
+                x.iter().any(|v| v.to_bits() & 0xFFFF != 0),
+                "inputs off the bf16 grid"
+            );
+            for w in &ws {
+                let y = linear(w, &x, t);
+                let mut deq = vec![0f32; cols];
+                for row in 0..rows {
+                    dequant_row(w, row, &mut deq);
+                    for tt in 0..t {
+                        let (mut s, mut m) = (0f64, 0f64);
+                        for k in 0..cols {
+                            let p = deq[k] as f64 * x[tt * cols + k] as f64;
+                            s += p;
+                            m += p.abs();
+                        }
+                        let v = y[tt * rows + row] as f64;
+                        assert!(
+                            (v - s).abs() <= 1e-6 * m.max(1e-30),
+                            "t {t} row {row}: {v} vs {s}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn three_bf16_pieces_sum_to_the_value() {
+        let mut r = SplitMix64::new(15);
+        for _ in 0..100_000 {
+            let v = f32::from_bits(r.next_u64() as u32 & 0x7FFF_FFFF)
+                * if r.uniform() < 0.5 { -1.0 } else { 1.0 };
+            if !v.is_finite() || v.abs() < 1e-30 {
+                continue;
+            }
+            let p = bf16dot::split3(v);
+            assert!(p.iter().all(|q| q.to_bits() & 0xFFFF == 0), "{v}: {p:?}");
+            assert_eq!(p[0] as f64 + p[1] as f64 + p[2] as f64, v as f64, "{v}");
         }
     }
 
