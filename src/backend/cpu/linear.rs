@@ -536,6 +536,30 @@ mod tests {
         }
     }
 
+    /// `linear(w, x, t)` against an f64 sum of the dequantized weights times x, within the
+    /// fp32 summation bound of the products' magnitudes.
+    fn assert_linear_matches_f64(w: &Weight, x: &[f32], t: usize) {
+        let (rows, cols) = (w.rows(), w.cols());
+        let y = linear(w, x, t);
+        let mut deq = vec![0f32; cols];
+        for row in 0..rows {
+            dequant_row(w, row, &mut deq);
+            for tt in 0..t {
+                let (mut s, mut m) = (0f64, 0f64);
+                for k in 0..cols {
+                    let p = deq[k] as f64 * x[tt * cols + k] as f64;
+                    s += p;
+                    m += p.abs();
+                }
+                let v = y[tt * rows + row] as f64;
+                assert!(
+                    (v - s).abs() <= 1e-6 * m.max(1e-30),
+                    "t {t} row {row}: {v} vs {s}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn fp32_inputs_as_three_bf16_pieces_match_f64() {
         // Inputs off every grid (and a few exact zeros and tiny values) take the bf16 kernels
@@ -555,24 +579,7 @@ mod tests {
                 "inputs off the bf16 grid"
             );
             for w in &ws {
-                let y = linear(w, &x, t);
-                let mut deq = vec![0f32; cols];
-                for row in 0..rows {
-                    dequant_row(w, row, &mut deq);
-                    for tt in 0..t {
-                        let (mut s, mut m) = (0f64, 0f64);
-                        for k in 0..cols {
-                            let p = deq[k] as f64 * x[tt * cols + k] as f64;
-                            s += p;
-                            m += p.abs();
-                        }
-                        let v = y[tt * rows + row] as f64;
-                        assert!(
-                            (v - s).abs() <= 1e-6 * m.max(1e-30),
-                            "t {t} row {row}: {v} vs {s}"
-                        );
-                    }
-                }
+                assert_linear_matches_f64(w, &x, t);
             }
         }
     }
@@ -604,24 +611,7 @@ mod tests {
             let mut x: Vec<f32> = (0..t * cols).map(|_| r.uniform()).collect();
             crate::model::formats::fake_quant_e4m3_blocks(&mut x, 128);
             for w in &ws {
-                let y = linear(w, &x, t);
-                let mut deq = vec![0f32; cols];
-                for row in 0..rows {
-                    dequant_row(w, row, &mut deq);
-                    for tt in 0..t {
-                        let (mut s, mut m) = (0f64, 0f64);
-                        for k in 0..cols {
-                            let p = deq[k] as f64 * x[tt * cols + k] as f64;
-                            s += p;
-                            m += p.abs();
-                        }
-                        let v = y[tt * rows + row] as f64;
-                        assert!(
-                            (v - s).abs() <= 1e-6 * m.max(1e-30),
-                            "t {t} row {row}: {v} vs {s}"
-                        );
-                    }
-                }
+                assert_linear_matches_f64(w, &x, t);
             }
         }
     }
