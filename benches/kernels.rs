@@ -32,13 +32,33 @@ fn best_gbs(bytes: usize, reps: usize, mut f: impl FnMut()) -> f64 {
     bytes as f64 / best / 1e9
 }
 
-/// `probe`: one pass of the read-bandwidth loop on this core (GB/s), run before each
-/// streaming pass so both see the same neighbours.
-fn measure(name: &str, kind: &str, rows: usize, cols: usize, k: &Kernel, probe: &dyn Fn() -> f64) {
-    let all = rayon::ThreadPoolBuilder::new()
-        .build()
-        .expect("a thread pool");
-    let all_read = probe::ReadProbe::new(STREAM);
+/// The read-bandwidth loop and the two pools it is measured on: one thread, and all cores.
+struct Bound {
+    read: probe::ReadProbe,
+    one: rayon::ThreadPool,
+    all: rayon::ThreadPool,
+}
+
+impl Bound {
+    /// One pass of the loop on `pool` (GB/s).
+    fn pass(&self, pool: &rayon::ThreadPool) -> f64 {
+        pool.install(|| self.read.pass())
+    }
+}
+
+/// `k` over every row of `ws` in task-sized calls.
+fn stream(ws: &[Weight], rows: usize, per_task: usize, k: &Kernel, out: &mut [f32]) {
+    for w in ws {
+        for r0 in (0..rows).step_by(per_task) {
+            let m = per_task.min(rows - r0);
+            k(w, r0, m, &mut out[..m]);
+        }
+    }
+    std::hint::black_box(&out);
+}
+
+/// A loop pass runs before each streaming pass, so both see the same neighbours.
+fn measure(name: &str, kind: &str, rows: usize, cols: usize, k: &Kernel, b: &Bound) {
     let mut rng = SplitMix64::new(7);
     let one = random_weight(kind, rows, cols, &mut rng);
     let row_bytes = one.stored_bytes() / rows;
@@ -56,50 +76,33 @@ fn measure(name: &str, kind: &str, rows: usize, cols: usize, k: &Kernel, probe: 
     let ws: Vec<Weight> = (0..copies)
         .map(|_| random_weight(kind, rows, cols, &mut rng))
         .collect();
+    let bytes = copies * one.stored_bytes();
     let per_task = (TASK / row_bytes).clamp(1, rows);
-    let mut pass = || {
-        for w in &ws {
-            for r0 in (0..rows).step_by(per_task) {
-                let m = per_task.min(rows - r0);
-                k(w, r0, m, &mut out[..m]);
-            }
-        }
-        std::hint::black_box(&out);
-    };
-    pass();
-    let (mut stream, mut bound) = (0f64, 0f64);
+    stream(&ws, rows, per_task, k, &mut out);
+    let (mut single, mut bound) = (0f64, 0f64);
     for _ in 0..5 {
-        bound = bound.max(probe());
-        stream = stream.max(best_gbs(copies * one.stored_bytes(), 1, &mut pass));
+        bound = bound.max(b.pass(&b.one));
+        single = single.max(best_gbs(bytes, 1, || {
+            stream(&ws, rows, per_task, k, &mut out)
+        }));
     }
-    // All cores: each thread streams its own share of the copies (no shared dispatch), next
-    // to the read loop on all cores.
-    let threads = all.current_num_threads();
-    let share = copies.div_ceil(threads);
+    // All cores: each thread streams its own share of the copies (no shared dispatch).
+    let share = copies.div_ceil(b.all.current_num_threads());
     let (mut all_gbs, mut all_bound) = (0f64, 0f64);
     for _ in 0..5 {
-        all_bound = all_bound.max(all.install(|| all_read.pass()));
-        all_gbs = all_gbs.max(best_gbs(copies * one.stored_bytes(), 1, || {
-            all.scope(|sc| {
+        all_bound = all_bound.max(b.pass(&b.all));
+        all_gbs = all_gbs.max(best_gbs(bytes, 1, || {
+            b.all.scope(|sc| {
                 for part in ws.chunks(share) {
-                    sc.spawn(move |_| {
-                        let mut out = vec![0f32; per_task];
-                        for w in part {
-                            for r0 in (0..rows).step_by(per_task) {
-                                let m = per_task.min(rows - r0);
-                                k(w, r0, m, &mut out[..m]);
-                            }
-                        }
-                        std::hint::black_box(&out);
-                    });
+                    sc.spawn(move |_| stream(part, rows, per_task, k, &mut vec![0f32; per_task]));
                 }
             })
         }));
     }
     println!(
-        "{name:<28} {l2:>7.1} {stream:>9.1} {bound:>7.1} {:>9.0}% {:>8.0}%   {all_gbs:>7.1} {all_bound:>7.1} {:>6.0}%",
-        100.0 * stream / l2,
-        100.0 * stream / bound,
+        "{name:<28} {l2:>7.1} {single:>9.1} {bound:>7.1} {:>9.0}% {:>8.0}%   {all_gbs:>7.1} {all_bound:>7.1} {:>6.0}%",
+        100.0 * single / l2,
+        100.0 * single / bound,
         100.0 * all_gbs / all_bound
     );
 }
@@ -127,12 +130,16 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()
-        .expect("a one-thread pool");
-    let read = probe::ReadProbe::new(STREAM);
-    let probe_gbs = || pool.install(|| read.pass());
+    let bound = Bound {
+        read: probe::ReadProbe::new(STREAM),
+        one: rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .expect("a one-thread pool"),
+        all: rayon::ThreadPoolBuilder::new()
+            .build()
+            .expect("a thread pool"),
+    };
     println!(
         "GB/s on one core, then on all cores; `loop`: the read-bandwidth loop, a pass before \
          each streaming one"
@@ -153,14 +160,7 @@ fn main() {
             let (p, s, c) = fp4_parts(w, r0, n);
             bf16dot::fp4_block(p, s, c, &[&xp], out)
         });
-        measure(
-            "fp4 2048x4096 (bf16 dot)",
-            "fp4",
-            2048,
-            4096,
-            &k,
-            &probe_gbs,
-        );
+        measure("fp4 2048x4096 (bf16 dot)", "fp4", 2048, 4096, &k, &bound);
         let mut x8 = input(1024, &mut rng);
         fake_quant_e4m3_blocks(&mut x8, 128);
         let xp8 = bf16dot::prepare_fp8(&x8).expect("E4M3 values are bf16");
@@ -177,14 +177,7 @@ fn main() {
             let c = *cols;
             bf16dot::fp8_block(&codes[r0 * c..(r0 + n) * c], scales, r0, c, &[&xp8], out)
         });
-        measure(
-            "fp8 32768x1024 (bf16 dot)",
-            "fp8",
-            32768,
-            1024,
-            &k,
-            &probe_gbs,
-        );
+        measure("fp8 32768x1024 (bf16 dot)", "fp8", 32768, 1024, &k, &bound);
     }
     if q8dot::available() {
         let mut x = input(4096, &mut rng);
@@ -194,14 +187,7 @@ fn main() {
             let (p, s, c) = fp4_parts(w, r0, n);
             q8dot::fp4_block(p, s, c, &[&xq], out)
         });
-        measure(
-            "fp4 2048x4096 (int8 dot)",
-            "fp4",
-            2048,
-            4096,
-            &k,
-            &probe_gbs,
-        );
+        measure("fp4 2048x4096 (int8 dot)", "fp4", 2048, 4096, &k, &bound);
     }
     let xh = input(4096, &mut rng);
     let k: Kernel = Box::new(|w, r0, _, out| {
@@ -214,12 +200,5 @@ fn main() {
             *o = rowdot::bf16_row_dot(&data[r * rb..(r + 1) * rb], &xh);
         }
     });
-    measure(
-        "bf16 16384x4096 (head)",
-        "bf16",
-        16384,
-        4096,
-        &k,
-        &probe_gbs,
-    );
+    measure("bf16 16384x4096 (head)", "bf16", 16384, 4096, &k, &bound);
 }

@@ -400,10 +400,9 @@ fn end_to_end(
     let decode_with = |e: &Engine| -> anyhow::Result<Decode> {
         // Three probe passes right before the timed steps and three right after: one pass
         // alone can land in a neighbour's burst and read low.
-        let best_of_3 = || (0..3).map(|_| probe.pass()).fold(0f64, f64::max);
         let mut before = 0f64;
-        let tps = steps as f64 / timed_decode(e, steps, || before = best_of_3())?;
-        let bw = before.max(best_of_3());
+        let tps = steps as f64 / timed_decode(e, steps, || before = probe.best_of(3))?;
+        let bw = before.max(probe.best_of(3));
         Ok(Decode {
             tokens_per_s: tps,
             bytes_per_token,
@@ -446,7 +445,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
         (512usize << 20, 6)
     };
     let read_probe = probe::ReadProbe::new(min);
-    let bw = (0..reps).map(|_| read_probe.pass()).fold(0f64, f64::max);
+    let bw = read_probe.best_of(reps);
     let peak = probe::fma_peak(if a.quick { 0.3 } else { 1.0 });
     let bf16_peak = probe::bf16_dot_peak(if a.quick { 0.3 } else { 1.0 });
     // Prefill runs on bf16 dot products where the CPU has them (the default numerics' inputs

@@ -7,8 +7,7 @@ use std::time::Instant;
 /// Streaming read bandwidth in GB/s: every thread sums its share of a `bytes`-sized buffer
 /// (far larger than the caches); best of `reps`.
 pub fn read_bandwidth(bytes: usize, reps: usize) -> f64 {
-    let p = ReadProbe::new(bytes);
-    (0..reps.max(1)).map(|_| p.pass()).fold(0f64, f64::max)
+    ReadProbe::new(bytes).best_of(reps)
 }
 
 /// The read-bandwidth loop over a buffer kept for repeated passes, so a benchmark can measure
@@ -25,6 +24,11 @@ impl ReadProbe {
         ReadProbe {
             buf: (0..(bytes / 8) as u64).collect(),
         }
+    }
+
+    /// The best of `reps` passes (at least one): GB/s.
+    pub fn best_of(&self, reps: usize) -> f64 {
+        (0..reps.max(1)).map(|_| self.pass()).fold(0f64, f64::max)
     }
 
     /// One pass with all threads: GB/s.
