@@ -74,59 +74,123 @@ impl Sampler {
         self.sample(&l)
     }
 
-    /// Pick the next token id.
+    /// Pick the next token id. The filters keep a set of candidates (top-k: the k highest
+    /// logits, ties by id; min-p; top-p: the smallest set of the highest reaching p) and the
+    /// draw walks that set in id order. Only top-k and top-p need the candidates ranked, and
+    /// only as far as they reach: no sort of the whole vocabulary per token.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let c = &self.cfg;
         if c.temperature <= 0.0 {
             return argmax(logits) as u32;
         }
-        // Candidates sorted by logit, descending.
-        let mut idx: Vec<usize> = (0..logits.len())
+        // Ascending ids throughout.
+        let mut kept: Vec<usize> = (0..logits.len())
             .filter(|&i| logits[i].is_finite())
             .collect();
-        if idx.is_empty() {
+        if kept.is_empty() {
             return argmax(logits) as u32;
         }
-        idx.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-        if c.top_k > 0 {
-            idx.truncate(c.top_k);
+        if c.top_k > 0 && c.top_k < kept.len() {
+            let mut r = Ranked::new(logits, kept);
+            r.truncate(c.top_k);
+            kept = r.into_ids();
         }
-        let m = logits[idx[0]] as f64;
-        let t = c.temperature as f64;
-        let mut p: Vec<f64> = idx
+        let m = kept
             .iter()
-            .map(|&i| ((logits[i] as f64 - m) / t).exp())
-            .collect();
-        let sum: f64 = p.iter().sum();
-        p.iter_mut().for_each(|x| *x /= sum);
-        // min-p relative to the most likely token.
+            .map(|&i| logits[i])
+            .fold(f32::NEG_INFINITY, f32::max) as f64;
+        let t = c.temperature as f64;
+        // Unnormalised probability: 1 for the most likely candidate.
+        let w = |i: usize| ((logits[i] as f64 - m) / t).exp();
         if c.min_p > 0.0 {
-            let cut = p[0] * c.min_p as f64;
-            let keep = p.iter().take_while(|&&x| x >= cut).count().max(1);
-            p.truncate(keep);
+            // Relative to the most likely token (w = 1), which always stays.
+            let cut = (c.min_p as f64).min(1.0);
+            kept.retain(|&i| w(i) >= cut);
         }
-        // top-p: smallest prefix reaching p.
         if c.top_p < 1.0 {
-            let mut acc = 0.0;
-            let mut keep = p.len();
-            for (j, x) in p.iter().enumerate() {
-                acc += x;
+            let total: f64 = kept.iter().map(|&i| w(i)).sum();
+            let mut r = Ranked::new(logits, kept);
+            let (mut acc, mut keep) = (0.0, r.len());
+            for j in 0..r.len() {
+                acc += w(r.at(j)) / total;
                 if acc >= c.top_p as f64 {
                     keep = j + 1;
                     break;
                 }
             }
-            p.truncate(keep.max(1));
+            r.truncate(keep);
+            kept = r.into_ids();
         }
-        let total: f64 = p.iter().sum();
+        let total: f64 = kept.iter().map(|&i| w(i)).sum();
         let mut r = self.rng.next_f64() * total;
-        for (j, x) in p.iter().enumerate() {
-            r -= x;
+        for &i in &kept {
+            r -= w(i);
             if r < 0.0 {
-                return idx[j] as u32;
+                return i as u32;
             }
         }
-        idx[p.len() - 1] as u32
+        kept[kept.len() - 1] as u32
+    }
+}
+
+/// Candidate ids in descending logit order (ties by id: a total order, so each prefix is the
+/// one a full sort gives), sorted only as far as asked: the first `sorted` ids are in order
+/// and every later one ranks below them.
+struct Ranked<'a> {
+    logits: &'a [f32],
+    idx: Vec<usize>,
+    sorted: usize,
+}
+
+impl<'a> Ranked<'a> {
+    fn new(logits: &'a [f32], idx: Vec<usize>) -> Self {
+        Ranked {
+            logits,
+            idx,
+            sorted: 0,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.idx.len()
+    }
+
+    /// Orders the first `k` (capped at the length).
+    fn sort_to(&mut self, k: usize) {
+        let k = k.min(self.idx.len());
+        if k <= self.sorted {
+            return;
+        }
+        let (logits, s) = (self.logits, self.sorted);
+        let cmp = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+        let rest = &mut self.idx[s..];
+        if k - s < rest.len() {
+            rest.select_nth_unstable_by(k - s - 1, cmp);
+        }
+        rest[..k - s].sort_unstable_by(cmp);
+        self.sorted = k;
+    }
+
+    /// Keeps the `k` highest.
+    fn truncate(&mut self, k: usize) {
+        if k < self.idx.len() {
+            self.sort_to(k);
+            self.idx.truncate(k);
+        }
+    }
+
+    /// The candidate at rank `j`, extending the sorted prefix by doubling when needed.
+    fn at(&mut self, j: usize) -> usize {
+        if j >= self.sorted {
+            self.sort_to((2 * self.sorted).max(j + 1).max(64));
+        }
+        self.idx[j]
+    }
+
+    /// The ids, ascending.
+    fn into_ids(mut self) -> Vec<usize> {
+        self.idx.sort_unstable();
+        self.idx
     }
 }
 
@@ -219,5 +283,83 @@ mod tests {
             (0..50).map(|_| s.sample(&logits)).collect()
         };
         assert_eq!(a, b);
+    }
+
+    /// What `sample` must pick for the uniform number `u`, from a full sort of the
+    /// vocabulary: candidates by descending logit (ties by id), top-k, min-p, top-p, then the
+    /// draw over the kept ids in id order.
+    fn full_sort_pick(logits: &[f32], c: &SamplerConfig, u: f64) -> u32 {
+        let mut idx: Vec<usize> = (0..logits.len())
+            .filter(|&i| logits[i].is_finite())
+            .collect();
+        idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        if c.top_k > 0 {
+            idx.truncate(c.top_k);
+        }
+        let m = logits[idx[0]] as f64;
+        let w = |i: usize| ((logits[i] as f64 - m) / c.temperature as f64).exp();
+        let mut keep = idx
+            .iter()
+            .take_while(|&&i| w(i) >= c.min_p as f64)
+            .count()
+            .max(1);
+        if c.top_p < 1.0 {
+            let total: f64 = idx[..keep].iter().map(|&i| w(i)).sum();
+            let mut acc = 0.0;
+            for (j, &i) in idx.iter().enumerate().take(keep) {
+                acc += w(i) / total;
+                if acc >= c.top_p as f64 {
+                    keep = j + 1;
+                    break;
+                }
+            }
+        }
+        let mut kept = idx[..keep].to_vec();
+        kept.sort();
+        let mut r = u * kept.iter().map(|&i| w(i)).sum::<f64>();
+        for &i in &kept {
+            r -= w(i);
+            if r < 0.0 {
+                return i as u32;
+            }
+        }
+        kept[kept.len() - 1] as u32
+    }
+
+    #[test]
+    fn partial_ranking_picks_what_a_full_sort_picks() {
+        let mut g = Rng::new(11);
+        for (n, levels) in [(5, 3), (200, 7), (5000, 40), (5000, 5000)] {
+            // Few distinct values (many ties), some -inf, a peak or a flat spread.
+            let logits: Vec<f32> = (0..n)
+                .map(|_| match g.next_u64() % 50 {
+                    0 => f32::NEG_INFINITY,
+                    _ => (g.next_u64() % levels) as f32 * 0.05,
+                })
+                .collect();
+            for (temperature, top_k, top_p, min_p) in [
+                (1.0, 0, 1.0, 0.0),
+                (0.7, 0, 0.9, 0.0),
+                (1.3, 40, 1.0, 0.0),
+                (1.0, 0, 1.0, 0.3),
+                (0.5, 100, 0.8, 0.05),
+                (2.0, 3000, 0.999, 0.0),
+            ] {
+                let c = SamplerConfig {
+                    temperature,
+                    top_k,
+                    top_p,
+                    min_p,
+                    seed: 5,
+                    ..Default::default()
+                };
+                let mut s = Sampler::new(c.clone());
+                let mut u = Rng::new(5);
+                for _ in 0..30 {
+                    let want = full_sort_pick(&logits, &c, u.next_f64());
+                    assert_eq!(s.sample(&logits), want, "n {n}, {c:?}");
+                }
+            }
+        }
     }
 }
