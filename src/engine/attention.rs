@@ -10,7 +10,10 @@ use super::numerics::Numerics;
 use super::offload::{self, Act};
 use super::rope::Rope;
 use super::traps::{Trap, Traps};
-use crate::backend::cpu::{attend_sink, rms_norm, rms_norm_rows, rms_norm_unweighted};
+use crate::backend::cpu::{attend_sink_heads, rms_norm, rms_norm_rows, rms_norm_unweighted};
+
+/// Attention heads per parallel task (a multiple of the kernel's block of 8).
+const HEADS_PER_TASK: usize = 16;
 use crate::backend::exec::Exec;
 use crate::model::config::{AttnKind, ModelConfig};
 use crate::model::weights::AttnWeights;
@@ -250,20 +253,34 @@ pub fn forward(
                 AttnKind::Window => {}
             }
         }
-        let mut logits = Vec::with_capacity(keys.len());
-        for (hh, oh) in ok.chunks_mut(hd).enumerate() {
-            let qh = &q[k * h * hd + hh * hd..k * h * hd + (hh + 1) * hd];
-            let sink = if ctx.traps.has(Trap::NoSink) {
-                f32::NEG_INFINITY
-            } else {
-                w.sink[hh]
-            };
-            attend_sink(qh, &keys, sink, scale, &mut logits, oh);
-            // Inverse RoPE at the query's position makes the value contribution relative.
-            if !ctx.traps.has(Trap::NoInverseRope) {
-                ctx.rope.apply(oh, p, true);
-            }
-        }
+        // Heads in parallel too, a block of them per task (each key is read once per block):
+        // in decode (one token) this is the only parallel loop, and with a long context each
+        // head reads hundreds of keys.
+        let keys = &keys;
+        let sinks: Vec<f32> = if ctx.traps.has(Trap::NoSink) {
+            vec![f32::NEG_INFINITY; h]
+        } else {
+            w.sink.clone()
+        };
+        let qk = &q[k * h * hd..(k + 1) * h * hd];
+        ok.par_chunks_mut(HEADS_PER_TASK * hd)
+            .enumerate()
+            .for_each_init(
+                || Vec::with_capacity(HEADS_PER_TASK * keys.len()),
+                |logits, (b, ob)| {
+                    let h0 = b * HEADS_PER_TASK;
+                    let nh = ob.len() / hd;
+                    let qb = &qk[h0 * hd..(h0 + nh) * hd];
+                    attend_sink_heads(qb, keys, &sinks[h0..h0 + nh], scale, logits, ob);
+                    // Inverse RoPE at the query's position makes the value contribution
+                    // relative.
+                    if !ctx.traps.has(Trap::NoInverseRope) {
+                        for oh in ob.chunks_mut(hd) {
+                            ctx.rope.apply(oh, p, true);
+                        }
+                    }
+                },
+            );
     });
 
     // The window ring now takes this chunk's keys (after every query read the old ones).

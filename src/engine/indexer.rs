@@ -4,7 +4,11 @@
 
 use super::compressor::CompressorState;
 use super::traps::{Trap, Traps};
-use crate::backend::cpu::{indexer_score, top_k};
+use crate::backend::cpu::{indexer_scores, top_k};
+use rayon::prelude::*;
+
+/// Compressed rows scored per parallel task (one row: IH dot products of ihd).
+const SCORE_ROWS_PER_TASK: usize = 256;
 
 /// Per-query inputs of the indexer (one token).
 pub struct IndexerQuery<'a> {
@@ -23,9 +27,16 @@ pub fn scores(
     traps: &Traps,
 ) -> Vec<f32> {
     let relu_after = traps.has(Trap::IndexerReluAfterSum);
-    (0..n_vis)
-        .map(|i| indexer_score(q.q, q.w, st.rows.row(i), ihd, relu_after))
-        .collect()
+    // Rows in parallel (each score is independent, so the result does not depend on the
+    // split): in decode the query is one token and the rows grow with the context.
+    let mut s = vec![0f32; n_vis];
+    s.par_chunks_mut(SCORE_ROWS_PER_TASK)
+        .enumerate()
+        .for_each(|(c, out)| {
+            let first = c * SCORE_ROWS_PER_TASK;
+            indexer_scores(q.q, q.w, |i| st.rows.row(i), first, ihd, relu_after, out);
+        });
+    s
 }
 
 /// The rows a query attends to: all of them while there are at most `topk`, else the

@@ -118,6 +118,236 @@ pub fn attend_sink(
     }
 }
 
+/// Heads per pass of [`attend_sink_heads`] and [`indexer_scores`]: each key (row) is read once
+/// per this many dot products, and their independent sums overlap in the pipeline.
+const HEADS: usize = 8;
+
+/// [`dot`] of several vectors with one `k`, each summed exactly as [`dot`] sums it (the same
+/// eight lanes in the same order, products then sums): the same bits as `N` calls.
+#[inline(always)]
+fn dots_by<const N: usize>(qs: &[&[f32]; N], k: &[f32]) -> [f32; N] {
+    assert!(qs.iter().all(|q| q.len() == k.len()), "dot lengths");
+    let n = k.len() / 8 * 8;
+    #[cfg(target_arch = "x86_64")]
+    let acc = if super::has_x86!("avx") {
+        // SAFETY: the CPU has AVX; every q is as long as k (asserted).
+        unsafe { lanes_avx(qs, k) }
+    } else {
+        lanes(qs, k)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let acc = lanes(qs, k);
+    std::array::from_fn(|i| {
+        let a = &acc[i];
+        let mut s = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+        for j in n..k.len() {
+            s += qs[i][j] * k[j];
+        }
+        s
+    })
+}
+
+/// The eight lane sums of [`dot`] for each q: lane l = Σ_c q[8c + l]·k[8c + l], products
+/// then sums, in c order.
+#[inline(always)]
+fn lanes<const N: usize>(qs: &[&[f32]; N], k: &[f32]) -> [[f32; 8]; N] {
+    let mut acc = [[0f32; 8]; N];
+    for (c, kk) in k.chunks_exact(8).enumerate() {
+        for (a, q) in acc.iter_mut().zip(qs) {
+            for l in 0..8 {
+                a[l] += q[8 * c + l] * kk[l];
+            }
+        }
+    }
+    acc
+}
+
+/// [`lanes`] in 256-bit registers (the same multiplies and adds, lane for lane).
+///
+/// # Safety
+/// Needs AVX; every q at least as long as k.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx")]
+unsafe fn lanes_avx<const N: usize>(qs: &[&[f32]; N], k: &[f32]) -> [[f32; 8]; N] {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_setzero_ps(); N];
+    for c in 0..k.len() / 8 {
+        // SAFETY: 8c + 8 <= k.len() <= every q's length.
+        unsafe {
+            let kv = _mm256_loadu_ps(k.as_ptr().add(8 * c));
+            for (a, q) in acc.iter_mut().zip(qs) {
+                let p = _mm256_mul_ps(_mm256_loadu_ps(q.as_ptr().add(8 * c)), kv);
+                *a = _mm256_add_ps(*a, p);
+            }
+        }
+    }
+    acc.map(|a| {
+        let mut o = [0f32; 8];
+        // SAFETY: o holds 8 floats.
+        unsafe { _mm256_storeu_ps(o.as_mut_ptr(), a) };
+        o
+    })
+}
+
+/// [`attend_sink`] for every head of `q` [heads, hd] over the same keys (`sinks` [heads], out
+/// [heads, hd]). Each head's output has the same bits as [`attend_sink`] gives it alone; the
+/// keys are read once per [`HEADS`] heads instead of once per head (decode attention reads
+/// hundreds of keys for each of 64 heads).
+pub fn attend_sink_heads(
+    q: &[f32],
+    keys: &[&[f32]],
+    sinks: &[f32],
+    scale: f32,
+    logits: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let hd = q.len() / sinks.len().max(1);
+    let blocks = q.chunks(HEADS * hd).zip(out.chunks_mut(HEADS * hd));
+    for ((qb, ob), sb) in blocks.zip(sinks.chunks(HEADS)) {
+        if sb.len() == HEADS {
+            #[cfg(target_arch = "x86_64")]
+            if super::has_x86!("avx2") {
+                // SAFETY: the CPU has AVX2.
+                unsafe { attend_block_avx2(qb, keys, sb, scale, logits, ob) };
+                continue;
+            }
+            attend_block::<HEADS>(qb, keys, sb, scale, logits, ob);
+        } else {
+            for ((qh, oh), &sink) in qb.chunks(hd).zip(ob.chunks_mut(hd)).zip(sb) {
+                attend_sink(qh, keys, sink, scale, logits, oh);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn attend_block_avx2(
+    q: &[f32],
+    keys: &[&[f32]],
+    sinks: &[f32],
+    scale: f32,
+    logits: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    attend_block::<HEADS>(q, keys, sinks, scale, logits, out)
+}
+
+/// `N` heads of [`attend_sink_heads`]: each step as [`attend_sink`] does it per head, key by
+/// key (logits [keys, N]).
+#[inline(always)]
+fn attend_block<const N: usize>(
+    q: &[f32],
+    keys: &[&[f32]],
+    sinks: &[f32],
+    scale: f32,
+    logits: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let hd = q.len() / N;
+    let qs: [&[f32]; N] = std::array::from_fn(|h| &q[h * hd..(h + 1) * hd]);
+    logits.clear();
+    logits.resize(keys.len() * N, 0.0);
+    for (lg, key) in logits.chunks_exact_mut(N).zip(keys) {
+        for (l, d) in lg.iter_mut().zip(dots_by(&qs, key)) {
+            *l = d * scale;
+        }
+    }
+    let mut den = [0f32; N];
+    for (h, dn) in den.iter_mut().enumerate() {
+        let mut m = sinks[h].max(f32::MIN);
+        for lg in logits.chunks_exact(N) {
+            m = m.max(lg[h]);
+        }
+        *dn = (sinks[h] - m).exp();
+        for lg in logits.chunks_exact_mut(N) {
+            lg[h] = (lg[h] - m).exp();
+            *dn += lg[h];
+        }
+    }
+    out.fill(0.0);
+    for (lg, key) in logits.chunks_exact(N).zip(keys) {
+        for ((oh, &e), &dn) in out.chunks_exact_mut(hd).zip(lg).zip(&den) {
+            let a = e / dn;
+            for (o, v) in oh.iter_mut().zip(key.iter()) {
+                *o += a * v;
+            }
+        }
+    }
+}
+
+/// [`indexer_score`] of rows `first..first + out.len()` (`row(i)` gives row i) into `out`:
+/// each the same bits as [`indexer_score`] gives it, the head dot products [`HEADS`] at a
+/// time over each row.
+pub fn indexer_scores<'a>(
+    q: &[f32],
+    w: &[f32],
+    row: impl Fn(usize) -> &'a [f32],
+    first: usize,
+    ihd: usize,
+    relu_after: bool,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if super::has_x86!("avx2") {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { indexer_scores_avx2(q, w, &row, first, ihd, relu_after, out) };
+    }
+    indexer_scores_by(q, w, &row, first, ihd, relu_after, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)] // indexer_scores' arguments
+#[target_feature(enable = "avx2")]
+unsafe fn indexer_scores_avx2<'a>(
+    q: &[f32],
+    w: &[f32],
+    row: &dyn Fn(usize) -> &'a [f32],
+    first: usize,
+    ihd: usize,
+    relu_after: bool,
+    out: &mut [f32],
+) {
+    indexer_scores_by(q, w, row, first, ihd, relu_after, out)
+}
+
+#[inline(always)]
+fn indexer_scores_by<'a>(
+    q: &[f32],
+    w: &[f32],
+    row: &dyn Fn(usize) -> &'a [f32],
+    first: usize,
+    ihd: usize,
+    relu_after: bool,
+    out: &mut [f32],
+) {
+    if !w.len().is_multiple_of(HEADS) {
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = indexer_score(q, w, row(first + i), ihd, relu_after);
+        }
+        return;
+    }
+    let qs: Vec<[&[f32]; HEADS]> = q
+        .chunks(HEADS * ihd)
+        .map(|b| std::array::from_fn(|h| &b[h * ihd..(h + 1) * ihd]))
+        .collect();
+    let mut terms = vec![0f32; w.len()];
+    for (i, o) in out.iter_mut().enumerate() {
+        let k = row(first + i);
+        for (tb, qb) in terms.chunks_exact_mut(HEADS).zip(&qs) {
+            tb.copy_from_slice(&dots_by(qb, k));
+        }
+        // The sum exactly as indexer_score forms it: in head order, from an f32 `sum`.
+        let s: f32 = terms
+            .iter()
+            .zip(w)
+            .map(|(&d, wh)| if relu_after { wh * d } else { wh * d.max(0.0) })
+            .sum();
+        *o = if relu_after { s.max(0.0) } else { s };
+    }
+}
+
 /// Lightning-indexer score of one compressed row `k` for a query's heads `q` [IH, ihd] with
 /// head weights `w` [IH]: Σ_h w_h · ReLU(q_h · k) (`relu_after`: ReLU of the sum instead).
 pub fn indexer_score(q: &[f32], w: &[f32], k: &[f32], ihd: usize, relu_after: bool) -> f32 {
@@ -308,6 +538,58 @@ pub fn route_token(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::synth::SplitMix64;
+
+    fn randoms(r: &mut SplitMix64, n: usize) -> Vec<f32> {
+        (0..n).map(|_| 2.0 * r.uniform() - 1.0).collect()
+    }
+
+    /// The multi-head forms compute each head as the one-head forms do: same bits (so the
+    /// oracle checks of the one-head arithmetic carry over), whatever the head count, width
+    /// or number of keys.
+    #[test]
+    fn many_heads_at_once_equal_one_at_a_time_bit_for_bit() {
+        let mut r = SplitMix64::new(3);
+        for (heads, hd, nkeys) in [(64, 512, 300), (12, 512, 7), (8, 13, 1), (3, 64, 40)] {
+            let q = randoms(&mut r, heads * hd);
+            let kv: Vec<Vec<f32>> = (0..nkeys).map(|_| randoms(&mut r, hd)).collect();
+            let keys: Vec<&[f32]> = kv.iter().map(|k| k.as_slice()).collect();
+            let mut sinks = randoms(&mut r, heads);
+            sinks[0] = f32::NEG_INFINITY;
+            let mut out = vec![0f32; heads * hd];
+            let mut lg = Vec::new();
+            attend_sink_heads(&q, &keys, &sinks, 0.07, &mut lg, &mut out);
+            for h in 0..heads {
+                let mut one = vec![0f32; hd];
+                attend_sink(
+                    &q[h * hd..(h + 1) * hd],
+                    &keys,
+                    sinks[h],
+                    0.07,
+                    &mut lg,
+                    &mut one,
+                );
+                let same = one
+                    .iter()
+                    .zip(&out[h * hd..(h + 1) * hd])
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "heads {heads} hd {hd} keys {nkeys}: head {h} differs");
+            }
+        }
+        for (ih, ihd) in [(64, 128), (6, 16), (16, 20)] {
+            let q = randoms(&mut r, ih * ihd);
+            let w = randoms(&mut r, ih);
+            let rows: Vec<Vec<f32>> = (0..50).map(|_| randoms(&mut r, ihd)).collect();
+            for relu_after in [false, true] {
+                let mut out = vec![0f32; 45];
+                indexer_scores(&q, &w, |i| rows[i].as_slice(), 5, ihd, relu_after, &mut out);
+                for (i, o) in out.iter().enumerate() {
+                    let one = indexer_score(&q, &w, &rows[5 + i], ihd, relu_after);
+                    assert_eq!(one.to_bits(), o.to_bits(), "ih {ih} ihd {ihd} row {i}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn top_k_orders_and_breaks_ties_low_index() {
