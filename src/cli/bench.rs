@@ -45,6 +45,11 @@ pub struct BenchArgs {
     /// Where the synthetic real-dimension checkpoint lives (created on first use).
     #[arg(long, default_value = ".cache/bench/flash-2layers")]
     pub synth_dir: PathBuf,
+    /// Tokens prefilled before decode is timed: decode's attention reads more keys (and the
+    /// indexer scores more rows) as the context grows, so this shows decode at a long
+    /// prompt's length (e.g. 4096; prefilling it takes about a minute on two cores).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub context: u32,
 }
 
 #[derive(Serialize, Debug)]
@@ -65,6 +70,8 @@ pub struct KernelResult {
 
 #[derive(Serialize, Debug)]
 pub struct Decode {
+    /// Tokens in the context before the timed steps (`--context`).
+    pub context: usize,
     pub tokens_per_s: f64,
     pub bytes_per_token: u64,
     /// Of `bound_gbs`.
@@ -271,13 +278,13 @@ fn hybrid(a: &BenchArgs) -> anyhow::Result<()> {
             policy: crate::engine::ExpertPolicy::Adaptive(None),
             slots: a.expert_slots,
             budget: a.gpu_mem,
-            ctx: Some(4096),
+            ctx: Some((a.context as usize + 64).max(4096)),
             chunk: 256,
         },
     )?;
     let steps = if a.quick { 4 } else { 32 };
     let mut before = None;
-    let dt = timed_decode(&e, steps, || {
+    let dt = timed_decode(&e, a.context as usize, steps, || {
         before = Some((dev.stats(), e.exec.expert_stats(), e.exec.time_split()));
     })?;
     let (st0, ex0, tm0) = before.expect("timed_decode marks the start");
@@ -355,16 +362,21 @@ fn random_tokens(e: &Engine, n: usize, seed: u64) -> Vec<u32> {
 
 /// Decode on `e`: a 32-token prompt, 3 warm-up steps (first touches of the mmapped pages),
 /// then `steps` timed ones; `start` runs just before the timed steps. Returns their seconds.
-fn timed_decode(e: &Engine, steps: usize, start: impl FnOnce()) -> anyhow::Result<f64> {
-    let toks = random_tokens(e, 32 + 3 + steps, 5);
-    let mut s = Session::new(e, 1 << 16, 2048);
-    s.prefill(&toks[..32], Want::Last)?;
-    for &tk in &toks[32..35] {
+fn timed_decode(
+    e: &Engine,
+    context: usize,
+    steps: usize,
+    start: impl FnOnce(),
+) -> anyhow::Result<f64> {
+    let toks = random_tokens(e, context + 3 + steps, 5);
+    let mut s = Session::new(e, (context + 3 + steps).max(1 << 16), 2048);
+    s.prefill(&toks[..context], Want::Last)?;
+    for &tk in &toks[context..context + 3] {
         s.decode_step(tk)?;
     }
     start();
     let t = Instant::now();
-    for &tk in &toks[35..] {
+    for &tk in &toks[context + 3..] {
         s.decode_step(tk)?;
     }
     Ok(t.elapsed().as_secs_f64())
@@ -401,9 +413,11 @@ fn end_to_end(
         // Three probe passes right before the timed steps and three right after: one pass
         // alone can land in a neighbour's burst and read low.
         let mut before = 0f64;
-        let tps = steps as f64 / timed_decode(e, steps, || before = probe.best_of(3))?;
+        let context = a.context as usize;
+        let tps = steps as f64 / timed_decode(e, context, steps, || before = probe.best_of(3))?;
         let bw = before.max(probe.best_of(3));
         Ok(Decode {
+            context,
             tokens_per_s: tps,
             bytes_per_token,
             ratio: bytes_per_token as f64 * tps / (bw * 1e9),
@@ -495,12 +509,13 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
         let (d, df, p) = end_to_end(a, &read_probe, prefill_bound)?;
         for (what, d) in [("decode ", &d), ("  fast ", &df)] {
             eprintln!(
-                "  {what} {:>7.2} tok/s x {:.2} GB/token = {:.1} GB/s, {:.1}% of {:.1} GB/s",
+                "  {what} {:>7.2} tok/s x {:.2} GB/token = {:.1} GB/s, {:.1}% of {:.1} GB/s (context {})",
                 d.tokens_per_s,
                 d.bytes_per_token as f64 / 1e9,
                 d.tokens_per_s * d.bytes_per_token as f64 / 1e9,
                 d.ratio * 100.0,
-                d.bound_gbs
+                d.bound_gbs,
+                d.context
             );
         }
         eprintln!(
