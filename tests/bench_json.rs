@@ -49,3 +49,19 @@ fn bench_json_reports_every_kernel_against_its_own_bound() {
         assert!(rel(f("ratio"), f("gbs") / f("bound_gbs")) < 1e-9, "{k}");
     }
 }
+
+#[test]
+fn bench_context_must_be_a_positive_token_count() {
+    for bad in ["0", "many", "1000001"] {
+        let o = Command::new(bin())
+            .args(["bench", "--kernels-only", "--context", bad])
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "--context {bad} was accepted");
+        let err = stderr(&o);
+        assert!(
+            err.contains("--context") && err.lines().count() <= 4,
+            "--context {bad}: {err}"
+        );
+    }
+}
