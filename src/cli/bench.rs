@@ -360,7 +360,7 @@ fn random_tokens(e: &Engine, n: usize, seed: u64) -> Vec<u32> {
     (0..n).map(|_| (rng.next_u64() % vocab) as u32).collect()
 }
 
-/// Decode on `e`: a 32-token prompt, 3 warm-up steps (first touches of the mmapped pages),
+/// Decode on `e`: a `context`-token prompt, 3 warm-up steps (first touches of the mmapped pages),
 /// then `steps` timed ones; `start` runs just before the timed steps. Returns their seconds.
 fn timed_decode(
     e: &Engine,

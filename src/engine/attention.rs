@@ -11,13 +11,13 @@ use super::offload::{self, Act};
 use super::rope::Rope;
 use super::traps::{Trap, Traps};
 use crate::backend::cpu::{attend_sink_heads, rms_norm, rms_norm_rows, rms_norm_unweighted};
-
-/// Attention heads per parallel task (a multiple of the kernel's block of 8).
-const HEADS_PER_TASK: usize = 16;
 use crate::backend::exec::Exec;
 use crate::model::config::{AttnKind, ModelConfig};
 use crate::model::weights::AttnWeights;
 use rayon::prelude::*;
+
+/// Attention heads per parallel task (a multiple of the kernel's block of 8).
+const HEADS_PER_TASK: usize = 16;
 
 /// Decode state of one block's attention.
 #[derive(Debug)]
@@ -209,6 +209,11 @@ pub fn forward(
     let scale = 1.0 / (hd as f32).sqrt();
     let st_ro = &*st;
     let kv_ro = &kv;
+    let sinks: Vec<f32> = if ctx.traps.has(Trap::NoSink) {
+        vec![f32::NEG_INFINITY; h]
+    } else {
+        w.sink.clone()
+    };
     let mut o = vec![0f32; t * h * hd];
     o.par_chunks_mut(h * hd).enumerate().for_each(|(k, ok)| {
         let p = t0 + k;
@@ -257,11 +262,6 @@ pub fn forward(
         // in decode (one token) this is the only parallel loop, and with a long context each
         // head reads hundreds of keys.
         let keys = &keys;
-        let sinks: Vec<f32> = if ctx.traps.has(Trap::NoSink) {
-            vec![f32::NEG_INFINITY; h]
-        } else {
-            w.sink.clone()
-        };
         let qk = &q[k * h * hd..(k + 1) * h * hd];
         ok.par_chunks_mut(HEADS_PER_TASK * hd)
             .enumerate()
