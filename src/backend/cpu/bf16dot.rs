@@ -44,7 +44,7 @@ fn cpu_has() -> bool {
 
 /// `v` as bf16 bits when the conversion is exact and the value is not a bf16 subnormal
 /// (which the instruction would read as zero).
-fn exact_bf16(v: f32) -> Option<u16> {
+pub(crate) fn exact_bf16(v: f32) -> Option<u16> {
     let b = v.to_bits();
     let exp = (b >> 23) & 0xFF;
     (b & 0xFFFF == 0 && (exp != 0 || b & 0x7FFF_FFFF == 0)).then_some((b >> 16) as u16)
@@ -478,12 +478,17 @@ pub(crate) mod x86 {
         kn: usize,
         out: &mut [f32],
     ) {
-        let mut i = 0;
-        while i < nr {
-            let r = (nr - i).min(4);
-            let mut j = 0;
-            while j < t {
-                let c = (t - j).min(6);
+        // Inputs outer, rows inner: a block of 6 inputs (12 KB of this k-block) stays in L1
+        // while every row of the tile (in L2) passes over it, so the inputs are read once
+        // per tile; rows outer read all t inputs again for every 4 rows, from beyond L2 once
+        // t is large (a 2048-token chunk: 4 MB per k-block). Each out[i, j] sums the same
+        // products in the same order either way.
+        let mut j = 0;
+        while j < t {
+            let c = (t - j).min(6);
+            let mut i = 0;
+            while i < nr {
+                let r = (nr - i).min(4);
                 // SAFETY: rows i..i+r of w, inputs j..j+c of x, columns k0..k0+kn: inside
                 // the shapes the caller checked.
                 unsafe {
@@ -495,9 +500,9 @@ pub(crate) mod x86 {
                         _ => block_dyn::<1>(w, x, cols, i, j, c, k0, kn, out, t),
                     }
                 }
-                j += c;
+                i += r;
             }
-            i += r;
+            j += c;
         }
     }
 

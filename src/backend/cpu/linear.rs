@@ -115,45 +115,79 @@ pub fn linear_range(w: &Weight, rows: Range<usize>, x: &[f32], t: usize, y: &mut
     if t <= FUSED_MAX_T {
         return linear_fused(w, rows, x, t, y);
     }
-    // Work in [rows, t] so each task owns a contiguous output block, then transpose.
-    let mut yt = vec![0f32; n * t];
     // Inputs that are exactly bf16 (the reference numerics) multiply on bf16 dot products:
     // every dequantized FP8/FP4/BF16 weight is exactly a bf16 too, so only the order of the
     // fp32 sums changes.
-    let xb = (bf16dot::available() && cols.is_multiple_of(32))
-        .then(|| bf16dot::exact_rows(x))
-        .flatten();
-    if let Some(xb) = xb {
-        yt.par_chunks_mut(TILE_ROWS_BF16 * t)
-            .enumerate()
-            .for_each_init(
-                || (vec![0f32; cols], vec![0u16; TILE_ROWS_BF16 * cols]),
-                |(row, wbuf), (tile, out)| {
-                    let r0 = rows.start + tile * TILE_ROWS_BF16;
-                    let nr = out.len() / t;
-                    for i in 0..nr {
-                        dequant_row(w, r0 + i, row);
-                        for (d, v) in wbuf[i * cols..(i + 1) * cols].iter_mut().zip(row.iter()) {
-                            *d = (v.to_bits() >> 16) as u16;
-                        }
-                    }
-                    bf16dot::gemm_tile(&wbuf[..nr * cols], nr, &xb, t, cols, out);
-                },
-            );
-    } else {
-        yt.par_chunks_mut(TILE_ROWS * t).enumerate().for_each_init(
-            || vec![0f32; TILE_ROWS * cols],
-            |wbuf, (tile, out)| {
-                let r0 = rows.start + tile * TILE_ROWS;
+    let bf16 = bf16dot::available() && cols.is_multiple_of(32);
+    if bf16 && let Some(xb) = bf16dot::exact_rows(x) {
+        return gemm_bf16(w, rows, &xb, t, y);
+    }
+    // Other fp32 inputs (the attention output into wo_a; BF16 weights' inputs; everything
+    // under `--numerics ideal`) as three exact bf16 pieces, 3t inputs on the same GEMM (as
+    // the decode path does): one core's fp32 tile streams the inputs from memory for every
+    // two rows, the bf16 GEMM keeps a block of them in L1.
+    if bf16 && let Some(x3) = split_rows(x) {
+        let mut y3 = vec![0f32; 3 * t * n];
+        gemm_bf16(w, rows, &x3, 3 * t, &mut y3);
+        let (hi, rest) = y3.split_at(t * n);
+        let (mid, lo) = rest.split_at(t * n);
+        for (((o, h), m), l) in y.iter_mut().zip(hi).zip(mid).zip(lo) {
+            *o = h + (m + l);
+        }
+        return;
+    }
+    // Work in [rows, t] so each task owns a contiguous output block, then transpose.
+    let mut yt = vec![0f32; n * t];
+    yt.par_chunks_mut(TILE_ROWS * t).enumerate().for_each_init(
+        || vec![0f32; TILE_ROWS * cols],
+        |wbuf, (tile, out)| {
+            let r0 = rows.start + tile * TILE_ROWS;
+            let nr = out.len() / t;
+            for i in 0..nr {
+                dequant_row(w, r0 + i, &mut wbuf[i * cols..(i + 1) * cols]);
+            }
+            gemm_tile(&wbuf[..nr * cols], nr, x, t, cols, out);
+        },
+    );
+    transpose_into(&yt, n, t, y);
+}
+
+/// The prefill product on bf16 dot products: y [t, rows.len()] for inputs `xb` [t, cols] (bf16
+/// bits), tiles of the weight dequantized to bf16 once and multiplied with every input.
+fn gemm_bf16(w: &Weight, rows: Range<usize>, xb: &[u16], t: usize, y: &mut [f32]) {
+    let (cols, n) = (w.cols(), rows.len());
+    let mut yt = vec![0f32; n * t];
+    yt.par_chunks_mut(TILE_ROWS_BF16 * t)
+        .enumerate()
+        .for_each_init(
+            || (vec![0f32; cols], vec![0u16; TILE_ROWS_BF16 * cols]),
+            |(row, wbuf), (tile, out)| {
+                let r0 = rows.start + tile * TILE_ROWS_BF16;
                 let nr = out.len() / t;
                 for i in 0..nr {
-                    dequant_row(w, r0 + i, &mut wbuf[i * cols..(i + 1) * cols]);
+                    dequant_row(w, r0 + i, row);
+                    for (d, v) in wbuf[i * cols..(i + 1) * cols].iter_mut().zip(row.iter()) {
+                        *d = (v.to_bits() >> 16) as u16;
+                    }
                 }
-                gemm_tile(&wbuf[..nr * cols], nr, x, t, cols, out);
+                bf16dot::gemm_tile(&wbuf[..nr * cols], nr, xb, t, cols, out);
             },
         );
-    }
     transpose_into(&yt, n, t, y);
+}
+
+/// x [t, cols] as 3t rows of bf16 bits: every row's hi pieces, then the mid ones, then the
+/// lo ones ([`bf16dot::split3`]: hi + mid + lo is the value); None where a piece is not a
+/// normal bf16 (values below ~2^-110 in magnitude).
+fn split_rows(x: &[f32]) -> Option<Vec<u16>> {
+    let mut out = vec![0u16; 3 * x.len()];
+    let (hi, rest) = out.split_at_mut(x.len());
+    let (mid, lo) = rest.split_at_mut(x.len());
+    for (i, &v) in x.iter().enumerate() {
+        let [a, b, c] = bf16dot::split3(v).map(bf16dot::exact_bf16);
+        (hi[i], mid[i], lo[i]) = (a?, b?, c?);
+    }
+    Some(out)
 }
 
 /// out[i, tt] = W[i] · x[tt] for a dequantized tile `w` [nr, cols] and inputs `x` [t, cols]:
@@ -563,20 +597,33 @@ mod tests {
     #[test]
     fn fp32_inputs_as_three_bf16_pieces_match_f64() {
         // Inputs off every grid (and a few exact zeros and tiny values) take the bf16 kernels
-        // as three pieces each for t <= 5, the fp32 kernels above: both within the fp32
-        // summation bound of an f64 sum.
+        // as three pieces each: the fused row kernels for t <= 5, the bf16 GEMM above (40: a
+        // prefill chunk); a value too small for its pieces to be normal bf16 values sends the
+        // product to the fp32 kernels. All within the fp32 summation bound of an f64 sum.
         let mut r = SplitMix64::new(14);
         let (rows, cols) = (70usize, 256usize);
-        let ws = ["fp4", "fp8"]
+        let ws = ["fp4", "fp8", "bf16"]
             .map(|kind| random_weight_scaled(kind, rows, cols, &mut r, |b| 115 + b % 20));
-        for t in [1usize, 2, 5, 6] {
+        for (t, tiny) in [
+            (1usize, 1e-20f32),
+            (2, 1e-20),
+            (5, 1e-20),
+            (6, 1e-20),
+            (40, 1e-20),
+            (40, 1e-37),
+        ] {
             let mut x: Vec<f32> = (0..t * cols).map(|_| r.uniform() * 3.0 - 1.5).collect();
             x[3] = 0.0;
-            x[7] = 1e-20;
+            x[7] = tiny;
             x[11] = -3.0e-7;
             assert!(
                 x.iter().any(|v| v.to_bits() & 0xFFFF != 0),
                 "inputs off the bf16 grid"
+            );
+            assert_eq!(
+                split_rows(&x).is_some(),
+                tiny > 1e-30,
+                "t {t}: split or not"
             );
             for w in &ws {
                 assert_linear_matches_f64(w, &x, t);
