@@ -121,10 +121,10 @@ impl Sampler {
             r.truncate(keep);
             kept = r.into_ids();
         }
-        let total: f64 = kept.iter().map(|&i| w(i)).sum();
-        let mut r = self.rng.next_f64() * total;
-        for &i in &kept {
-            r -= w(i);
+        let ws: Vec<f64> = kept.iter().map(|&i| w(i)).collect();
+        let mut r = self.rng.next_f64() * ws.iter().sum::<f64>();
+        for (&i, &wi) in kept.iter().zip(&ws) {
+            r -= wi;
             if r < 0.0 {
                 return i as u32;
             }
