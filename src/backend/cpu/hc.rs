@@ -3,14 +3,19 @@
 //! expansion. The residual of a token is `hc` copies of a D-vector, row-major [hc, D];
 //! coefficients are laid out [pre hc | post hc | comb hc·hc] (comb row = source copy).
 
-use super::{dot, sigmoid};
+use super::{dot_rows, sigmoid};
 
 /// m = (fn · v) · ρ with v the flattened state and ρ = 1/sqrt(mean(v²) + eps).
 pub fn project(fn_: &[f32], v: &[f32], eps: f32) -> Vec<f32> {
-    let rho = 1.0 / (v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32 + eps).sqrt();
-    fn_.chunks_exact(v.len())
-        .map(|row| dot(row, v) * rho)
-        .collect()
+    let mut m = vec![0f32; fn_.len() / v.len().max(1)];
+    // The norm's sum (one serial chain) alongside the rows' dot products.
+    let (ss, ()) = rayon::join(
+        || v.iter().map(|x| x * x).sum::<f32>(),
+        || dot_rows(fn_, v, &mut m),
+    );
+    let rho = 1.0 / (ss / v.len() as f32 + eps).sqrt();
+    m.iter_mut().for_each(|x| *x *= rho);
+    m
 }
 
 /// Sinkhorn–Knopp as the reference does it: row softmax + eps, a column normalisation,

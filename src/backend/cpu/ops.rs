@@ -190,6 +190,27 @@ unsafe fn lanes_avx<const N: usize>(qs: &[&[f32]; N], k: &[f32]) -> [[f32; 8]; N
     })
 }
 
+/// out[i] = [`dot`](row i of `m`, v) for `m` [out.len(), v.len()], each with the bits [`dot`]
+/// gives it: eight rows per pass over `v`, blocks of rows in parallel (a decode step's
+/// matvecs on fp32 weights, e.g. the hyper-connection projections: 24 rows of 16384).
+pub fn dot_rows(m: &[f32], v: &[f32], out: &mut [f32]) {
+    use rayon::prelude::*;
+    let n = v.len();
+    assert_eq!(m.len(), out.len() * n, "dot_rows shapes");
+    out.par_chunks_mut(HEADS)
+        .zip(m.par_chunks(HEADS * n))
+        .for_each(|(o, mb)| {
+            if o.len() == HEADS {
+                let rows: [&[f32]; HEADS] = std::array::from_fn(|i| &mb[i * n..(i + 1) * n]);
+                o.copy_from_slice(&dots_by(&rows, v));
+            } else {
+                for (oi, row) in o.iter_mut().zip(mb.chunks_exact(n)) {
+                    *oi = dot(row, v);
+                }
+            }
+        });
+}
+
 /// [`attend_sink`] for every head of `q` [heads, hd] over the same keys (`sinks` [heads], out
 /// [heads, hd]). Each head's output has the same bits as [`attend_sink`] gives it alone; the
 /// keys are read once per [`HEADS`] heads instead of once per head (decode attention reads
@@ -574,6 +595,16 @@ mod tests {
                     .zip(&out[h * hd..(h + 1) * hd])
                     .all(|(a, b)| a.to_bits() == b.to_bits());
                 assert!(same, "heads {heads} hd {hd} keys {nkeys}: head {h} differs");
+            }
+        }
+        for (rows, n) in [(24, 16384), (13, 37), (3, 8)] {
+            let m = randoms(&mut r, rows * n);
+            let v = randoms(&mut r, n);
+            let mut out = vec![0f32; rows];
+            dot_rows(&m, &v, &mut out);
+            for (i, o) in out.iter().enumerate() {
+                let one = dot(&m[i * n..(i + 1) * n], &v);
+                assert_eq!(one.to_bits(), o.to_bits(), "rows {rows} n {n}: row {i}");
             }
         }
         for (ih, ihd) in [(64, 128), (6, 16), (16, 20)] {
