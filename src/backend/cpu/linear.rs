@@ -99,18 +99,9 @@ pub fn linear_range(w: &Weight, rows: Range<usize>, x: &[f32], t: usize, y: &mut
         return linear_fused_bf16(w, rows, &xb, y);
     }
     if let Some(xb) = prepare_bf16_split(w, x, t) {
-        // [3t, n]: input tt's three pieces at 3tt, 3tt + 1, 3tt + 2; the two small partial
-        // sums are added first.
         let mut y3 = vec![0f32; 3 * t * n];
         linear_fused_bf16(w, rows, &xb, &mut y3);
-        for (yt, p) in y.chunks_exact_mut(n).zip(y3.chunks_exact(3 * n)) {
-            let (hi, rest) = p.split_at(n);
-            let (mid, lo) = rest.split_at(n);
-            for (((o, h), m), l) in yt.iter_mut().zip(hi).zip(mid).zip(lo) {
-                *o = h + (m + l);
-            }
-        }
-        return;
+        return add_pieces(&y3, y);
     }
     if t <= FUSED_MAX_T {
         return linear_fused(w, rows, x, t, y);
@@ -129,12 +120,7 @@ pub fn linear_range(w: &Weight, rows: Range<usize>, x: &[f32], t: usize, y: &mut
     if bf16 && let Some(x3) = split_rows(x) {
         let mut y3 = vec![0f32; 3 * t * n];
         gemm_bf16(w, rows, &x3, 3 * t, &mut y3);
-        let (hi, rest) = y3.split_at(t * n);
-        let (mid, lo) = rest.split_at(t * n);
-        for (((o, h), m), l) in y.iter_mut().zip(hi).zip(mid).zip(lo) {
-            *o = h + (m + l);
-        }
-        return;
+        return add_pieces(&y3, y);
     }
     // Work in [rows, t] so each task owns a contiguous output block, then transpose.
     let mut yt = vec![0f32; n * t];
@@ -174,6 +160,17 @@ fn gemm_bf16(w: &Weight, rows: Range<usize>, xb: &[u16], t: usize, y: &mut [f32]
             },
         );
     transpose_into(&yt, n, t, y);
+}
+
+/// y [t, n] from the products of the three pieces of each input, y3 [3t, n] (the hi pieces'
+/// outputs, then the mid ones', then the lo ones'): hi + (mid + lo), the two small partial
+/// sums first.
+fn add_pieces(y3: &[f32], y: &mut [f32]) {
+    let (hi, rest) = y3.split_at(y.len());
+    let (mid, lo) = rest.split_at(y.len());
+    for (((o, h), m), l) in y.iter_mut().zip(hi).zip(mid).zip(lo) {
+        *o = h + (m + l);
+    }
 }
 
 /// x [t, cols] as 3t rows of bf16 bits: every row's hi pieces, then the mid ones, then the
@@ -431,22 +428,23 @@ fn prepare_bf16_split(w: &Weight, x: &[f32], t: usize) -> Option<Vec<Vec<u16>>> 
     if 3 * t > FUSED_MAX_T_BF16 || !bf16dot::available() || matches!(w, Weight::Bf16 { .. }) {
         return None;
     }
-    let cols = w.cols();
-    let mut pieces = Vec::with_capacity(3 * t);
-    for xt in x.chunks(cols) {
-        let mut p = [vec![0f32; cols], vec![0f32; cols], vec![0f32; cols]];
-        for (c, &v) in xt.iter().enumerate() {
-            let [a, b, d] = bf16dot::split3(v);
-            (p[0][c], p[1][c], p[2][c]) = (a, b, d);
-        }
-        for piece in &p {
-            pieces.push(match w {
-                Weight::Fp4 { .. } => bf16dot::prepare_fp4(piece)?,
-                _ => bf16dot::prepare_fp8(piece)?,
-            });
-        }
+    // Every input's hi piece, then the mid ones, then the lo ones (see `add_pieces`).
+    let mut p = [
+        vec![0f32; x.len()],
+        vec![0f32; x.len()],
+        vec![0f32; x.len()],
+    ];
+    for (c, &v) in x.iter().enumerate() {
+        let [a, b, d] = bf16dot::split3(v);
+        (p[0][c], p[1][c], p[2][c]) = (a, b, d);
     }
-    Some(pieces)
+    p.iter()
+        .flat_map(|piece| piece.chunks(w.cols()))
+        .map(|row| match w {
+            Weight::Fp4 { .. } => bf16dot::prepare_fp4(row),
+            _ => bf16dot::prepare_fp8(row),
+        })
+        .collect()
 }
 
 /// The fused path on bf16 dot products: each row's weights become bf16 once per group of up
@@ -575,16 +573,13 @@ mod tests {
     fn assert_linear_matches_f64(w: &Weight, x: &[f32], t: usize) {
         let (rows, cols) = (w.rows(), w.cols());
         let y = linear(w, x, t);
-        let mut deq = vec![0f32; cols];
+        let mut deq = vec![0f32; rows * cols];
+        for (row, d) in deq.chunks_exact_mut(cols).enumerate() {
+            dequant_row(w, row, d);
+        }
         for row in 0..rows {
-            dequant_row(w, row, &mut deq);
             for tt in 0..t {
-                let (mut s, mut m) = (0f64, 0f64);
-                for k in 0..cols {
-                    let p = deq[k] as f64 * x[tt * cols + k] as f64;
-                    s += p;
-                    m += p.abs();
-                }
+                let (s, m) = reference(&deq, x, cols, row, tt);
                 let v = y[tt * rows + row] as f64;
                 assert!(
                     (v - s).abs() <= 1e-6 * m.max(1e-30),
