@@ -209,10 +209,10 @@ pub fn forward(
     let scale = 1.0 / (hd as f32).sqrt();
     let st_ro = &*st;
     let kv_ro = &kv;
-    let sinks: Vec<f32> = if ctx.traps.has(Trap::NoSink) {
-        vec![f32::NEG_INFINITY; h]
+    let sinks: std::borrow::Cow<[f32]> = if ctx.traps.has(Trap::NoSink) {
+        vec![f32::NEG_INFINITY; h].into()
     } else {
-        w.sink.clone()
+        w.sink.as_slice().into()
     };
     let mut o = vec![0f32; t * h * hd];
     o.par_chunks_mut(h * hd).enumerate().for_each(|(k, ok)| {

@@ -50,8 +50,16 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
             acc[k] += ca[k] * cb[k];
         }
     }
+    lane_sum(&acc, a, b)
+}
+
+/// [`dot`]'s last step, shared with [`dots_by`] so both give the same bits: the eight lane
+/// sums `acc` paired as a tree, then the columns past the last full 8 (`a` and `b` the same
+/// length).
+#[inline(always)]
+fn lane_sum(acc: &[f32; 8], a: &[f32], b: &[f32]) -> f32 {
     let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for i in n..a.len() {
+    for i in a.len() / 8 * 8..a.len() {
         s += a[i] * b[i];
     }
     s
@@ -127,7 +135,6 @@ const HEADS: usize = 8;
 #[inline(always)]
 fn dots_by<const N: usize>(qs: &[&[f32]; N], k: &[f32]) -> [f32; N] {
     assert!(qs.iter().all(|q| q.len() == k.len()), "dot lengths");
-    let n = k.len() / 8 * 8;
     #[cfg(target_arch = "x86_64")]
     let acc = if super::has_x86!("avx") {
         // SAFETY: the CPU has AVX; every q is as long as k (asserted).
@@ -137,14 +144,7 @@ fn dots_by<const N: usize>(qs: &[&[f32]; N], k: &[f32]) -> [f32; N] {
     };
     #[cfg(not(target_arch = "x86_64"))]
     let acc = lanes(qs, k);
-    std::array::from_fn(|i| {
-        let a = &acc[i];
-        let mut s = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
-        for j in n..k.len() {
-            s += qs[i][j] * k[j];
-        }
-        s
-    })
+    std::array::from_fn(|i| lane_sum(&acc[i], qs[i], k))
 }
 
 /// The eight lane sums of [`dot`] for each q: lane l = Σ_c q[8c + l]·k[8c + l], products
