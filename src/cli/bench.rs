@@ -66,6 +66,10 @@ pub struct KernelResult {
     pub core_gbs: f64,
     /// Cores this kernel needs to reach the measured bandwidth (bandwidth / `core_gbs`).
     pub cores_to_saturate: f64,
+    /// Every thread at once, each on rows that stay in its core's cache, in passes alternating
+    /// with the kernel's (best of them): the arithmetic ceiling of all cores under the same
+    /// neighbours. Where it is below `bound_gbs`, the kernel cannot reach the bound there.
+    pub all_cores_in_cache_gbs: f64,
 }
 
 #[derive(Serialize, Debug)]
@@ -133,7 +137,7 @@ fn bench_kernel(
     for w in &ws {
         std::hint::black_box(linear(w, &x, 1));
     }
-    let (mut best, mut bw) = (f64::INFINITY, 0f64);
+    let (mut best, mut bw, mut arith) = (f64::INFINITY, 0f64, 0f64);
     for _ in 0..reps {
         bw = bw.max(probe.pass());
         let t = Instant::now();
@@ -141,6 +145,7 @@ fn bench_kernel(
             std::hint::black_box(linear(w, &x, 1));
         }
         best = best.min(t.elapsed().as_secs_f64());
+        arith = arith.max(all_cores_in_cache_gbs(&ws, &x, rows));
     }
     let bytes = (one * copies) as f64;
     let gbs = bytes / best / 1e9;
@@ -156,7 +161,35 @@ fn bench_kernel(
         bound_gbs: bw,
         core_gbs,
         cores_to_saturate: bw / core_gbs,
+        all_cores_in_cache_gbs: arith,
     }
+}
+
+/// GB/s of every thread of the pool at once, each on rows of its own (<= 256 KiB, so they stay
+/// in its core's L2; a distinct matrix, or distinct rows where there are fewer matrices than
+/// threads): what the kernel's instructions allow on all cores together right now. On a
+/// shared host the neighbours take arithmetic as well as bandwidth, so this ceiling moves
+/// too and is measured next to each kernel pass.
+fn all_cores_in_cache_gbs(ws: &[Weight], x: &[f32], rows: usize) -> f64 {
+    let row_bytes = ws[0].stored_bytes() / rows;
+    let n = ((256usize << 10) / row_bytes).clamp(1, rows);
+    let slices = rows / n;
+    const PASSES: usize = 32;
+    let run = |passes: usize| {
+        rayon::broadcast(|ctx| {
+            let i = ctx.index();
+            let r0 = (i / ws.len() % slices) * n;
+            let mut y = vec![0f32; n];
+            for _ in 0..passes {
+                linear_range(&ws[i % ws.len()], r0..r0 + n, x, 1, &mut y);
+            }
+            std::hint::black_box(&y);
+        })
+    };
+    run(1); // the rows into the caches
+    let t = Instant::now();
+    run(PASSES);
+    (rayon::current_num_threads() * PASSES * n * row_bytes) as f64 / t.elapsed().as_secs_f64() / 1e9
 }
 
 /// GB/s of one thread over the first rows of `w` (<= 256 KiB, so they stay in L2): what the
@@ -492,14 +525,15 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
         let r = bench_kernel(shape, num, min, kreps, &read_probe, &mut rng);
         eprintln!(
             "  {:<32} {:>7.1} GB/s {:>7.1} GFLOP/s  {:>5.1}% of {:.1} GB/s   \
-             (1 core in cache {:.1} GB/s: {:.1} cores saturate)",
+             (in cache: 1 core {:.1} GB/s, {:.1} cores saturate; all cores {:.1} GB/s)",
             r.name,
             r.gbs,
             r.gflops,
             r.ratio * 100.0,
             r.bound_gbs,
             r.core_gbs,
-            r.cores_to_saturate
+            r.cores_to_saturate,
+            r.all_cores_in_cache_gbs
         );
         kernels.push(r);
     }
