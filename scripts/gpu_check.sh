@@ -5,6 +5,10 @@
 # goldens, the CLI on --device cuda, and `dsflash bench --gpu` (matvec GB/s against the
 # card's copy bandwidth, FP8 GEMM TFLOP/s). Logs go to $OUT (default gpu-logs/).
 #
+# It also runs the CPU benchmark on that machine's cores (issue #6: on a 2-core VM the FP4
+# kernels' arithmetic falls below the read bandwidth whenever the neighbours leave memory
+# free; with more cores per GB/s, `bench` shows whether they saturate it).
+#
 # Uses cargo when the machine has it; otherwise the binaries of scripts/gpu_prepare.sh in
 # .gpu/. NVRTC comes from the CUDA toolkit or the nvidia-cuda-nvrtc pip package there.
 set -uo pipefail
@@ -36,6 +40,9 @@ else
   t_cuda() { .gpu/cuda_device --nocapture --test-threads 1; }
   t_nvrtc() { .gpu/kernels_nvrtc --nocapture; }
 fi
+log "bench --kernels-only (CPU, all cores)"
+timeout 120 $bin bench --kernels-only --json > "$out/bench_cpu_kernels.json" 2> "$out/bench_cpu_kernels.log"; log "rc=$?"
+cat "$out/bench_cpu_kernels.log" >> "$out/summary.txt"
 log "kernels compile (NVRTC, all target archs)"; timeout 120 bash -c "$(declare -f t_nvrtc); t_nvrtc" > "$out/kernels_nvrtc.log" 2>&1; log "rc=$?"
 log "CUDA vs CPU ops and goldens on the GPU"; timeout 300 bash -c "$(declare -f t_cuda); t_cuda" > "$out/cuda_device.log" 2>&1; log "rc=$?"
 log "CLI on --device cuda vs cpu"
@@ -54,3 +61,8 @@ for slots in 0 29 256; do
   log "rc=$?"
 done
 cat "$out/bench_hybrid.log" >> "$out/summary.txt"
+# The CPU alone on the same checkpoint: decode and prefill with all of this machine's cores.
+log "bench (CPU, all cores)"
+timeout 200 $bin bench --json --synth-dir "${SYNTH_DIR:-/tmp/dsflash-bench}" \
+  > "$out/bench_cpu.json" 2> "$out/bench_cpu.log"; log "rc=$?"
+cat "$out/bench_cpu.log" >> "$out/summary.txt"
