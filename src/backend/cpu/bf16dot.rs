@@ -377,9 +377,9 @@ pub(crate) mod x86 {
     ) -> [f32; T] {
         let groups = scales.len();
         let cols = 2 * packed.len();
-        // SAFETY (whole block): per 128 columns the loads read 64 bytes of `packed` and
-        // 128 u16 of each input; the scale load is masked to the `groups` bytes there are.
-        // All inside the lengths the caller checked.
+        // SAFETY (whole block): per 128 columns the loads read 64 bytes of `packed`, 128 u16
+        // of each input and the chunk's 4 scale bytes (or 16 by a load masked to the `groups`
+        // bytes there are). All inside the lengths the caller checked.
         unsafe {
             // The word permute reads bits 4..0 of each index: with the 16-entry table twice
             // over, bit 4 (the next nibble's lowest bit) does not matter, so the nibble planes
@@ -395,10 +395,27 @@ pub(crate) mod x86 {
                     _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
                 )
             });
+            // Without 0 or 255 among the row's scales (all real ones), a chunk's four scale
+            // bytes become its scale vector without a permute: every dword holds the four
+            // bytes, and 128-bit lane j rotates byte j into the exponent field (and masks the
+            // rest): 2^(s-127) exactly. The permute unit is what limits this kernel.
+            let plain = plain_e8m0(scales);
+            let rot = _mm512_set_epi32(31, 31, 31, 31, 7, 7, 7, 7, 15, 15, 15, 15, 23, 23, 23, 23);
+            let exponent = _mm512_set1_epi32(0x7F80_0000);
             for c in 0..cols / 128 {
-                if c % 4 == 0 {
-                    s16 = e8m0x16(scales.as_ptr().add(4 * c), groups - 4 * c);
-                }
+                let sv = if plain {
+                    let d = (scales.as_ptr().add(4 * c) as *const i32).read_unaligned();
+                    _mm512_castsi512_ps(_mm512_and_si512(
+                        _mm512_rolv_epi32(_mm512_set1_epi32(d), rot),
+                        exponent,
+                    ))
+                } else {
+                    if c % 4 == 0 {
+                        s16 = e8m0x16(scales.as_ptr().add(4 * c), groups - 4 * c);
+                    }
+                    // Group 4c + j's scale over the four fp32 lanes of 128-bit lane j.
+                    _mm512_permutexvar_ps(sidx[c % 4], s16)
+                };
                 // Word m of the 64 bytes holds columns 4m..4m+4 of the chunk, one per nibble;
                 // the four nibble planes become bf16 once and serve every input.
                 let b = _mm512_loadu_si512(packed.as_ptr().add(64 * c) as *const __m512i);
@@ -416,8 +433,6 @@ pub(crate) mod x86 {
                     _mm512_srli_epi16(b, 12),
                 ]
                 .map(|n| bh(_mm512_permutexvar_epi16(n, lut)));
-                // Group 4c + j's scale over the four fp32 lanes of 128-bit lane j.
-                let sv = _mm512_permutexvar_ps(sidx[c % 4], s16);
                 for tt in 0..T {
                     let x = xp[tt].as_ptr().add(128 * c) as *const __m512i;
                     // One chain per chunk: chunks are independent, so the out-of-order core
@@ -431,6 +446,25 @@ pub(crate) mod x86 {
             }
             total.map(|v| _mm512_reduce_add_ps(v))
         }
+    }
+
+    /// Whether no scale byte is 0 or 255 (the two E8M0 codes that are not 2^(s-127) with a
+    /// normal f32 exponent field).
+    ///
+    /// # Safety
+    /// Needs AVX-512 F/BW.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn plain_e8m0(scales: &[u8]) -> bool {
+        let mut odd = 0u64;
+        for c in scales.chunks(64) {
+            let m = u64::MAX >> (64 - c.len());
+            // SAFETY: the masked load touches only the chunk's bytes.
+            let v = unsafe { _mm512_maskz_loadu_epi8(m, c.as_ptr() as *const i8) };
+            odd |= _mm512_mask_cmpeq_epi8_mask(m, v, _mm512_setzero_si512())
+                | _mm512_mask_cmpeq_epi8_mask(m, v, _mm512_set1_epi8(-1));
+        }
+        odd == 0
     }
 
     /// Up to 16 E8M0 bytes at `p` (`avail` of them readable) as f32, exactly as
@@ -685,6 +719,38 @@ mod tests {
         crate::backend::cpu::rowdot::check_fp4_one_hot(|p, s, x| {
             fp4_row_dot(p, s, &prepare_fp4(x).expect("grid"))
         });
+    }
+
+    /// Every E8M0 code in every group position of a row whose other scales are ordinary and
+    /// distinct: the codes 0 (2^-127, a subnormal scale) and 255 (NaN) take the kernel's
+    /// general scale path, the rest the rotated one; both must give E2M1 · x · 2^(s-127)
+    /// exactly, each group with its own scale.
+    #[test]
+    fn fp4_every_scale_code() {
+        if !available() {
+            eprintln!("no AVX-512 BF16 on this CPU: kernel not exercised");
+            return;
+        }
+        for g in 0..8 {
+            let h = (g + 5) % 8;
+            for code in 0..=255u8 {
+                let mut scales: Vec<u8> = (0..8).map(|i| 116 + i as u8).collect();
+                scales[g] = code;
+                // Column 32g + 4 holds nibble 5 (3.0), column 32h + 15 nibble 11 (-1.5).
+                let mut packed = vec![0u8; 128];
+                packed[16 * g + 2] = 0x05;
+                packed[16 * h + 7] = 0xB0;
+                let mut x = vec![0f32; 256];
+                x[32 * g + 4] = 0.75;
+                x[32 * h + 15] = -1.25;
+                let want = 3.0 * 0.75 * e8m0_to_f32(code) + -1.5 * -1.25 * e8m0_to_f32(scales[h]);
+                let got = fp4_row_dot(&packed, &scales, &prepare_fp4(&x).expect("bf16"));
+                assert!(
+                    got == want || (got.is_nan() && want.is_nan()),
+                    "group {g}, scale code {code}: {got} vs {want}"
+                );
+            }
+        }
     }
 
     #[test]
