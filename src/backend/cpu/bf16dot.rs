@@ -395,20 +395,13 @@ pub(crate) mod x86 {
                     _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
                 )
             });
-            // Without 0 or 255 among the row's scales (all real ones), a chunk's four scale
-            // bytes become its scale vector without a permute: every dword holds the four
-            // bytes, and 128-bit lane j rotates byte j into the exponent field (and masks the
-            // rest): 2^(s-127) exactly. The permute unit is what limits this kernel.
+            // Without 0 or 255 among the row's scales (all real ones), a chunk's scale vector
+            // comes without a permute (`e8m0x4_lanes`): the permute unit is what limits this
+            // kernel.
             let plain = plain_e8m0(scales);
-            let rot = _mm512_set_epi32(31, 31, 31, 31, 7, 7, 7, 7, 15, 15, 15, 15, 23, 23, 23, 23);
-            let exponent = _mm512_set1_epi32(0x7F80_0000);
             for c in 0..cols / 128 {
                 let sv = if plain {
-                    let d = (scales.as_ptr().add(4 * c) as *const i32).read_unaligned();
-                    _mm512_castsi512_ps(_mm512_and_si512(
-                        _mm512_rolv_epi32(_mm512_set1_epi32(d), rot),
-                        exponent,
-                    ))
+                    e8m0x4_lanes(scales.as_ptr().add(4 * c))
                 } else {
                     if c % 4 == 0 {
                         s16 = e8m0x16(scales.as_ptr().add(4 * c), groups - 4 * c);
@@ -446,6 +439,24 @@ pub(crate) mod x86 {
             }
             total.map(|v| _mm512_reduce_add_ps(v))
         }
+    }
+
+    /// The four E8M0 bytes at `p` as f32 over the four fp32 lanes of 128-bit lane j (byte j),
+    /// by one rotate and one mask: every dword holds the four bytes, and lane j rotates byte j
+    /// into the exponent field. Exactly 2^(s-127) for the codes 1..=254 (see [`plain_e8m0`]).
+    ///
+    /// # Safety
+    /// Needs AVX-512 F; `p` valid for 4 bytes.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn e8m0x4_lanes(p: *const u8) -> __m512 {
+        // SAFETY: 4 readable bytes (the caller's contract).
+        let d = unsafe { (p as *const i32).read_unaligned() };
+        let rot = _mm512_set_epi32(31, 31, 31, 31, 7, 7, 7, 7, 15, 15, 15, 15, 23, 23, 23, 23);
+        _mm512_castsi512_ps(_mm512_and_si512(
+            _mm512_rolv_epi32(_mm512_set1_epi32(d), rot),
+            _mm512_set1_epi32(0x7F80_0000),
+        ))
     }
 
     /// Whether no scale byte is 0 or 255 (the two E8M0 codes that are not 2^(s-127) with a
