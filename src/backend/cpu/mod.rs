@@ -29,5 +29,5 @@ pub mod rowdot;
 pub mod topology;
 
 pub use device::CpuDevice;
-pub use linear::{dequant_row, linear, linear_range};
+pub use linear::{Prepared, dequant_row, linear, linear_range};
 pub use ops::*;
