@@ -84,30 +84,27 @@ pub fn dequant_row(w: &Weight, r: usize, out: &mut [f32]) {
 /// The input of a decode-sized product ([`linear_range`] with few inputs) prepared for its
 /// fused kernel: int8 blocks (`--numerics fast`, FP4), bf16 in the kernel's lane order (the
 /// reference numerics, FP8/FP4), other fp32 inputs of FP8/FP4 products as bf16 pieces, or
-/// the fp32 input of the row-dot kernels. `linear_range`
-/// prepares on every call; a caller that applies one input to the same rows many times (the
-/// benchmark's in-cache ceilings) prepares once, as a long matrix amortizes it.
-pub struct Prepared {
-    input: PreparedInput,
+/// the fp32 input itself for the row-dot kernels. `linear_range` prepares on every call; a
+/// caller that applies one input to the same rows many times (the benchmark's in-cache
+/// ceilings) prepares once, as a long matrix amortizes it.
+pub struct Prepared<'a> {
+    input: PreparedInput<'a>,
     cols: usize,
     t: usize,
 }
 
-enum PreparedInput {
+enum PreparedInput<'a> {
     Q8(Vec<q8dot::Q8Input>),
     Bf16(Vec<Vec<u16>>),
     /// fp32 inputs of FP8/FP4 products as three bf16 pieces each (see `add_pieces`).
     Split(Vec<Vec<u16>>),
-    F32 {
-        x: Vec<f32>,
-        t: usize,
-    },
+    F32(&'a [f32]),
 }
 
-impl Prepared {
+impl<'a> Prepared<'a> {
     /// `x` [t, cols] prepared for `w`'s fused kernel; `None` for batches (`linear_range` runs
     /// those as a GEMM).
-    pub fn new(w: &Weight, x: &[f32], t: usize) -> Option<Prepared> {
+    pub fn new(w: &Weight, x: &'a [f32], t: usize) -> Option<Prepared<'a>> {
         let input = if let Some(q) = prepare_q8(w, x, t) {
             PreparedInput::Q8(q)
         } else if let Some(xb) = prepare_bf16(w, x, t) {
@@ -115,7 +112,7 @@ impl Prepared {
         } else if let Some(x3) = prepare_bf16_split(w, x, t) {
             PreparedInput::Split(x3)
         } else if t <= FUSED_MAX_T {
-            PreparedInput::F32 { x: x.to_vec(), t }
+            PreparedInput::F32(x)
         } else {
             return None;
         };
@@ -144,7 +141,7 @@ impl Prepared {
                 linear_fused_bf16(w, rows, x3, &mut y3, serial);
                 add_pieces(&y3, y)
             }
-            PreparedInput::F32 { x, t } => linear_fused(w, rows, x, *t, y, serial),
+            PreparedInput::F32(x) => linear_fused(w, rows, x, self.t, y, serial),
         }
     }
 }
