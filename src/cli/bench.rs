@@ -137,7 +137,11 @@ fn bench_kernel(
     for w in &ws {
         std::hint::black_box(linear(w, &x, 1));
     }
-    let (mut best, mut bw, mut arith) = (f64::INFINITY, 0f64, 0f64);
+    // The in-cache passes take the input prepared once (every matrix has the same columns).
+    let prepared = Prepared::new(&ws[0], &x, 1);
+    // NaN until a pass measures it (f64::max keeps the number), and where there is no
+    // prepared input.
+    let (mut best, mut bw, mut arith) = (f64::INFINITY, 0f64, f64::NAN);
     for _ in 0..reps {
         bw = bw.max(probe.pass());
         let t = Instant::now();
@@ -145,11 +149,15 @@ fn bench_kernel(
             std::hint::black_box(linear(w, &x, 1));
         }
         best = best.min(t.elapsed().as_secs_f64());
-        arith = arith.max(all_cores_in_cache_gbs(&ws, &x, rows));
+        if let Some(p) = &prepared {
+            arith = arith.max(all_cores_in_cache_gbs(&ws, p, rows));
+        }
     }
     let bytes = (one * copies) as f64;
     let gbs = bytes / best / 1e9;
-    let core_gbs = in_cache_gbs(&ws[0], &x, rows, reps);
+    let core_gbs = prepared
+        .as_ref()
+        .map_or(f64::NAN, |p| in_cache_gbs(&ws[0], p, rows, reps));
     KernelResult {
         name: match num {
             Numerics::Fast => format!("{name} {kind} {rows}x{cols} int8 in"),
@@ -165,16 +173,19 @@ fn bench_kernel(
     }
 }
 
-/// GB/s of one thread over the first rows of `w` (<= 256 KiB, so they stay in L2): what the
-/// kernel's instructions allow per core, with memory out of the way. The input is prepared
-/// once, as a pass over whole matrices amortizes it. Best of several passes.
-fn in_cache_gbs(w: &Weight, x: &[f32], rows: usize, reps: usize) -> f64 {
+/// The first rows of a matrix that fit in 256 KiB (so they stay in L2), and the bytes of one
+/// row: the in-cache passes' working set.
+fn cached_rows(w: &Weight, rows: usize) -> (usize, usize) {
     let row_bytes = w.stored_bytes() / rows;
-    let n = ((256usize << 10) / row_bytes).clamp(1, rows);
+    (((256usize << 10) / row_bytes).clamp(1, rows), row_bytes)
+}
+
+/// GB/s of one thread over the [`cached_rows`] of `w`: what the kernel's instructions allow
+/// per core, with memory out of the way. The input `p` is prepared once, as a pass over whole
+/// matrices amortizes it. Best of several passes.
+fn in_cache_gbs(w: &Weight, p: &Prepared, rows: usize, reps: usize) -> f64 {
+    let (n, row_bytes) = cached_rows(w, rows);
     let mut y = vec![0f32; n];
-    let Some(p) = Prepared::new(w, x, 1) else {
-        return f64::NAN;
-    };
     let mut best = f64::INFINITY;
     for _ in 0..(4 * reps).max(4) {
         let t = Instant::now();
@@ -187,18 +198,14 @@ fn in_cache_gbs(w: &Weight, x: &[f32], rows: usize, reps: usize) -> f64 {
     (16 * n * row_bytes) as f64 / best / 1e9
 }
 
-/// GB/s of every thread of the pool at once, each on rows of its own (<= 256 KiB, so they stay
-/// in its core's L2; a distinct matrix, or distinct rows where there are fewer matrices than
-/// threads), the input prepared once: what the kernel's instructions allow on all cores
-/// together right now. On a shared host the neighbours take arithmetic as well as bandwidth,
-/// so this ceiling moves too and is measured next to each kernel pass.
-fn all_cores_in_cache_gbs(ws: &[Weight], x: &[f32], rows: usize) -> f64 {
-    let row_bytes = ws[0].stored_bytes() / rows;
-    let n = ((256usize << 10) / row_bytes).clamp(1, rows);
+/// GB/s of every thread of the pool at once, each on [`cached_rows`] of its own (a distinct
+/// matrix, or distinct rows where there are fewer matrices than threads), the input `p`
+/// prepared once: what the kernel's instructions allow on all cores together right now. On
+/// a shared host the neighbours take arithmetic as well as bandwidth, so this ceiling moves
+/// too and is measured next to each kernel pass.
+fn all_cores_in_cache_gbs(ws: &[Weight], p: &Prepared, rows: usize) -> f64 {
+    let (n, row_bytes) = cached_rows(&ws[0], rows);
     let slices = rows / n;
-    let Some(p) = Prepared::new(&ws[0], x, 1) else {
-        return f64::NAN;
-    };
     const PASSES: usize = 32;
     let run = |passes: usize| {
         rayon::broadcast(|ctx| {
