@@ -41,6 +41,12 @@ pub struct Hub {
     pub cache: PathBuf,
     pub token: Option<String>,
     pub offline: bool,
+    /// Longest wait for a metadata answer (`HF_HUB_ETAG_TIMEOUT`, seconds; default 20).
+    pub etag_timeout: Duration,
+    /// Longest silence while downloading: for the answer to a GET and for each read of its
+    /// body (`HF_HUB_DOWNLOAD_TIMEOUT`, seconds; default 30). A slow but steady transfer is
+    /// never cut; a stalled one is resumed with a range request.
+    pub download_timeout: Duration,
 }
 
 impl Hub {
@@ -64,11 +70,21 @@ impl Hub {
             });
         let offline = std::env::var("HF_HUB_OFFLINE")
             .is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes"));
+        let secs = |var: &str, default: u64| {
+            let v = std::env::var(var)
+                .ok()
+                .and_then(|s| s.trim().parse::<f64>().ok())
+                .filter(|s| s.is_finite() && *s > 0.0)
+                .unwrap_or(default as f64);
+            Duration::from_secs_f64(v.min(86_400.0))
+        };
         Hub {
             endpoint,
             cache: crate::hub::hub_cache_dir(),
             token,
             offline,
+            etag_timeout: secs("HF_HUB_ETAG_TIMEOUT", 20),
+            download_timeout: secs("HF_HUB_DOWNLOAD_TIMEOUT", 30),
         }
     }
 }
@@ -181,20 +197,24 @@ fn header(resp: &ureq::http::Response<ureq::Body>, name: &str) -> Option<String>
 
 impl Client {
     fn new(hub: &Hub) -> Client {
-        let mk = |redirects: u32| -> ureq::Agent {
+        // No budget for a whole body (a 3.5 GB shard may take minutes): a limit on each wait
+        // instead, so a stalled server is noticed and a slow one is not cut.
+        let mk = |redirects: u32, wait: Duration| -> ureq::Agent {
             ureq::Agent::config_builder()
                 .http_status_as_error(false)
                 .max_redirects(redirects)
                 .max_redirects_will_error(false)
-                .timeout_connect(Some(Duration::from_secs(20)))
-                .timeout_recv_body(Some(Duration::from_secs(60)))
+                .timeout_connect(Some(wait.min(Duration::from_secs(20))))
+                .timeout_send_request(Some(wait))
+                .timeout_recv_response(Some(wait))
+                .timeout_per_read(Some(wait))
                 .user_agent(concat!("dsflash/", env!("CARGO_PKG_VERSION")))
                 .build()
                 .into()
         };
         Client {
-            agent: mk(10),
-            head_agent: mk(0),
+            agent: mk(10, hub.download_timeout),
+            head_agent: mk(0, hub.etag_timeout),
             hub: hub.clone(),
         }
     }
@@ -244,12 +264,28 @@ impl Client {
             .and_then(|s| s.parse::<u64>().ok());
         let commit = header(&resp, "x-repo-commit");
         match (etag, size, commit) {
-            (Some(etag), Some(size), Some(commit)) => Ok(Some(Remote {
-                name: file.to_string(),
-                size,
-                etag: etag.trim_start_matches("W/").trim_matches('"').to_string(),
-                commit,
-            })),
+            (Some(etag), Some(size), Some(commit)) => {
+                // Both become path components in the cache: only hashes are accepted.
+                let etag = etag.trim_start_matches("W/").trim_matches('"').to_string();
+                if !is_hex(&etag, &[40, 64]) {
+                    bail!(
+                        "{repo}: {file}: the hub's ETag {:?} is not a 40- or 64-digit hex hash; refusing to use it as a file name",
+                        shorten(&etag)
+                    );
+                }
+                if !is_hex(&commit, &[40]) {
+                    bail!(
+                        "{repo}: {file}: the hub's X-Repo-Commit {:?} is not a 40-digit hex commit; refusing to use it as a directory name",
+                        shorten(&commit)
+                    );
+                }
+                Ok(Some(Remote {
+                    name: file.to_string(),
+                    size,
+                    etag,
+                    commit,
+                }))
+            }
             _ => bail!(
                 "{repo}: {file}: the hub's answer lacks ETag, size or X-Repo-Commit (is HF_ENDPOINT a hub?)"
             ),
@@ -422,6 +458,38 @@ impl Client {
     }
 }
 
+/// `s` is all hex digits and one of the lengths in `lens`.
+fn is_hex(s: &str, lens: &[usize]) -> bool {
+    lens.contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// A server-provided value cut for an error message.
+fn shorten(s: &str) -> String {
+    s.chars().take(80).collect()
+}
+
+/// A revision (`--revision`, also a file name under `refs/`): a branch, tag or commit as git
+/// allows them, never a path that leaves the cache.
+pub fn check_revision(rev: &str) -> anyhow::Result<()> {
+    let ok = !rev.is_empty()
+        && rev.len() <= 255
+        && !rev.starts_with('/')
+        && !rev.ends_with('/')
+        && rev
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != ".." && !c.starts_with('.'))
+        && rev
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./+".contains(c));
+    if !ok {
+        bail!(
+            "--revision {:?}: not a branch, tag or commit name (letters, digits, - _ . + and / between parts)",
+            shorten(rev)
+        );
+    }
+    Ok(())
+}
+
 enum FetchError {
     /// Transient (network, 5xx): retry with a range request. Carries the bytes received.
     Retry(u64, anyhow::Error),
@@ -559,7 +627,7 @@ fn gb(b: u64) -> String {
 /// Offline: succeed only if every needed file is already in the cache (no request is made).
 fn offline(hub: &Hub, o: &Options) -> anyhow::Result<Report> {
     let rd = repo_dir(&hub.cache, &o.repo);
-    let commit = if o.revision.len() == 40 && o.revision.bytes().all(|b| b.is_ascii_hexdigit()) {
+    let commit = if is_hex(&o.revision, &[40]) {
         o.revision.clone()
     } else {
         std::fs::read_to_string(rd.join("refs").join(&o.revision))
@@ -573,6 +641,13 @@ fn offline(hub: &Hub, o: &Options) -> anyhow::Result<Report> {
                 )
             })?
     };
+    if !is_hex(&commit, &[40]) {
+        bail!(
+            "{}: does not hold a 40-digit hex commit (found {:?})",
+            rd.join("refs").join(&o.revision).display(),
+            shorten(&commit)
+        );
+    }
     let snap = rd.join("snapshots").join(&commit);
     let index = snap.join("model.safetensors.index.json");
     let mut need: Vec<String> = REQUIRED.iter().map(|s| s.to_string()).collect();
@@ -617,6 +692,7 @@ fn shards_of(index_json: &[u8]) -> anyhow::Result<Vec<String>> {
 
 /// Download (or complete) a checkpoint. `stop` interrupts cleanly (partials are kept).
 pub fn download(hub: &Hub, o: &Options, stop: &AtomicBool) -> anyhow::Result<Report> {
+    check_revision(&o.revision)?;
     if hub.offline {
         return offline(hub, o);
     }

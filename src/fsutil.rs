@@ -1,16 +1,253 @@
-//! File helpers shared by every layer, so nothing is ever left half-written under its name.
+//! File helpers shared by every layer, so nothing is ever left half-written under its name,
+//! nothing is written through a link planted where we write, and nothing that is not a
+//! regular file is opened as a model file.
 
-use std::path::Path;
+use std::ffi::CString;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
-/// Write `bytes` to `path` through a temp file and a rename.
+/// What a path is, in words, when it is not a regular file.
+fn kind_of(ft: std::fs::FileType) -> &'static str {
+    if ft.is_dir() {
+        "a directory"
+    } else if ft.is_symlink() {
+        "a symbolic link"
+    } else if ft.is_fifo() {
+        "a named pipe (FIFO)"
+    } else if ft.is_socket() {
+        "a socket"
+    } else if ft.is_block_device() || ft.is_char_device() {
+        "a device"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Open `path` for reading only if it is a regular file (after following links). A FIFO or
+/// a device is refused without blocking: the open does not wait for a writer.
+pub fn open_regular(path: &Path) -> std::io::Result<File> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let ft = f.metadata()?.file_type();
+    if !ft.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} (expected a regular file)", kind_of(ft)),
+        ));
+    }
+    // Back to blocking reads (O_NONBLOCK has no effect on regular files, but say what we mean).
+    // SAFETY: fcntl on a descriptor we own, with flags read from it.
+    unsafe {
+        use std::os::fd::AsRawFd;
+        let fd = f.as_raw_fd();
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        if fl >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, fl & !libc::O_NONBLOCK);
+        }
+    }
+    Ok(f)
+}
+
+/// Read a whole regular file (see `open_regular`).
+pub fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut f = open_regular(path)?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
+/// Temp files being written right now, so that a forced exit on a second signal can remove
+/// them (`remove_pending_temps`, async-signal-safe). Fixed slots: a process writes at most a
+/// few files at once; a write finding no free slot simply is not tracked.
+const SLOTS: usize = 8;
+static PENDING: [AtomicPtr<libc::c_char>; SLOTS] = [const { AtomicPtr::new(std::ptr::null_mut()) }; SLOTS];
+
+/// Remove every temp file still being written (for a signal handler: only `unlink`).
+pub fn remove_pending_temps() {
+    for slot in &PENDING {
+        let p = slot.load(Ordering::SeqCst);
+        if !p.is_null() {
+            // SAFETY: the pointer is a NUL-terminated path owned by a live `TempGuard`
+            // (cleared before the guard frees it); unlink is async-signal-safe.
+            unsafe {
+                libc::unlink(p);
+            }
+        }
+    }
+}
+
+/// A temp file that is removed unless it was renamed into place.
+struct TempGuard {
+    path: PathBuf,
+    c_path: Option<CString>,
+    slot: Option<usize>,
+    keep: bool,
+}
+
+impl TempGuard {
+    fn new(path: PathBuf) -> TempGuard {
+        let c_path = CString::new(path.as_os_str().as_bytes()).ok();
+        let slot = c_path.as_ref().and_then(|c| {
+            let ptr = c.as_ptr() as *mut libc::c_char;
+            PENDING.iter().position(|s| {
+                s.compare_exchange(std::ptr::null_mut(), ptr, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+            })
+        });
+        TempGuard {
+            path,
+            c_path,
+            slot,
+            keep: false,
+        }
+    }
+}
+
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        if let Some(i) = self.slot {
+            PENDING[i].store(std::ptr::null_mut(), Ordering::SeqCst);
+        }
+        if !self.keep {
+            let _ = std::fs::remove_file(&self.path);
+        }
+        // The path string is freed only now, after its slot was cleared.
+        self.c_path.take();
+    }
+}
+
+/// Write `bytes` to `path` atomically: a temp file with a unique name in the same directory,
+/// created exclusively and without following links, synced, then renamed over `path`.
+/// Refuses a `path` that exists and is not a regular file (a device, a FIFO, a directory, a
+/// symbolic link): those are never replaced. The temp file is removed on every error.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    let shown = path.display();
     let name = path
         .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, bytes).map_err(|e| anyhow::anyhow!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        .ok_or_else(|| anyhow::anyhow!("{shown}: not a file name"))?
+        .to_string_lossy()
+        .into_owned();
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_file() => anyhow::bail!(
+            "{shown}: is {}; refusing to replace it (give the path of a regular file)",
+            kind_of(m.file_type())
+        ),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => anyhow::bail!("{shown}: {e}"),
+    }
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut attempt = 0;
+    let (mut file, guard) = loop {
+        let unique = format!(
+            ".{name}.{}.{}.{}.tmp",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0)
+        );
+        let tmp = dir.join(unique);
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(0o644)
+            .open(&tmp)
+        {
+            Ok(f) => break (f, TempGuard::new(tmp)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 16 => {
+                attempt += 1;
+            }
+            Err(e) => anyhow::bail!("{}: cannot create a temp file: {e}", dir.display()),
+        }
+    };
+    let tmp_shown = guard.path.display().to_string();
+    file.write_all(bytes)
+        .and_then(|_| file.sync_all())
+        .map_err(|e| anyhow::anyhow!("{tmp_shown}: {e}"))?;
+    drop(file);
+    std::fs::rename(&guard.path, path).map_err(|e| anyhow::anyhow!("{shown}: {e}"))?;
+    let mut guard = guard;
+    guard.keep = true;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temps(dir: &Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect()
+    }
+
+    #[test]
+    fn writes_and_replaces_a_regular_file() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("x.json");
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        assert!(temps(d.path()).is_empty());
+    }
+
+    #[test]
+    fn a_planted_link_at_the_old_temp_name_is_not_followed() {
+        let d = tempfile::tempdir().unwrap();
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        std::os::unix::fs::symlink(&victim, d.path().join(".x.npy.tmp")).unwrap();
+        write_atomic(&d.path().join("x.npy"), b"data").unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(std::fs::read(d.path().join("x.npy")).unwrap(), b"data");
+    }
+
+    #[test]
+    fn refuses_to_replace_what_is_not_a_regular_file() {
+        let d = tempfile::tempdir().unwrap();
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        let e = write_atomic(&link, b"x").unwrap_err().to_string();
+        assert!(e.contains("symbolic link") && e.contains("link"), "{e}");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        let e = write_atomic(Path::new("/dev/null"), b"x").unwrap_err().to_string();
+        assert!(e.contains("/dev/null") && e.contains("device"), "{e}");
+        let sub = d.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        let e = write_atomic(&sub, b"x").unwrap_err().to_string();
+        assert!(e.contains("directory"), "{e}");
+        assert!(temps(d.path()).is_empty());
+    }
+
+    #[test]
+    fn open_regular_refuses_a_fifo_without_blocking() {
+        let d = tempfile::tempdir().unwrap();
+        let fifo = d.path().join("config.json");
+        let c = CString::new(fifo.as_os_str().as_bytes()).unwrap();
+        // SAFETY: mkfifo with a valid path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        let e = read_regular(&fifo).unwrap_err().to_string();
+        assert!(e.contains("FIFO"), "{e}");
+        let e = read_regular(Path::new("/dev/zero")).unwrap_err().to_string();
+        assert!(e.contains("device"), "{e}");
+    }
 }

@@ -496,3 +496,169 @@ fn memory_preflight_counts_ram_and_gpu_memory() {
     assert!(!e.contains("GPU memory"), "{e}");
     assert!(server.gets(S2) > 0, "the shard was requested: {e}");
 }
+
+/// Run `download` with extra environment, killed after `limit` (returns None then).
+fn dl_within(
+    server: &HubServer,
+    cache: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+    limit: std::time::Duration,
+) -> Option<Output> {
+    let mut c = Command::new(bin());
+    c.args(["download", "--model", REPO])
+        .args(extra)
+        .env("HF_ENDPOINT", &server.url)
+        .env("HF_HUB_CACHE", cache)
+        .env_remove("HF_HUB_OFFLINE")
+        .env_remove("HF_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let mut child = c.spawn().unwrap();
+    let t = std::time::Instant::now();
+    while t.elapsed() < limit {
+        if child.try_wait().unwrap().is_some() {
+            return Some(child.wait_with_output().unwrap());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+/// Every regular file under `root`, recursively (links not followed).
+fn files_under(root: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_hostile_etag_or_commit_never_becomes_a_path() {
+    for (what, edit, header) in [
+        (
+            "etag",
+            Box::new(|f: &mut ServedFile| f.etag_header = Some("../../../../escaped".into()))
+                as Box<dyn Fn(&mut ServedFile)>,
+            "ETag",
+        ),
+        (
+            "commit",
+            Box::new(|f: &mut ServedFile| f.commit_header = Some("../../../escaped-dir".into())),
+            "X-Repo-Commit",
+        ),
+    ] {
+        for file in ["config.json", S1] {
+            let server = HubServer::start(REPO, files());
+            server.with_file(file, |f| edit(f));
+            let root = tempfile::tempdir().unwrap();
+            let cache = root.path().join("a/b/c/cache");
+            let o = dl(&server, &cache, &[]);
+            assert_eq!(o.status.code(), Some(1), "{what} {file}: {}", stderr(&o));
+            let e = stderr(&o);
+            assert!(
+                e.contains(header) && e.contains(file) && e.trim_end().lines().count() == 1,
+                "{what} {file}: {e}"
+            );
+            // Nothing anywhere outside the cache, and nothing named after the header.
+            for p in files_under(root.path()) {
+                assert!(p.starts_with(&cache), "{what} {file}: wrote {}", p.display());
+                assert!(!p.to_string_lossy().contains("escaped"), "{}", p.display());
+            }
+        }
+    }
+    // An absolute commit: the refs file would have pointed at it.
+    let server = HubServer::start(REPO, files());
+    for f in ["config.json", "model.safetensors.index.json", "tokenizer.json"] {
+        server.with_file(f, |f| f.commit_header = Some("/tmp/dsflash-absolute".into()));
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let o = dl(&server, cache.path(), &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("X-Repo-Commit"), "{}", stderr(&o));
+    assert!(!Path::new("/tmp/dsflash-absolute").exists());
+}
+
+#[test]
+fn a_revision_that_leaves_the_cache_is_refused() {
+    let server = HubServer::start(REPO, files());
+    let cache = tempfile::tempdir().unwrap();
+    for rev in ["../../x", "/abs", "a/../../b", ".hidden", "main/"] {
+        let o = dl(&server, cache.path(), &["--revision", rev]);
+        assert_eq!(o.status.code(), Some(1), "{rev}");
+        assert!(stderr(&o).contains("--revision"), "{rev}: {}", stderr(&o));
+    }
+    assert_eq!(server.requests(), 0, "refused before any request");
+    // A planted refs file pointing outside the cache is refused offline too.
+    let refs = cache.path().join("models--test-org--tiny-v4/refs");
+    std::fs::create_dir_all(&refs).unwrap();
+    std::fs::write(refs.join("main"), "../../../../etc").unwrap();
+    let o = Command::new(bin())
+        .args(["download", "--model", REPO])
+        .env("HF_HUB_CACHE", cache.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("40-digit hex commit"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_server_that_never_answers_times_out() {
+    for (file, body_only) in [("config.json", false), (S2, false), (S2, true)] {
+        let server = HubServer::start(REPO, files());
+        server.with_file(file, |f| {
+            f.stall = !body_only;
+            f.stall_body = body_only;
+        });
+        let cache = tempfile::tempdir().unwrap();
+        let t = std::time::Instant::now();
+        let o = dl_within(
+            &server,
+            cache.path(),
+            &[],
+            &[("HF_HUB_ETAG_TIMEOUT", "1"), ("HF_HUB_DOWNLOAD_TIMEOUT", "1")],
+            std::time::Duration::from_secs(60),
+        )
+        .unwrap_or_else(|| panic!("{file}: download hung for 60 s"));
+        assert_eq!(o.status.code(), Some(1), "{file}: {}", stderr(&o));
+        let e = stderr(&o);
+        assert!(e.contains("timed out") || e.contains("imeout"), "{file}: {e}");
+        assert_eq!(e.trim_end().lines().count(), 1, "{e}");
+        eprintln!("{file}: gave up after {:.1} s", t.elapsed().as_secs_f64());
+    }
+}
+
+#[test]
+fn a_slow_steady_transfer_is_not_cut() {
+    let server = HubServer::start(REPO, files());
+    // The whole shard takes ~3 s, longer than the 1 s limit, but no single wait does.
+    let piece = (size(S1) / 8 + 1) as usize;
+    server.with_file(S1, |f| f.trickle = Some((piece, 350)));
+    let cache = tempfile::tempdir().unwrap();
+    let o = dl_within(
+        &server,
+        cache.path(),
+        &[],
+        &[("HF_HUB_DOWNLOAD_TIMEOUT", "1")],
+        std::time::Duration::from_secs(60),
+    )
+    .expect("finished");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(server.gets(S1), 1, "one GET: never cut and resumed");
+    assert_eq!(server.bytes_sent(S1), size(S1));
+}

@@ -25,6 +25,15 @@ pub struct ServedFile {
     pub corrupt: bool,
     /// Advertise this size instead of the real one.
     pub fake_size: Option<u64>,
+    /// Send these header values instead of the real ones (a hostile mirror).
+    pub etag_header: Option<String>,
+    pub commit_header: Option<String>,
+    /// Accept the connection, read the request, and never answer.
+    pub stall: bool,
+    /// Answer a GET's headers, then send no body and keep the connection open.
+    pub stall_body: bool,
+    /// Send the body in pieces of this many bytes with this many milliseconds between them.
+    pub trickle: Option<(usize, u64)>,
 }
 
 #[derive(Default)]
@@ -128,14 +137,21 @@ fn handle(mut s: TcpStream, st: &Arc<Mutex<State>>) -> std::io::Result<()> {
             "HTTP/1.1 {code} Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
         );
     }
+    if f.stall {
+        drop(g);
+        std::thread::sleep(std::time::Duration::from_secs(120));
+        return Ok(());
+    }
     let etag = if f.lfs {
         sha256_hex(&f.data)
     } else {
         sha256_hex(&f.data)[..40].to_string()
     };
+    let etag = f.etag_header.clone().unwrap_or(etag);
+    let commit = f.commit_header.clone().unwrap_or(COMMIT.to_string());
     let size = f.fake_size.unwrap_or(f.data.len() as u64);
     let mut head = format!(
-        "X-Repo-Commit: {COMMIT}\r\nETag: \"{etag}\"\r\nAccept-Ranges: bytes\r\nConnection: close\r\n"
+        "X-Repo-Commit: {commit}\r\nETag: \"{etag}\"\r\nAccept-Ranges: bytes\r\nConnection: close\r\n"
     );
     if f.lfs {
         head.push_str(&format!(
@@ -178,7 +194,21 @@ fn handle(mut s: TcpStream, st: &Arc<Mutex<State>>) -> std::io::Result<()> {
     *g.bytes_sent.entry(file.to_string()).or_default() += send as u64;
     drop(g);
     s.write_all(resp.as_bytes())?;
-    s.write_all(&body[..send])?;
+    if f.stall_body {
+        s.flush()?;
+        std::thread::sleep(std::time::Duration::from_secs(120));
+        return Ok(());
+    }
+    match f.trickle {
+        Some((piece, ms)) => {
+            for part in body[..send].chunks(piece.max(1)) {
+                s.write_all(part)?;
+                s.flush()?;
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+            }
+        }
+        None => s.write_all(&body[..send])?,
+    }
     s.flush()?;
     let _ = s.shutdown(std::net::Shutdown::Both);
     Ok(())
