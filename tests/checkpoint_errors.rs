@@ -222,10 +222,17 @@ fn config_shapes_disagree_with_files() {
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1));
     assert!(err.contains("problems in the checkpoint"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(err.contains("--verbose"), "{err}");
+    // --verbose lists each of them.
+    let o = run(&["inspect", "--verbose", "--model", d.path().to_str().unwrap()]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1));
     assert!(
         err.contains("layers.4.attn.attn_sink") && err.contains("expected [8]"),
         "{err}"
     );
+    assert!(err.lines().count() > 3, "{err}");
     assert!(!err.contains("panicked"));
 }
 

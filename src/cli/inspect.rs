@@ -150,7 +150,18 @@ pub fn run(a: &InspectArgs, verbose: bool) -> anyhow::Result<()> {
         return plan(a);
     }
     let dir = crate::hub::resolve_model(&a.model)?;
-    let ck = Checkpoint::open(&dir)?;
+    let ck = match Checkpoint::open(&dir) {
+        Ok(ck) => ck,
+        Err(e) => {
+            let all = e.problems();
+            if verbose && all.len() > 1 {
+                for p in &all {
+                    eprintln!("  - {p}");
+                }
+            }
+            return Err(e.into());
+        }
+    };
     if verbose && !ck.extra.is_empty() {
         eprintln!(
             "note: ignoring {} tensors the model does not use (first: {})",

@@ -100,9 +100,11 @@ impl AttnState {
         }
     }
 
-    pub fn new(cfg: &ModelConfig, w: &AttnWeights) -> AttnState {
+    /// State for at most `max_ctx` tokens: the ring holds the window, or the whole context
+    /// where that is shorter (the same attention: no query reaches back further).
+    pub fn new(cfg: &ModelConfig, w: &AttnWeights, max_ctx: usize) -> AttnState {
         AttnState {
-            window: WindowRing::new(cfg.sliding_window, cfg.head_dim),
+            window: WindowRing::new(cfg.sliding_window.min(max_ctx.max(1)), cfg.head_dim),
             table: super::kv_cache::next_id(),
             ring_synced: None,
             comp: w.compressor.as_ref().map(CompressorState::new),
@@ -205,7 +207,7 @@ pub fn forward(
     }
 
     // Core attention, one query at a time (in parallel).
-    let win = cfg.sliding_window;
+    let win = st.window.size();
     let scale = 1.0 / (hd as f32).sqrt();
     let st_ro = &*st;
     let kv_ro = &kv;
@@ -431,7 +433,7 @@ pub fn forward_on_device<'e>(
     drop(q_in);
     let o = core_on_device(ctx, w, st, &kv, &q, index_q.as_ref(), t0, t)?;
     // The window ring now takes this chunk's keys (after every query read the old ones).
-    let win = cfg.sliding_window;
+    let win = st.window.size();
     for k in t.saturating_sub(win)..t {
         st.window.put(t0 + k, &kv_host[k * hd..(k + 1) * hd]);
     }
@@ -500,7 +502,7 @@ fn core_on_device<'e>(
     t: usize,
 ) -> Option<Act<'e>> {
     let cfg = ctx.cfg;
-    let (h, hd, win) = (cfg.num_attention_heads, cfg.head_dim, cfg.sliding_window);
+    let (h, hd, win) = (cfg.num_attention_heads, cfg.head_dim, st.window.size());
     let (ih, ihd) = (cfg.index_n_heads, cfg.index_head_dim);
     let ex = ctx.exec;
     let first = t0.saturating_sub(win - 1);

@@ -251,7 +251,7 @@ impl Engine {
             + 5 * hd
             + 2 * c.index_n_heads * c.index_head_dim
             + 4 * c.o_groups * c.o_lora_rank
-            + 2 * (c.sliding_window + ctx / 128 + c.index_topk + 1);
+            + 2 * (c.sliding_window.min(ctx) + ctx / 128 + c.index_topk.min(ctx) + 1);
         let expert = 2 * d + 4 * c.moe_intermediate_size;
         let moe =
             c.n_routed_experts + 2 * c.num_experts_per_tok + (c.num_experts_per_tok + 1) * expert;
@@ -265,7 +265,7 @@ impl Engine {
     /// step.
     fn kv_reserve(&self, ctx: usize, chunk: usize) -> u64 {
         let cfg = &self.cfg;
-        let per_step = 4 * (cfg.sliding_window + chunk) * cfg.head_dim;
+        let per_step = 4 * (cfg.sliding_window.min(ctx) + chunk) * cfg.head_dim;
         super::plan::kv_bytes(cfg, ctx) + (cfg.num_hidden_layers * per_step) as u64
     }
 
@@ -311,12 +311,13 @@ impl Engine {
         self
     }
 
-    /// Fresh per-layer decode state.
-    pub fn new_state(&self) -> Vec<AttnState> {
+    /// Fresh per-layer decode state for at most `max_ctx` tokens (the window rings hold
+    /// min(sliding_window, max_ctx) rows: no query reaches further back than that).
+    pub fn new_state(&self, max_ctx: usize) -> Vec<AttnState> {
         self.weights
             .layers
             .iter()
-            .map(|b| AttnState::new(&self.cfg, &b.attn))
+            .map(|b| AttnState::new(&self.cfg, &b.attn, max_ctx))
             .collect()
     }
 

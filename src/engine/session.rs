@@ -58,7 +58,7 @@ impl<'e> Session<'e> {
     pub fn new(engine: &'e Engine, max_ctx: usize, chunk: usize) -> Session<'e> {
         Session {
             engine,
-            state: engine.new_state(),
+            state: engine.new_state(max_ctx),
             tokens: Vec::new(),
             max_ctx,
             chunk: chunk.max(1),
@@ -140,7 +140,7 @@ impl<'e> Session<'e> {
     /// Forget everything.
     pub fn reset(&mut self) {
         self.forget_device_copies();
-        self.state = self.engine.new_state();
+        self.state = self.engine.new_state(self.max_ctx);
         self.tokens.clear();
     }
 

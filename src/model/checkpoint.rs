@@ -30,19 +30,25 @@ pub enum CheckpointError {
     Invalid { dir: String, problems: Vec<String> },
 }
 
+/// One line: the problem, or the count and the first one (`problems()` lists them all, as
+/// `inspect --verbose` does).
 fn format_problems(dir: &str, problems: &[String]) -> String {
     match problems {
         [one] => one.clone(),
-        many => {
-            let mut s = format!("{dir}: {} problems in the checkpoint:", many.len());
-            for p in many.iter().take(50) {
-                s.push_str("\n  - ");
-                s.push_str(p);
-            }
-            if many.len() > 50 {
-                s.push_str(&format!("\n  - ... and {} more", many.len() - 50));
-            }
-            s
+        many => format!(
+            "{dir}: {} problems in the checkpoint, the first: {} (dsflash inspect --verbose lists them all)",
+            many.len(),
+            many.first().map(String::as_str).unwrap_or("")
+        ),
+    }
+}
+
+impl CheckpointError {
+    /// Every problem found (one for the error kinds that stop at the first).
+    pub fn problems(&self) -> Vec<String> {
+        match self {
+            CheckpointError::Invalid { problems, .. } => problems.clone(),
+            other => vec![other.to_string()],
         }
     }
 }
@@ -160,7 +166,7 @@ impl Checkpoint {
 
         // Which tensors live in which file.
         let weight_map: BTreeMap<String, String> = if index_path.exists() {
-            let text = std::fs::read(&index_path).map_err(|e| CheckpointError::File {
+            let text = crate::fsutil::read_regular(&index_path).map_err(|e| CheckpointError::File {
                 file: index_path.display().to_string(),
                 msg: format!("cannot read: {e}"),
             })?;
@@ -333,7 +339,7 @@ fn map_shard(
     name: &str,
     listed: usize,
 ) -> Result<(Shard, Vec<(String, TensorEntry)>), String> {
-    let file = match File::open(path) {
+    let file: File = match crate::fsutil::open_regular(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(format!(
@@ -345,9 +351,6 @@ fn map_shard(
     let meta = file
         .metadata()
         .map_err(|e| format!("{name}: cannot stat: {e}"))?;
-    if !meta.is_file() {
-        return Err(format!("{name}: cannot read: not a regular file"));
-    }
     let file_len = meta.len();
     if file_len < 8 {
         return Err(format!(

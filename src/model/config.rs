@@ -4,6 +4,10 @@
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
+/// The longest context a config may declare (the release's is 2^20): every size derived
+/// from a position stays far from overflow.
+pub const MAX_CONTEXT: usize = 1 << 26;
+
 /// What went wrong with a config file. Callers only report it; the variants keep messages
 /// uniform ("config.json: field `x`: ...").
 #[derive(Debug, thiserror::Error)]
@@ -91,7 +95,13 @@ pub struct ModelConfig {
     /// Absent in the initial release revision (whose experts are FP4 all the same).
     #[serde(default)]
     pub expert_dtype: Option<String>,
+    /// The transformers class names; when given, one must be V4's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub architectures: Option<Vec<String>>,
 }
+
+/// The transformers class of DeepSeek-V4 checkpoints.
+pub const ARCHITECTURE: &str = "DeepseekV4ForCausalLM";
 
 /// Attention kind of one layer, from its compress ratio (spec §1.4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,7 +146,7 @@ impl ModelConfig {
     /// Read and validate `config.json`.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read(path).map_err(|source| ConfigError::Io {
+        let text = crate::fsutil::read_regular(path).map_err(|source| ConfigError::Io {
             file: file.clone(),
             source,
         })?;
@@ -383,6 +393,14 @@ impl ModelConfig {
                 ),
             );
         }
+        if let Some(a) = &self.architectures
+            && !a.iter().any(|x| x == ARCHITECTURE)
+        {
+            return err(
+                "architectures",
+                format!("{a:?} is not supported (expected [\"{ARCHITECTURE}\"])"),
+            );
+        }
         if let Some(d) = &self.expert_dtype {
             expect_str("expert_dtype", d, &["fp4"])?;
         }
@@ -413,14 +431,68 @@ impl ModelConfig {
         if !eps_ok {
             return err("rms_norm_eps", "eps values must be positive".into());
         }
-        let rope_ok = self.rope_scaling.factor.is_finite()
-            && self.rope_scaling.factor >= 1.0
-            && positive(self.rope_theta)
-            && positive(self.compress_rope_theta);
+        let rope_ok = self.rope_scaling.factor.is_finite() && self.rope_scaling.factor >= 1.0;
         if !rope_ok {
+            return err("rope_scaling.factor", "must be >= 1".into());
+        }
+        // A theta of 1 or less makes every frequency 1 and YaRN's ramp divide by ln(1) = 0.
+        for (f, v) in [
+            ("rope_theta", self.rope_theta),
+            ("compress_rope_theta", self.compress_rope_theta),
+        ] {
+            if !(v.is_finite() && v > 1.0) {
+                return err(f, format!("{v} must be > 1"));
+            }
+        }
+        for (f, v) in [
+            ("rope_scaling.beta_fast", self.rope_scaling.beta_fast),
+            ("rope_scaling.beta_slow", self.rope_scaling.beta_slow),
+            (
+                "rope_scaling.original_max_position_embeddings",
+                self.rope_scaling.original_max_position_embeddings as f64,
+            ),
+        ] {
+            if !positive(v) {
+                return err(f, format!("{v} must be > 0"));
+            }
+        }
+        for (f, v) in [
+            ("swiglu_limit", self.swiglu_limit),
+            ("routed_scaling_factor", self.routed_scaling_factor),
+        ] {
+            if !positive(v as f64) || v > 1e6 {
+                return err(f, format!("{v} must be a number > 0 (at most 1e6)"));
+            }
+        }
+        if self.hc_eps > 1.0 || self.rms_norm_eps > 1.0 {
+            return err("rms_norm_eps", "eps values must be at most 1".into());
+        }
+        // Sizes the engine derives from these are bounded by them (and by --ctx).
+        if self.max_position_embeddings > MAX_CONTEXT {
             return err(
-                "rope_scaling.factor",
-                "rope factor must be >= 1 and thetas > 0".into(),
+                "max_position_embeddings",
+                format!(
+                    "{} is implausibly large (at most {MAX_CONTEXT} supported)",
+                    self.max_position_embeddings
+                ),
+            );
+        }
+        if self.sliding_window > self.max_position_embeddings {
+            return err(
+                "sliding_window",
+                format!(
+                    "{} exceeds max_position_embeddings {}",
+                    self.sliding_window, self.max_position_embeddings
+                ),
+            );
+        }
+        if self.index_topk > self.max_position_embeddings {
+            return err(
+                "index_topk",
+                format!(
+                    "{} exceeds max_position_embeddings {}",
+                    self.index_topk, self.max_position_embeddings
+                ),
             );
         }
         Ok(())
@@ -515,6 +587,20 @@ mod tests {
         assert!(e.contains("`num_key_value_heads`"), "{e}");
         let e = with(|v| v["compress_ratios"][5] = 16.into());
         assert!(e.contains("entry 5 is 16"), "{e}");
+        let e = with(|v| v["architectures"] = serde_json::json!(["LlamaForCausalLM"]));
+        assert!(e.contains("`architectures`") && e.contains("Llama"), "{e}");
+        let e = with(|v| v["swiglu_limit"] = (-1.0).into());
+        assert!(e.contains("`swiglu_limit`"), "{e}");
+        let e = with(|v| v["routed_scaling_factor"] = 0.0.into());
+        assert!(e.contains("`routed_scaling_factor`"), "{e}");
+        let e = with(|v| v["sliding_window"] = (1u64 << 31).into());
+        assert!(e.contains("`sliding_window`") && e.contains("exceeds"), "{e}");
+        let e = with(|v| v["max_position_embeddings"] = (1u64 << 53).into());
+        assert!(e.contains("`max_position_embeddings`"), "{e}");
+        let e = with(|v| v["rope_theta"] = 1.0.into());
+        assert!(e.contains("`rope_theta`"), "{e}");
+        let e = with(|v| v["rope_scaling"]["original_max_position_embeddings"] = 0.into());
+        assert!(e.contains("original_max_position_embeddings"), "{e}");
         // The initial revision has no expert_dtype: still FP4, still accepted.
         assert_eq!(
             with(|v| {
