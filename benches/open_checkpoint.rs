@@ -29,7 +29,7 @@ fn main() {
                 .join("tests/fixtures/deepseek-v4-flash-config.json"),
         )
         .unwrap();
-        synth::synth(&cfg, &dir, 0, true).expect("synth");
+        synth::synth(&cfg, &dir, 0, true, &|| false).expect("synth");
     }
     let rss0 = status_kib("VmRSS:");
     let mut times = Vec::new();

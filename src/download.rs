@@ -10,6 +10,7 @@
 //! `HF_HUB_OFFLINE=1`; partial files are `blobs/<etag>.incomplete` as huggingface_hub names
 //! them, so either tool can finish what the other started.
 
+use crate::fsutil::free_bytes;
 use anyhow::{Context, bail};
 use sha2::Digest;
 use std::io::{Read, Seek, Write};
@@ -570,20 +571,6 @@ impl Bars {
         self.file.finish_and_clear();
         self.total.finish_and_clear();
     }
-}
-
-/// Free bytes on the filesystem holding `p` (its nearest existing ancestor).
-pub fn free_bytes(p: &Path) -> Option<u64> {
-    let mut q = p.to_path_buf();
-    while !q.exists() {
-        q = q.parent()?.to_path_buf();
-    }
-    let c = std::ffi::CString::new(q.as_os_str().as_encoded_bytes()).ok()?;
-    // SAFETY: statvfs writes into the zeroed struct we own; the path is a valid C string.
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut s) };
-    (rc == 0).then(|| s.f_bavail as u64 * s.f_frsize as u64)
 }
 
 /// Physical memory (MemTotal), bytes.

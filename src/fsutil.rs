@@ -123,66 +123,121 @@ impl Drop for TempGuard {
     }
 }
 
-/// Write `bytes` to `path` atomically: a temp file with a unique name in the same directory,
-/// created exclusively and without following links, synced, then renamed over `path`.
-/// Refuses a `path` that exists and is not a regular file (a device, a FIFO, a directory, a
-/// symbolic link): those are never replaced. The temp file is removed on every error.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let shown = path.display();
-    let name = path
-        .file_name()
-        .ok_or_else(|| anyhow::anyhow!("{shown}: not a file name"))?
-        .to_string_lossy()
-        .into_owned();
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if !m.file_type().is_file() => anyhow::bail!(
-            "{shown}: is {}; refusing to replace it (give the path of a regular file)",
-            kind_of(m.file_type())
-        ),
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => anyhow::bail!("{shown}: {e}"),
-    }
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut attempt = 0;
-    let (mut file, guard) = loop {
-        let unique = format!(
-            ".{name}.{}.{}.{}.tmp",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.subsec_nanos())
-                .unwrap_or(0)
-        );
-        let tmp = dir.join(unique);
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .mode(0o644)
-            .open(&tmp)
-        {
-            Ok(f) => break (f, TempGuard::new(tmp)),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 16 => {
-                attempt += 1;
-            }
-            Err(e) => anyhow::bail!("{}: cannot create a temp file: {e}", dir.display()),
+/// A file written under a temp name and renamed into place by `commit`: a unique name in
+/// the same directory, created exclusively and without following links. Dropped without
+/// `commit` (an error, a panic), the temp file is removed. Refuses a destination that exists
+/// and is not a regular file (a device, a FIFO, a directory, a symbolic link): those are
+/// never replaced.
+pub struct AtomicFile {
+    file: File,
+    dest: PathBuf,
+    guard: TempGuard,
+}
+
+impl AtomicFile {
+    pub fn create(path: &Path) -> anyhow::Result<AtomicFile> {
+        let shown = path.display();
+        let name = path
+            .file_name()
+            .ok_or_else(|| anyhow::anyhow!("{shown}: not a file name"))?
+            .to_string_lossy()
+            .into_owned();
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if !m.file_type().is_file() => anyhow::bail!(
+                "{shown}: is {}; refusing to replace it (give the path of a regular file)",
+                kind_of(m.file_type())
+            ),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => anyhow::bail!("{shown}: {e}"),
         }
-    };
-    let tmp_shown = guard.path.display().to_string();
-    file.write_all(bytes)
-        .and_then(|_| file.sync_all())
-        .map_err(|e| anyhow::anyhow!("{tmp_shown}: {e}"))?;
-    drop(file);
-    std::fs::rename(&guard.path, path).map_err(|e| anyhow::anyhow!("{shown}: {e}"))?;
-    let mut guard = guard;
-    guard.keep = true;
-    Ok(())
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let mut attempt = 0;
+        loop {
+            let unique = format!(
+                ".{name}.{}.{}.{}.tmp",
+                std::process::id(),
+                COUNTER.fetch_add(1, Ordering::Relaxed),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.subsec_nanos())
+                    .unwrap_or(0)
+            );
+            let tmp = dir.join(unique);
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .mode(0o644)
+                .open(&tmp)
+            {
+                Ok(file) => {
+                    return Ok(AtomicFile {
+                        file,
+                        dest: path.to_path_buf(),
+                        guard: TempGuard::new(tmp),
+                    });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 16 => {
+                    attempt += 1;
+                }
+                Err(e) => anyhow::bail!("{}: cannot create a temp file: {e}", dir.display()),
+            }
+        }
+    }
+
+    /// The temp file (e.g. to set its length).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Sync and rename into place.
+    pub fn commit(mut self) -> anyhow::Result<()> {
+        let tmp_shown = self.guard.path.display().to_string();
+        self.file
+            .flush()
+            .and_then(|_| self.file.sync_all())
+            .map_err(|e| anyhow::anyhow!("{tmp_shown}: {e}"))?;
+        std::fs::rename(&self.guard.path, &self.dest)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", self.dest.display()))?;
+        self.guard.keep = true;
+        Ok(())
+    }
+}
+
+impl Write for AtomicFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.file.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Write `bytes` to `path` atomically (see `AtomicFile`).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let mut f = AtomicFile::create(path)?;
+    f.write_all(bytes)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", f.guard.path.display()))?;
+    f.commit()
+}
+
+/// Free bytes on the filesystem holding `p` (its nearest existing ancestor).
+pub fn free_bytes(p: &Path) -> Option<u64> {
+    let mut q = p.to_path_buf();
+    while !q.exists() {
+        q = q.parent()?.to_path_buf();
+    }
+    let c = CString::new(q.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs writes into the zeroed struct we own; the path is a valid C string.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut s) };
+    (rc == 0).then(|| s.f_bavail as u64 * s.f_frsize as u64)
 }
 
 #[cfg(test)]

@@ -271,7 +271,12 @@ fn ensure_synth(a: &BenchArgs) -> anyhow::Result<()> {
             "bench: writing the 2-layer real-dimension checkpoint to {} (once, ~9 GB)",
             a.synth_dir.display()
         );
-        crate::model::synth::synth(&cfg, &a.synth_dir, 1, false)?;
+        let stop = super::signals::stop_flag();
+        let r = crate::model::synth::synth(&cfg, &a.synth_dir, 1, false, &|| {
+            stop.load(std::sync::atomic::Ordering::Relaxed)
+        });
+        super::signals::check()?;
+        r?;
     }
     Ok(())
 }
@@ -466,6 +471,7 @@ fn end_to_end(
         })
     };
     let decode = decode_with(&e)?;
+    super::signals::check()?;
     let decode_fast = decode_with(&Engine::from_checkpoint(&ck, Numerics::Fast)?)?;
     // Prefill: a fresh session, one batch of n tokens.
     let n = if a.quick { 64 } else { 256 };
@@ -530,6 +536,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
         (("shared w1/w3", "fp8", 2048, 4096), rf),
         (("head", "bf16", 129280, 4096), rf),
     ] {
+        super::signals::check()?;
         let r = bench_kernel(shape, num, min, kreps, &read_probe, &mut rng);
         eprintln!(
             "  {:<32} {:>7.1} GB/s {:>7.1} GFLOP/s  {:>5.1}% of {:.1} GB/s   \
@@ -548,7 +555,9 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     let (decode, decode_fast, prefill) = if a.kernels_only {
         (None, None, None)
     } else {
+        super::signals::check()?;
         let (d, df, p) = end_to_end(a, &read_probe, prefill_bound)?;
+        super::signals::check()?;
         for (what, d) in [("decode ", &d), ("  fast ", &df)] {
             eprintln!(
                 "  {what} {:>7.2} tok/s x {:.2} GB/token = {:.1} GB/s, {:.1}% of {:.1} GB/s (context {})",
@@ -651,6 +660,7 @@ fn gpu(a: &BenchArgs) -> anyhow::Result<()> {
         ("8 layers' wo_b", "fp8", 8 * 4096, 8192),
         ("head", "bf16", 129280, 4096),
     ] {
+        super::signals::check()?;
         let w = random_weight(kind, rows, cols, &mut rng);
         let dw = dev.upload_weight(&w, Stream::COMPUTE)?;
         let x = dev.alloc(4 * cols)?;

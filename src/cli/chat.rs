@@ -3,13 +3,12 @@
 //! Alt+Enter inserts a newline; pasted text keeps its newlines.
 
 use super::TalkArgs;
-use super::talk::{Sink, Talk, TurnStats, interrupt_flag, use_color};
+use super::talk::{Sink, Talk, TurnStats, use_color};
 use crate::model::chat_format::{Message, Mode};
 use rustyline::error::ReadlineError;
 use rustyline::{Cmd, DefaultEditor, KeyCode, KeyEvent, Modifiers};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 
 const HELP: &str = "\
 commands:
@@ -114,7 +113,7 @@ fn stats_line(s: &TurnStats, context: usize) -> String {
 pub fn run(a: &TalkArgs) -> anyhow::Result<i32> {
     let (dir, engine, tok) = super::talk::load(a)?;
     let mut talk = Talk::new(&engine, &tok, a)?;
-    let stop = interrupt_flag();
+    let stop = super::signals::stop_flag();
     let color = use_color(std::io::stdout().is_terminal());
     let mut ed = DefaultEditor::new()?;
     ed.bind_sequence(KeyEvent(KeyCode::Enter, Modifiers::ALT), Cmd::Newline);
@@ -132,6 +131,7 @@ pub fn run(a: &TalkArgs) -> anyhow::Result<i32> {
         }
     );
     let mut last: Option<TurnStats> = None;
+    let mut exit_code = 0;
     loop {
         let line = match ed.readline("> ") {
             Ok(l) => l,
@@ -241,7 +241,7 @@ pub fn run(a: &TalkArgs) -> anyhow::Result<i32> {
         } else {
             line.clone()
         };
-        stop.store(false, Ordering::SeqCst);
+        super::signals::clear();
         let mut sink = ChatSink {
             color,
             in_reasoning: false,
@@ -256,9 +256,17 @@ pub fn run(a: &TalkArgs) -> anyhow::Result<i32> {
                 eprintln!("{}", stats_line(&s, talk.session.len()));
                 last = Some(s);
             }
+            Err(e) if e.is::<super::signals::Interrupted>() => eprintln!("[interrupted]"),
             Err(e) => eprintln!("error: {e}"),
         }
-        stop.store(false, Ordering::SeqCst);
+        // Ctrl+C stops an answer; SIGTERM and SIGHUP end the chat.
+        match super::signals::received() {
+            Some(sig) if sig != libc::SIGINT => {
+                exit_code = super::signals::exit_code(sig);
+                break;
+            }
+            _ => super::signals::clear(),
+        }
     }
     if let Some(h) = &hist {
         if let Some(parent) = h.parent() {
@@ -267,5 +275,5 @@ pub fn run(a: &TalkArgs) -> anyhow::Result<i32> {
         let _ = ed.save_history(h);
     }
     a.engine.finish(&engine)?;
-    Ok(0)
+    Ok(exit_code)
 }

@@ -25,7 +25,7 @@ pub struct DownloadArgs {
 
 pub fn run(a: &DownloadArgs) -> anyhow::Result<i32> {
     let hub = Hub::from_env();
-    let stop = super::talk::interrupt_flag();
+    let stop = super::signals::stop_flag();
     let o = Options {
         repo: a.model.clone(),
         revision: a.revision.clone(),
@@ -33,7 +33,13 @@ pub fn run(a: &DownloadArgs) -> anyhow::Result<i32> {
         force: a.force,
         extras: a.extras,
     };
-    let r = download(&hub, &o, &stop)?;
+    let r = download(&hub, &o, stop);
+    // Interrupted: the partial files are kept for the next run, which resumes.
+    if let Some(sig) = super::signals::received() {
+        eprintln!("interrupted: run the same command again to resume");
+        return Err(super::signals::Interrupted(sig).into());
+    }
+    let r = r?;
     eprintln!(
         "{}: {} files at {} ({} bytes fetched, {} already present) in {}",
         a.model,

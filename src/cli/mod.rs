@@ -1,4 +1,5 @@
-//! Command line: `dsflash <subcommand>`. Exit codes: 0 ok, 1 runtime error, 2 usage error.
+//! Command line: `dsflash <subcommand>`. Exit codes: 0 ok, 1 runtime error, 2 usage error,
+//! 128 + the signal after SIGINT/SIGTERM/SIGHUP (see `signals`).
 
 mod bench;
 mod chat;
@@ -7,6 +8,7 @@ mod inspect;
 mod oneshot;
 mod prompt;
 pub mod run;
+pub mod signals;
 mod synth;
 pub mod talk;
 
@@ -146,7 +148,7 @@ fn talk(cli: &Cli) -> anyhow::Result<i32> {
             crate::download::download(
                 &crate::download::Hub::from_env(),
                 &o,
-                &talk::interrupt_flag(),
+                signals::stop_flag(),
             )?;
         } else {
             anyhow::bail!(
@@ -165,6 +167,7 @@ pub fn main() -> i32 {
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
+    signals::install();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -204,6 +207,10 @@ pub fn main() -> i32 {
     match result {
         Ok(code) => code,
         Err(e) => {
+            // Stopped by a signal: the output is already flushed and ended.
+            if let Some(signals::Interrupted(sig)) = e.downcast_ref::<signals::Interrupted>() {
+                return signals::exit_code(*sig);
+            }
             // Broken pipe on stdout (`| head`) is not an error worth reporting.
             if e.downcast_ref::<std::io::Error>()
                 .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)

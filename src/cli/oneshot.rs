@@ -6,12 +6,8 @@
 //! terminal; `--json` prints one object with both instead.
 
 use super::TalkArgs;
-use super::talk::{Sink, Talk, TurnStats, interrupt_flag, use_color};
+use super::talk::{Sink, Talk, TurnStats, use_color};
 use std::io::{IsTerminal, Read, Write};
-use std::sync::atomic::Ordering;
-
-/// Exit code after SIGINT/SIGTERM (128 + SIGINT), as shells report it.
-pub const EXIT_INTERRUPTED: i32 = 130;
 
 /// Read all of stdin as UTF-8; the error names the byte offset of the first invalid byte.
 pub fn read_stdin() -> anyhow::Result<String> {
@@ -71,7 +67,9 @@ impl Sink for OneShotSink {
         }
         let mut o = std::io::stdout().lock();
         write!(o, "{text}")?;
-        o.flush()
+        o.flush()?;
+        super::signals::line_open(!text.ends_with('\n'));
+        Ok(())
     }
 }
 
@@ -92,7 +90,7 @@ pub fn run(a: &TalkArgs, stdin: Option<String>, verbose: bool) -> anyhow::Result
         eprintln!("error: empty input: give a prompt with -p TEXT or on stdin");
         return Ok(2);
     };
-    let stop = interrupt_flag();
+    let stop = super::signals::stop_flag();
     let (_, engine, tok) = super::talk::load(a)?;
     let mode = a.mode();
     let mut talk = Talk::new(&engine, &tok, a)?;
@@ -125,6 +123,7 @@ pub fn run(a: &TalkArgs, stdin: Option<String>, verbose: bool) -> anyhow::Result
     }
     writeln!(out)?;
     out.flush()?;
+    super::signals::line_open(false);
     if err_tty || verbose {
         eprintln!(
             "[{} prompt tokens ({} prefilled) at {:.1} tok/s, {} generated at {:.1} tok/s, stop: {}]",
@@ -137,11 +136,7 @@ pub fn run(a: &TalkArgs, stdin: Option<String>, verbose: bool) -> anyhow::Result
         );
     }
     a.engine.finish(&engine)?;
-    Ok(if stop.load(Ordering::Relaxed) {
-        EXIT_INTERRUPTED
-    } else {
-        0
-    })
+    Ok(super::signals::received().map_or(0, super::signals::exit_code))
 }
 
 #[cfg(test)]

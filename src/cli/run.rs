@@ -296,11 +296,13 @@ pub fn prefill(s: &mut Session, tokens: &[u32], want: Want) -> anyhow::Result<Ve
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
+    let stop = super::signals::stop_flag();
     let out = s.prefill_with_progress(tokens, want, |done| {
         bar.set_position(done as u64);
-        true
+        !stop.load(std::sync::atomic::Ordering::Relaxed)
     });
     bar.finish_and_clear();
+    super::signals::check()?;
     Ok(out?)
 }
 
@@ -339,6 +341,8 @@ pub fn logits(a: &LogitsArgs) -> anyhow::Result<()> {
     };
     let l = prefill(&mut s, &tokens, want)?;
     let v = e.cfg.vocab_size;
+    // A signal during the prefill's last chunk: nothing half-done is written.
+    super::signals::check()?;
     write_npy(&a.out, &l, l.len() / v, v)?;
     a.engine.finish(&e)
 }
@@ -351,18 +355,31 @@ pub fn generate(a: &GenerateArgs) -> anyhow::Result<()> {
     let eos = e.cfg.eos_token_id;
     let mut logits = prefill(&mut s, &tokens, Want::Last)?;
     let mut out = std::io::stdout().lock();
+    // Ends the line on every way out (a signal, an error), then passes the result on.
+    let end = |out: &mut std::io::StdoutLock, r: anyhow::Result<()>| -> anyhow::Result<()> {
+        let nl = writeln!(out).and_then(|_| out.flush());
+        super::signals::line_open(false);
+        r.and(nl.map_err(Into::into))
+    };
     for i in 0..a.max_tokens {
+        if let Err(sig) = super::signals::check() {
+            return end(&mut out, Err(sig.into()));
+        }
         let tok = sampler.sample_after(&logits, s.tokens());
         if i > 0 {
             write!(out, ",")?;
         }
         write!(out, "{tok}")?;
         out.flush()?;
+        super::signals::line_open(true);
         if (tok == eos && !a.ignore_eos) || i + 1 == a.max_tokens {
             break;
         }
-        logits = s.decode_step(tok)?;
+        match s.decode_step(tok) {
+            Ok(l) => logits = l,
+            Err(err) => return end(&mut out, Err(err.into())),
+        }
     }
-    writeln!(out)?;
+    end(&mut out, Ok(()))?;
     a.engine.finish(&e)
 }

@@ -22,7 +22,12 @@ pub struct SynthArgs {
 pub fn run(a: &SynthArgs) -> anyhow::Result<()> {
     let bytes = std::fs::read(&a.config)
         .map_err(|e| anyhow::anyhow!("--config {}: cannot read: {e}", a.config.display()))?;
-    let r = crate::model::synth::synth(&bytes, &a.out, a.seed, a.sparse)?;
+    let stop = super::signals::stop_flag();
+    let r = crate::model::synth::synth(&bytes, &a.out, a.seed, a.sparse, &|| {
+        stop.load(std::sync::atomic::Ordering::Relaxed)
+    });
+    super::signals::check()?;
+    let r = r?;
     eprintln!(
         "wrote {}: {} tensors, {} payload bytes in {} shards{}",
         a.out.display(),

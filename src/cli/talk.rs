@@ -8,7 +8,6 @@ use crate::engine::{Engine, Mark, Session, SessionError, Want};
 use crate::model::chat_format::{ChatFormat, DSV4, Message, Mode, Role, render};
 use crate::model::tokenizer::{StreamDecoder, Tokenizer};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -178,6 +177,10 @@ impl<'e> Talk<'e> {
             SessionError::ContextFull { needed, ctx, .. } => anyhow::anyhow!(
                 "the conversation needs {needed} tokens but --ctx is {ctx} (use a larger --ctx or /clear)"
             ),
+            SessionError::Interrupted => super::signals::Interrupted(
+                super::signals::received().unwrap_or(libc::SIGINT),
+            )
+            .into(),
             e => e.into(),
         })?;
         let mut reasoning = String::new();
@@ -259,20 +262,6 @@ impl<'e> Talk<'e> {
             }
         }
     }
-}
-
-/// A flag set by SIGINT/SIGTERM (installed once per process).
-pub fn interrupt_flag() -> Arc<AtomicBool> {
-    static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
-    FLAG.get_or_init(|| {
-        let f = Arc::new(AtomicBool::new(false));
-        let g = f.clone();
-        // If a handler cannot be installed the default signal behaviour stays: still a clean
-        // process exit, just without the partial-output bookkeeping.
-        let _ = ctrlc::set_handler(move || g.store(true, Ordering::SeqCst));
-        f
-    })
-    .clone()
 }
 
 /// ANSI dim for reasoning text, only on a terminal and without NO_COLOR.

@@ -19,6 +19,11 @@ pub enum SessionError {
     Empty,
     #[error("interrupted")]
     Interrupted,
+    /// A logit that is NaN or infinite: the weights (or their scales) hold non-finite values.
+    #[error(
+        "the model produced non-finite logits at position {position}: the checkpoint holds NaN or infinite weights or scales (dsflash inspect --verbose checks them)"
+    )]
+    NonFinite { position: usize },
 }
 
 /// A point a session can be rewound to (see `Session::mark`).
@@ -122,6 +127,18 @@ impl<'e> Session<'e> {
             };
             let t0 = self.tokens.len();
             let logits = self.engine.forward(&mut self.state, c, t0, w);
+            let vocab = self.engine.cfg.vocab_size;
+            if let Some(i) = logits.iter().position(|v| !v.is_finite()) {
+                // Row i / vocab of the returned rows: all of the chunk's, or its last.
+                let row = i / vocab.max(1);
+                let position = match w {
+                    Want::All => t0 + row,
+                    _ => t0 + c.len() - 1,
+                };
+                // The state now holds the same values: start over rather than go on from it.
+                self.reset();
+                return Err(SessionError::NonFinite { position });
+            }
             out.extend_from_slice(&logits);
             self.tokens.extend_from_slice(c);
             let done = ((ci + 1) * self.chunk).min(tokens.len());

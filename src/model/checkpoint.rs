@@ -5,7 +5,7 @@
 
 use super::config::{ConfigError, ModelConfig};
 use super::layout::{TensorSpec, inventory};
-use memmap2::Mmap;
+use super::mapped::Mapped;
 use safetensors::{Dtype, SafeTensorError, SafeTensors};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -357,11 +357,8 @@ fn map_shard(
             "{name}: truncated: {file_len} bytes, smaller than a safetensors header"
         ));
     }
-    // SAFETY: the file is opened read-only and the mapping is never written through. Another
-    // process truncating it while we run would fault on access; that is the accepted
-    // contract of mmapping model files (llama.cpp and safetensors do the same).
-    let map = unsafe { Mmap::map(&file) }.map_err(|e| format!("{name}: cannot mmap: {e}"))?;
-    let (data_start, entries) = parse_shard_header(name, &map)?;
+    let map = Mapped::map(&file, path).map_err(|e| format!("{name}: cannot mmap: {e}"))?;
+    let (data_start, entries) = parse_shard_header(name, map.as_ref())?;
     Ok((
         Shard {
             path: path.to_path_buf(),

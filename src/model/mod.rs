@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod formats;
 pub mod layout;
+pub mod mapped;
 pub mod synth;
 pub mod tokenizer;
 pub mod weights;

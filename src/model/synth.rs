@@ -9,7 +9,7 @@ use super::layout::{TensorSpec, inventory, release_shard};
 use super::weights::Weight;
 use safetensors::Dtype;
 use std::collections::BTreeMap;
-use std::fs::File;
+use crate::fsutil::AtomicFile;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
@@ -63,11 +63,32 @@ pub struct SynthReport {
 }
 
 /// Write a checkpoint for `cfg_json` (the config file's bytes, copied verbatim) into `out`.
-pub fn synth(cfg_json: &[u8], out: &Path, seed: u64, sparse: bool) -> anyhow::Result<SynthReport> {
+/// Each file appears under its name only when complete; `stop` returning true ends the
+/// work between tensors (what is half-written is removed).
+pub fn synth(
+    cfg_json: &[u8],
+    out: &Path,
+    seed: u64,
+    sparse: bool,
+    stop: &dyn Fn() -> bool,
+) -> anyhow::Result<SynthReport> {
     let cfg = ModelConfig::from_json_bytes(cfg_json, "config")?;
     std::fs::create_dir_all(out)
         .map_err(|e| anyhow::anyhow!("{}: cannot create output directory: {e}", out.display()))?;
     let inv = inventory(&cfg);
+    if !sparse {
+        let need: u64 = inv.iter().map(|t| t.nbytes() as u64).sum();
+        if let Some(free) = crate::fsutil::free_bytes(out)
+            && need > free
+        {
+            anyhow::bail!(
+                "{}: not enough disk space: the checkpoint needs {:.1} GB, {:.1} GB free (--sparse writes the layout without the payloads)",
+                out.display(),
+                need as f64 / 1e9,
+                free as f64 / 1e9
+            );
+        }
+    }
     let mut by_shard: BTreeMap<usize, Vec<&TensorSpec>> = BTreeMap::new();
     let mut n_shards = 1;
     for t in &inv {
@@ -102,25 +123,28 @@ pub fn synth(cfg_json: &[u8], out: &Path, seed: u64, sparse: bool) -> anyhow::Re
             hbytes.push(b' ');
         }
         let path = out.join(&fname);
-        let tmp = out.join(format!(".{fname}.tmp"));
-        {
-            let f = File::create(&tmp).map_err(|e| anyhow::anyhow!("{}: {e}", tmp.display()))?;
-            let mut w = BufWriter::with_capacity(1 << 22, f);
-            w.write_all(&(hbytes.len() as u64).to_le_bytes())?;
-            w.write_all(&hbytes)?;
-            if sparse {
-                let f = w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?;
-                f.set_len(8 + hbytes.len() as u64 + off as u64)?;
-            } else {
-                let mut buf = Vec::new();
-                for t in tensors {
-                    fill(&cfg, t, &specs, seed, &mut buf);
-                    w.write_all(&buf)?;
+        let io = |e: std::io::Error| anyhow::anyhow!("{}: {e}", path.display());
+        let mut w = BufWriter::with_capacity(1 << 22, AtomicFile::create(&path)?);
+        w.write_all(&(hbytes.len() as u64).to_le_bytes())
+            .map_err(io)?;
+        w.write_all(&hbytes).map_err(io)?;
+        if sparse {
+            let f = w.into_inner().map_err(|e| io(e.into_error()))?;
+            f.file()
+                .set_len(8 + hbytes.len() as u64 + off as u64)
+                .map_err(io)?;
+            f.commit()?;
+        } else {
+            let mut buf = Vec::new();
+            for t in tensors {
+                if stop() {
+                    anyhow::bail!("interrupted");
                 }
-                w.flush()?;
+                fill(&cfg, t, &specs, seed, &mut buf);
+                w.write_all(&buf).map_err(io)?;
             }
+            w.into_inner().map_err(|e| io(e.into_error()))?.commit()?;
         }
-        std::fs::rename(&tmp, &path)?;
     }
     let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
     crate::fsutil::write_atomic(
