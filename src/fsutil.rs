@@ -67,7 +67,8 @@ pub fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
 /// them (`remove_pending_temps`, async-signal-safe). Fixed slots: a process writes at most a
 /// few files at once; a write finding no free slot simply is not tracked.
 const SLOTS: usize = 8;
-static PENDING: [AtomicPtr<libc::c_char>; SLOTS] = [const { AtomicPtr::new(std::ptr::null_mut()) }; SLOTS];
+static PENDING: [AtomicPtr<libc::c_char>; SLOTS] =
+    [const { AtomicPtr::new(std::ptr::null_mut()) }; SLOTS];
 
 /// Remove every temp file still being written (for a signal handler: only `unlink`).
 pub fn remove_pending_temps() {
@@ -97,8 +98,13 @@ impl TempGuard {
         let slot = c_path.as_ref().and_then(|c| {
             let ptr = c.as_ptr() as *mut libc::c_char;
             PENDING.iter().position(|s| {
-                s.compare_exchange(std::ptr::null_mut(), ptr, Ordering::SeqCst, Ordering::SeqCst)
-                    .is_ok()
+                s.compare_exchange(
+                    std::ptr::null_mut(),
+                    ptr,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                )
+                .is_ok()
             })
         });
         TempGuard {
@@ -284,7 +290,9 @@ mod tests {
         let e = write_atomic(&link, b"x").unwrap_err().to_string();
         assert!(e.contains("symbolic link") && e.contains("link"), "{e}");
         assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
-        let e = write_atomic(Path::new("/dev/null"), b"x").unwrap_err().to_string();
+        let e = write_atomic(Path::new("/dev/null"), b"x")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("/dev/null") && e.contains("device"), "{e}");
         let sub = d.path().join("sub");
         std::fs::create_dir(&sub).unwrap();
@@ -302,7 +310,9 @@ mod tests {
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
         let e = read_regular(&fifo).unwrap_err().to_string();
         assert!(e.contains("FIFO"), "{e}");
-        let e = read_regular(Path::new("/dev/zero")).unwrap_err().to_string();
+        let e = read_regular(Path::new("/dev/zero"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("device"), "{e}");
     }
 }

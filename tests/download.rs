@@ -576,15 +576,25 @@ fn a_hostile_etag_or_commit_never_becomes_a_path() {
             );
             // Nothing anywhere outside the cache, and nothing named after the header.
             for p in files_under(root.path()) {
-                assert!(p.starts_with(&cache), "{what} {file}: wrote {}", p.display());
+                assert!(
+                    p.starts_with(&cache),
+                    "{what} {file}: wrote {}",
+                    p.display()
+                );
                 assert!(!p.to_string_lossy().contains("escaped"), "{}", p.display());
             }
         }
     }
     // An absolute commit: the refs file would have pointed at it.
     let server = HubServer::start(REPO, files());
-    for f in ["config.json", "model.safetensors.index.json", "tokenizer.json"] {
-        server.with_file(f, |f| f.commit_header = Some("/tmp/dsflash-absolute".into()));
+    for f in [
+        "config.json",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+    ] {
+        server.with_file(f, |f| {
+            f.commit_header = Some("/tmp/dsflash-absolute".into())
+        });
     }
     let cache = tempfile::tempdir().unwrap();
     let o = dl(&server, cache.path(), &[]);
@@ -631,13 +641,19 @@ fn a_server_that_never_answers_times_out() {
             &server,
             cache.path(),
             &[],
-            &[("HF_HUB_ETAG_TIMEOUT", "1"), ("HF_HUB_DOWNLOAD_TIMEOUT", "1")],
+            &[
+                ("HF_HUB_ETAG_TIMEOUT", "1"),
+                ("HF_HUB_DOWNLOAD_TIMEOUT", "1"),
+            ],
             std::time::Duration::from_secs(60),
         )
         .unwrap_or_else(|| panic!("{file}: download hung for 60 s"));
         assert_eq!(o.status.code(), Some(1), "{file}: {}", stderr(&o));
         let e = stderr(&o);
-        assert!(e.contains("timed out") || e.contains("imeout"), "{file}: {e}");
+        assert!(
+            e.contains("timed out") || e.contains("imeout"),
+            "{file}: {e}"
+        );
         assert_eq!(e.trim_end().lines().count(), 1, "{e}");
         eprintln!("{file}: gave up after {:.1} s", t.elapsed().as_secs_f64());
     }
@@ -661,4 +677,41 @@ fn a_slow_steady_transfer_is_not_cut() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(server.gets(S1), 1, "one GET: never cut and resumed");
     assert_eq!(server.bytes_sent(S1), size(S1));
+}
+
+#[test]
+fn ctrl_c_keeps_the_partial_file_and_exits_130() {
+    let server = HubServer::start(REPO, files());
+    let piece = (size(S2) / 50 + 1) as usize;
+    server.with_file(S2, |f| f.trickle = Some((piece, 200)));
+    let cache = tempfile::tempdir().unwrap();
+    let child = Command::new(bin())
+        .args(["download", "--model", REPO])
+        .env("HF_ENDPOINT", &server.url)
+        .env("HF_HUB_CACHE", cache.path())
+        .env_remove("HF_HUB_OFFLINE")
+        .env_remove("HF_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while server.bytes_sent(S2) < 2 * piece as u64 {
+        assert!(t.elapsed().as_secs() < 30, "the download did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let t = std::time::Instant::now();
+    let o = child.wait_with_output().unwrap();
+    assert!(t.elapsed().as_secs() < 5, "stopped promptly");
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+    assert!(stderr(&o).contains("resume"), "{}", stderr(&o));
+    assert_eq!(
+        incompletes(cache.path()).len(),
+        1,
+        "the partial data is kept"
+    );
 }

@@ -745,7 +745,8 @@ impl Exec {
             if row.len() <= e {
                 row.resize(e + 1, 0);
             }
-            row[e] += 1;
+            // A profile read from a file may start anywhere: counts stop at the top.
+            row[e] = row[e].saturating_add(1);
             let hit = slots.policy.access(Access {
                 layer: layer as u16,
                 expert: e as u16,

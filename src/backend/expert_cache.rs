@@ -304,7 +304,7 @@ impl Adaptive {
     /// Seed the counts from a usage profile (`--expert-profile`): the slots start hot.
     pub fn warm_start(&mut self, profile: &[Vec<u64>]) {
         for (l, row) in profile.iter().enumerate().take(self.cap.len()) {
-            let total: u64 = row.iter().sum::<u64>().max(1);
+            let total = row.iter().fold(0u64, |a, &c| a.saturating_add(c)).max(1);
             let mut idx: Vec<usize> = (0..row.len()).collect();
             idx.sort_by(|&a, &b| row[b].cmp(&row[a]).then(a.cmp(&b)));
             for (e, &c) in row.iter().enumerate() {

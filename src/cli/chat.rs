@@ -246,7 +246,7 @@ pub fn run(a: &TalkArgs) -> anyhow::Result<i32> {
             color,
             in_reasoning: false,
         };
-        let r = talk.turn(&user, &mut sink, &stop);
+        let r = talk.turn(&user, &mut sink, stop);
         if sink.in_reasoning && color {
             print!("\x1b[0m");
         }

@@ -145,11 +145,7 @@ fn talk(cli: &Cli) -> anyhow::Result<i32> {
                 revision: "main".into(),
                 ..Default::default()
             };
-            crate::download::download(
-                &crate::download::Hub::from_env(),
-                &o,
-                signals::stop_flag(),
-            )?;
+            crate::download::download(&crate::download::Hub::from_env(), &o, signals::stop_flag())?;
         } else {
             anyhow::bail!(
                 "not downloaded; later: dsflash download --model {}",

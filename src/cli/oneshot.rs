@@ -101,7 +101,7 @@ pub fn run(a: &TalkArgs, stdin: Option<String>, verbose: bool) -> anyhow::Result
         color: use_color(err_tty),
         started_reasoning: false,
     };
-    let (msg, stats) = talk.turn(&user, &mut sink, &stop)?;
+    let (msg, stats) = talk.turn(&user, &mut sink, stop)?;
     if sink.started_reasoning && sink.color {
         eprint!("\x1b[0m");
     }

@@ -43,6 +43,12 @@ pub fn run(a: &PromptArgs) -> anyhow::Result<()> {
         )
     })?;
     let text = render(&DSV4, &msgs, a.mode.mode())?;
+    // A tokenizer given explicitly is checked even where the text alone is printed.
+    if a.format == PromptFormat::Text
+        && let Some(t) = &a.tokenizer
+    {
+        Tokenizer::from_file(t)?;
+    }
     let mut out = std::io::stdout().lock();
     match a.format {
         PromptFormat::Text => write!(out, "{text}")?,

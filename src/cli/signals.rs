@@ -97,7 +97,9 @@ extern "C" fn on_bus(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut li
             // SAFETY: a registered, live NUL-terminated path.
             let len = unsafe { libc::strlen(path) };
             // SAFETY: `len` bytes at `path` are the path.
-            write_fd(2, unsafe { std::slice::from_raw_parts(path.cast::<u8>(), len) });
+            write_fd(2, unsafe {
+                std::slice::from_raw_parts(path.cast::<u8>(), len)
+            });
             write_fd(
                 2,
                 b": the file shrank or was replaced while dsflash was using it; run again once it is complete\n",
@@ -124,14 +126,15 @@ pub fn install() {
         for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
             let mut sa: libc::sigaction = std::mem::zeroed();
             sa.sa_sigaction = on_stop_signal as extern "C" fn(libc::c_int) as usize;
-            sa.sa_flags = libc::SA_RESTART;
+            // No SA_RESTART: a blocking read (a stalled download) returns at once, and the
+            // command sees the flag.
+            sa.sa_flags = 0;
             libc::sigemptyset(&mut sa.sa_mask);
             libc::sigaction(sig, &sa, std::ptr::null_mut());
         }
         let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_bus
-            as extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void)
-            as usize;
+        sa.sa_sigaction =
+            on_bus as extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) as usize;
         sa.sa_flags = libc::SA_SIGINFO | libc::SA_NODEFER;
         libc::sigemptyset(&mut sa.sa_mask);
         libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut());

@@ -109,20 +109,24 @@ impl RowStore {
     }
 }
 
-/// The last `size` rows by absolute position (slot = pos mod size).
+/// The last `size` rows by absolute position (slot = pos mod size). Memory grows with the
+/// slots written, so a large window costs only what a conversation uses.
 #[derive(Debug, Clone)]
 pub struct WindowRing {
     width: usize,
     size: usize,
     data: Vec<f32>,
+    /// What a slot never written reads as.
+    zeros: Vec<f32>,
 }
 
 impl WindowRing {
     pub fn new(size: usize, width: usize) -> WindowRing {
         WindowRing {
             width,
-            size,
-            data: vec![0f32; size * width],
+            size: size.max(1),
+            data: Vec::new(),
+            zeros: vec![0f32; width],
         }
     }
 
@@ -133,17 +137,23 @@ impl WindowRing {
 
     pub fn put(&mut self, pos: usize, row: &[f32]) {
         let s = pos % self.size;
-        self.data[s * self.width..(s + 1) * self.width].copy_from_slice(row);
+        let end = (s + 1) * self.width;
+        if self.data.len() < end {
+            self.data.resize(end, 0.0);
+        }
+        self.data[s * self.width..end].copy_from_slice(row);
     }
 
     /// Row for absolute position `pos` (caller guarantees it is among the last `size`).
     pub fn get(&self, pos: usize) -> &[f32] {
         let s = pos % self.size;
-        &self.data[s * self.width..(s + 1) * self.width]
+        self.data
+            .get(s * self.width..(s + 1) * self.width)
+            .unwrap_or(&self.zeros)
     }
 
     pub fn allocated_bytes(&self) -> usize {
-        self.data.len() * 4
+        (self.data.capacity() + self.zeros.len()) * 4
     }
 }
 
@@ -171,5 +181,16 @@ mod tests {
         }
         assert_eq!(r.get(9), &[9.0]);
         assert_eq!(r.get(6), &[6.0]);
+    }
+
+    #[test]
+    fn ring_memory_follows_use_not_size() {
+        let mut r = WindowRing::new(1 << 30, 512);
+        assert!(r.allocated_bytes() < 4096);
+        r.put(0, &[1.0; 512]);
+        r.put(1, &[2.0; 512]);
+        assert_eq!(r.get(1)[0], 2.0);
+        assert_eq!(r.get(5)[0], 0.0, "a slot never written reads as zeros");
+        assert!(r.allocated_bytes() < 64 * 512 * 4);
     }
 }

@@ -165,22 +165,89 @@ impl Checkpoint {
         let config = ModelConfig::from_file(&config_path)?;
 
         // Which tensors live in which file.
-        let weight_map: BTreeMap<String, String> = if index_path.exists() {
-            let text = crate::fsutil::read_regular(&index_path).map_err(|e| CheckpointError::File {
-                file: index_path.display().to_string(),
-                msg: format!("cannot read: {e}"),
-            })?;
-            let idx: IndexFile =
-                serde_json::from_slice(&text).map_err(|e| CheckpointError::File {
+        let index = if index_path.exists() {
+            Some(
+                crate::fsutil::read_regular(&index_path).map_err(|e| CheckpointError::File {
                     file: index_path.display().to_string(),
-                    msg: format!("not a valid safetensors index: {e}"),
-                })?;
-            idx.weight_map
+                    msg: format!("cannot read: {e}"),
+                })?,
+            )
         } else if single_path.exists() {
-            BTreeMap::new()
+            None
         } else {
             return Err(derr(format!("no {INDEX_FILE} and no {SINGLE_FILE}")));
         };
+        Self::assemble(dir, config, index.as_deref(), |name, listed| {
+            map_shard(&dir.join(name), name, listed)
+        })
+    }
+
+    /// A checkpoint from bytes in memory, validated as `open` validates files (tests and
+    /// fuzzing: `dir` only labels the messages). `index_json` None means one shard named
+    /// `model.safetensors`.
+    pub fn from_memory(
+        dir: &Path,
+        config_json: &[u8],
+        index_json: Option<&[u8]>,
+        files: &HashMap<String, Arc<Vec<u8>>>,
+    ) -> Result<Checkpoint, CheckpointError> {
+        let config = ModelConfig::from_json_bytes(config_json, "config.json")?;
+        Self::assemble(dir, config, index_json, |name, listed| {
+            let Some(bytes) = files.get(name) else {
+                return Err(format!(
+                    "{name}: shard is missing ({listed} tensors are listed in it by {INDEX_FILE})"
+                ));
+            };
+            let (data_start, entries) = parse_shard_header(name, bytes)?;
+            Ok((
+                Shard {
+                    path: dir.join(name),
+                    file_name: name.to_string(),
+                    map: bytes.clone(),
+                    data_start,
+                    file_len: bytes.len() as u64,
+                },
+                entries,
+            ))
+        })
+    }
+
+    /// Validate the index against the shards (each from `load(name, tensors listed)`) and
+    /// the tensors against the inventory the config implies.
+    fn assemble(
+        dir: &Path,
+        config: ModelConfig,
+        index_json: Option<&[u8]>,
+        mut load: impl FnMut(&str, usize) -> ShardResult,
+    ) -> Result<Checkpoint, CheckpointError> {
+        let dir_s = dir.display().to_string();
+        let weight_map: BTreeMap<String, String> = match index_json {
+            Some(text) => {
+                let idx: IndexFile =
+                    serde_json::from_slice(text).map_err(|e| CheckpointError::File {
+                        file: dir.join(INDEX_FILE).display().to_string(),
+                        msg: format!("not a valid safetensors index: {e}"),
+                    })?;
+                idx.weight_map
+            }
+            None => BTreeMap::new(),
+        };
+        // Shards are files of this directory, never a path that leaves it.
+        if let Some(bad) = weight_map.values().find(|f| {
+            f.is_empty()
+                || f.contains('/')
+                || f.contains('\\')
+                || f.starts_with('.')
+                || f.contains('\0')
+        }) {
+            return Err(CheckpointError::File {
+                file: dir.join(INDEX_FILE).display().to_string(),
+                msg: format!(
+                    "names the shard {:?}, which is not a file of the checkpoint directory",
+                    bad.chars().take(80).collect::<String>()
+                ),
+            });
+        }
         let mut shard_names: Vec<String> = weight_map.values().cloned().collect();
         shard_names.sort();
         shard_names.dedup();
@@ -192,9 +259,8 @@ impl Checkpoint {
         let mut shards = Vec::new();
         let mut tensors: HashMap<String, TensorEntry> = HashMap::new();
         for name in &shard_names {
-            let path = dir.join(name);
             let listed = weight_map.values().filter(|v| *v == name).count();
-            match map_shard(&path, name, listed) {
+            match load(name, listed) {
                 Err(p) => problems.push(p),
                 Ok((shard, entries)) => {
                     let idx = shards.len();
@@ -333,12 +399,11 @@ fn shard_names_of(shards: &[Shard], i: usize) -> String {
         .unwrap_or_else(|| "another shard".into())
 }
 
+/// A shard and its tensors, or one line naming the file.
+type ShardResult = Result<(Shard, Vec<(String, TensorEntry)>), String>;
+
 /// Map one shard and parse its header. Errors are one line naming the file.
-fn map_shard(
-    path: &Path,
-    name: &str,
-    listed: usize,
-) -> Result<(Shard, Vec<(String, TensorEntry)>), String> {
+fn map_shard(path: &Path, name: &str, listed: usize) -> ShardResult {
     let file: File = match crate::fsutil::open_regular(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

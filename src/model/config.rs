@@ -594,7 +594,10 @@ mod tests {
         let e = with(|v| v["routed_scaling_factor"] = 0.0.into());
         assert!(e.contains("`routed_scaling_factor`"), "{e}");
         let e = with(|v| v["sliding_window"] = (1u64 << 31).into());
-        assert!(e.contains("`sliding_window`") && e.contains("exceeds"), "{e}");
+        assert!(
+            e.contains("`sliding_window`") && e.contains("exceeds"),
+            "{e}"
+        );
         let e = with(|v| v["max_position_embeddings"] = (1u64 << 53).into());
         assert!(e.contains("`max_position_embeddings`"), "{e}");
         let e = with(|v| v["rope_theta"] = 1.0.into());

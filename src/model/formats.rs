@@ -186,6 +186,11 @@ pub fn e8m0_ceil(x: f32) -> u8 {
     if x.is_nan() || x <= 0.0 {
         return 0;
     }
+    if x.is_infinite() {
+        // No finite scale covers it: the NaN code, so the overflow shows in the result
+        // (as the reference's cast to float8_e8m0fnu gives) instead of saturating.
+        return 255;
+    }
     let b = x.to_bits();
     let exp = (b >> 23) & 0xFF;
     if (1..255).contains(&exp) {
@@ -516,6 +521,7 @@ mod tests {
         assert_eq!(e8m0_to_f32(0), 2f32.powi(-127));
         assert!(e8m0_to_f32(255).is_nan());
         assert_eq!(e8m0_ceil(1.0), 127);
+        assert_eq!(e8m0_ceil(f32::INFINITY), 255, "overflow stays visible");
         assert_eq!(e8m0_ceil(1.0001), 128);
         assert_eq!(e8m0_ceil(0.75), 127);
         assert_eq!(e8m0_ceil(0.5), 126);

@@ -54,7 +54,9 @@ impl Mapped {
                     .is_ok()
             })?;
             TABLE[i].len.store(map.len(), Ordering::SeqCst);
-            TABLE[i].start.store(map.as_ptr() as usize, Ordering::SeqCst);
+            TABLE[i]
+                .start
+                .store(map.as_ptr() as usize, Ordering::SeqCst);
             Some(i)
         });
         Ok(Mapped { map, path, slot })

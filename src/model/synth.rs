@@ -7,9 +7,9 @@ use super::config::ModelConfig;
 use super::formats::{e8m0_ceil, f32_to_bf16};
 use super::layout::{TensorSpec, inventory, release_shard};
 use super::weights::Weight;
+use crate::fsutil::AtomicFile;
 use safetensors::Dtype;
 use std::collections::BTreeMap;
-use crate::fsutil::AtomicFile;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 

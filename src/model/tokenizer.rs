@@ -10,7 +10,7 @@ pub struct Tokenizer {
 
 impl Tokenizer {
     pub fn from_file(path: &Path) -> anyhow::Result<Tokenizer> {
-        let bytes = std::fs::read(path)
+        let bytes = crate::fsutil::read_regular(path)
             .with_context(|| format!("tokenizer {}: cannot read", path.display()))?;
         let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| {
             anyhow::anyhow!(

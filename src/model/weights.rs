@@ -231,13 +231,50 @@ impl Loader<'_> {
                 msg: format!("tensor {name} is not in the checkpoint"),
             })
     }
+    /// The error for a value a model cannot compute with, naming the tensor and its shard.
+    fn bad_value(&self, name: &str, what: String) -> CheckpointError {
+        let file = self
+            .ck
+            .entry(name)
+            .and_then(|e| self.ck.shards.get(e.shard))
+            .map_or_else(
+                || self.ck.dir.display().to_string(),
+                |s| s.file_name.clone(),
+            );
+        CheckpointError::File {
+            file,
+            msg: format!("tensor {name}: {what}"),
+        }
+    }
+    /// Small vectors decoded once: each must be finite.
+    fn finite(&self, name: &str, v: Vec<f32>) -> Result<Vec<f32>, CheckpointError> {
+        match v.iter().position(|x| !x.is_finite()) {
+            Some(i) => {
+                Err(self.bad_value(name, format!("element {i} is {} (corrupt weights?)", v[i])))
+            }
+            None => Ok(v),
+        }
+    }
     fn f32v(&self, name: &str) -> Result<Vec<f32>, CheckpointError> {
         let b = self.ck.bytes(name)?;
-        Ok((0..b.len() / 4).map(|i| f32_at(&b, i)).collect())
+        self.finite(name, (0..b.len() / 4).map(|i| f32_at(&b, i)).collect())
     }
     fn bf16v(&self, name: &str) -> Result<Vec<f32>, CheckpointError> {
         let b = self.ck.bytes(name)?;
-        Ok((0..b.len() / 2).map(|i| bf16_at(&b, i)).collect())
+        self.finite(name, (0..b.len() / 2).map(|i| bf16_at(&b, i)).collect())
+    }
+    /// E8M0 scales: the code 0xFF is NaN. Checked for the dense weights at load (their scales
+    /// are 1/16384 of the codes); the routed experts' (GBs on the real model) are left to the
+    /// run-time check of the logits.
+    fn scales(&self, name: &str) -> Result<Bytes, CheckpointError> {
+        let b = self.ck.bytes(name)?;
+        match b.iter().position(|&c| c == 0xFF) {
+            Some(i) => Err(self.bad_value(
+                name,
+                format!("scale {i} is the E8M0 NaN code 0xFF (corrupt weights?)"),
+            )),
+            None => Ok(b),
+        }
     }
     fn fp8(&self, base: &str) -> Result<Weight, CheckpointError> {
         let w = format!("{base}.weight");
@@ -246,7 +283,7 @@ impl Loader<'_> {
             rows: s[0],
             cols: s[1],
             codes: self.ck.bytes(&w)?,
-            scales: self.ck.bytes(&format!("{base}.scale"))?,
+            scales: self.scales(&format!("{base}.scale"))?,
         })
     }
     fn fp4(&self, base: &str) -> Result<Weight, CheckpointError> {
@@ -267,6 +304,19 @@ impl Loader<'_> {
             data: self.ck.bytes(name)?,
         })
     }
+    /// A small BF16 matrix (the compressors'), checked for non-finite values.
+    fn bf16m_finite(&self, name: &str) -> Result<Weight, CheckpointError> {
+        let w = self.bf16m(name)?;
+        if let Weight::Bf16 { data, .. } = &w
+            && let Some(i) = (0..data.len() / 2).find(|&i| !bf16_at(data, i).is_finite())
+        {
+            return Err(self.bad_value(
+                name,
+                format!("element {i} is {} (corrupt weights?)", bf16_at(data, i)),
+            ));
+        }
+        Ok(w)
+    }
     fn hc(&self, p: &str, site: &str) -> Result<HcParams, CheckpointError> {
         Ok(HcParams {
             fn_: self.f32v(&format!("{p}hc_{site}_fn"))?,
@@ -284,8 +334,8 @@ impl Loader<'_> {
             ratio,
             dim,
             ape: self.f32v(&format!("{p}ape"))?,
-            wkv: self.bf16m(&format!("{p}wkv.weight"))?,
-            wgate: self.bf16m(&format!("{p}wgate.weight"))?,
+            wkv: self.bf16m_finite(&format!("{p}wkv.weight"))?,
+            wgate: self.bf16m_finite(&format!("{p}wgate.weight"))?,
             norm: self.bf16v(&format!("{p}norm.weight"))?,
         })
     }
