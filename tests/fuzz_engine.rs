@@ -109,15 +109,15 @@ fn shard_parts(b: &[u8]) -> Option<(serde_json::Map<String, serde_json::Value>, 
     Some((h.as_object()?.clone(), b[8 + n..].to_vec()))
 }
 
-fn shard_bytes(h: &serde_json::Map<String, serde_json::Value>, data: &[u8]) -> Vec<u8> {
-    let mut hb = serde_json::to_vec(h).unwrap();
-    while !hb.len().is_multiple_of(8) {
-        hb.push(b' ');
-    }
-    let mut out = (hb.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(&hb);
-    out.extend_from_slice(data);
-    out
+/// The tensor names of a header, sorted (None when there is none left to mutate).
+fn tensor_names(h: &serde_json::Map<String, serde_json::Value>) -> Option<Vec<String>> {
+    let mut names: Vec<String> = h.keys().filter(|k| *k != "__metadata__").cloned().collect();
+    names.sort();
+    (!names.is_empty()).then_some(names)
+}
+
+fn rebuild(h: serde_json::Map<String, serde_json::Value>, data: &[u8]) -> Vec<u8> {
+    shard_bytes(&serde_json::Value::Object(h), data)
 }
 
 fn mutate_config(r: &mut SplitMix64, cfg: &mut serde_json::Value) -> String {
@@ -153,11 +153,9 @@ fn mutate_header(r: &mut SplitMix64, shard: &[u8]) -> (Vec<u8>, String) {
     let Some((mut h, data)) = shard_parts(shard) else {
         return (shard.to_vec(), "header unreadable".into());
     };
-    let mut names: Vec<String> = h.keys().filter(|k| *k != "__metadata__").cloned().collect();
-    names.sort();
-    if names.is_empty() {
+    let Some(names) = tensor_names(&h) else {
         return (shard.to_vec(), "no tensors left to mutate".into());
-    }
+    };
     let t = pick(r, &names).clone();
     let e = h.get_mut(&t).unwrap();
     let what = match r.next_u64() % 4 {
@@ -196,7 +194,7 @@ fn mutate_header(r: &mut SplitMix64, shard: &[u8]) -> (Vec<u8>, String) {
         }
         _ => {
             // Raw bytes of the header text.
-            let mut b = shard_bytes(&h, &data);
+            let mut b = rebuild(h, &data);
             let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
             for _ in 0..1 + r.next_u64() % 4 {
                 let i = (r.next_u64() % (n as u64 + 8)) as usize;
@@ -205,18 +203,16 @@ fn mutate_header(r: &mut SplitMix64, shard: &[u8]) -> (Vec<u8>, String) {
             return (b, "header bytes flipped".into());
         }
     };
-    (shard_bytes(&h, &data), what)
+    (rebuild(h, &data), what)
 }
 
 fn mutate_payload(r: &mut SplitMix64, shard: &[u8]) -> (Vec<u8>, String) {
     let Some((h, mut data)) = shard_parts(shard) else {
         return (shard.to_vec(), "payload: header unreadable".into());
     };
-    let mut names: Vec<String> = h.keys().filter(|k| *k != "__metadata__").cloned().collect();
-    names.sort();
-    if names.is_empty() {
+    let Some(names) = tensor_names(&h) else {
         return (shard.to_vec(), "no tensors left to mutate".into());
-    }
+    };
     let t = pick(r, &names).clone();
     // An earlier mutation of this case may have bent the header: take only sane ranges.
     let off = |i: usize| h[&t]["data_offsets"][i].as_u64().map(|v| v as usize);
@@ -248,7 +244,7 @@ fn mutate_payload(r: &mut SplitMix64, shard: &[u8]) -> (Vec<u8>, String) {
             format!("payload {t} {n} random bytes")
         }
     };
-    (shard_bytes(&h, &data), what)
+    (rebuild(h, &data), what)
 }
 
 fn mutate_index(r: &mut SplitMix64, index: &[u8], shards: &[String]) -> (Vec<u8>, String) {

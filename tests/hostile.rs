@@ -49,6 +49,34 @@ fn patch_tensor(dir: &Path, name: &str, f: impl FnOnce(&mut [u8])) {
     panic!("{name} not found");
 }
 
+/// `dsflash generate` greedy on `dir` with these prompt ids, `extra` flags after.
+fn generate(dir: &Path, tokens: &str, max_tokens: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "generate",
+        "--model",
+        model(dir),
+        "--tokens",
+        tokens,
+        "--max-tokens",
+        max_tokens,
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+/// `dsflash logits` on `dir` for `tokens` into `out`.
+fn logits(dir: &Path, tokens: &str, out: &Path) -> Output {
+    run(&[
+        "logits",
+        "--model",
+        model(dir),
+        "--tokens",
+        tokens,
+        "--out",
+        out.to_str().unwrap(),
+    ])
+}
+
 fn mkfifo(p: &Path) {
     let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
     // SAFETY: mkfifo with a valid NUL-terminated path.
@@ -126,15 +154,7 @@ fn logits_out_never_writes_through_a_planted_link() {
     // The temp name the old writer used, planted as a link to the victim.
     std::os::unix::fs::symlink(&victim, w.path().join(".x.npy.tmp")).unwrap();
     let out = w.path().join("x.npy");
-    let o = run(&[
-        "logits",
-        "--model",
-        model(d.path()),
-        "--tokens",
-        "1,2",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = logits(d.path(), "1,2", &out);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
     assert!(std::fs::read(&out).unwrap().starts_with(b"\x93NUMPY"));
@@ -150,15 +170,7 @@ fn logits_out_never_writes_through_a_planted_link() {
         (&fifo, "FIFO"),
         (&sub, "directory"),
     ] {
-        let o = run(&[
-            "logits",
-            "--model",
-            model(d.path()),
-            "--tokens",
-            "1,2",
-            "--out",
-            p.to_str().unwrap(),
-        ]);
+        let o = logits(d.path(), "1,2", p);
         assert_eq!(o.status.code(), Some(1), "{kind}");
         let e = stderr(&o);
         assert!(e.contains(kind) && e.contains("refusing"), "{kind}: {e}");
@@ -256,15 +268,7 @@ fn configs_the_engine_cannot_run_are_refused_by_field() {
     ] {
         let d = tiny();
         edit_config(d.path(), |v| v[field] = value.clone());
-        let o = run(&[
-            "generate",
-            "--model",
-            model(d.path()),
-            "--tokens",
-            "1,2",
-            "--max-tokens",
-            "2",
-        ]);
+        let o = generate(d.path(), "1,2", "2", &[]);
         assert_eq!(o.status.code(), Some(1), "{field}={value}: {}", stderr(&o));
         let e = stderr(&o);
         assert!(e.contains(&format!("`{field}`")), "{field}={value}: {e}");
@@ -281,15 +285,7 @@ fn a_window_as_long_as_the_context_costs_only_what_is_used() {
         v["max_position_embeddings"] = (1u64 << 26).into();
         v["sliding_window"] = (1u64 << 26).into();
     });
-    let o = run(&[
-        "generate",
-        "--model",
-        model(d.path()),
-        "--tokens",
-        "1,2,3",
-        "--max-tokens",
-        "2",
-    ]);
+    let o = generate(d.path(), "1,2,3", "2", &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stdout(&o).trim().split(',').count(), 2);
 }
@@ -437,15 +433,7 @@ fn non_finite_weights_are_named_at_load() {
     ] {
         let d = tiny();
         patch_tensor(d.path(), tensor, |b| patch(b));
-        let o = run(&[
-            "generate",
-            "--model",
-            model(d.path()),
-            "--tokens",
-            "1,2",
-            "--max-tokens",
-            "2",
-        ]);
+        let o = generate(d.path(), "1,2", "2", &[]);
         assert_eq!(o.status.code(), Some(1), "{tensor}: {}", stderr(&o));
         let e = stderr(&o);
         assert!(
@@ -466,15 +454,7 @@ fn non_finite_logits_stop_generation_with_an_error() {
         let cols = 256;
         b[5 * cols * 2..5 * cols * 2 + 2].copy_from_slice(&0x7FC0u16.to_le_bytes());
     });
-    let o = run(&[
-        "generate",
-        "--model",
-        model(d.path()),
-        "--tokens",
-        "1,2",
-        "--max-tokens",
-        "4",
-    ]);
+    let o = generate(d.path(), "1,2", "4", &[]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     let e = stderr(&o);
     assert!(e.contains("non-finite logits"), "{e}");
@@ -521,19 +501,17 @@ fn an_expert_profile_at_the_top_of_the_counts_saturates() {
             .unwrap(),
     )
     .unwrap();
-    let o = run(&[
-        "generate",
-        "--model",
-        model(d.path()),
-        "--tokens",
+    let o = generate(
+        d.path(),
         "1,2,3",
-        "--max-tokens",
         "3",
-        "--device",
-        "sim:64M",
-        "--expert-profile",
-        p.to_str().unwrap(),
-    ]);
+        &[
+            "--device",
+            "sim:64M",
+            "--expert-profile",
+            p.to_str().unwrap(),
+        ],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let back: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
     let all_max = back["counts"]
@@ -543,4 +521,19 @@ fn an_expert_profile_at_the_top_of_the_counts_saturates() {
         .flat_map(|r| r.as_array().unwrap())
         .all(|c| c.as_u64() == Some(u64::MAX));
     assert!(all_max, "counts stay at the top instead of wrapping");
+}
+
+#[test]
+fn bench_stops_on_a_signal_like_every_command() {
+    let child = Command::new(bin())
+        .args(["bench", "--quick", "--kernels-only", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    signal(&child, libc::SIGINT);
+    let o = wait_within(child, Duration::from_secs(60), "bench after SIGINT");
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+    assert!(stdout(&o).is_empty(), "no half report");
 }

@@ -49,7 +49,8 @@ pub fn read_shard(path: &Path) -> (serde_json::Value, Vec<u8>) {
     (h, b[8 + n..].to_vec())
 }
 
-pub fn write_shard(path: &Path, header: &serde_json::Value, data: &[u8]) {
+/// A safetensors file's bytes from its header JSON and data section.
+pub fn shard_bytes(header: &serde_json::Value, data: &[u8]) -> Vec<u8> {
     let mut h = serde_json::to_vec(header).unwrap();
     while !h.len().is_multiple_of(8) {
         h.push(b' ');
@@ -57,7 +58,11 @@ pub fn write_shard(path: &Path, header: &serde_json::Value, data: &[u8]) {
     let mut out = (h.len() as u64).to_le_bytes().to_vec();
     out.extend_from_slice(&h);
     out.extend_from_slice(data);
-    std::fs::write(path, out).unwrap();
+    out
+}
+
+pub fn write_shard(path: &Path, header: &serde_json::Value, data: &[u8]) {
+    std::fs::write(path, shard_bytes(header, data)).unwrap();
 }
 
 /// Edit a shard's header in place.
