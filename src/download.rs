@@ -14,6 +14,7 @@ use crate::fsutil::free_bytes;
 use anyhow::{Context, bail};
 use sha2::Digest;
 use std::io::{Read, Seek, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -376,11 +377,19 @@ impl Client {
         stop: &AtomicBool,
     ) -> Result<u64, FetchError> {
         let fatal = |e: anyhow::Error| FetchError::Fatal(e);
+        // Never through a link planted under the partial file's (predictable) name.
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(partial)
             .map_err(|e| fatal(anyhow::anyhow!("{}: cannot write: {e}", partial.display())))?;
+        if !f.metadata().is_ok_and(|m| m.is_file()) {
+            return Err(fatal(anyhow::anyhow!(
+                "{}: is not a regular file; remove it and run again",
+                partial.display()
+            )));
+        }
         let mut have = f.metadata().map(|m| m.len()).unwrap_or(0);
         if have > r.size {
             f.set_len(0).map_err(|e| fatal(e.into()))?;

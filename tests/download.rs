@@ -715,3 +715,27 @@ fn ctrl_c_keeps_the_partial_file_and_exits_130() {
         "the partial data is kept"
     );
 }
+
+#[test]
+fn a_link_planted_at_the_partial_name_is_not_followed() {
+    let server = HubServer::start(REPO, files());
+    let cache = tempfile::tempdir().unwrap();
+    let victim = cache.path().join("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+    // The partial name of the first shard is predictable: blobs/<sha256>.incomplete.
+    let etag: String = {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(std::fs::read(fixture("tiny").join(S1)).unwrap());
+        d.iter().map(|b| format!("{b:02x}")).collect()
+    };
+    std::fs::create_dir_all(blob_dir(cache.path())).unwrap();
+    std::os::unix::fs::symlink(
+        &victim,
+        blob_dir(cache.path()).join(format!("{etag}.incomplete")),
+    )
+    .unwrap();
+    let o = dl(&server, cache.path(), &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains(".incomplete"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+}
