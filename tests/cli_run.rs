@@ -164,12 +164,12 @@ fn bad_inputs_name_the_flag() {
         (
             vec!["generate", "--model", m, "--tokens", "0,x"],
             "--tokens",
-            1,
+            2,
         ),
         (
             vec!["generate", "--model", m, "--tokens", ""],
             "--tokens",
-            1,
+            2,
         ),
         (
             vec!["generate", "--model", m, "--tokens", "0,99999"],
@@ -179,7 +179,7 @@ fn bad_inputs_name_the_flag() {
         (
             vec!["generate", "--model", m, "--tokens", "0", "--top-p", "0"],
             "--top-p",
-            1,
+            2,
         ),
         (
             vec![
@@ -210,7 +210,7 @@ fn bad_inputs_name_the_flag() {
         (
             vec!["generate", "--model", m, "--tokens", "0", "--ctx", "0"],
             "--ctx",
-            1,
+            2,
         ),
     ] {
         let o = run(&args);

@@ -4,7 +4,7 @@
 
 use super::TalkArgs;
 use super::talk::{Sink, Talk, TurnStats, use_color};
-use crate::model::chat_format::{Message, Mode};
+use crate::model::chat_format::{Message, Mode, Role};
 use rustyline::error::ReadlineError;
 use rustyline::{Cmd, DefaultEditor, KeyCode, KeyEvent, Modifiers};
 use std::io::{IsTerminal, Write};
@@ -14,8 +14,8 @@ const HELP: &str = "\
 commands:
   /help            this help
   /think           thinking mode (reason, then answer)
-  /nothink         answer directly
-  /system TEXT     set the system prompt (empty TEXT removes it); clears the conversation
+  /nothink         answer directly (also /no-think)
+  /system [TEXT]   show the system prompt, or set it (clears the conversation)
   /clear           forget the conversation (keeps the system prompt)
   /read FILE       send FILE's contents as your message
   /stats           tokens used and the last answer's speed
@@ -32,6 +32,22 @@ pub fn history_path() -> Option<PathBuf> {
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))?;
     Some(base.join("dsflash").join("history"))
+}
+
+/// A chat command's file argument: `~` and `~/...` are the home directory, as in a shell.
+fn user_path(arg: &str) -> PathBuf {
+    let home = || {
+        std::env::var_os("HOME")
+            .filter(|h| !h.is_empty())
+            .map(PathBuf::from)
+    };
+    if arg == "~" {
+        return home().unwrap_or_else(|| PathBuf::from(arg));
+    }
+    match (arg.strip_prefix("~/"), home()) {
+        (Some(rest), Some(h)) => h.join(rest),
+        _ => PathBuf::from(arg),
+    }
 }
 
 struct ChatSink {
@@ -102,10 +118,11 @@ fn stats_line(s: &TurnStats, context: usize) -> String {
         s.generated_tokens,
         s.decode_tps(),
         context,
-        if s.stop == "interrupted" {
-            " | interrupted"
-        } else {
-            ""
+        match s.stop {
+            "interrupted" => " | interrupted",
+            "length" => " | stopped at --max-tokens",
+            "context" => " | context full",
+            _ => "",
         }
     )
 }
@@ -158,9 +175,16 @@ pub fn run(a: &TalkArgs) -> anyhow::Result<i32> {
                     println!("thinking mode");
                     continue;
                 }
-                "nothink" => {
+                "nothink" | "no-think" => {
                     talk.mode = Mode::Chat;
                     println!("chat mode (no thinking)");
+                    continue;
+                }
+                "system" if arg.is_empty() => {
+                    match talk.messages.iter().find(|m| m.role == Role::System) {
+                        Some(m) => println!("system prompt: {}", m.content),
+                        None => println!("no system prompt (set one with /system TEXT)"),
+                    }
                     continue;
                 }
                 "system" => {
@@ -199,17 +223,26 @@ pub fn run(a: &TalkArgs) -> anyhow::Result<i32> {
                     }
                     // The OpenAI-style array that /load and `dsflash prompt --messages` read.
                     let json = serde_json::to_string_pretty(&talk.messages)?;
-                    match crate::fsutil::write_atomic(std::path::Path::new(arg), json.as_bytes()) {
+                    match crate::fsutil::write_atomic(&user_path(arg), json.as_bytes()) {
                         Ok(()) => println!("saved {} messages to {arg}", talk.messages.len()),
                         Err(e) => println!("error: {e}"),
                     }
                     continue;
                 }
                 "load" => {
-                    match std::fs::read(arg)
+                    match crate::fsutil::read_regular(&user_path(arg))
                         .map_err(anyhow::Error::from)
                         .and_then(|b| {
                             serde_json::from_slice::<Vec<Message>>(&b).map_err(anyhow::Error::from)
+                        })
+                        // Only what the chat format can render: a later turn must not fail.
+                        .and_then(|m| {
+                            crate::model::chat_format::render(
+                                &crate::model::chat_format::DSV4,
+                                &m,
+                                talk.mode,
+                            )?;
+                            Ok(m)
                         }) {
                         Ok(m) => {
                             let n = m.len();
@@ -220,9 +253,16 @@ pub fn run(a: &TalkArgs) -> anyhow::Result<i32> {
                     }
                     continue;
                 }
-                "read" => match std::fs::read(arg) {
+                "read" if arg.is_empty() => {
+                    println!("usage: /read FILE (sends the file's text as your message)");
+                    continue;
+                }
+                "read" => match crate::fsutil::read_regular(&user_path(arg)) {
                     Ok(b) => match String::from_utf8(b) {
-                        Ok(s) => s,
+                        Ok(s) => {
+                            println!("[read {arg}: {} bytes]", s.len());
+                            s
+                        }
                         Err(_) => {
                             println!("error: /read {arg}: not UTF-8 text");
                             continue;

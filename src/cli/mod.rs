@@ -17,6 +17,12 @@ use clap::{Args, Parser, Subcommand};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
+/// A flag with a bad value, found after parsing: reported like clap's own usage errors
+/// (one line, exit 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Usage(pub String);
+
 /// `--think` / `--no-think` / `--think-max` (default: thinking).
 #[derive(Args, Debug, Clone, Default)]
 pub struct ModeArgs {
@@ -50,11 +56,18 @@ pub struct TalkArgs {
     /// and comes first, then a blank line, then this text.
     #[arg(short = 'p', long = "prompt")]
     pub prompt: Option<String>,
+    /// One-shot: read the input from FILE instead of stdin (`-` is stdin); it comes first,
+    /// then a blank line, then the -p text.
+    #[arg(short = 'f', long = "file")]
+    pub file: Option<PathBuf>,
+    /// Stop the answer where this text appears (repeatable; the text itself is not output).
+    #[arg(long = "stop", value_name = "STRING")]
+    pub stop: Vec<String>,
     /// System prompt.
     #[arg(long)]
     pub system: Option<String>,
     /// Most tokens to generate per answer (reasoning included).
-    #[arg(long, default_value_t = 8192)]
+    #[arg(short = 'n', long, default_value_t = 8192)]
     pub max_tokens: usize,
     /// One-shot: print one JSON object (answer, reasoning, token counts, timings).
     #[arg(long)]
@@ -80,7 +93,11 @@ impl TalkArgs {
 #[command(
     name = "dsflash",
     version,
-    about = "Run DeepSeek-V4-Flash on one workstation"
+    about = "Run DeepSeek-V4-Flash on one workstation",
+    after_help = "Without a command: `dsflash` on a terminal starts a chat (/help inside it); \
+`dsflash -p TEXT`, `dsflash -f FILE` or piped stdin answers once on stdout.\n\
+Examples:\n  dsflash\n  dsflash -p \"Explain mmap in one paragraph\"\n  \
+cat notes.txt | dsflash -p \"Summarise this\" --no-think"
 )]
 pub struct Cli {
     /// Extra notes on stderr (e.g. tensors in the checkpoint that the model does not use).
@@ -118,6 +135,14 @@ pub enum Command {
 fn talk(cli: &Cli) -> anyhow::Result<i32> {
     let a = &cli.talk;
     let stdin_tty = std::io::stdin().is_terminal();
+    if let Some(f) = &a.file {
+        let text = if f.as_os_str() == "-" {
+            oneshot::read_stdin()?
+        } else {
+            oneshot::read_file(f)?
+        };
+        return oneshot::run(a, Some(text), cli.verbose);
+    }
     if a.prompt.is_some() || !stdin_tty {
         let stdin = if stdin_tty {
             None
@@ -207,11 +232,20 @@ pub fn main() -> i32 {
             if let Some(signals::Interrupted(sig)) = e.downcast_ref::<signals::Interrupted>() {
                 return signals::exit_code(*sig);
             }
-            // Broken pipe on stdout (`| head`) is not an error worth reporting.
-            if e.downcast_ref::<std::io::Error>()
-                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-            {
+            // Broken pipe on stdout (`| head`) is not an error worth reporting, whoever
+            // wrote (plain writes or serde_json's).
+            let broken_pipe = e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+                    || c.downcast_ref::<serde_json::Error>()
+                        .is_some_and(|j| j.io_error_kind() == Some(std::io::ErrorKind::BrokenPipe))
+            });
+            if broken_pipe {
                 return 0;
+            }
+            if e.downcast_ref::<Usage>().is_some() {
+                let _ = writeln!(std::io::stderr(), "error: {e}");
+                return 2;
             }
             let mut msg = format!("{e}");
             // anyhow contexts: show the chain on one line.

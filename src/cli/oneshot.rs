@@ -21,6 +21,19 @@ pub fn read_stdin() -> anyhow::Result<String> {
     })
 }
 
+/// Read `-f FILE` as UTF-8; errors name the flag and file.
+pub fn read_file(path: &std::path::Path) -> anyhow::Result<String> {
+    let buf = crate::fsutil::read_regular(path)
+        .map_err(|e| anyhow::anyhow!("-f {}: cannot read: {e}", path.display()))?;
+    String::from_utf8(buf).map_err(|e| {
+        anyhow::anyhow!(
+            "-f {}: not valid UTF-8 (first invalid byte at offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })
+}
+
 /// The user message from `-p` and stdin, per the rule above. None if both are empty.
 pub fn join_input(stdin: Option<&str>, prompt: Option<&str>) -> Option<String> {
     let s = stdin.map(str::trim_end).filter(|s| !s.trim().is_empty());
@@ -78,6 +91,8 @@ struct JsonOut<'a> {
     answer: &'a str,
     reasoning: Option<&'a str>,
     mode: &'a str,
+    /// The sampler's seed: `--seed` with it reproduces the answer.
+    seed: u64,
     #[serde(flatten)]
     stats: &'a TurnStats,
     prefill_tokens_per_s: f64,
@@ -94,6 +109,7 @@ pub fn run(a: &TalkArgs, stdin: Option<String>, verbose: bool) -> anyhow::Result
     let (_, engine, tok) = super::talk::load(a)?;
     let mode = a.mode();
     let mut talk = Talk::new(&engine, &tok, a)?;
+    talk.exit_in_prefill = true;
     let err_tty = std::io::stderr().is_terminal();
     let mut sink = OneShotSink {
         json: a.json,
@@ -102,8 +118,12 @@ pub fn run(a: &TalkArgs, stdin: Option<String>, verbose: bool) -> anyhow::Result
         started_reasoning: false,
     };
     let (msg, stats) = talk.turn(&user, &mut sink, stop)?;
-    if sink.started_reasoning && sink.color {
-        eprint!("\x1b[0m");
+    if sink.started_reasoning {
+        // The reasoning streamed to the terminal: close it so what follows has its own line.
+        if sink.color {
+            eprint!("\x1b[0m");
+        }
+        eprintln!();
     }
     let mut out = std::io::stdout().lock();
     if a.json {
@@ -111,10 +131,11 @@ pub fn run(a: &TalkArgs, stdin: Option<String>, verbose: bool) -> anyhow::Result
             answer: &msg.content,
             reasoning: msg.reasoning_content.as_deref(),
             mode: match mode {
-                crate::model::chat_format::Mode::Chat => "chat",
+                crate::model::chat_format::Mode::Chat => "no-think",
                 crate::model::chat_format::Mode::Think => "think",
                 crate::model::chat_format::Mode::ThinkMax => "think-max",
             },
+            seed: talk.seed,
             stats: &stats,
             prefill_tokens_per_s: stats.prefill_tps(),
             decode_tokens_per_s: stats.decode_tps(),
@@ -124,19 +145,43 @@ pub fn run(a: &TalkArgs, stdin: Option<String>, verbose: bool) -> anyhow::Result
     writeln!(out)?;
     out.flush()?;
     super::signals::line_open(false);
+    // Why the answer stopped, when it was cut short (always: an empty or cut answer must not
+    // look like a complete one).
+    if let Some(why) = stop_note(&stats, a.max_tokens, msg.content.is_empty()) {
+        eprintln!("dsflash: {why}");
+    }
     if err_tty || verbose {
         eprintln!(
-            "[{} prompt tokens ({} prefilled) at {:.1} tok/s, {} generated at {:.1} tok/s, stop: {}]",
+            "[{} prompt tokens ({} prefilled) at {:.1} tok/s, {} generated at {:.1} tok/s, stop: {}, seed {}]",
             stats.prompt_tokens,
             stats.prefilled_tokens,
             stats.prefill_tps(),
             stats.generated_tokens,
             stats.decode_tps(),
-            stats.stop
+            stats.stop,
+            talk.seed
         );
     }
     a.engine.finish(&engine)?;
     Ok(super::signals::received().map_or(0, super::signals::exit_code))
+}
+
+/// A one-line note for an answer that did not end by itself.
+pub fn stop_note(stats: &TurnStats, max_tokens: usize, no_answer: bool) -> Option<String> {
+    let inside = if no_answer && stats.generated_tokens > 0 {
+        " inside the reasoning, before any answer"
+    } else {
+        ""
+    };
+    match stats.stop {
+        "length" => Some(format!(
+            "stopped at --max-tokens {max_tokens}{inside} (raise it for a complete answer)"
+        )),
+        "context" => Some(format!(
+            "stopped: the context is full{inside} (use a larger --ctx)"
+        )),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ pub enum PromptFormat {
 #[derive(Args, Debug)]
 pub struct PromptArgs {
     /// A JSON array of messages in the OpenAI chat format (assistant messages may carry
-    /// `reasoning_content`).
+    /// `reasoning_content`); `-` reads it from stdin.
     #[arg(long)]
     pub messages: PathBuf,
     #[command(flatten)]
@@ -34,8 +34,14 @@ pub struct PromptArgs {
 }
 
 pub fn run(a: &PromptArgs) -> anyhow::Result<()> {
-    let bytes = std::fs::read(&a.messages)
-        .with_context(|| format!("--messages {}", a.messages.display()))?;
+    let bytes = if a.messages.as_os_str() == "-" {
+        let mut b = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut b).context("--messages -: stdin")?;
+        b
+    } else {
+        crate::fsutil::read_regular(&a.messages)
+            .with_context(|| format!("--messages {}", a.messages.display()))?
+    };
     let msgs: Vec<Message> = serde_json::from_slice(&bytes).map_err(|e| {
         anyhow::anyhow!(
             "--messages {}: not a JSON array of chat messages: {e}",

@@ -13,14 +13,14 @@ use std::path::PathBuf;
 #[derive(Args, Debug, Clone)]
 pub struct EngineArgs {
     /// Checkpoint directory or Hugging Face repo id (resolved in the local hub cache).
-    #[arg(long, default_value = crate::hub::DEFAULT_MODEL)]
+    #[arg(short = 'm', long, default_value = crate::hub::DEFAULT_MODEL)]
     pub model: String,
     /// Context cap in tokens (default: the model's maximum). The KV cache grows in blocks
     /// as needed up to this; a longer prompt is refused before any compute.
-    #[arg(long)]
+    #[arg(short = 'c', long)]
     pub ctx: Option<usize>,
     /// Prefill chunk size in tokens: activation memory is bounded by the chunk.
-    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 2048, value_parser = parse_chunk)]
     pub prefill_chunk: u64,
     /// `reference`: the official code's QAT roundings (FP8 activations and KV, FP4 indexer);
     /// `ideal`: plain fp32 on the dequantized weights (transformers' semantics); `fast`:
@@ -40,6 +40,14 @@ pub struct EngineArgs {
     /// written back at exit with this session's selections added.
     #[arg(long)]
     pub expert_profile: Option<PathBuf>,
+}
+
+fn parse_chunk(s: &str) -> Result<u64, String> {
+    match s.trim().parse::<u64>() {
+        Ok(n) if n >= 1 => Ok(n),
+        Ok(_) => Err("must be at least 1 token".into()),
+        Err(_) => Err(format!("{s:?} is not a number of tokens")),
+    }
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -159,10 +167,16 @@ impl EngineArgs {
         let max = e.cfg.max_position_embeddings;
         let ctx = self.ctx.unwrap_or(max);
         if ctx == 0 || ctx > max {
-            bail!("--ctx {ctx}: must be between 1 and the model's maximum context {max}");
+            return Err(usage(format!(
+                "--ctx {ctx}: must be between 1 and the model's maximum context {max}"
+            )));
         }
         Ok(Session::new(e, ctx, self.prefill_chunk as usize))
     }
+}
+
+fn usage(msg: String) -> anyhow::Error {
+    super::Usage(msg).into()
 }
 
 /// Parse `--tokens 1,2,3`.
@@ -173,12 +187,14 @@ pub fn parse_tokens(s: &str) -> anyhow::Result<Vec<u32>> {
         .filter(|t| !t.is_empty())
         .map(|t| {
             t.parse::<u32>()
-                .map_err(|_| anyhow::anyhow!("--tokens: {t:?} is not a token id"))
+                .map_err(|_| usage(format!("--tokens: {t:?} is not a token id")))
         })
         .collect();
     let ids = ids?;
     if ids.is_empty() {
-        bail!("--tokens: no token ids given (expected e.g. --tokens 0,123,456)");
+        return Err(usage(
+            "--tokens: no token ids given (expected e.g. --tokens 0,123,456)".into(),
+        ));
     }
     Ok(ids)
 }
@@ -187,22 +203,28 @@ pub fn parse_tokens(s: &str) -> anyhow::Result<Vec<u32>> {
 #[derive(Args, Debug, Clone)]
 pub struct SamplerArgs {
     /// Sampling temperature; 0 = greedy.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(
+        long,
+        visible_alias = "temp",
+        default_value_t = 1.0,
+        allow_negative_numbers = true
+    )]
     pub temperature: f32,
     /// Nucleus sampling: keep the most likely tokens up to this total probability (1 = off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub top_p: f32,
     /// Keep only the k most likely tokens (0 = off).
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
     /// Drop tokens less likely than min-p times the most likely one (0 = off).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub min_p: f32,
-    /// Seed of the sampler: the same seed gives the same output.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// Seed of the sampler: the same seed gives the same output (default: a random one,
+    /// shown by --verbose and in --json).
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Repetition penalty on recently seen tokens (1 = off, the default).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub repeat_penalty: f32,
     /// How many recent tokens the repetition penalty considers.
     #[arg(long, default_value_t = 256)]
@@ -213,19 +235,22 @@ impl SamplerArgs {
     pub fn config(&self) -> anyhow::Result<SamplerConfig> {
         // NaN fails every comparison, so it is refused too.
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            bail!("--temperature {}: must be >= 0", self.temperature);
+            return Err(usage(format!(
+                "--temperature {}: must be >= 0",
+                self.temperature
+            )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            bail!("--top-p {}: must be in (0, 1]", self.top_p);
+            return Err(usage(format!("--top-p {}: must be in (0, 1]", self.top_p)));
         }
         if !(0.0..=1.0).contains(&self.min_p) {
-            bail!("--min-p {}: must be in [0, 1]", self.min_p);
+            return Err(usage(format!("--min-p {}: must be in [0, 1]", self.min_p)));
         }
         if !(self.repeat_penalty > 0.0 && self.repeat_penalty.is_finite()) {
-            bail!(
+            return Err(usage(format!(
                 "--repeat-penalty {}: must be > 0 (1 = off)",
                 self.repeat_penalty
-            );
+            )));
         }
         Ok(SamplerConfig {
             temperature: self.temperature,
@@ -234,9 +259,15 @@ impl SamplerArgs {
             min_p: self.min_p,
             repeat_penalty: self.repeat_penalty,
             repeat_last_n: self.repeat_last_n,
-            seed: self.seed,
+            seed: self.seed.unwrap_or_else(random_seed),
         })
     }
+}
+
+/// A seed nobody chose: the standard library's per-process random keys, hashed with the time.
+fn random_seed() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(std::time::SystemTime::now())
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq)]
@@ -273,7 +304,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub tokens: String,
     /// Tokens to generate (generation also stops at the end-of-sequence id).
-    #[arg(long, default_value_t = 256)]
+    #[arg(short = 'n', long, default_value_t = 256)]
     pub max_tokens: usize,
     #[command(flatten)]
     pub sampling: SamplerArgs,
@@ -284,10 +315,11 @@ pub struct GenerateArgs {
     pub format: Format,
 }
 
-/// Prefill with a progress bar on stderr (hidden when stderr is not a terminal).
-pub fn prefill(s: &mut Session, tokens: &[u32], want: Want) -> anyhow::Result<Vec<f32>> {
+/// The prefill's progress bar on stderr (hidden when stderr is not a terminal): tokens,
+/// rate, time left.
+pub fn prefill_bar(tokens: usize) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::with_draw_target(
-        Some(tokens.len() as u64),
+        Some(tokens as u64),
         indicatif::ProgressDrawTarget::stderr(),
     );
     bar.set_style(
@@ -296,6 +328,14 @@ pub fn prefill(s: &mut Session, tokens: &[u32], want: Want) -> anyhow::Result<Ve
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
+    bar
+}
+
+/// Prefill with a progress bar on stderr (hidden when stderr is not a terminal).
+pub fn prefill(s: &mut Session, tokens: &[u32], want: Want) -> anyhow::Result<Vec<f32>> {
+    let bar = prefill_bar(tokens.len());
+    // Nothing is written before the prefill ends: a signal may exit at once.
+    let _at_once = super::signals::AtOnce::new();
     let stop = super::signals::stop_flag();
     let out = s.prefill_with_progress(tokens, want, |done| {
         bar.set_position(done as u64);

@@ -16,6 +16,44 @@ static STOP: AtomicBool = AtomicBool::new(false);
 static RECEIVED: AtomicI32 = AtomicI32::new(0);
 /// stdout holds a line without its newline (the forced exits end it).
 static LINE_OPEN: AtomicBool = AtomicBool::new(false);
+/// Nothing would be lost by exiting at the first signal (see `AtOnce`).
+static AT_ONCE: AtomicBool = AtomicBool::new(false);
+
+/// While alive, the first signal exits at once instead of setting the flag: for work that
+/// has nothing to save and stops only at coarse boundaries (a one-shot prefill, whose chunk
+/// can take seconds on the real model).
+pub struct AtOnce(());
+
+impl AtOnce {
+    pub fn new() -> AtOnce {
+        AT_ONCE.store(true, Ordering::SeqCst);
+        // A signal that arrived just before: honour it now.
+        if let Some(sig) = received() {
+            exit_now(sig);
+        }
+        AtOnce(())
+    }
+}
+
+impl Default for AtOnce {
+    fn default() -> AtOnce {
+        AtOnce::new()
+    }
+}
+
+impl Drop for AtOnce {
+    fn drop(&mut self) {
+        AT_ONCE.store(false, Ordering::SeqCst);
+    }
+}
+
+/// End an open line, remove half-written temp files, exit 128 + `sig` (async-signal-safe).
+fn exit_now(sig: i32) -> ! {
+    crate::fsutil::remove_pending_temps();
+    end_open_line();
+    // SAFETY: _exit is async-signal-safe.
+    unsafe { libc::_exit(exit_code(sig)) }
+}
 
 /// The exit code after signal `sig`, as shells report it.
 pub fn exit_code(sig: i32) -> i32 {
@@ -77,13 +115,10 @@ extern "C" fn on_stop_signal(sig: libc::c_int) {
         .compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst)
         .is_ok();
     STOP.store(true, Ordering::SeqCst);
-    if !first {
-        // Asked again: stop now. What was written is on its way already (stdout is flushed
-        // per piece); end its line and remove half-written temp files.
-        crate::fsutil::remove_pending_temps();
-        end_open_line();
-        // SAFETY: _exit is async-signal-safe.
-        unsafe { libc::_exit(exit_code(sig)) };
+    if !first || AT_ONCE.load(Ordering::SeqCst) {
+        // Asked again (or nothing to save): stop now. What was written is on its way already
+        // (stdout is flushed per piece).
+        exit_now(sig);
     }
 }
 

@@ -11,6 +11,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+/// The context the model card advises for "Think Max" (384K tokens).
+const THINK_MAX_CTX: usize = 384 * 1024;
+
 /// Rewind points kept (each costs the window rings, ~11 MB on the real model).
 const MAX_MARKS: usize = 4;
 
@@ -51,6 +54,12 @@ pub fn load(a: &TalkArgs) -> anyhow::Result<(PathBuf, Engine, Tokenizer)> {
         .tokenizer
         .clone()
         .unwrap_or_else(|| dir.join("tokenizer.json"));
+    if a.tokenizer.is_none() && !tok_path.exists() {
+        anyhow::bail!(
+            "{}: missing (this checkpoint has no tokenizer.json); give one with --tokenizer FILE (the release's: dsflash download, or scripts/fetch_tokenizer.sh prints its path)",
+            tok_path.display()
+        );
+    }
     let tok = Tokenizer::from_file(&tok_path)?;
     let engine = a.engine.open_dir(&dir)?;
     Ok((dir, engine, tok))
@@ -65,6 +74,12 @@ pub struct Talk<'e> {
     pub mode: Mode,
     pub sampler: Sampler,
     pub max_tokens: usize,
+    /// `--stop` strings: the answer ends where one appears.
+    pub stop: Vec<String>,
+    /// The sampler's seed (given, or drawn at random).
+    pub seed: u64,
+    /// A signal during a prefill exits at once (one-shot: nothing to keep).
+    pub exit_in_prefill: bool,
     marks: Vec<Mark>,
 }
 
@@ -78,6 +93,13 @@ impl<'e> Talk<'e> {
                 engine.cfg.vocab_size
             );
         }
+        let ctx = a.engine.ctx.unwrap_or(engine.cfg.max_position_embeddings);
+        if a.mode() == Mode::ThinkMax && ctx < THINK_MAX_CTX {
+            eprintln!(
+                "dsflash: warning: --think-max with a {ctx}-token context; the model card advises at least {THINK_MAX_CTX} (--ctx)"
+            );
+        }
+        let sampling = a.sampling.config()?;
         let mut talk = Talk {
             engine,
             tok,
@@ -85,8 +107,11 @@ impl<'e> Talk<'e> {
             session: a.engine.session(engine)?,
             messages: Vec::new(),
             mode: a.mode(),
-            sampler: Sampler::new(a.sampling.config()?),
+            seed: sampling.seed,
+            sampler: Sampler::new(sampling),
             max_tokens: a.max_tokens,
+            stop: a.stop.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            exit_in_prefill: false,
             marks: Vec::new(),
         };
         if let Some(s) = &a.system {
@@ -140,13 +165,21 @@ impl<'e> Talk<'e> {
                 None => self.session.reset(),
             }
         }
+        let _at_once = self.exit_in_prefill.then(super::signals::AtOnce::new);
         let t = Instant::now();
         let start = self.session.len();
         let rest = &ids[start..ids.len() - 1];
         stats.prefilled_tokens = ids.len() - start;
         if !rest.is_empty() {
-            self.session
-                .prefill_with_progress(rest, Want::None, |_| !stop.load(Ordering::Relaxed))?;
+            let bar = super::run::prefill_bar(rest.len());
+            let r = self
+                .session
+                .prefill_with_progress(rest, Want::None, |done| {
+                    bar.set_position(done as u64);
+                    !stop.load(Ordering::Relaxed)
+                });
+            bar.finish_and_clear();
+            r?;
             if stop.load(Ordering::Relaxed) {
                 return Err(SessionError::Interrupted);
             }
@@ -185,16 +218,21 @@ impl<'e> Talk<'e> {
         })?;
         let mut reasoning = String::new();
         let mut answer = String::new();
-        // Route a decoded piece to the reasoning or the answer (and the sink).
-        let mut emit = |in_reasoning: bool, p: String| -> std::io::Result<()> {
+        let mut stops = StopStrings::new(&self.stop);
+        // Route a decoded piece to the reasoning or the answer (and the sink); true when the
+        // answer reached a stop string.
+        let mut emit = |in_reasoning: bool, p: String| -> std::io::Result<bool> {
             if in_reasoning {
                 sink.reasoning(&p)?;
                 reasoning.push_str(&p);
-            } else {
-                sink.answer(&p)?;
-                answer.push_str(&p);
+                return Ok(false);
             }
-            Ok(())
+            let (out, hit) = stops.push(&p);
+            if !out.is_empty() {
+                sink.answer(&out)?;
+                answer.push_str(&out);
+            }
+            Ok(hit)
         };
         let mut in_reasoning = self.mode.thinking();
         let mut dec = StreamDecoder::new();
@@ -216,8 +254,11 @@ impl<'e> Talk<'e> {
                     emit(true, p)?;
                 }
                 in_reasoning = false;
-            } else if let Some(p) = dec.push(self.tok, id) {
-                emit(in_reasoning, p)?;
+            } else if let Some(p) = dec.push(self.tok, id)
+                && emit(in_reasoning, p)?
+            {
+                stats.stop = "stop";
+                break;
             }
             if i + 1 == self.max_tokens {
                 break;
@@ -231,8 +272,20 @@ impl<'e> Talk<'e> {
                 Err(e) => return Err(e.into()),
             }
         }
-        if let Some(p) = dec.flush(self.tok) {
-            emit(in_reasoning, p)?;
+        if stats.stop != "stop" {
+            if let Some(p) = dec.flush(self.tok)
+                && emit(in_reasoning, p)?
+            {
+                stats.stop = "stop";
+            }
+            // What was held back as a possible start of a stop string, and was not.
+            if stats.stop != "stop" {
+                let rest = stops.finish();
+                if !rest.is_empty() {
+                    sink.answer(&rest)?;
+                    answer.push_str(&rest);
+                }
+            }
         }
         stats.decode_seconds = t.elapsed().as_secs_f64();
         let mut msg = Message::new(Role::Assistant, answer);
@@ -264,7 +317,95 @@ impl<'e> Talk<'e> {
     }
 }
 
+/// Stop strings over a stream of text: what may be output now, holding back a tail that
+/// could still become a stop string.
+struct StopStrings<'a> {
+    stops: &'a [String],
+    held: String,
+}
+
+impl<'a> StopStrings<'a> {
+    fn new(stops: &'a [String]) -> StopStrings<'a> {
+        StopStrings {
+            stops,
+            held: String::new(),
+        }
+    }
+
+    /// Add `piece`; returns the text that is safe to output and whether a stop string was
+    /// reached (then the text before it is the last output).
+    fn push(&mut self, piece: &str) -> (String, bool) {
+        self.held.push_str(piece);
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
+            let out = self.held[..at].to_string();
+            self.held.clear();
+            return (out, true);
+        }
+        // Keep the longest tail that is a proper prefix of some stop string.
+        let keep = self
+            .held
+            .char_indices()
+            .map(|(i, _)| i)
+            .find(|&i| {
+                let tail = &self.held[i..];
+                self.stops.iter().any(|s| s.starts_with(tail))
+            })
+            .unwrap_or(self.held.len());
+        let out = self.held[..keep].to_string();
+        self.held.drain(..keep);
+        (out, false)
+    }
+
+    /// The held-back tail at the end of the answer.
+    fn finish(&mut self) -> String {
+        std::mem::take(&mut self.held)
+    }
+}
+
 /// ANSI dim for reasoning text, only on a terminal and without NO_COLOR.
 pub fn use_color(is_tty: bool) -> bool {
     is_tty && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StopStrings;
+
+    /// Feed `pieces`; returns everything output and whether a stop string was hit.
+    fn run(stops: &[&str], pieces: &[&str]) -> (String, bool) {
+        let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
+        let mut s = StopStrings::new(&stops);
+        let mut out = String::new();
+        for p in pieces {
+            let (o, hit) = s.push(p);
+            out.push_str(&o);
+            if hit {
+                return (out, true);
+            }
+        }
+        out.push_str(&s.finish());
+        (out, false)
+    }
+
+    #[test]
+    fn stop_strings_across_pieces() {
+        assert_eq!(
+            run(&["END"], &["abc E", "N", "D more"]),
+            ("abc ".into(), true)
+        );
+        assert_eq!(run(&["END"], &["abc E", "NX"]), ("abc ENX".into(), false));
+        assert_eq!(
+            run(&["\n\n", "##"], &["a\n", "b#", "#c"]),
+            ("a\nb".into(), true)
+        );
+        assert_eq!(run(&[], &["x", "y"]), ("xy".into(), false));
+        // Non-ASCII text is cut on character boundaries.
+        assert_eq!(run(&["é!"], &["caf", "é", "!"]), ("caf".into(), true));
+        assert_eq!(run(&["éa"], &["café", "b"]), ("caféb".into(), false));
+    }
 }

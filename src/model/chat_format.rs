@@ -65,11 +65,45 @@ pub enum Role {
     Tool,
 }
 
+/// `content` as OpenAI sends it: a string, null, or `[{"type": "text", "text": ...}, ...]`.
+fn content_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    use serde::de::Error;
+    use serde_json::Value;
+    match Value::deserialize(d)? {
+        Value::String(t) => Ok(t),
+        Value::Null => Ok(String::new()),
+        Value::Array(parts) => {
+            let mut texts = Vec::with_capacity(parts.len());
+            for p in parts {
+                match (p.get("type").and_then(Value::as_str), p.get("text")) {
+                    (Some("text"), Some(Value::String(t))) => texts.push(t.clone()),
+                    (Some("text"), _) => {
+                        return Err(D::Error::custom(
+                            "content: a text part without a `text` string",
+                        ));
+                    }
+                    (Some(other), _) => {
+                        return Err(D::Error::custom(format!(
+                            "content: parts of type {other:?} are not supported (text only)"
+                        )));
+                    }
+                    (None, _) => return Err(D::Error::custom("content: a part without `type`")),
+                }
+            }
+            Ok(texts.join("\n"))
+        }
+        other => Err(D::Error::custom(format!(
+            "content: expected a string or an array of text parts, got {other}"
+        ))),
+    }
+}
+
 /// One message in the OpenAI chat format (plus DeepSeek's `reasoning_content`).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct Message {
     pub role: Role,
-    #[serde(default)]
+    /// A string, or OpenAI's array of content parts (text parts only), joined by newlines.
+    #[serde(default, deserialize_with = "content_text")]
     pub content: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reasoning_content: Option<String>,
@@ -176,6 +210,32 @@ mod tests {
             Message::new(Role::System, "You are a helpful assistant."),
             Message::new(Role::User, "What is 2+2?"),
         ]
+    }
+
+    #[test]
+    fn openai_content_parts_render_like_the_string() {
+        // The same conversation as spec example A, the user turn as a content-part array.
+        let m: Vec<Message> = serde_json::from_str(
+            r#"[{"role":"system","content":"You are a helpful assistant."},
+                {"role":"user","content":[{"type":"text","text":"What is 2+2?"}]}]"#,
+        )
+        .unwrap();
+        assert_eq!(m, sys_user());
+        let m: Vec<Message> = serde_json::from_str(
+            r#"[{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]},
+                {"role":"assistant","content":null}]"#,
+        )
+        .unwrap();
+        assert_eq!((m[0].content.as_str(), m[1].content.as_str()), ("a\nb", ""));
+        let e = serde_json::from_str::<Vec<Message>>(
+            r#"[{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}]"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("\"image_url\"") && e.contains("text only"),
+            "{e}"
+        );
     }
 
     #[test]
