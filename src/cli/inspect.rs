@@ -319,13 +319,20 @@ fn plan(a: &InspectArgs) -> anyhow::Result<()> {
     for p in &plans {
         let m = &p.machine;
         writeln!(out)?;
+        let gpu = if m.gpu_mem == 0 {
+            "no GPU".to_string()
+        } else {
+            format!(
+                "GPU {:.0} GiB at {:.0} GB/s, PCIe {:.0} GB/s",
+                gib(m.gpu_mem),
+                m.gpu_gbs,
+                m.pcie_gbs
+            )
+        };
         writeln!(
             out,
-            "{}: GPU {:.0} GiB at {:.0} GB/s, PCIe {:.0} GB/s, RAM {:.0} GiB at {:.0} GB/s, context {}",
+            "{}: {gpu}, RAM {:.0} GiB at {:.0} GB/s, context {} tokens (--ctx)",
             m.name,
-            gib(m.gpu_mem),
-            m.gpu_gbs,
-            m.pcie_gbs,
             gib(m.ram),
             m.cpu_gbs,
             p.ctx
@@ -347,12 +354,12 @@ fn plan(a: &InspectArgs) -> anyhow::Result<()> {
             if p.fits_in_ram {
                 ""
             } else {
-                " (more than this machine has: pages will stream from disk)"
+                " (more than this machine has: pages will stream from disk, which the decode figure below leaves out: it assumes RAM speed)"
             }
         )?;
         writeln!(
             out,
-            "  predicted decode {:.1} tok/s (per token: GPU {:.1} ms, CPU {:.1} ms, syncs {:.1} ms), prefill {:.0} tok/s in chunks of {}",
+            "  predicted decode {:.1} tok/s (per token: GPU {:.1} ms, CPU {:.1} ms, syncs {:.1} ms), prefill {:.0} tok/s in chunks of {} (--prefill-chunk)",
             p.decode_tok_s,
             1e3 * p.decode_split_s[0],
             1e3 * p.decode_split_s[1],

@@ -20,7 +20,7 @@ pub struct EngineArgs {
     #[arg(short = 'c', long)]
     pub ctx: Option<usize>,
     /// Prefill chunk size in tokens: activation memory is bounded by the chunk.
-    #[arg(long, default_value_t = 2048, value_parser = parse_chunk)]
+    #[arg(long, default_value_t = crate::engine::plan::PREFILL_CHUNK as u64, value_parser = parse_chunk)]
     pub prefill_chunk: u64,
     /// `reference`: the official code's QAT roundings (FP8 activations and KV, FP4 indexer);
     /// `ideal`: plain fp32 on the dequantized weights (transformers' semantics); `fast`:

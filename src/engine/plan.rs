@@ -82,8 +82,8 @@ pub fn reference_machines() -> Vec<Machine> {
 pub const GPU_RESERVE: u64 = GIB;
 /// Per layer and decoded token: the routing copy back and the combine (two small transfers).
 pub const LAYER_SYNC_S: f64 = 20e-6;
-/// Prefill chunk the prediction assumes (large chunks amortise streamed experts).
-pub const PREFILL_CHUNK: usize = 8192;
+/// Prefill chunk the prediction assumes: the CLI's default `--prefill-chunk`.
+pub const PREFILL_CHUNK: usize = 2048;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Part {
@@ -208,7 +208,11 @@ pub fn plan_with(cfg: &ModelConfig, m: &Machine, ctx: usize, o: Overrides) -> Pl
             place: place(gpu_layers > 0),
         },
         Part {
-            what: format!("dense weights of the other {} layers", layers - gpu_layers),
+            what: if gpu_layers == 0 {
+                format!("dense weights of all {layers} layers")
+            } else {
+                format!("dense weights of the other {} layers", layers - gpu_layers)
+            },
             bytes: total_dense - dense_gpu,
             place: "cpu".into(),
         },
@@ -218,10 +222,14 @@ pub fn plan_with(cfg: &ModelConfig, m: &Machine, ctx: usize, o: Overrides) -> Pl
             place: place(head_on_gpu),
         },
         Part {
-            what: format!(
-                "routed experts: {slots} slots per layer on the GPU ({:.0} % of selections), the rest from RAM",
-                100.0 * hit
-            ),
+            what: if m.gpu_mem == 0 {
+                "routed experts, from RAM".to_string()
+            } else {
+                format!(
+                    "routed experts: {slots} slots per layer on the GPU ({:.0} % of selections), the rest from RAM",
+                    100.0 * hit
+                )
+            },
             bytes: experts_total,
             place: if slots > 0 { "gpu+cpu" } else { "cpu" }.into(),
         },
