@@ -336,3 +336,83 @@ fn chat_commands_expand_the_home_directory() {
     let saved = std::fs::read_to_string(home.path().join("conv.json")).unwrap();
     assert!(saved.contains("Hello there"), "{saved}");
 }
+
+#[test]
+fn first_run_hints_and_warnings() {
+    // The committed model has no tokenizer.json: the error names the way out.
+    let mut c = Command::new(bin());
+    c.args(["-m", fixture("tiny-vocab").to_str().unwrap(), "-p", "Hello"]);
+    let o = with_stdin(c, b"");
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains("--tokenizer") && e.contains("fetch_tokenizer.sh"),
+        "{e}"
+    );
+    assert_eq!(e.trim_end().lines().count(), 1, "{e}");
+    // --think-max under the model card's 384K context.
+    let o = with_stdin(
+        talk(&["--think-max", "-n", "2", "-c", "4096", "-p", "Hi"]),
+        b"",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--think-max with a 4096-token context"),
+        "{}",
+        stderr(&o)
+    );
+    // --help says what `dsflash` alone and -p do.
+    let o = run(&["--help"]);
+    let h = stdout(&o);
+    assert!(
+        h.contains("starts a chat") && h.contains("answers once"),
+        "{h}"
+    );
+    // The plan without a GPU says so plainly.
+    let o = run(&[
+        "inspect",
+        "--plan",
+        "--gpu-mem",
+        "0",
+        "--ram",
+        "256G",
+        "--cpu-gbs",
+        "100",
+    ]);
+    let p = stdout(&o);
+    assert!(
+        p.contains("no GPU") && p.contains("dense weights of all"),
+        "{p}"
+    );
+    assert!(
+        !p.contains("0 slots per layer") && !p.contains("GPU 0 GiB"),
+        "{p}"
+    );
+}
+
+#[test]
+fn chat_load_refuses_what_it_cannot_render() {
+    let home = tempfile::tempdir().unwrap();
+    let conv = home.path().join("tools.json");
+    std::fs::write(
+        &conv,
+        r#"[{"role":"user","content":"hi"},{"role":"assistant","content":"","tool_calls":[{"type":"function","function":{"name":"f","arguments":"{}"}}]}]"#,
+    )
+    .unwrap();
+    let mut c = talk(&["--no-think", "--temperature", "0", "-n", "2"]);
+    c.env("HOME", home.path())
+        .env_remove("XDG_DATA_HOME")
+        .env("NO_COLOR", "1")
+        .env("TERM", "xterm");
+    let mut p = spawn_command(c, Some(60_000)).expect("spawn in a pty");
+    p.exp_string("/help for commands").unwrap();
+    p.send_line("/load ~/tools.json").unwrap();
+    p.exp_string("error: /load").unwrap();
+    // The conversation is as before, and the next turn works.
+    p.send_line("Hello there").unwrap();
+    p.exp_regex(r"\[\d+ prompt tokens").unwrap();
+    p.send_line("/system").unwrap();
+    p.exp_string("no system prompt").unwrap();
+    p.send_line("/quit").unwrap();
+    p.exp_eof().unwrap();
+}

@@ -203,7 +203,7 @@ pub fn run(a: &TalkArgs) -> anyhow::Result<i32> {
                 }
                 "stats" => {
                     println!(
-                        "{} messages, {} tokens of context in use (cap {})",
+                        "{} messages; {} tokens in the KV state (what the next turn shares with them is reused; cap {})",
                         talk.messages.len(),
                         talk.session.len(),
                         a.engine.ctx.unwrap_or(engine.cfg.max_position_embeddings)
