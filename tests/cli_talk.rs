@@ -198,12 +198,12 @@ fn errors_exit_codes_and_messages() {
         "{}",
         stderr(&o)
     );
-    // Bad flags.
+    // Bad flags: usage errors.
     let o = run_with_stdin(talk_cmd(&["-p", "x", "--top-p", "5"]), b"");
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--top-p 5"), "{}", stderr(&o));
     let o = run_with_stdin(talk_cmd(&["-p", "x", "--min-p=-0.5"]), b"");
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--min-p"), "{}", stderr(&o));
     let o = run_with_stdin(talk_cmd(&["-p", "x", "--think"]), b"");
     assert_eq!(

@@ -416,3 +416,40 @@ fn chat_load_refuses_what_it_cannot_render() {
     p.send_line("/quit").unwrap();
     p.exp_eof().unwrap();
 }
+
+#[test]
+fn ctrl_c_on_the_terminal_during_a_prefill_exits_130_within_half_a_second() {
+    use rexpect::process::WaitStatus;
+    let text = long_text(8000);
+    let mut c = talk(&["--no-think", "--prefill-chunk", "256", "-p", &text]);
+    c.env("TERM", "xterm").env("NO_COLOR", "1");
+    let mut p = spawn_command(c, Some(120_000)).expect("spawn in a pty");
+    p.exp_regex(r"prefill [^\r\n]*\d+/\d+ tokens")
+        .expect("prefilling");
+    let t = Instant::now();
+    p.send_control('c').unwrap();
+    let status = p.process().wait().unwrap();
+    let dt = t.elapsed();
+    assert!(matches!(status, WaitStatus::Exited(_, 130)), "{status:?}");
+    assert!(
+        dt < Duration::from_millis(500),
+        "exited {dt:?} after Ctrl+C"
+    );
+}
+
+#[test]
+fn the_chat_says_why_an_answer_stopped() {
+    let home = tempfile::tempdir().unwrap();
+    let mut c = talk(&["--no-think", "--temperature", "0", "-n", "3"]);
+    c.env("HOME", home.path())
+        .env_remove("XDG_DATA_HOME")
+        .env("NO_COLOR", "1")
+        .env("TERM", "xterm");
+    let mut p = spawn_command(c, Some(60_000)).expect("spawn in a pty");
+    p.exp_string("/help for commands").unwrap();
+    p.send_line("Hello there").unwrap();
+    let (_, line) = p.exp_regex(r"\[\d+ prompt tokens[^\]]*\]").unwrap();
+    assert!(line.contains("stopped at --max-tokens"), "{line}");
+    p.send_line("/quit").unwrap();
+    p.exp_eof().unwrap();
+}

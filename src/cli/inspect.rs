@@ -30,8 +30,9 @@ pub struct InspectArgs {
     /// RAM to plan with (default: this machine's).
     #[arg(long, value_parser = parse_size_arg)]
     pub ram: Option<u64>,
-    /// Context the KV state is sized for.
-    #[arg(long, default_value_t = 4096)]
+    /// Context the KV state is sized for (default: the room the engine keeps for it when
+    /// no --ctx is given, 65,536 tokens).
+    #[arg(long, default_value_t = crate::engine::plan::DEFAULT_KV_ROOM)]
     pub ctx: usize,
     /// RAM read bandwidth in GB/s (default: measured now, a few seconds).
     #[arg(long)]

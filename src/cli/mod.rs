@@ -30,7 +30,7 @@ pub struct ModeArgs {
     #[arg(long, group = "mode")]
     pub think: bool,
     /// Answer directly, without reasoning ("Non-think").
-    #[arg(long, group = "mode")]
+    #[arg(long, group = "mode", visible_alias = "nothink")]
     pub no_think: bool,
     /// Maximum reasoning effort ("Think Max"; the model card advises >= 384K context).
     #[arg(long, group = "mode")]

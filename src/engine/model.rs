@@ -6,6 +6,7 @@ use super::hyper;
 use super::moe;
 use super::numerics::Numerics;
 use super::offload::{self, Act};
+use super::plan::DEFAULT_KV_ROOM;
 use super::rope::Rope;
 #[cfg(feature = "traps")]
 use super::traps::Trap;
@@ -52,9 +53,6 @@ pub struct Placement {
     pub resident_bytes: u64,
     pub total_bytes: u64,
 }
-
-/// Context given device room for its KV rows when none is asked for.
-const DEFAULT_KV_ROOM: usize = 1 << 16;
 
 /// What [`Engine::use_device_hybrid`] is asked for.
 #[derive(Debug, Clone)]

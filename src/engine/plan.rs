@@ -82,6 +82,10 @@ pub fn reference_machines() -> Vec<Machine> {
 pub const GPU_RESERVE: u64 = GIB;
 /// Per layer and decoded token: the routing copy back and the combine (two small transfers).
 pub const LAYER_SYNC_S: f64 = 20e-6;
+/// Context given device room for its KV rows when no `--ctx` is asked for (the rows grow as
+/// used; this is what the placement keeps free for them), and what the plan assumes then.
+pub const DEFAULT_KV_ROOM: usize = 1 << 16;
+
 /// Prefill chunk the prediction assumes: the CLI's default `--prefill-chunk`.
 pub const PREFILL_CHUNK: usize = 2048;
 
