@@ -141,10 +141,6 @@ impl Promoter {
         true
     }
 
-    pub fn in_flight(&self, key: usize) -> bool {
-        lock(&self.shared.q).inflight.contains(&key)
-    }
-
     /// Block until `key` is no longer queued (before its device copy may be freed).
     pub fn wait_for(&self, key: usize) {
         let mut q = lock(&self.shared.q);

@@ -80,6 +80,9 @@ pub struct Engine {
     pub traps: Traps,
     /// Where the matrix products run (the CPU unless weights are placed on a device).
     pub exec: Exec,
+    /// All products on the CPU: for routed experts that miss the device's cache (they must
+    /// not wait for a promotion copy in flight).
+    host: Exec,
     /// Steps of at least this many tokens skip the device path (one of them failed there).
     device_gave_up_at: std::sync::atomic::AtomicUsize,
 }
@@ -111,6 +114,7 @@ impl Engine {
             numerics,
             traps: Traps::default(),
             exec: Exec::cpu(),
+            host: Exec::cpu(),
             device_gave_up_at: std::sync::atomic::AtomicUsize::new(usize::MAX),
         })
     }
@@ -379,6 +383,7 @@ impl Engine {
         moe::MoeCtx {
             cfg: &self.cfg,
             ex: &self.exec,
+            host: &self.host,
             num: self.numerics,
             traps: &self.traps,
             layer: b.layer,

@@ -10,9 +10,6 @@ use crate::backend::exec::Exec;
 use crate::model::config::ModelConfig;
 use crate::model::weights::{ExpertWeights, MoeWeights};
 
-/// All products on the CPU (for experts that must not wait for a copy in flight).
-static CPU: std::sync::LazyLock<Exec> = std::sync::LazyLock::new(Exec::cpu);
-
 /// Experts chosen for one token and their weights.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Route {
@@ -113,6 +110,8 @@ fn expert_on_device<'e>(
 pub struct MoeCtx<'a> {
     pub cfg: &'a ModelConfig,
     pub ex: &'a Exec,
+    /// All products on the CPU (misses of the device's expert cache).
+    pub host: &'a Exec,
     pub num: Numerics,
     pub traps: &'a Traps,
     /// The block index (the expert cache keys experts by layer).
@@ -259,7 +258,7 @@ pub fn forward(ctx: &MoeCtx, w: &MoeWeights, x: &[f32], tokens: &[u32]) -> Vec<f
         for &e in &plan.active {
             // With a device, an expert not on it runs on the CPU even if a copy is in flight.
             let out = if ex.device().is_some() {
-                ex.time_cpu(|| run(e, &CPU))
+                ex.time_cpu(|| run(e, ctx.host))
             } else {
                 run(e, ex)
             };
@@ -279,7 +278,7 @@ pub fn forward(ctx: &MoeCtx, w: &MoeWeights, x: &[f32], tokens: &[u32]) -> Vec<f
                 ex.time_cpu(|| {
                     plan.on_cpu
                         .iter()
-                        .map(|&e| (e, run(e, &CPU)))
+                        .map(|&e| (e, run(e, ctx.host)))
                         .collect::<Vec<_>>()
                 })
             },
@@ -365,7 +364,7 @@ fn run_on_device<'e>(
         }
     };
     let clamps = (limit, f32::NEG_INFINITY);
-    let run_cpu = |e: usize| plan.run_on_host(&CPU, &w.experts[e], e, x_host, d, clamps, num);
+    let run_cpu = |e: usize| plan.run_on_host(ctx.host, &w.experts[e], e, x_host, d, clamps, num);
     let (dev_out, cpu_out) = rayon::join(
         || {
             plan.on_dev

@@ -104,13 +104,6 @@ impl Rope {
         };
         rotate_pairs(z, &self.inv_freq, pos, inverse, mscale, half);
     }
-
-    /// Apply to every `width`-wide row of `x` (e.g. all heads of a token) at one position.
-    pub fn apply_rows(&self, x: &mut [f32], width: usize, pos: usize, inverse: bool) {
-        for row in x.chunks_mut(width) {
-            self.apply(row, pos, inverse);
-        }
-    }
 }
 
 #[cfg(test)]
