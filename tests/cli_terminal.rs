@@ -36,6 +36,20 @@ fn with_stdin(mut c: Command, input: &[u8]) -> Output {
     o
 }
 
+/// The chat in a pseudo-terminal (greedy, no thinking, `n` tokens per answer, `home` as
+/// HOME), past its banner.
+fn chat(home: &std::path::Path, n: &str) -> rexpect::session::PtySession {
+    let mut c = talk(&["--no-think", "--temperature", "0", "-n", n]);
+    c.env("HOME", home)
+        .env_remove("XDG_DATA_HOME")
+        .env("NO_COLOR", "1")
+        .env("TERM", "xterm");
+    let mut p = spawn_command(c, Some(60_000)).expect("spawn in a pty");
+    p.exp_string("/help for commands")
+        .expect("the chat's banner");
+    p
+}
+
 /// A text of about `words` words (several thousand tokens for the prefill).
 fn long_text(words: usize) -> String {
     (0..words)
@@ -315,13 +329,7 @@ fn familiar_flags_and_inputs() {
 fn chat_commands_expand_the_home_directory() {
     let home = tempfile::tempdir().unwrap();
     std::fs::write(home.path().join("note.txt"), "Hello there").unwrap();
-    let mut c = talk(&["--no-think", "--temperature", "0", "-n", "4"]);
-    c.env("HOME", home.path())
-        .env_remove("XDG_DATA_HOME")
-        .env("NO_COLOR", "1")
-        .env("TERM", "xterm");
-    let mut p = spawn_command(c, Some(60_000)).expect("spawn in a pty");
-    p.exp_string("/help for commands").unwrap();
+    let mut p = chat(home.path(), "4");
     p.send_line("/read").unwrap();
     p.exp_string("usage: /read FILE").unwrap();
     p.send_line("/read ~/note.txt").unwrap();
@@ -399,13 +407,7 @@ fn chat_load_refuses_what_it_cannot_render() {
         r#"[{"role":"user","content":"hi"},{"role":"assistant","content":"","tool_calls":[{"type":"function","function":{"name":"f","arguments":"{}"}}]}]"#,
     )
     .unwrap();
-    let mut c = talk(&["--no-think", "--temperature", "0", "-n", "2"]);
-    c.env("HOME", home.path())
-        .env_remove("XDG_DATA_HOME")
-        .env("NO_COLOR", "1")
-        .env("TERM", "xterm");
-    let mut p = spawn_command(c, Some(60_000)).expect("spawn in a pty");
-    p.exp_string("/help for commands").unwrap();
+    let mut p = chat(home.path(), "2");
     p.send_line("/load ~/tools.json").unwrap();
     p.exp_string("error: /load").unwrap();
     // The conversation is as before, and the next turn works.
@@ -440,13 +442,7 @@ fn ctrl_c_on_the_terminal_during_a_prefill_exits_130_within_half_a_second() {
 #[test]
 fn the_chat_says_why_an_answer_stopped() {
     let home = tempfile::tempdir().unwrap();
-    let mut c = talk(&["--no-think", "--temperature", "0", "-n", "3"]);
-    c.env("HOME", home.path())
-        .env_remove("XDG_DATA_HOME")
-        .env("NO_COLOR", "1")
-        .env("TERM", "xterm");
-    let mut p = spawn_command(c, Some(60_000)).expect("spawn in a pty");
-    p.exp_string("/help for commands").unwrap();
+    let mut p = chat(home.path(), "3");
     p.send_line("Hello there").unwrap();
     let (_, line) = p.exp_regex(r"\[\d+ prompt tokens[^\]]*\]").unwrap();
     assert!(line.contains("stopped at --max-tokens"), "{line}");
