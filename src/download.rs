@@ -384,13 +384,15 @@ impl Client {
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(partial)
             .map_err(|e| fatal(anyhow::anyhow!("{}: cannot write: {e}", partial.display())))?;
-        if !f.metadata().is_ok_and(|m| m.is_file()) {
-            return Err(fatal(anyhow::anyhow!(
-                "{}: is not a regular file; remove it and run again",
-                partial.display()
-            )));
-        }
-        let mut have = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let mut have = match f.metadata() {
+            Ok(m) if m.is_file() => m.len(),
+            _ => {
+                return Err(fatal(anyhow::anyhow!(
+                    "{}: is not a regular file; remove it and run again",
+                    partial.display()
+                )));
+            }
+        };
         if have > r.size {
             f.set_len(0).map_err(|e| fatal(e.into()))?;
             have = 0;
@@ -480,7 +482,7 @@ fn shorten(s: &str) -> String {
 
 /// A revision (`--revision`, also a file name under `refs/`): a branch, tag or commit as git
 /// allows them, never a path that leaves the cache.
-pub fn check_revision(rev: &str) -> anyhow::Result<()> {
+fn check_revision(rev: &str) -> anyhow::Result<()> {
     let ok = !rev.is_empty()
         && rev.len() <= 255
         && !rev.starts_with('/')

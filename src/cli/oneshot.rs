@@ -13,22 +13,22 @@ use std::io::{IsTerminal, Read, Write};
 pub fn read_stdin() -> anyhow::Result<String> {
     let mut buf = Vec::new();
     std::io::stdin().read_to_end(&mut buf)?;
-    String::from_utf8(buf).map_err(|e| {
-        anyhow::anyhow!(
-            "stdin is not valid UTF-8 (first invalid byte at offset {}); convert it first, e.g. with iconv",
-            e.utf8_error().valid_up_to()
-        )
-    })
+    utf8(buf, "stdin")
 }
 
 /// Read `-f FILE` as UTF-8; errors name the flag and file.
 pub fn read_file(path: &std::path::Path) -> anyhow::Result<String> {
+    let what = format!("-f {}", path.display());
     let buf = crate::fsutil::read_regular(path)
-        .map_err(|e| anyhow::anyhow!("-f {}: cannot read: {e}", path.display()))?;
+        .map_err(|e| anyhow::anyhow!("{what}: cannot read: {e}"))?;
+    utf8(buf, &what)
+}
+
+/// Input text must be UTF-8: the error names the input and the offset of the first bad byte.
+fn utf8(buf: Vec<u8>, what: &str) -> anyhow::Result<String> {
     String::from_utf8(buf).map_err(|e| {
         anyhow::anyhow!(
-            "-f {}: not valid UTF-8 (first invalid byte at offset {})",
-            path.display(),
+            "{what} is not valid UTF-8 (first invalid byte at offset {}); convert it first, e.g. with iconv",
             e.utf8_error().valid_up_to()
         )
     })
@@ -135,7 +135,7 @@ pub fn run(a: &TalkArgs, stdin: Option<String>, verbose: bool) -> anyhow::Result
                 crate::model::chat_format::Mode::Think => "think",
                 crate::model::chat_format::Mode::ThinkMax => "think-max",
             },
-            seed: talk.seed,
+            seed: talk.sampler.config().seed,
             stats: &stats,
             prefill_tokens_per_s: stats.prefill_tps(),
             decode_tokens_per_s: stats.decode_tps(),
@@ -159,7 +159,7 @@ pub fn run(a: &TalkArgs, stdin: Option<String>, verbose: bool) -> anyhow::Result
             stats.generated_tokens,
             stats.decode_tps(),
             stats.stop,
-            talk.seed
+            talk.sampler.config().seed
         );
     }
     a.engine.finish(&engine)?;
@@ -167,7 +167,7 @@ pub fn run(a: &TalkArgs, stdin: Option<String>, verbose: bool) -> anyhow::Result
 }
 
 /// A one-line note for an answer that did not end by itself.
-pub fn stop_note(stats: &TurnStats, max_tokens: usize, no_answer: bool) -> Option<String> {
+fn stop_note(stats: &TurnStats, max_tokens: usize, no_answer: bool) -> Option<String> {
     let inside = if no_answer && stats.generated_tokens > 0 {
         " inside the reasoning, before any answer"
     } else {

@@ -76,8 +76,6 @@ pub struct Talk<'e> {
     pub max_tokens: usize,
     /// `--stop` strings: the answer ends where one appears.
     pub stop: Vec<String>,
-    /// The sampler's seed (given, or drawn at random).
-    pub seed: u64,
     /// A signal during a prefill exits at once (one-shot: nothing to keep).
     pub exit_in_prefill: bool,
     marks: Vec<Mark>,
@@ -99,7 +97,6 @@ impl<'e> Talk<'e> {
                 "dsflash: warning: --think-max with a {ctx}-token context; the model card advises at least {THINK_MAX_CTX} (--ctx)"
             );
         }
-        let sampling = a.sampling.config()?;
         let mut talk = Talk {
             engine,
             tok,
@@ -107,8 +104,7 @@ impl<'e> Talk<'e> {
             session: a.engine.session(engine)?,
             messages: Vec::new(),
             mode: a.mode(),
-            seed: sampling.seed,
-            sampler: Sampler::new(sampling),
+            sampler: Sampler::new(a.sampling.config()?),
             max_tokens: a.max_tokens,
             stop: a.stop.iter().filter(|s| !s.is_empty()).cloned().collect(),
             exit_in_prefill: false,

@@ -21,7 +21,7 @@ pub enum SessionError {
     Interrupted,
     /// A logit that is NaN or infinite: the weights (or their scales) hold non-finite values.
     #[error(
-        "the model produced non-finite logits at position {position}: the checkpoint holds NaN or infinite weights or scales (dsflash inspect --verbose checks them)"
+        "the model produced non-finite logits at position {position}: the checkpoint holds NaN or infinite values where the load does not look (the head, the embedding, the routed experts, FP8 codes)"
     )]
     NonFinite { position: usize },
 }
