@@ -537,3 +537,40 @@ fn bench_stops_on_a_signal_like_every_command() {
     assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
     assert!(stdout(&o).is_empty(), "no half report");
 }
+
+#[test]
+fn synth_refuses_a_checkpoint_larger_than_the_free_disk() {
+    // The real layout without --sparse needs ~160 GB; the check runs before any shard.
+    let w = tempfile::tempdir().unwrap();
+    let out = w.path().join("real");
+    let df = Command::new("df")
+        .args(["-B1", "--output=avail", w.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    let free: u64 = stdout(&df)
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or(u64::MAX);
+    if free > 170_000_000_000 {
+        eprintln!("skipped: {free} bytes free, the real layout would fit");
+        return;
+    }
+    let child = Command::new(bin())
+        .args(["synth", "--config"])
+        .arg(fixture("deepseek-v4-flash-config.json"))
+        .args(["--out", out.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let o = wait_within(child, Duration::from_secs(30), "synth disk check");
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("not enough disk space") && e.contains("--sparse"),
+        "{e}"
+    );
+    let written: Vec<_> = std::fs::read_dir(&out).map_or(Vec::new(), |d| d.flatten().collect());
+    assert!(written.is_empty(), "nothing written: {written:?}");
+}
