@@ -74,9 +74,6 @@ impl std::ops::Index<usize> for Bufs {
     }
 }
 
-/// No block is running (see [`Exec::enter_layer`]).
-const NO_LAYER: usize = usize::MAX;
-
 /// A key table kept on the device (see [`Exec::table`]).
 struct KeyTable {
     buf: Buf,
@@ -153,9 +150,8 @@ pub struct Exec {
     scratch: Mutex<Scratch>,
     whole: AtomicBool,
     /// Layers 0..device_layers run their ops on the device (their dense matrices resident)
-    /// even when the whole model does not; `layer` is the one running now (NO_LAYER: none).
+    /// even when the whole model does not.
     device_layers: AtomicUsize,
-    layer: AtomicUsize,
     tables: Mutex<HashMap<u64, KeyTable>>,
     /// Device copies of model parameters, by (address, length) of the host bytes.
     params: Mutex<HashMap<(usize, usize), Buf>>,
@@ -192,7 +188,6 @@ impl Exec {
             scratch: Mutex::new(Scratch::default()),
             whole: AtomicBool::new(false),
             device_layers: AtomicUsize::new(0),
-            layer: AtomicUsize::new(NO_LAYER),
             tables: Mutex::new(HashMap::new()),
             params: Mutex::new(HashMap::new()),
             stream_costs: Mutex::new(CostState::Off),
@@ -228,19 +223,15 @@ impl Exec {
         self.device_layers.store(n, Ordering::Relaxed);
     }
 
-    /// The forward pass is now in block `layer` (None: outside the blocks, e.g. the head).
-    pub fn enter_layer(&self, layer: Option<usize>) {
-        self.layer
-            .store(layer.unwrap_or(NO_LAYER), Ordering::Relaxed);
+    /// Whether every op of the forward pass runs on the device (whole-model mode, and the
+    /// device has not failed).
+    pub fn ops_on_device(&self) -> bool {
+        self.whole.load(Ordering::Relaxed) && self.usable()
     }
 
-    /// Whether the op at hand runs on the device: whole-model mode, or a block of the
-    /// device's layers; never after a device failure.
-    pub fn ops_on_device(&self) -> bool {
-        let layer = self.layer.load(Ordering::Relaxed);
-        let here = self.whole.load(Ordering::Relaxed)
-            || (layer != NO_LAYER && layer < self.device_layers.load(Ordering::Relaxed));
-        here && self.dev.is_some() && !self.res.failed.load(Ordering::Relaxed)
+    /// A device that has not failed: device ops may be tried.
+    fn usable(&self) -> bool {
+        self.dev.is_some() && !self.res.failed.load(Ordering::Relaxed)
     }
 
     /// A step's device path gave up (no room, an error) and the host computed it instead.
@@ -292,7 +283,7 @@ impl Exec {
         n: usize,
         rows: impl Fn(Range<usize>) -> Vec<f32>,
     ) -> Option<(Buf, usize, bool)> {
-        if !self.ops_on_device() {
+        if !self.usable() {
             return None;
         }
         let dev = self.dev.as_ref()?;
@@ -364,7 +355,7 @@ impl Exec {
     /// A device buffer of `bytes` (contents unset) for activations kept there across ops;
     /// None when ops do not run on the device here, it has no room, or it failed (reported).
     pub fn alloc(&self, bytes: usize) -> Option<Buf> {
-        if !self.ops_on_device() {
+        if !self.usable() {
             return None;
         }
         let dev = self.dev.as_ref()?;
@@ -380,7 +371,7 @@ impl Exec {
 
     /// Launch ops over device buffers, in order; false on a device error (reported).
     pub fn launch(&self, ops: &[Op]) -> bool {
-        self.ops_on_device()
+        self.usable()
             && self.dev_io(|dev| {
                 ops.iter()
                     .try_for_each(|op| dev.launch(op, Stream::COMPUTE))
@@ -408,7 +399,7 @@ impl Exec {
         else {
             return false;
         };
-        if !self.ops_on_device() {
+        if !self.usable() {
             return false;
         }
         self.dev_io(|dev| self.launch_linear(dev, key, dw, rows, x, y, t))
@@ -491,7 +482,7 @@ impl Exec {
     /// copied back. False when ops do not run on the device here or on any device error
     /// (reported once; a lack of room is not one): the caller then computes on the CPU.
     pub fn offload_ops(&self, args: &mut [Arg], ops: impl FnOnce(&Bufs) -> Vec<Op>) -> bool {
-        let Some(dev) = self.dev.as_ref().filter(|_| self.ops_on_device()) else {
+        let Some(dev) = self.dev.as_ref().filter(|_| self.usable()) else {
             return false;
         };
         let start = std::time::Instant::now();

@@ -3,13 +3,15 @@
 
 pub mod attention;
 pub mod compressor;
-pub mod hyper;
+mod host;
+mod hyper;
 pub mod indexer;
 pub mod kv_cache;
 pub mod model;
 pub mod moe;
 pub mod numerics;
-pub mod offload;
+mod offload;
+mod ops;
 pub mod plan;
 pub mod rope;
 pub mod sampler;

@@ -2,16 +2,18 @@
 //! the HC head, the final norm and the LM head (spec §5.1–5.11).
 
 use super::attention::{self, AttnCtx, AttnState, StepMark};
+use super::host::Host;
 use super::hyper;
 use super::moe;
 use super::numerics::Numerics;
-use super::offload::{self, Act};
+use super::offload::{Dev, GaveUp};
+use super::ops::{HcDims, Ops};
 use super::plan::DEFAULT_KV_ROOM;
 use super::rope::Rope;
 #[cfg(feature = "traps")]
 use super::traps::Trap;
 use super::traps::Traps;
-use crate::backend::cpu::{dequant_row, rms_norm};
+use crate::backend::cpu::dequant_row;
 use crate::backend::device::{Device, DeviceError};
 use crate::backend::exec::Exec;
 use crate::backend::expert_cache::{Adaptive, Lru, Policy, StaticFrequency};
@@ -19,7 +21,7 @@ use crate::model::Checkpoint;
 use crate::model::config::ModelConfig;
 use crate::model::weights::{BlockWeights, ModelWeights};
 use crate::model::weights::{MatrixRole, Weight};
-use rayon::prelude::*;
+use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -323,49 +325,35 @@ impl Engine {
             .collect()
     }
 
-    /// One block on `t` tokens on the host: x is the residual state [t, hc, D], updated in
-    /// place. mHC per token (where the traps can reach it); products go where their weights
-    /// are.
-    fn block(
+    /// One block (§5.2) on `t` tokens: x is the residual state [t, hc·D], updated in place.
+    fn block<O: Ops>(
         &self,
+        o: &O,
         b: &BlockWeights,
         st: &mut AttnState,
-        x: &mut [f32],
+        x: &mut O::T,
         tokens: &[u32],
         t0: usize,
-    ) {
-        let cfg = &self.cfg;
-        let (d, hc) = (cfg.hidden_size, cfg.hc_mult);
-        let t = tokens.len();
-        let (iters, neps, heps) = (cfg.hc_sinkhorn_iters, cfg.rms_norm_eps, cfg.hc_eps);
-        // A site's input: the mix coefficients of every token and the collapsed, normed u.
-        let site_input = |p: &crate::model::weights::HcParams, norm: &[f32], x: &[f32]| {
-            let mixes: Vec<hyper::HcMix> = x
-                .par_chunks(hc * d)
-                .map(|xt| hyper::mix(p, xt, hc, iters, neps, heps, &self.traps))
-                .collect();
-            let mut u = vec![0f32; t * d];
-            u.par_chunks_mut(d)
-                .zip(x.par_chunks(hc * d))
-                .zip(&mixes)
-                .for_each(|((ut, xt), m)| {
-                    ut.copy_from_slice(&hyper::collapse(&m.pre, xt, d, neps, &self.traps));
-                    rms_norm(ut, norm, neps);
-                });
-            (mixes, u)
-        };
-        let write_back = |mixes: Vec<hyper::HcMix>, f: &[f32], x: &mut [f32]| {
-            x.par_chunks_mut(hc * d)
-                .zip(f.par_chunks(d))
-                .zip(&mixes)
-                .for_each(|((xt, ft), m)| hyper::expand(m, ft, xt, d, &self.traps));
-        };
-        let (mixes, u) = site_input(&b.hc_attn, &b.attn_norm, x);
-        let a = attention::forward(&self.attn_ctx(b), &b.attn, st, &u, t0, t);
-        write_back(mixes, &a, x);
-        let (mixes, u) = site_input(&b.hc_ffn, &b.ffn_norm, x);
-        let f = moe::forward(&self.moe_ctx(b), &b.ffn, &u, tokens);
-        write_back(mixes, &f, x);
+    ) -> Result<(), O::Err> {
+        let k = HcDims::of(&self.cfg);
+        let (coef, u) = hyper::site_input(o, &b.hc_attn, &b.attn_norm, x, k)?;
+        let a = attention::forward(o, &self.attn_ctx(b), &b.attn, st, &u, t0, tokens.len())?;
+        hyper::write_back(o, x, &a, &coef, k)?;
+        let (coef, u) = hyper::site_input(o, &b.hc_ffn, &b.ffn_norm, x, k)?;
+        let f = moe::forward(o, &self.moe_ctx(b), &b.ffn, &u, tokens)?;
+        hyper::write_back(o, x, &f, &coef, k)
+    }
+
+    /// The head (§5.11) on rows `rows` of the residual states x [t, hc·D]: the HC head's
+    /// collapse, the final norm and the LM head; the logits come back to the host.
+    fn head<O: Ops>(&self, o: &O, x: &O::T, rows: Range<usize>) -> Result<Vec<f32>, O::Err> {
+        let (w, k) = (&self.weights, HcDims::of(&self.cfg));
+        let n = rows.len();
+        let head = (&w.hc_head_fn[..], &w.hc_head_base[..], w.hc_head_scale[0]);
+        let mut hidden = o.hc_head(head, x, rows, k)?;
+        o.rms_norm(&mut hidden, Some(&w.norm), k.d, k.norm_eps)?;
+        let logits = o.linear(&w.head, &hidden, n)?;
+        Ok(o.read(&[&logits])?.pop().unwrap_or_default())
     }
 
     fn attn_ctx(&self, b: &BlockWeights) -> AttnCtx<'_> {
@@ -375,7 +363,6 @@ impl Engine {
             rope: &self.ropes[b.layer],
             numerics: self.numerics,
             traps: &self.traps,
-            exec: &self.exec,
         }
     }
 
@@ -390,44 +377,6 @@ impl Engine {
         }
     }
 
-    fn hc_dims(&self) -> offload::HcDims {
-        let cfg = &self.cfg;
-        offload::HcDims {
-            hc: cfg.hc_mult,
-            d: cfg.hidden_size,
-            iters: cfg.hc_sinkhorn_iters,
-            norm_eps: cfg.rms_norm_eps,
-            hc_eps: cfg.hc_eps,
-        }
-    }
-
-    /// [`Engine::block`] with every op on the device: the residual streams x [t, hc·D] stay
-    /// there and are updated in place. None when the device could not run a step.
-    fn block_on_device<'e>(
-        &'e self,
-        b: &BlockWeights,
-        st: &mut AttnState,
-        x: &Act<'e>,
-        tokens: &[u32],
-        t0: usize,
-    ) -> Option<()> {
-        let ex = &self.exec;
-        let k = self.hc_dims();
-        let mix_len = 2 * k.hc + k.hc * k.hc;
-        let site_input = |p: &crate::model::weights::HcParams, norm: &[f32]| {
-            let coef = offload::hc_mix(ex, p, x, k)?;
-            let u = offload::hc_collapse(ex, x, &coef, mix_len, k.hc, k.d)?;
-            offload::rms_norm_rows(ex, &u, Some(norm), k.d, k.norm_eps)?;
-            Some((coef, u))
-        };
-        let (coef, u) = site_input(&b.hc_attn, &b.attn_norm)?;
-        let a = attention::forward_on_device(&self.attn_ctx(b), &b.attn, st, &u, t0, tokens.len())?;
-        offload::hc_expand(ex, x, &a, &coef, k.hc, k.d)?;
-        let (coef, u) = site_input(&b.hc_ffn, &b.ffn_norm)?;
-        let f = moe::forward_on_device(&self.moe_ctx(b), &b.ffn, &u, tokens)?;
-        offload::hc_expand(ex, x, &f, &coef, k.hc, k.d)
-    }
-
     /// Run `tokens` (positions t0..) through the model, updating `state`. Returns logits for
     /// the wanted positions: [n, vocab] with n = 0, 1 or tokens.len().
     pub fn forward(
@@ -440,7 +389,7 @@ impl Engine {
         let cfg = &self.cfg;
         let (d, hc) = (cfg.hidden_size, cfg.hc_mult);
         let t = tokens.len();
-        // Embedding, copied into the hc residual streams.
+        // Embedding (§5.1), copied into the hc residual streams.
         let mut x = vec![0f32; t * hc * d];
         let mut e = vec![0f32; d];
         for (k, &tok) in tokens.iter().enumerate() {
@@ -449,6 +398,11 @@ impl Engine {
                 x[(k * hc + c) * d..(k * hc + c + 1) * d].copy_from_slice(&e);
             }
         }
+        let rows = match want {
+            Want::None => 0..0,
+            Want::Last => t - 1..t,
+            Want::All => 0..t,
+        };
         // Hash-routed layers' experts are known from the token ids alone: the expert cache
         // sees them now, so their promotion copies overlap the layers before them.
         if self.traps.none() && self.exec.tracks_experts() {
@@ -469,8 +423,8 @@ impl Engine {
                 });
             }
         }
-        // Blocks whose ops run on the device keep the activations there; if the device gives
-        // up anywhere, their state is put back and the step computed on the host.
+        // Blocks placed on the device run there with the activations kept there; if the
+        // device gives up anywhere, their state is put back and the step computed on the host.
         let tried = t < self
             .device_gave_up_at
             .load(std::sync::atomic::Ordering::Relaxed);
@@ -479,13 +433,16 @@ impl Engine {
         } else {
             0
         };
+        let host = Host {
+            ex: &self.exec,
+            traps: &self.traps,
+        };
         if n_dev > 0 {
             let marks: Vec<StepMark> = state[..n_dev].iter().map(|s| s.step_mark(t0, t)).collect();
-            if let Some(out) = self.forward_on_device(state, &x, tokens, t0, want, n_dev) {
+            if let Ok(out) = self.on_device(state, &x, tokens, t0, rows.clone(), n_dev) {
                 self.exec.note_device_step();
                 return out;
             }
-            self.exec.enter_layer(None);
             self.exec.note_redone_step();
             // Steps this long (or longer) go straight to the host from now on: chunks that
             // do not fit would otherwise be computed twice every time.
@@ -498,111 +455,50 @@ impl Engine {
             }
         }
         for (b, st) in self.weights.layers.iter().zip(state.iter_mut()) {
-            self.exec.enter_layer(Some(b.layer));
-            self.block(b, st, &mut x, tokens, t0);
+            let Ok(()) = self.block(&host, b, st, &mut x, tokens, t0);
         }
-        self.exec.enter_layer(None);
-        self.head(&x, t, want)
+        if rows.is_empty() {
+            return Vec::new();
+        }
+        let Ok(logits) = self.head(&host, &x, rows);
+        logits
     }
 
-    /// The wanted positions' logits from the residual states x [t, hc·D] on the host.
-    fn head(&self, x: &[f32], t: usize, want: Want) -> Vec<f32> {
-        let cfg = &self.cfg;
-        let (d, hc) = (cfg.hidden_size, cfg.hc_mult);
-        let rows: Vec<usize> = match want {
-            Want::None => return Vec::new(),
-            Want::Last => vec![t - 1],
-            Want::All => (0..t).collect(),
-        };
-        let w = &self.weights;
-        let mut hidden = vec![0f32; rows.len() * d];
-        hidden.par_chunks_mut(d).zip(&rows).for_each(|(h, &k)| {
-            let xt = &x[k * hc * d..(k + 1) * hc * d];
-            h.copy_from_slice(&hyper::head(
-                &w.hc_head_fn,
-                &w.hc_head_base,
-                w.hc_head_scale[0],
-                xt,
-                d,
-                (cfg.rms_norm_eps, cfg.hc_eps),
-                &self.traps,
-            ));
-            rms_norm(h, &w.norm, cfg.rms_norm_eps);
-        });
-        self.exec.linear(&w.head, &hidden, rows.len())
-    }
-
-    /// [`Engine::forward`] from the embedded states `x`: blocks 0..n_dev on the device (the
-    /// residual streams go up once and stay there), the rest and the head on the host, or the
-    /// head on the device too when every block ran there. Only the logits come back (or
-    /// the states where the host takes over). None when the device could not run the step.
-    fn forward_on_device(
+    /// [`Engine::forward`] from the embedded states `x` with blocks 0..n_dev on the device
+    /// (the residual streams go up once and stay there) and the rest on the host, the head
+    /// on the device too when every block ran there and the whole model is placed there.
+    /// Only the logits come back (or the states where the host takes over).
+    fn on_device(
         &self,
         state: &mut [AttnState],
         x: &[f32],
         tokens: &[u32],
         t0: usize,
-        want: Want,
+        rows: Range<usize>,
         n_dev: usize,
-    ) -> Option<Vec<f32>> {
-        let ex = &self.exec;
-        let t = tokens.len();
-        ex.enter_layer(Some(0));
-        let xd = Act::upload(ex, x)?;
-        let blocks = self.weights.layers.iter().zip(state.iter_mut());
-        let mut host_part = Vec::new();
-        for (i, (b, st)) in blocks.enumerate() {
-            if i < n_dev {
-                ex.enter_layer(Some(b.layer));
-                self.block_on_device(b, st, &xd, tokens, t0)?;
-            } else {
-                host_part.push((b, st));
-            }
-        }
-        ex.enter_layer(None);
-        if !host_part.is_empty() || !ex.ops_on_device() {
-            let mut xh = xd.read()?;
-            for (b, st) in host_part {
-                ex.enter_layer(Some(b.layer));
-                self.block(b, st, &mut xh, tokens, t0);
-            }
-            ex.enter_layer(None);
-            return Some(self.head(&xh, t, want));
-        }
-        // The head on the device: the HC head's collapse of the wanted rows, the norm, then
-        // the LM head (or its input back to the host if the head is not resident).
-        let cfg = &self.cfg;
-        let k = self.hc_dims();
-        let w = &self.weights;
-        let width = k.hc * k.d;
-        let (xs, n) = match want {
-            Want::None => return Some(Vec::new()),
-            Want::All => (None, t),
-            Want::Last => {
-                let last = Act::new(ex, width)?;
-                let copy = offload::copy(
-                    xd.buf(),
-                    (t - 1) * width,
-                    width,
-                    last.buf(),
-                    0,
-                    width,
-                    1,
-                    width,
-                );
-                ex.launch(&[copy]).then_some(())?;
-                (Some(last), 1)
-            }
+    ) -> Result<Vec<f32>, GaveUp> {
+        let dev = Dev { ex: &self.exec };
+        let host = Host {
+            ex: &self.exec,
+            traps: &self.traps,
         };
-        let xs = xs.as_ref().unwrap_or(&xd);
-        let head = (&w.hc_head_fn[..], &w.hc_head_base[..], w.hc_head_scale[0]);
-        let pre = offload::hc_head(ex, head, xs, k)?;
-        let hidden = offload::hc_collapse(ex, xs, &pre, k.hc, k.hc, k.d)?;
-        offload::rms_norm_rows(ex, &hidden, Some(&w.norm), k.d, cfg.rms_norm_eps)?;
-        if ex.is_resident(&w.head) {
-            offload::linear(ex, &w.head, &hidden, n)?.read()
-        } else {
-            Some(ex.linear(&w.head, &hidden.read()?, n))
+        let mut xd = dev.upload(x.to_vec())?;
+        let layers = self.weights.layers.iter().zip(state.iter_mut());
+        let (on_dev, on_host): (Vec<_>, Vec<_>) = layers.enumerate().partition(|(i, _)| *i < n_dev);
+        for (_, (b, st)) in on_dev {
+            self.block(&dev, b, st, &mut xd, tokens, t0)?;
         }
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        if on_host.is_empty() && self.exec.ops_on_device() {
+            return self.head(&dev, &xd, rows);
+        }
+        let mut xh = dev.read(&[&xd])?.pop().unwrap_or_default();
+        for (_, (b, st)) in on_host {
+            let Ok(()) = self.block(&host, b, st, &mut xh, tokens, t0);
+        }
+        let Ok(logits) = self.head(&host, &xh, rows);
+        Ok(logits)
     }
 }

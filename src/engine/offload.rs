@@ -1,18 +1,21 @@
-//! The forward pass's ops on the device with the activations kept there ([`Act`]): a layer's
-//! ops read and write device buffers, and only the few values the host needs come back (the
-//! routing, the new KV and compressor rows, the indexer's choices). Every helper returns None
-//! when the device cannot run it (no room, an error); the caller then abandons its device
-//! path and the step is computed on the host (`Engine::forward`), so a device problem never
-//! changes an answer.
+//! [`Ops`] on a device ([`Dev`]), with the activations kept there ([`Act`]): a layer's ops
+//! read and write device buffers, and only the few values the host needs come back (the
+//! routing, the new KV and compressor rows, the indexer's choices). Each op is built here
+//! from the device's `Op`s (`backend::device`). An op the device cannot run (no room, an
+//! error) returns [`GaveUp`]; the engine then computes the step on the host
+//! (`Engine::forward`), so a device problem never changes an answer.
 
+use super::attention::AttnState;
 use super::moe::Route;
 use super::numerics::Numerics;
+use super::ops::{HcDims, HcHeadParams, Maybe, Ops, QueryKeys, Routing, RowWeights};
 use super::rope::Rope;
 use crate::backend::device::{Buf, Op, bytes_i32, f32_bytes, f32_bytes_mut};
 use crate::backend::exec::{Arg, Exec};
 use crate::model::config::ModelConfig;
 use crate::model::formats::I8_BLOCK;
 use crate::model::weights::{HcParams, MoeWeights, Weight};
+use std::ops::Range;
 
 fn i32_bytes(v: impl IntoIterator<Item = usize>) -> Vec<u8> {
     v.into_iter()
@@ -53,18 +56,6 @@ impl<'e> Act<'e> {
             .read_back(self.buf, f32_bytes_mut(&mut v))
             .then_some(v)
     }
-
-    pub fn buf(&self) -> Buf {
-        self.buf
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
 }
 
 impl Drop for Act<'_> {
@@ -73,39 +64,12 @@ impl Drop for Act<'_> {
     }
 }
 
-/// An activation or a rounded copy of it (see [`gemm_input`]).
-pub enum Input<'a, 'e> {
-    Same(&'a Act<'e>),
-    Rounded(Act<'e>),
-}
-
-impl<'e> std::ops::Deref for Input<'_, 'e> {
-    type Target = Act<'e>;
-    fn deref(&self) -> &Act<'e> {
-        match self {
-            Input::Same(a) => a,
-            Input::Rounded(a) => a,
-        }
-    }
-}
-
-/// Per-row factors of [`swiglu`] and [`add_rows`].
-#[derive(Clone, Copy)]
-pub enum RowWeights<'a> {
-    One,
-    /// Values on the device from this offset on (e.g. the routing's weights).
-    Dev(Buf, usize),
-    Host(&'a [f32]),
-}
-
-impl RowWeights<'_> {
-    /// The argument for `offload_ops` and the offset into it.
-    fn arg(&self) -> (Arg<'_>, usize) {
-        match *self {
-            RowWeights::One => (Arg::Absent, 0),
-            RowWeights::Dev(b, off) => (Arg::Dev(b), off),
-            RowWeights::Host(w) => (Arg::In(f32_bytes(w)), 0),
-        }
+/// The argument for `offload_ops` of per-row factors, and the offset into it.
+fn row_arg<'a>(f: &'a RowWeights<Act>) -> (Arg<'a>, usize) {
+    match f {
+        RowWeights::One => (Arg::Absent, 0),
+        RowWeights::At(a, off) => (Arg::Dev(a.buf), *off),
+        RowWeights::Host(w) => (Arg::In(f32_bytes(w)), 0),
     }
 }
 
@@ -113,7 +77,7 @@ impl RowWeights<'_> {
 /// layer gathers what the host needs first): `parts` are (buffer, values), copied one after
 /// the other into one buffer and read; returns them split again. i32 parts come back as the
 /// f32 values with their bits (`f32::to_bits`).
-pub fn read_together(ex: &Exec, parts: &[(Buf, usize)]) -> Option<Vec<Vec<f32>>> {
+fn read_together(ex: &Exec, parts: &[(Buf, usize)]) -> Option<Vec<Vec<f32>>> {
     let total: usize = parts.iter().map(|p| p.1).sum();
     let all = Act::new(ex, total)?;
     let mut at = 0;
@@ -140,14 +104,14 @@ pub fn read_together(ex: &Exec, parts: &[(Buf, usize)]) -> Option<Vec<Vec<f32>>>
 }
 
 /// y = x · Wᵀ for `t` rows, `w` resident on the device.
-pub fn linear<'e>(ex: &'e Exec, w: &Weight, x: &Act, t: usize) -> Option<Act<'e>> {
+fn linear<'e>(ex: &'e Exec, w: &Weight, x: &Act, t: usize) -> Option<Act<'e>> {
     let y = Act::new(ex, t * w.rows())?;
     ex.linear_on_device(w, 0..w.rows(), x.buf, y.buf, t)
         .then_some(y)
 }
 
 /// In place, per row of `n`: RMSNorm with weight `w` (None: unweighted).
-pub fn rms_norm_rows(ex: &Exec, x: &Act, w: Option<&[f32]>, n: usize, eps: f32) -> Option<()> {
+fn rms_norm_rows(ex: &Exec, x: &Act, w: Option<&[f32]>, n: usize, eps: f32) -> Option<()> {
     let rows = x.len / n;
     ex.offload(
         &mut [Arg::Dev(x.buf), Arg::maybe_param(w.map(f32_bytes))],
@@ -164,7 +128,7 @@ pub fn rms_norm_rows(ex: &Exec, x: &Act, w: Option<&[f32]>, n: usize, eps: f32) 
 }
 
 /// In place: RoPE on the trailing dims of each `width` row, row r at pos0 + r / rows_per_pos.
-pub fn rope_rows(
+fn rope_rows(
     ex: &Exec,
     rope: &Rope,
     x: &Act,
@@ -192,44 +156,8 @@ pub fn rope_rows(
     .then_some(())
 }
 
-/// The input of an FP8/FP4 product ([`Numerics::gemm_input`]): x itself (ideal) or a copy
-/// rounded per 128-block to E4M3 (reference) or per 32-block to the int8 grid (fast).
-pub fn gemm_input<'a, 'e>(
-    ex: &'e Exec,
-    num: Numerics,
-    x: &'a Act<'e>,
-    cols: usize,
-) -> Option<Input<'a, 'e>> {
-    match num {
-        Numerics::Ideal => Some(Input::Same(x)),
-        Numerics::Reference | Numerics::Fast => {
-            let y = Act::new(ex, x.len)?;
-            let rows = x.len / cols;
-            let (x_, width, len) = (y.buf, cols, cols);
-            let round = match num {
-                Numerics::Fast => Op::QuantI8 {
-                    x: x_,
-                    rows,
-                    width,
-                    len,
-                    block: I8_BLOCK,
-                },
-                _ => Op::QuantE4m3 {
-                    x: x_,
-                    rows,
-                    width,
-                    len,
-                    block: 128,
-                },
-            };
-            ex.launch(&[copy(x.buf, 0, cols, y.buf, 0, cols, rows, cols), round])
-                .then_some(Input::Rounded(y))
-        }
-    }
-}
-
 /// Stored KV rows ([`Numerics::kv_row`] on each row of `width`).
-pub fn kv_rows(ex: &Exec, num: Numerics, kv: &Act, width: usize, nope: usize) -> Option<()> {
+fn kv_rows(ex: &Exec, num: Numerics, kv: &Act, width: usize, nope: usize) -> Option<()> {
     match num {
         Numerics::Ideal | Numerics::Fast => Some(()),
         Numerics::Reference => ex
@@ -245,7 +173,7 @@ pub fn kv_rows(ex: &Exec, num: Numerics, kv: &Act, width: usize, nope: usize) ->
 }
 
 /// Indexer query heads / keys ([`Numerics::indexer_vec`] on each row of `n`).
-pub fn indexer_vecs(ex: &Exec, num: Numerics, v: &Act, n: usize) -> Option<()> {
+fn indexer_vecs(ex: &Exec, num: Numerics, v: &Act, n: usize) -> Option<()> {
     match num {
         Numerics::Ideal | Numerics::Fast => Some(()),
         Numerics::Reference => ex
@@ -260,7 +188,7 @@ pub fn indexer_vecs(ex: &Exec, num: Numerics, v: &Act, n: usize) -> Option<()> {
 
 /// The strided row copy op (offsets, strides and width in f32 values).
 #[allow(clippy::too_many_arguments)] // the op's own fields
-pub fn copy(
+fn copy(
     src: Buf,
     src_off: usize,
     src_stride: usize,
@@ -283,7 +211,7 @@ pub fn copy(
 }
 
 /// out[j] = x[idx[j]] for rows of `width`.
-pub fn gather_rows<'e>(ex: &'e Exec, x: &Act, idx: &[usize], width: usize) -> Option<Act<'e>> {
+fn gather_rows<'e>(ex: &'e Exec, x: &Act, idx: &[usize], width: usize) -> Option<Act<'e>> {
     let out = Act::new(ex, idx.len() * width)?;
     let ib = i32_bytes(idx.iter().copied());
     ex.offload(
@@ -301,18 +229,18 @@ pub fn gather_rows<'e>(ex: &'e Exec, x: &Act, idx: &[usize], width: usize) -> Op
 
 /// y[idx[j]] += f_j · x[x_off + j·width ..] for j < n in order (idx None: row j).
 #[allow(clippy::too_many_arguments)] // the op's own fields
-pub fn add_rows(
+fn add_rows(
     ex: &Exec,
     y: &Act,
     x: Buf,
     x_off: usize,
     idx: Option<&[usize]>,
-    weights: RowWeights,
+    weights: &RowWeights<Act>,
     n: usize,
     width: usize,
 ) -> Option<()> {
     let ib = idx.map(|i| i32_bytes(i.iter().copied()));
-    let (wa, w_off) = weights.arg();
+    let (wa, w_off) = row_arg(weights);
     ex.offload(
         &mut [Arg::Dev(y.buf), Arg::Dev(x), Arg::maybe(ib.as_deref()), wa],
         |b| Op::AddRows {
@@ -330,17 +258,17 @@ pub fn add_rows(
 }
 
 /// Element-wise clamped SwiGLU of g, u, times a weight per row of `width` if given.
-pub fn swiglu<'e>(
+fn swiglu<'e>(
     ex: &'e Exec,
     g: &Act,
     u: &Act,
-    row_w: RowWeights,
+    row_w: &RowWeights<Act>,
     width: usize,
     limit: f32,
 ) -> Option<Act<'e>> {
     let n = g.len;
     let out = Act::new(ex, n)?;
-    let (wa, row_w_off) = row_w.arg();
+    let (wa, row_w_off) = row_arg(row_w);
     ex.offload(
         &mut [Arg::Dev(g.buf), Arg::Dev(u.buf), wa, Arg::Dev(out.buf)],
         |b| Op::Swiglu {
@@ -357,18 +285,8 @@ pub fn swiglu<'e>(
     .then_some(out)
 }
 
-/// The mHC constants of a model: (hc, d, sinkhorn iterations, norm eps, hc eps).
-#[derive(Clone, Copy)]
-pub struct HcDims {
-    pub hc: usize,
-    pub d: usize,
-    pub iters: usize,
-    pub norm_eps: f32,
-    pub hc_eps: f32,
-}
-
 /// mHC coefficients of the states x [t, hc·d]: [t, 2hc + hc²] = [pre | post | comb].
-pub fn hc_mix<'e>(ex: &'e Exec, p: &HcParams, x: &Act, k: HcDims) -> Option<Act<'e>> {
+fn hc_mix<'e>(ex: &'e Exec, p: &HcParams, x: &Act, k: HcDims) -> Option<Act<'e>> {
     let t = x.len / (k.hc * k.d);
     let out = Act::new(ex, t * (2 * k.hc + k.hc * k.hc))?;
     let scale = [p.scale[0], p.scale[1], p.scale[2]];
@@ -397,7 +315,7 @@ pub fn hc_mix<'e>(ex: &'e Exec, p: &HcParams, x: &Act, k: HcDims) -> Option<Act<
 }
 
 /// u[t] = Σ_i coef[t·stride + i] · x[t, i].
-pub fn hc_collapse<'e>(
+fn hc_collapse<'e>(
     ex: &'e Exec,
     x: &Act,
     coef: &Act,
@@ -420,7 +338,7 @@ pub fn hc_collapse<'e>(
 }
 
 /// In place: x[t, k] = post_k f[t] + Σ_i comb[i][k] x[t, i], coef as [`hc_mix`] returns it.
-pub fn hc_expand(ex: &Exec, x: &Act, f: &Act, coef: &Act, hc: usize, d: usize) -> Option<()> {
+fn hc_expand(ex: &Exec, x: &Act, f: &Act, coef: &Act, hc: usize, d: usize) -> Option<()> {
     ex.launch(&[Op::HcExpand {
         x: x.buf,
         f: f.buf,
@@ -433,7 +351,7 @@ pub fn hc_expand(ex: &Exec, x: &Act, f: &Act, coef: &Act, hc: usize, d: usize) -
 }
 
 /// The HC head's collapse weights for each state of x [t, hc·d]: [t, hc].
-pub fn hc_head<'e>(
+fn hc_head<'e>(
     ex: &'e Exec,
     (fn_, base, scale): (&[f32], &[f32], f32),
     x: &Act,
@@ -467,7 +385,7 @@ pub fn hc_head<'e>(
 /// Attention of the queries q [t, heads, hd] over rows of the device key table `keys`
 /// [_, hd]: query j sees the rows `idx[j]`. Returns [t, heads, hd].
 #[allow(clippy::too_many_arguments)] // queries, keys, their selection, sinks and shapes
-pub fn attend<'e>(
+fn attend<'e>(
     ex: &'e Exec,
     q: &Act,
     keys: Buf,
@@ -515,7 +433,7 @@ pub fn attend<'e>(
 /// [n, ihd] of the device table `keys` for query j's heads (`iq` [t, ih, ihd] on the device,
 /// weights `w` [t, ih]), ascending. Every query's choice is made on the device and they come
 /// back together in one read.
-pub fn indexer_select(
+fn indexer_select(
     ex: &Exec,
     iq: &Act,
     w: &[f32],
@@ -579,7 +497,7 @@ pub fn indexer_select(
 /// or the hash layer's experts, normalised and scaled weights. The routes come to the host
 /// in one copy together with `x` (the MoE input, for the CPU's experts): the one read a MoE
 /// site makes. The weights [t, k] also stay on the device.
-pub fn route<'e>(
+fn route<'e>(
     ex: &'e Exec,
     cfg: &ModelConfig,
     w: &MoeWeights,
@@ -636,4 +554,327 @@ pub fn route<'e>(
         })
         .collect();
     Some((routes, weights, x_host))
+}
+
+/// The device could not run an op (no room, an error): the step is computed on the host.
+#[derive(Debug)]
+pub(crate) struct GaveUp;
+
+type R<T> = Result<T, GaveUp>;
+
+fn ok<T>(v: Option<T>) -> R<T> {
+    v.ok_or(GaveUp)
+}
+
+/// [`Ops`] on `ex`'s device, activations in device buffers.
+pub(crate) struct Dev<'e> {
+    pub ex: &'e Exec,
+}
+
+/// Positions split into runs of consecutive ring slots (slot = position mod `win`; a run
+/// ends where the slot wraps): at most two for a range no longer than the window.
+fn slot_runs(r: Range<usize>, win: usize) -> impl Iterator<Item = Range<usize>> {
+    let end = r.end;
+    std::iter::successors(Some(r.start), move |&p| Some(end.min((p / win + 1) * win)))
+        .take_while(move |&p| p < end)
+        .map(move |p| p..end.min((p / win + 1) * win))
+}
+
+impl<'e> Ops for Dev<'e> {
+    type T = Act<'e>;
+    type Err = GaveUp;
+
+    fn on_device(&self) -> bool {
+        true
+    }
+
+    fn upload(&self, v: Vec<f32>) -> R<Act<'e>> {
+        ok(Act::upload(self.ex, &v))
+    }
+
+    fn read(&self, xs: &[&Act<'e>]) -> R<Vec<Vec<f32>>> {
+        match xs {
+            [x] => ok(x.read().map(|v| vec![v])),
+            _ => {
+                let parts: Vec<(Buf, usize)> = xs.iter().map(|x| (x.buf, x.len)).collect();
+                ok(read_together(self.ex, &parts))
+            }
+        }
+    }
+
+    fn rows(&self, x: &Act<'e>, rows: Range<usize>, width: usize) -> R<Act<'e>> {
+        let out = ok(Act::new(self.ex, rows.len() * width))?;
+        let n = rows.len();
+        let c = copy(
+            x.buf,
+            rows.start * width,
+            width,
+            out.buf,
+            0,
+            width,
+            n,
+            width,
+        );
+        ok(self.ex.launch(&[c]).then_some(out))
+    }
+
+    fn gather_rows(&self, x: &Act<'e>, idx: &[usize], width: usize) -> R<Act<'e>> {
+        ok(gather_rows(self.ex, x, idx, width))
+    }
+
+    /// On the device when `w` is resident there; otherwise on the CPU (x read back, the
+    /// product uploaded).
+    fn linear(&self, w: &Weight, x: &Act<'e>, t: usize) -> R<Act<'e>> {
+        if self.ex.is_resident(w) {
+            return ok(linear(self.ex, w, x, t));
+        }
+        let xh = ok(x.read())?;
+        ok(Act::upload(self.ex, &self.ex.linear(w, &xh, t)))
+    }
+
+    fn linear_grouped(
+        &self,
+        w: &Weight,
+        x: &Act<'e>,
+        t: usize,
+        groups: usize,
+        _hd: usize,
+        interleaved: bool,
+    ) -> R<Act<'e>> {
+        if interleaved {
+            return Err(GaveUp);
+        }
+        let ex = self.ex;
+        let (gin, ol) = (w.cols(), w.rows() / groups);
+        let width = groups * gin;
+        let y = ok(Act::new(ex, t * groups * ol))?;
+        let xg = ok(Act::new(ex, t * gin))?;
+        let yg = ok(Act::new(ex, t * ol))?;
+        for gi in 0..groups {
+            let done = ex.launch(&[copy(x.buf, gi * gin, width, xg.buf, 0, gin, t, gin)])
+                && ex.linear_on_device(w, gi * ol..(gi + 1) * ol, xg.buf, yg.buf, t)
+                && ex.launch(&[copy(yg.buf, 0, ol, y.buf, gi * ol, groups * ol, t, ol)]);
+            if !done {
+                return Err(GaveUp);
+            }
+        }
+        Ok(y)
+    }
+
+    /// x itself (ideal) or a copy rounded per 128-block to E4M3 (reference) or per 32-block
+    /// to the int8 grid (fast).
+    fn gemm_input<'a>(&self, num: Numerics, x: &'a Act<'e>, cols: usize) -> R<Maybe<'a, Act<'e>>> {
+        let round = |x_: Buf, rows: usize| match num {
+            Numerics::Fast => Op::QuantI8 {
+                x: x_,
+                rows,
+                width: cols,
+                len: cols,
+                block: I8_BLOCK,
+            },
+            _ => Op::QuantE4m3 {
+                x: x_,
+                rows,
+                width: cols,
+                len: cols,
+                block: 128,
+            },
+        };
+        match num {
+            Numerics::Ideal => Ok(Maybe::Same(x)),
+            Numerics::Reference | Numerics::Fast => {
+                let y = ok(Act::new(self.ex, x.len))?;
+                let rows = x.len / cols;
+                let ops = [
+                    copy(x.buf, 0, cols, y.buf, 0, cols, rows, cols),
+                    round(y.buf, rows),
+                ];
+                ok(self.ex.launch(&ops).then_some(Maybe::Own(y)))
+            }
+        }
+    }
+
+    fn rms_norm(&self, x: &mut Act<'e>, w: Option<&[f32]>, n: usize, eps: f32) -> R<()> {
+        ok(rms_norm_rows(self.ex, x, w, n, eps))
+    }
+
+    fn rope(
+        &self,
+        rope: &Rope,
+        x: &mut Act<'e>,
+        width: usize,
+        pos0: usize,
+        rows_per_pos: usize,
+        inverse: bool,
+    ) -> R<()> {
+        ok(rope_rows(
+            self.ex,
+            rope,
+            x,
+            width,
+            pos0,
+            rows_per_pos,
+            inverse,
+        ))
+    }
+
+    fn kv_rows(&self, num: Numerics, x: &mut Act<'e>, width: usize, nope: usize) -> R<()> {
+        ok(kv_rows(self.ex, num, x, width, nope))
+    }
+
+    fn indexer_vecs(&self, num: Numerics, x: &mut Act<'e>, n: usize) -> R<()> {
+        ok(indexer_vecs(self.ex, num, x, n))
+    }
+
+    fn hc_mix(&self, p: &HcParams, x: &Act<'e>, k: HcDims) -> R<Act<'e>> {
+        ok(hc_mix(self.ex, p, x, k))
+    }
+
+    fn hc_collapse(&self, x: &Act<'e>, coef: &Act<'e>, k: HcDims) -> R<Act<'e>> {
+        let t = (x.len / (k.hc * k.d)).max(1);
+        ok(hc_collapse(self.ex, x, coef, coef.len / t, k.hc, k.d))
+    }
+
+    fn hc_expand(&self, x: &mut Act<'e>, f: &Act<'e>, coef: &Act<'e>, k: HcDims) -> R<()> {
+        ok(hc_expand(self.ex, x, f, coef, k.hc, k.d))
+    }
+
+    fn hc_head(&self, p: HcHeadParams, x: &Act<'e>, rows: Range<usize>, k: HcDims) -> R<Act<'e>> {
+        let width = k.hc * k.d;
+        let part;
+        let xs = if rows.len() * width == x.len {
+            x
+        } else {
+            part = self.rows(x, rows, width)?;
+            &part
+        };
+        let pre = ok(hc_head(self.ex, p, xs, k))?;
+        ok(hc_collapse(self.ex, xs, &pre, k.hc, k.hc, k.d))
+    }
+
+    /// Every query's choice made on the device (over the block's indexer rows, kept there
+    /// in a table across steps) and brought back in one read.
+    fn indexer_topk(
+        &self,
+        st: &AttnState,
+        iq: &Act<'e>,
+        iw: &[f32],
+        queries: &[(usize, usize)],
+        heads: (usize, usize),
+        topk: usize,
+    ) -> R<Vec<Vec<usize>>> {
+        let is = st.index.as_ref().ok_or(GaveUp)?;
+        let (id, version) = is.rows.identity();
+        let n = is.rows.len();
+        let keys = ok(self
+            .ex
+            .table(id, version, heads.1, 0, n, |r| is.rows.rows(r)))?
+        .0;
+        ok(indexer_select(self.ex, iq, iw, keys, queries, heads, topk))
+    }
+
+    /// Over one key table per block kept on the device across steps: the window ring at slot
+    /// position mod win, this step's rows after it, then every compressed row. This step's
+    /// rows are copied into the table from `kv`, and afterwards into their ring slots, so
+    /// the next step finds them there; ring rows the table lacks (after a fresh start or a
+    /// rewind) come from the host's ring.
+    fn attend(
+        &self,
+        st: &mut AttnState,
+        q: &Act<'e>,
+        kv: &Act<'e>,
+        keys: &[QueryKeys],
+        sink: &[f32],
+        t0: usize,
+        (h, hd): (usize, usize),
+    ) -> R<Act<'e>> {
+        let ex = self.ex;
+        let (t, win) = (keys.len(), st.window.size());
+        let first = t0.saturating_sub(win - 1);
+        let (n, version) = st
+            .comp
+            .as_ref()
+            .map_or((0, 0), |cs| (cs.rows.len(), cs.rows.identity().1));
+        let rows = |r: Range<usize>| st.comp.as_ref().map_or(Vec::new(), |cs| cs.rows.rows(r));
+        let (buf, comp_at, fresh) = ok(ex.table(st.table, version, hd, win + t, n, rows))?;
+        let from = match st.ring_synced {
+            Some(p) if !fresh => p.max(first),
+            _ => first,
+        };
+        for r in slot_runs(from..t0, win) {
+            let slot = r.start % win;
+            let run: Vec<f32> = r.flat_map(|p| st.window.get(p).iter().copied()).collect();
+            if !ex.write_rows(buf, slot, hd, &run) {
+                return Err(GaveUp);
+            }
+        }
+        st.ring_synced = None;
+        if !ex.launch(&[copy(kv.buf, 0, hd, buf, win * hd, hd, t, hd)]) {
+            return Err(GaveUp);
+        }
+        let idx: Vec<Vec<usize>> = keys
+            .iter()
+            .map(|k| {
+                let window = k.window.clone();
+                let window = window.map(|j| if j < t0 { j % win } else { win + j - t0 });
+                window.chain(k.comp.iter().map(|&i| comp_at + i)).collect()
+            })
+            .collect();
+        let scale = 1.0 / (hd as f32).sqrt();
+        let o = ok(attend(ex, q, buf, &idx, sink, scale, h, hd))?;
+        // This step's last rows into their ring slots, so the next step needs no copy from
+        // the host.
+        let last = (t0 + t).saturating_sub(win).max(t0)..t0 + t;
+        let copies: Vec<Op> = slot_runs(last, win)
+            .map(|r| {
+                let (src, dst) = ((r.start - t0) * hd, (r.start % win) * hd);
+                copy(kv.buf, src, hd, buf, dst, hd, r.len(), hd)
+            })
+            .collect();
+        if !ex.launch(&copies) {
+            return Err(GaveUp);
+        }
+        st.ring_synced = Some(t0 + t);
+        Ok(o)
+    }
+
+    fn route(
+        &self,
+        cfg: &ModelConfig,
+        w: &MoeWeights,
+        logits: &Act<'e>,
+        x: &Act<'e>,
+        tokens: &[u32],
+    ) -> R<Routing<Act<'e>>> {
+        ok(route(self.ex, cfg, w, logits, x, tokens))
+    }
+
+    fn swiglu(
+        &self,
+        g: &Act<'e>,
+        u: &Act<'e>,
+        f: RowWeights<Act<'e>>,
+        width: usize,
+        limit: f32,
+        lower: f32,
+    ) -> R<Act<'e>> {
+        // The kernel clamps the gate from above only (a two-sided clamp is a trap).
+        if lower != f32::NEG_INFINITY {
+            return Err(GaveUp);
+        }
+        ok(swiglu(self.ex, g, u, &f, width, limit))
+    }
+
+    fn add_rows(
+        &self,
+        y: &mut Act<'e>,
+        x: &Act<'e>,
+        x_off: usize,
+        idx: Option<&[usize]>,
+        f: RowWeights<Act<'e>>,
+        n: usize,
+        width: usize,
+    ) -> R<()> {
+        ok(add_rows(self.ex, y, x.buf, x_off, idx, &f, n, width))
+    }
 }
