@@ -771,12 +771,12 @@ impl Device for TestCard {
     fn free_weight(&self, w: dsflash::backend::device::DevWeight) {
         self.dev.free_weight(w)
     }
-    fn launch(
+    fn run(
         &self,
         op: &dsflash::backend::device::Op,
         s: dsflash::backend::device::Stream,
     ) -> dsflash::backend::device::Result<()> {
-        self.dev.launch(op, s)
+        self.dev.run(op, s)
     }
     fn record(
         &self,

@@ -285,6 +285,157 @@ pub enum Op {
     },
 }
 
+impl Op {
+    /// The op's name in errors (the CUDA kernel's, where it has one).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Linear { .. } => "linear",
+            Op::RmsNorm { .. } => "rms_norm",
+            Op::Swiglu { .. } => "swiglu",
+            Op::Axpy { .. } => "axpy",
+            Op::CopyRows { .. } => "copy_rows",
+            Op::GatherRows { .. } => "gather_rows",
+            Op::AddRows { .. } => "add_rows",
+            Op::Rope { .. } => "rope",
+            Op::AttendSink { .. } => "attend_sink",
+            Op::HcMix { .. } => "hc_mix",
+            Op::HcHead { .. } => "hc_head",
+            Op::HcCollapse { .. } => "hc_collapse",
+            Op::HcExpand { .. } => "hc_expand",
+            Op::IndexerScores { .. } => "indexer_scores",
+            Op::CompressPool { .. } => "compress_pool",
+            Op::QuantE4m3 { .. } => "quant_e4m3",
+            Op::QuantI8 { .. } => "quant_i8",
+            Op::HadamardE2m1 { .. } => "hadamard_e2m1",
+            Op::TopkSelect { .. } => "topk_select",
+            Op::RouteTopk { .. } => "route_topk",
+            Op::Argmax { .. } => "argmax",
+            Op::SoftmaxTemp { .. } => "softmax_temp",
+        }
+    }
+
+    /// The op's contract on its own arguments, the same on every device (the limits are
+    /// those of the CUDA kernels: threads per block, registers per thread). Checked once by
+    /// [`Device::launch`] before a device runs the op; a device then checks only what it
+    /// alone knows (that the buffers exist and are large enough).
+    pub fn check(&self) -> Result<()> {
+        let bad = |msg: String| {
+            Err(DeviceError::Shape {
+                op: self.name(),
+                msg,
+            })
+        };
+        match self {
+            Op::Linear { w, rows, .. } if rows.start > rows.end || rows.end > w.rows => {
+                bad(format!("rows {rows:?} of a weight of {}", w.rows))
+            }
+            Op::Linear { w, .. } if !w.cols.is_multiple_of(32) => bad(format!(
+                "{:?} weight of {} columns: need a multiple of 32",
+                w.format, w.cols
+            )),
+            Op::Linear { w, rows, .. }
+                if w.format == Format::Fp8 && !rows.start.is_multiple_of(128) =>
+            {
+                bad(format!(
+                    "FP8 rows from {}: need whole 128-row scale blocks",
+                    rows.start
+                ))
+            }
+            Op::Rope {
+                width, rope_dim, ..
+            } if *rope_dim > *width || rope_dim % 2 != 0 || *rope_dim > 2048 => bad(format!(
+                "rope_dim {rope_dim} in width {width}: need even, up to 2048"
+            )),
+            Op::AttendSink { hd, .. } if *hd > 512 || !hd.is_multiple_of(32) => {
+                bad(format!("head dim {hd}: need a multiple of 32 up to 512"))
+            }
+            Op::HcMix { hc, .. }
+            | Op::HcHead { hc, .. }
+            | Op::HcCollapse { hc, .. }
+            | Op::HcExpand { hc, .. }
+                if *hc == 0 || *hc > 8 =>
+            {
+                bad(format!("hc {hc}: need 1..=8"))
+            }
+            Op::CompressPool { d, cd, off, .. } if off + d > *cd => {
+                bad(format!("half at {off} + {d} past {cd}"))
+            }
+            Op::QuantE4m3 {
+                width, len, block, ..
+            }
+            | Op::QuantI8 {
+                width, len, block, ..
+            } if *block == 0 || *block > 1024 || len > width => bad(format!(
+                "{len} of {width} in blocks of {block}: need blocks of 1..=1024"
+            )),
+            Op::HadamardE2m1 { n, .. } if !n.is_power_of_two() || *n < 32 || *n > 1024 => {
+                bad(format!("length {n}: need a power of two in 32..=1024"))
+            }
+            Op::TopkSelect { n, k, .. } if k > n => bad(format!("k {k} > n {n}")),
+            Op::RouteTopk { n_experts, k, .. } if *n_experts > 1024 || *k > 16 || k > n_experts => {
+                bad(format!(
+                    "{n_experts} experts, top {k}: need up to 1024, top up to 16"
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// What the op costs: (bytes it moves through device memory, flops). The simulated
+    /// device's clock runs on it.
+    pub fn cost(&self) -> (f64, f64) {
+        let f = |v: usize| v as f64;
+        match self {
+            Op::Linear { w, rows, t, .. } => {
+                let frac = f(rows.len()) / f(w.rows.max(1));
+                let io = 4.0 * f(t * (w.cols + rows.len()));
+                (w.bytes as f64 * frac + io, 2.0 * f(rows.len() * w.cols * t))
+            }
+            Op::RmsNorm { rows, n, .. } => (8.0 * f(rows * n), 3.0 * f(rows * n)),
+            Op::Swiglu { n, .. } => (12.0 * f(*n), 10.0 * f(*n)),
+            Op::Axpy { n, .. } => (12.0 * f(*n), 2.0 * f(*n)),
+            Op::CopyRows { rows, width, .. } | Op::GatherRows { n: rows, width, .. } => {
+                (8.0 * f(rows * width), 0.0)
+            }
+            Op::AddRows { n, width, .. } => (12.0 * f(n * width), 2.0 * f(n * width)),
+            Op::Rope { rows, width, .. } => (8.0 * f(rows * width), 0.0),
+            Op::RouteTopk {
+                tokens, n_experts, ..
+            } => (4.0 * f(tokens * n_experts), 0.0),
+            Op::Argmax { rows, n, .. } | Op::SoftmaxTemp { rows, n, .. } => {
+                (8.0 * f(rows * n), 0.0)
+            }
+            Op::AttendSink {
+                max_keys,
+                t,
+                heads,
+                hd,
+                ..
+            } => {
+                let keys = f(t * max_keys * hd) * f(*heads);
+                (4.0 * keys, 4.0 * keys)
+            }
+            Op::HcMix { t, hc, d, .. } => {
+                let mix = 2 * hc + hc * hc;
+                (4.0 * f(t * hc * d * (1 + mix)), 2.0 * f(t * mix * hc * d))
+            }
+            Op::HcHead { t, hc, d, .. } => {
+                (4.0 * f(t * hc * d * (1 + hc)), 2.0 * f(t * hc * hc * d))
+            }
+            Op::HcCollapse { t, hc, d, .. } | Op::HcExpand { t, hc, d, .. } => {
+                (8.0 * f(t * hc * d), 2.0 * f(t * hc * hc * d))
+            }
+            Op::IndexerScores { n, ih, ihd, .. } => (4.0 * f(n * ihd), 2.0 * f(n * ih * ihd)),
+            Op::TopkSelect { n, .. } => (20.0 * f(*n), 0.0),
+            Op::QuantE4m3 { rows, width, .. } | Op::QuantI8 { rows, width, .. } => {
+                (8.0 * f(rows * width), 0.0)
+            }
+            Op::HadamardE2m1 { rows, n, .. } => (8.0 * f(rows * n), f(rows * n) * f(*n).log2()),
+            Op::CompressPool { windows, r, cd, .. } => (8.0 * f(windows * r * cd), 0.0),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     #[error("device out of memory: {requested} bytes requested, {free} of {capacity} bytes free")]
@@ -357,7 +508,14 @@ pub trait Device: Send + Sync {
     /// Make a weight resident (the stored bytes as they are: codes and scales).
     fn upload_weight(&self, w: &Weight, s: Stream) -> Result<DevWeight>;
     fn free_weight(&self, w: DevWeight);
-    fn launch(&self, op: &Op, s: Stream) -> Result<()>;
+    /// Run an op on stream `s`; callers use [`Device::launch`], which checks the op's
+    /// contract first.
+    fn run(&self, op: &Op, s: Stream) -> Result<()>;
+    /// Check `op` against its contract ([`Op::check`]), then run it.
+    fn launch(&self, op: &Op, s: Stream) -> Result<()> {
+        op.check()?;
+        self.run(op, s)
+    }
     /// An event after all work queued on `s` so far.
     fn record(&self, s: Stream) -> Result<Event>;
     /// Work queued on `s` from now on starts after `e`. Each event is waited for at most once

@@ -1066,7 +1066,7 @@ mod tests {
         fn free_weight(&self, w: DevWeight) {
             self.0.free_weight(w)
         }
-        fn launch(&self, _op: &Op, _s: Stream) -> Result<()> {
+        fn run(&self, _op: &Op, _s: Stream) -> Result<()> {
             Err(DeviceError::Backend("CUDA_ERROR_LAUNCH_FAILED".into()))
         }
         fn record(&self, s: Stream) -> Result<Event> {

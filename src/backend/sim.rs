@@ -90,66 +90,10 @@ impl SimDevice {
             .fold(0.0, |a: f64, &b| a.max(b))
     }
 
-    fn op_cost(&self, op: &Op) -> f64 {
-        let c = &self.cost;
-        let (bytes, flops) = match op {
-            Op::Linear { w, rows, t, .. } => {
-                let frac = rows.len() as f64 / w.rows.max(1) as f64;
-                let wb = w.bytes as f64 * frac;
-                let io = 4.0 * (*t * (w.cols + rows.len())) as f64;
-                (wb + io, 2.0 * (rows.len() * w.cols * t) as f64)
-            }
-            Op::RmsNorm { rows, n, .. } => (8.0 * (rows * n) as f64, 3.0 * (rows * n) as f64),
-            Op::Swiglu { n, .. } => (12.0 * *n as f64, 10.0 * *n as f64),
-            Op::Axpy { n, .. } => (12.0 * *n as f64, 2.0 * *n as f64),
-            Op::CopyRows { rows, width, .. } | Op::GatherRows { n: rows, width, .. } => {
-                (8.0 * (rows * width) as f64, 0.0)
-            }
-            Op::AddRows { n, width, .. } => (12.0 * (n * width) as f64, 2.0 * (n * width) as f64),
-            Op::Rope { rows, width, .. } => (8.0 * (rows * width) as f64, 0.0),
-            Op::RouteTopk {
-                tokens, n_experts, ..
-            } => (4.0 * (tokens * n_experts) as f64, 0.0),
-            Op::Argmax { rows, n, .. } | Op::SoftmaxTemp { rows, n, .. } => {
-                (8.0 * (rows * n) as f64, 0.0)
-            }
-            Op::AttendSink {
-                max_keys,
-                t,
-                heads,
-                hd,
-                ..
-            } => {
-                let keys = (t * max_keys * hd) as f64;
-                (4.0 * keys * *heads as f64, 4.0 * keys * *heads as f64)
-            }
-            Op::HcMix { t, hc, d, .. } => {
-                let mix = 2 * hc + hc * hc;
-                (
-                    4.0 * (t * hc * d * (1 + mix)) as f64,
-                    2.0 * (t * mix * hc * d) as f64,
-                )
-            }
-            Op::HcHead { t, hc, d, .. } => (
-                4.0 * (t * hc * d * (1 + hc)) as f64,
-                2.0 * (t * hc * hc * d) as f64,
-            ),
-            Op::HcCollapse { t, hc, d, .. } | Op::HcExpand { t, hc, d, .. } => {
-                (8.0 * (t * hc * d) as f64, 2.0 * (t * hc * hc * d) as f64)
-            }
-            Op::IndexerScores { n, ih, ihd, .. } => {
-                (4.0 * (n * ihd) as f64, 2.0 * (n * ih * ihd) as f64)
-            }
-            Op::TopkSelect { n, .. } => (4.0 * 5.0 * *n as f64, 0.0),
-            Op::QuantE4m3 { rows, width, .. } | Op::QuantI8 { rows, width, .. } => {
-                (8.0 * (rows * width) as f64, 0.0)
-            }
-            Op::HadamardE2m1 { rows, n, .. } => (
-                8.0 * (rows * n) as f64,
-                (rows * n) as f64 * (*n as f64).log2(),
-            ),
-            Op::CompressPool { windows, r, cd, .. } => (8.0 * (windows * r * cd) as f64, 0.0),
-        };
+    /// Modelled seconds of an op: its bytes over the memory bandwidth or its flops over
+    /// the peak, whichever is longer, plus the launch latency.
+    fn op_time(&self, op: &Op) -> f64 {
+        let (c, (bytes, flops)) = (&self.cost, op.cost());
         c.latency_s + (bytes / (c.memory_gbs * 1e9)).max(flops / (c.tflops * 1e12))
     }
 }
@@ -241,9 +185,9 @@ impl Device for SimDevice {
         self.mem.free_weight(w)
     }
 
-    fn launch(&self, op: &Op, s: Stream) -> Result<()> {
+    fn run(&self, op: &Op, s: Stream) -> Result<()> {
         self.mem.host().run(op)?;
-        self.advance(s, self.op_cost(op), false);
+        self.advance(s, self.op_time(op), false);
         self.clocks().stats.launches += 1;
         Ok(())
     }

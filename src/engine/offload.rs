@@ -647,13 +647,22 @@ impl<'e> Ops for Dev<'e> {
         let ex = self.ex;
         let (gin, ol) = (w.cols(), w.rows() / groups);
         let width = groups * gin;
+        // An FP8 product starts at a whole 128-row scale block (the op's contract): a group
+        // that starts inside one computes from the block's start and keeps its own rows.
+        let align = if matches!(w, Weight::Fp8 { .. }) {
+            128
+        } else {
+            1
+        };
         let y = ok(Act::new(ex, t * groups * ol))?;
         let xg = ok(Act::new(ex, t * gin))?;
-        let yg = ok(Act::new(ex, t * ol))?;
+        let yg = ok(Act::new(ex, t * (ol + align - 1)))?;
         for gi in 0..groups {
+            let first = gi * ol - gi * ol % align;
+            let (skip, n) = (gi * ol - first, (gi + 1) * ol - first);
             let done = ex.launch(&[copy(x.buf, gi * gin, width, xg.buf, 0, gin, t, gin)])
-                && ex.linear_on_device(w, gi * ol..(gi + 1) * ol, xg.buf, yg.buf, t)
-                && ex.launch(&[copy(yg.buf, 0, ol, y.buf, gi * ol, groups * ol, t, ol)]);
+                && ex.linear_on_device(w, first..(gi + 1) * ol, xg.buf, yg.buf, t)
+                && ex.launch(&[copy(yg.buf, skip, n, y.buf, gi * ol, groups * ol, t, ol)]);
             if !done {
                 return Err(GaveUp);
             }

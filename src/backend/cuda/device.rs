@@ -3,7 +3,7 @@
 //! (cached on disk), a compute stream and a copy stream ordered by events.
 
 use super::cache;
-use super::sources::KERNELS;
+use super::sources::{KERNELS, Param};
 use crate::backend::device::{
     Buf, DevWeight, Device, DeviceError, Event, Format, Op, Result, Stats, Stream, charge, lock,
 };
@@ -36,7 +36,8 @@ struct Mem {
 pub struct CudaDevice {
     ctx: Arc<CudaContext>,
     streams: [Arc<CudaStream>; 2],
-    funcs: HashMap<&'static str, CudaFunction>,
+    /// Kernels by name, with their parameters as the source declares them.
+    funcs: HashMap<&'static str, (CudaFunction, Vec<Param>)>,
     mem: Mutex<Mem>,
     /// Pinned host buffers weights are staged through on their way up (allocated at the
     /// first upload; None after an allocation failure: pageable copies then).
@@ -124,17 +125,60 @@ fn drv(e: impl std::fmt::Debug) -> DeviceError {
     DeviceError::Backend(format!("CUDA: {e:?}"))
 }
 
-fn every_kernel_name() -> Vec<&'static str> {
-    KERNELS
-        .iter()
-        .flat_map(|u| {
-            u.text
-                .split("extern \"C\" __global__ void ")
-                .skip(1)
-                .filter_map(|rest| rest.split('(').next())
-                .map(|s| s.trim())
-        })
-        .collect()
+/// A kernel argument's type as a parameter kind of the `.cu` signature.
+trait KernelArg: cudarc::driver::DeviceRepr {
+    const KIND: Param;
+}
+
+impl KernelArg for u64 {
+    const KIND: Param = Param::Ptr;
+}
+
+impl KernelArg for i32 {
+    const KIND: Param = Param::Int;
+}
+
+impl KernelArg for f32 {
+    const KIND: Param = Param::Float;
+}
+
+/// The arguments a launch passed against the kernel's parameters: an error naming the
+/// kernel unless they agree in number and kind.
+fn check_args(name: &'static str, want: &[Param], got: &[Param]) -> Result<()> {
+    if want == got {
+        return Ok(());
+    }
+    Err(DeviceError::Shape {
+        op: name,
+        msg: format!("the launch passes {got:?}, the kernel takes {want:?}"),
+    })
+}
+
+/// One kernel launch being built: each argument's kind is recorded and checked against the
+/// kernel's signature in its `.cu` source before the launch.
+struct Launch<'a> {
+    args: cudarc::driver::LaunchArgs<'a>,
+    name: &'static str,
+    want: &'a [Param],
+    got: Vec<Param>,
+}
+
+impl<'a> Launch<'a> {
+    fn arg<T: KernelArg>(&mut self, v: &'a T) -> &mut Self {
+        self.got.push(T::KIND);
+        self.args.arg(v);
+        self
+    }
+
+    /// # Safety
+    /// Every pointer argument addresses a live device allocation of at least the size the
+    /// kernel reads or writes for `cfg`.
+    unsafe fn launch(&mut self, cfg: LaunchConfig) -> Result<()> {
+        check_args(self.name, self.want, &self.got)?;
+        // SAFETY: the arguments match the kernel's parameters (checked above); the caller
+        // vouches for the allocations.
+        unsafe { self.args.launch(cfg) }.map(|_| ()).map_err(drv)
+    }
 }
 
 impl CudaDevice {
@@ -175,6 +219,7 @@ impl CudaDevice {
         let (free, total) = ctx
             .mem_get_info()
             .map_err(|e| CudaOpenError::Driver(format!("{e:?}")))?;
+        let sigs = super::sources::signatures().map_err(CudaOpenError::Compile)?;
         let mut funcs = HashMap::new();
         let mut compiled_units = 0;
         for unit in KERNELS {
@@ -184,9 +229,9 @@ impl CudaDevice {
             let module = ctx
                 .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
                 .map_err(|e| CudaOpenError::Driver(format!("loading {}: {e:?}", unit.name)))?;
-            for name in every_kernel_name() {
+            for (name, params) in &sigs {
                 if let Ok(f) = module.load_function(name) {
-                    funcs.insert(name, f);
+                    funcs.insert(*name, (f, params.clone()));
                 }
             }
         }
@@ -276,10 +321,18 @@ impl CudaDevice {
         lock(&self.mem)
     }
 
-    fn func(&self, name: &'static str) -> Result<&CudaFunction> {
-        self.funcs
+    /// A launch of kernel `name` on `st`, its arguments checked against the kernel's.
+    fn kernel<'a>(&'a self, st: &'a Arc<CudaStream>, name: &'static str) -> Result<Launch<'a>> {
+        let (f, want) = self
+            .funcs
             .get(name)
-            .ok_or_else(|| DeviceError::Backend(format!("kernel {name} not loaded")))
+            .ok_or_else(|| DeviceError::Backend(format!("kernel {name} not loaded")))?;
+        Ok(Launch {
+            args: st.launch_builder(f),
+            name,
+            want,
+            got: Vec::new(),
+        })
     }
 
     /// Device address of a buffer (+ byte offset).
@@ -302,39 +355,20 @@ impl CudaDevice {
         let (x, y, t) = (*x, *y, *t);
         let dw = m.weights.get(&w.id).ok_or(DeviceError::Unknown(w.id))?;
         let cols = w.cols;
-        let shape = |msg: String| DeviceError::Shape { op: "linear", msg };
-        if rows.end > w.rows {
-            return Err(shape(format!("rows {rows:?} past {}", w.rows)));
-        }
         let (r0, n) = (rows.start, rows.len());
         let data = dw.data.device_ptr(st).0;
         let scales = dw.scales.as_ref().map(|s| s.device_ptr(st).0).unwrap_or(0);
         // Row range as pointer offsets into the stored layout.
         let (wp, sp) = match w.format {
-            Format::Fp4 => {
-                if !cols.is_multiple_of(32) {
-                    return Err(shape(format!("fp4 cols {cols} not a multiple of 32")));
-                }
-                (
-                    data + (r0 * cols / 2) as u64,
-                    scales + (r0 * cols / 32) as u64,
-                )
-            }
+            Format::Fp4 => (
+                data + (r0 * cols / 2) as u64,
+                scales + (r0 * cols / 32) as u64,
+            ),
             Format::Fp8 => {
-                if !r0.is_multiple_of(128) || !cols.is_multiple_of(32) {
-                    return Err(shape(format!(
-                        "fp8 rows from {r0} / cols {cols}: need 128-row blocks, cols % 32"
-                    )));
-                }
                 let bc = cols.div_ceil(128);
                 (data + (r0 * cols) as u64, scales + (r0 / 128 * bc) as u64)
             }
-            Format::Bf16 => {
-                if !cols.is_multiple_of(32) {
-                    return Err(shape(format!("bf16 cols {cols} not a multiple of 32")));
-                }
-                (data + (2 * r0 * cols) as u64, 0)
-            }
+            Format::Bf16 => (data + (2 * r0 * cols) as u64, 0),
         };
         let xp = self.addr(m, x, st)?;
         let yp = self.addr(m, y, st)?;
@@ -369,8 +403,7 @@ impl CudaDevice {
                 },
             )
         };
-        let f = self.func(name)?;
-        let mut b = st.launch_builder(f);
+        let mut b = self.kernel(st, name)?;
         b.arg(&wp);
         if w.format != Format::Bf16 {
             b.arg(&sp);
@@ -381,7 +414,7 @@ impl CudaDevice {
         }
         // SAFETY: the argument list matches the kernel's signature in kernels/gemv.cu or
         // gemm.cu; every pointer addresses a live allocation of the sizes the shapes imply.
-        unsafe { b.launch(cfg) }.map_err(drv)?;
+        unsafe { b.launch(cfg) }?;
         Ok(())
     }
 
@@ -424,10 +457,10 @@ impl CudaDevice {
                 eps,
             } => {
                 let (xp, wp, yp, n_i) = (a(*x)?, opt(*w)?, a(*y)?, *n as i32);
-                let mut b = st.launch_builder(self.func("rms_norm")?);
+                let mut b = self.kernel(st, "rms_norm")?;
                 b.arg(&xp).arg(&wp).arg(&yp).arg(&n_i).arg(eps);
                 // SAFETY: matches kernels/norm.cu rms_norm; buffers hold rows x n floats.
-                unsafe { b.launch(cfg1(*rows, 256)) }.map_err(drv)?;
+                unsafe { b.launch(cfg1(*rows, 256)) }?;
             }
             Op::Swiglu {
                 g,
@@ -444,7 +477,7 @@ impl CudaDevice {
                     None => 0,
                 };
                 let (gp, up, op_, n_i, w_i) = (a(*g)?, a(*u)?, a(*out)?, *n as i32, *width as i32);
-                let mut b = st.launch_builder(self.func("swiglu")?);
+                let mut b = self.kernel(st, "swiglu")?;
                 b.arg(&gp)
                     .arg(&up)
                     .arg(&rp)
@@ -453,14 +486,14 @@ impl CudaDevice {
                     .arg(&w_i)
                     .arg(limit);
                 // SAFETY: matches kernels/act.cu swiglu; buffers hold n floats.
-                unsafe { b.launch(cfg1(n.div_ceil(256), 256)) }.map_err(drv)?;
+                unsafe { b.launch(cfg1(n.div_ceil(256), 256)) }?;
             }
             Op::Axpy { y, x, a: alpha, n } => {
                 let (yp, xp, n_i) = (a(*y)?, a(*x)?, *n as i32);
-                let mut b = st.launch_builder(self.func("axpy")?);
+                let mut b = self.kernel(st, "axpy")?;
                 b.arg(&yp).arg(&xp).arg(alpha).arg(&n_i);
                 // SAFETY: matches kernels/act.cu axpy; buffers hold n floats.
-                unsafe { b.launch(cfg1(n.div_ceil(256), 256)) }.map_err(drv)?;
+                unsafe { b.launch(cfg1(n.div_ceil(256), 256)) }?;
             }
             Op::CopyRows {
                 src,
@@ -478,12 +511,12 @@ impl CudaDevice {
                 let sp = a(*src)? + 4 * *src_off as u64;
                 let dp = a(*dst)? + 4 * *dst_off as u64;
                 let (ss, ds, w_i) = (*src_stride as i32, *dst_stride as i32, *width as i32);
-                let mut b = st.launch_builder(self.func("copy_rows")?);
+                let mut b = self.kernel(st, "copy_rows")?;
                 b.arg(&sp).arg(&ss).arg(&dp).arg(&ds).arg(&w_i);
                 let cfg = cfg_rows(*width, *rows);
                 // SAFETY: matches kernels/act.cu copy_rows; the op's offsets and strides stay
                 // inside both buffers (the caller's shapes).
-                unsafe { b.launch(cfg) }.map_err(drv)?;
+                unsafe { b.launch(cfg) }?;
             }
             Op::GatherRows {
                 x,
@@ -496,11 +529,11 @@ impl CudaDevice {
                     return Ok(());
                 }
                 let (xp, ip, op_, w_i) = (a(*x)?, a(*idx)?, a(*out)?, *width as i32);
-                let mut b = st.launch_builder(self.func("gather_rows")?);
+                let mut b = self.kernel(st, "gather_rows")?;
                 b.arg(&xp).arg(&ip).arg(&op_).arg(&w_i);
                 let cfg = cfg_rows(*width, *n);
                 // SAFETY: matches kernels/act.cu gather_rows; idx holds n rows of x.
-                unsafe { b.launch(cfg) }.map_err(drv)?;
+                unsafe { b.launch(cfg) }?;
             }
             Op::AddRows {
                 y,
@@ -518,11 +551,11 @@ impl CudaDevice {
                     None => 0,
                 };
                 let (yp, ip, n_i, w_i) = (a(*y)?, opt(*idx)?, *n as i32, *width as i32);
-                let mut b = st.launch_builder(self.func("add_rows")?);
+                let mut b = self.kernel(st, "add_rows")?;
                 b.arg(&yp).arg(&xp).arg(&ip).arg(&wp).arg(&n_i).arg(&w_i);
                 // SAFETY: matches kernels/act.cu add_rows; x holds n rows from x_off, idx
                 // (if given) n rows of y.
-                unsafe { b.launch(cfg1(width.div_ceil(256), 256)) }.map_err(drv)?;
+                unsafe { b.launch(cfg1(width.div_ceil(256), 256)) }?;
             }
             Op::Rope {
                 x,
@@ -534,12 +567,6 @@ impl CudaDevice {
                 rows_per_pos,
                 inverse,
             } => {
-                if rope_dim / 2 > 1024 || rope_dim > width {
-                    return Err(DeviceError::Shape {
-                        op: "rope",
-                        msg: format!("rope_dim {rope_dim}"),
-                    });
-                }
                 let (xp, fp) = (a(*x)?, a(*inv_freq)?);
                 let (w_i, r_i, p_i, rp_i, inv_i) = (
                     *width as i32,
@@ -548,7 +575,7 @@ impl CudaDevice {
                     *rows_per_pos as i32,
                     *inverse as i32,
                 );
-                let mut b = st.launch_builder(self.func("rope")?);
+                let mut b = self.kernel(st, "rope")?;
                 b.arg(&xp)
                     .arg(&fp)
                     .arg(&w_i)
@@ -558,7 +585,7 @@ impl CudaDevice {
                     .arg(&inv_i);
                 let threads = (rope_dim / 2).div_ceil(32).max(1) as u32 * 32;
                 // SAFETY: matches kernels/act.cu rope; x holds rows x width floats.
-                unsafe { b.launch(cfg1(*rows, threads)) }.map_err(drv)?;
+                unsafe { b.launch(cfg1(*rows, threads)) }?;
             }
             Op::AttendSink {
                 q,
@@ -573,12 +600,6 @@ impl CudaDevice {
                 heads,
                 hd,
             } => {
-                if *hd > 512 || !hd.is_multiple_of(32) {
-                    return Err(DeviceError::Shape {
-                        op: "attend_sink",
-                        msg: format!("head dim {hd}: need a multiple of 32 up to 512"),
-                    });
-                }
                 let (qp, kp, ip, np, sp, op_) = (
                     a(*q)?,
                     a(*keys)?,
@@ -588,7 +609,7 @@ impl CudaDevice {
                     a(*out)?,
                 );
                 let (mk, h_i, hd_i) = (*max_keys as i32, *heads as i32, *hd as i32);
-                let mut b = st.launch_builder(self.func("attend_sink")?);
+                let mut b = self.kernel(st, "attend_sink")?;
                 b.arg(&qp)
                     .arg(&kp)
                     .arg(&ip)
@@ -603,7 +624,7 @@ impl CudaDevice {
                     shared_mem_bytes: 0,
                 };
                 // SAFETY: matches kernels/attention.cu attend_sink; shapes as the op documents.
-                unsafe { b.launch(cfg) }.map_err(drv)?;
+                unsafe { b.launch(cfg) }?;
             }
             Op::HcMix {
                 x,
@@ -618,15 +639,9 @@ impl CudaDevice {
                 norm_eps,
                 hc_eps,
             } => {
-                if *hc > 8 {
-                    return Err(DeviceError::Shape {
-                        op: "hc_mix",
-                        msg: format!("hc {hc} > 8"),
-                    });
-                }
                 let (xp, fp, bp, op_) = (a(*x)?, a(*fn_)?, a(*base)?, a(*out)?);
                 let (hc_i, d_i, it_i) = (*hc as i32, *d as i32, *iters as i32);
-                let mut b = st.launch_builder(self.func("hc_mix")?);
+                let mut b = self.kernel(st, "hc_mix")?;
                 b.arg(&xp)
                     .arg(&fp)
                     .arg(&bp)
@@ -640,7 +655,7 @@ impl CudaDevice {
                     .arg(norm_eps)
                     .arg(hc_eps);
                 // SAFETY: matches kernels/hyper.cu hc_mix; shapes as the op documents.
-                unsafe { b.launch(cfg1(*t, 256)) }.map_err(drv)?;
+                unsafe { b.launch(cfg1(*t, 256)) }?;
             }
             Op::HcHead {
                 x,
@@ -656,7 +671,7 @@ impl CudaDevice {
             } => {
                 let (xp, fp, bp, op_) = (a(*x)?, a(*fn_)?, a(*base)?, a(*out)?);
                 let (hc_i, d_i) = (*hc as i32, *d as i32);
-                let mut b = st.launch_builder(self.func("hc_head")?);
+                let mut b = self.kernel(st, "hc_head")?;
                 b.arg(&xp)
                     .arg(&fp)
                     .arg(&bp)
@@ -666,7 +681,7 @@ impl CudaDevice {
                     .arg(&d_i);
                 b.arg(norm_eps).arg(hc_eps);
                 // SAFETY: matches kernels/hyper.cu hc_head.
-                unsafe { b.launch(cfg1(*t, 256)) }.map_err(drv)?;
+                unsafe { b.launch(cfg1(*t, 256)) }?;
             }
             Op::HcCollapse {
                 x,
@@ -679,11 +694,11 @@ impl CudaDevice {
             } => {
                 let (xp, cp, up) = (a(*x)?, a(*coef)?, a(*u)?);
                 let (s_i, hc_i, d_i) = (*stride as i32, *hc as i32, *d as i32);
-                let mut b = st.launch_builder(self.func("hc_collapse")?);
+                let mut b = self.kernel(st, "hc_collapse")?;
                 b.arg(&xp).arg(&cp).arg(&s_i).arg(&up).arg(&hc_i).arg(&d_i);
                 let cfg = cfg_rows(*d, *t);
                 // SAFETY: matches kernels/hyper.cu hc_collapse.
-                unsafe { b.launch(cfg) }.map_err(drv)?;
+                unsafe { b.launch(cfg) }?;
             }
             Op::HcExpand {
                 x,
@@ -693,19 +708,13 @@ impl CudaDevice {
                 hc,
                 d,
             } => {
-                if *hc > 8 {
-                    return Err(DeviceError::Shape {
-                        op: "hc_expand",
-                        msg: format!("hc {hc} > 8"),
-                    });
-                }
                 let (xp, fp, cp) = (a(*x)?, a(*f)?, a(*coef)?);
                 let (hc_i, d_i) = (*hc as i32, *d as i32);
-                let mut b = st.launch_builder(self.func("hc_expand")?);
+                let mut b = self.kernel(st, "hc_expand")?;
                 b.arg(&xp).arg(&fp).arg(&cp).arg(&hc_i).arg(&d_i);
                 let cfg = cfg_rows(*d, *t);
                 // SAFETY: matches kernels/hyper.cu hc_expand.
-                unsafe { b.launch(cfg) }.map_err(drv)?;
+                unsafe { b.launch(cfg) }?;
             }
             Op::IndexerScores {
                 q,
@@ -718,7 +727,7 @@ impl CudaDevice {
             } => {
                 let (qp, wp, kp, op_) = (a(*q)?, a(*w)?, a(*keys)?, a(*out)?);
                 let (n_i, ih_i, ihd_i) = (*n as i32, *ih as i32, *ihd as i32);
-                let mut b = st.launch_builder(self.func("indexer_scores")?);
+                let mut b = self.kernel(st, "indexer_scores")?;
                 b.arg(&qp)
                     .arg(&wp)
                     .arg(&kp)
@@ -727,7 +736,7 @@ impl CudaDevice {
                     .arg(&ih_i)
                     .arg(&ihd_i);
                 // SAFETY: matches kernels/indexer.cu indexer_scores.
-                unsafe { b.launch(cfg1(n.div_ceil(8), 256)) }.map_err(drv)?;
+                unsafe { b.launch(cfg1(n.div_ceil(8), 256)) }?;
             }
             Op::CompressPool {
                 kv,
@@ -744,12 +753,12 @@ impl CudaDevice {
                 let (kp, gp, op_) = (a(*kv)?, a(*gate)?, a(*out)?);
                 let (pk, pg) = (opt(*prev_kv)?, opt(*prev_gate)?);
                 let (r_i, d_i, cd_i, off_i) = (*r as i32, *d as i32, *cd as i32, *off as i32);
-                let mut b = st.launch_builder(self.func("compress_pool")?);
+                let mut b = self.kernel(st, "compress_pool")?;
                 b.arg(&kp).arg(&gp).arg(&pk).arg(&pg).arg(&op_);
                 b.arg(&r_i).arg(&d_i).arg(&cd_i).arg(&off_i);
                 let cfg = cfg_rows(*d, *windows);
                 // SAFETY: matches kernels/compressor.cu compress_pool.
-                unsafe { b.launch(cfg) }.map_err(drv)?;
+                unsafe { b.launch(cfg) }?;
             }
             Op::QuantE4m3 {
                 x,
@@ -769,15 +778,9 @@ impl CudaDevice {
                     Op::QuantI8 { .. } => "quant_i8",
                     _ => "quant_e4m3",
                 };
-                if *block == 0 || *block > 1024 || len > width {
-                    return Err(DeviceError::Shape {
-                        op: name,
-                        msg: format!("{len} of {width} in blocks of {block}"),
-                    });
-                }
                 let xp = a(*x)?;
                 let (w_i, l_i, b_i) = (*width as i32, *len as i32, *block as i32);
-                let mut b = st.launch_builder(self.func(name)?);
+                let mut b = self.kernel(st, name)?;
                 b.arg(&xp).arg(&w_i).arg(&l_i).arg(&b_i);
                 let cfg = LaunchConfig {
                     grid_dim: (len.div_ceil(*block) as u32, *rows as u32, 1),
@@ -786,34 +789,22 @@ impl CudaDevice {
                 };
                 // SAFETY: matches kernels/quant.cu quant_e4m3 / quant_i8 (the same arguments);
                 // x holds rows x width floats.
-                unsafe { b.launch(cfg) }.map_err(drv)?;
+                unsafe { b.launch(cfg) }?;
             }
             Op::HadamardE2m1 { x, rows, n } => {
-                if !n.is_power_of_two() || *n < 32 || *n > 1024 {
-                    return Err(DeviceError::Shape {
-                        op: "hadamard_e2m1",
-                        msg: format!("length {n}: need a power of two in 32..=1024"),
-                    });
-                }
                 let (xp, n_i) = (a(*x)?, *n as i32);
-                let mut b = st.launch_builder(self.func("hadamard_e2m1")?);
+                let mut b = self.kernel(st, "hadamard_e2m1")?;
                 b.arg(&xp).arg(&n_i);
                 // SAFETY: matches kernels/quant.cu hadamard_e2m1 (one row per block of n threads).
-                unsafe { b.launch(cfg1(*rows, *n as u32)) }.map_err(drv)?;
+                unsafe { b.launch(cfg1(*rows, *n as u32)) }?;
             }
             Op::TopkSelect { scores, n, k, out } => {
-                if k > n {
-                    return Err(DeviceError::Shape {
-                        op: "topk_select",
-                        msg: format!("k {k} > n {n}"),
-                    });
-                }
                 let (sp, op_) = (a(*scores)?, a(*out)?);
                 let (n_i, k_i) = (*n as i32, *k as i32);
-                let mut b = st.launch_builder(self.func("topk_select")?);
+                let mut b = self.kernel(st, "topk_select")?;
                 b.arg(&sp).arg(&n_i).arg(&k_i).arg(&op_);
                 // SAFETY: matches kernels/indexer.cu topk_select (one block of 1024 threads).
-                unsafe { b.launch(cfg1(1, 1024)) }.map_err(drv)?;
+                unsafe { b.launch(cfg1(1, 1024)) }?;
             }
             Op::RouteTopk {
                 logits,
@@ -826,12 +817,6 @@ impl CudaDevice {
                 experts,
                 weights,
             } => {
-                if *n_experts > 1024 || *k > 16 {
-                    return Err(DeviceError::Shape {
-                        op: "route_topk",
-                        msg: format!("{n_experts} experts, top {k}"),
-                    });
-                }
                 let (lp, bp, hp, ep, wp) = (
                     a(*logits)?,
                     opt(*bias)?,
@@ -840,7 +825,7 @@ impl CudaDevice {
                     a(*weights)?,
                 );
                 let (n_i, k_i) = (*n_experts as i32, *k as i32);
-                let mut b = st.launch_builder(self.func("route_topk")?);
+                let mut b = self.kernel(st, "route_topk")?;
                 b.arg(&lp)
                     .arg(&bp)
                     .arg(&hp)
@@ -850,14 +835,14 @@ impl CudaDevice {
                     .arg(&ep)
                     .arg(&wp);
                 // SAFETY: matches kernels/router.cu route_topk; shapes as the op documents.
-                unsafe { b.launch(cfg1(*tokens, 256)) }.map_err(drv)?;
+                unsafe { b.launch(cfg1(*tokens, 256)) }?;
             }
             Op::Argmax { x, rows, n, out } => {
                 let (xp, op_, n_i) = (a(*x)?, a(*out)?, *n as i32);
-                let mut b = st.launch_builder(self.func("argmax")?);
+                let mut b = self.kernel(st, "argmax")?;
                 b.arg(&xp).arg(&n_i).arg(&op_);
                 // SAFETY: matches kernels/sample.cu argmax.
-                unsafe { b.launch(cfg1(*rows, 1024)) }.map_err(drv)?;
+                unsafe { b.launch(cfg1(*rows, 1024)) }?;
             }
             Op::SoftmaxTemp {
                 x,
@@ -866,10 +851,10 @@ impl CudaDevice {
                 temperature,
             } => {
                 let (xp, n_i) = (a(*x)?, *n as i32);
-                let mut b = st.launch_builder(self.func("softmax_temp")?);
+                let mut b = self.kernel(st, "softmax_temp")?;
                 b.arg(&xp).arg(&n_i).arg(temperature);
                 // SAFETY: matches kernels/sample.cu softmax_temp.
-                unsafe { b.launch(cfg1(*rows, 1024)) }.map_err(drv)?;
+                unsafe { b.launch(cfg1(*rows, 1024)) }?;
             }
         }
         Ok(())
@@ -1047,7 +1032,7 @@ impl Device for CudaDevice {
         }
     }
 
-    fn launch(&self, op: &Op, s: Stream) -> Result<()> {
+    fn run(&self, op: &Op, s: Stream) -> Result<()> {
         let st = self.stream(s).clone();
         self.timed(&st, false, || self.launch_op(op, &st))?;
         self.count(|c| c.launches += 1);
@@ -1104,5 +1089,22 @@ impl Device for CudaDevice {
         st.memcpy_htod(&host, &mut dst).ok()?;
         st.synchronize().ok()?;
         Some(host.len() as f64 / t.elapsed().as_secs_f64() / 1e9)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_launch_must_pass_the_kernels_parameters() {
+        use Param::{Float, Int, Ptr};
+        let rms_norm = [Ptr, Ptr, Ptr, Int, Float];
+        assert!(check_args("rms_norm", &rms_norm, &rms_norm).is_ok());
+        // One argument short, or an int where the kernel takes a float: refused, named.
+        for got in [&rms_norm[..4], &[Ptr, Ptr, Ptr, Int, Int][..]] {
+            let e = check_args("rms_norm", &rms_norm, got).expect_err("mismatch");
+            assert!(e.to_string().starts_with("rms_norm: "), "{e}");
+        }
     }
 }

@@ -41,6 +41,56 @@ pub fn unit_of(kernel: &str) -> Option<&'static Source> {
         .find(|s| s.text.contains(&needle) && s.text.contains("__global__"))
 }
 
+/// A kernel parameter as a launch passes it: a device pointer (u64), an `int` (i32) or a
+/// `float` (f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Param {
+    Ptr,
+    Int,
+    Float,
+}
+
+/// Every `extern "C" __global__` kernel of the compilation units with its parameters, read
+/// from the sources: the one statement of each kernel's arguments, which launches are
+/// checked against (`CudaDevice`'s `Launch`). An error names a parameter of another type.
+pub fn signatures() -> Result<Vec<(&'static str, Vec<Param>)>, String> {
+    let mut out = Vec::new();
+    for unit in KERNELS {
+        for rest in unit.text.split("extern \"C\" __global__ void ").skip(1) {
+            let (name, params) = rest
+                .split_once('(')
+                .ok_or_else(|| format!("{}: a kernel without parameters", unit.name))?;
+            let params = params
+                .split_once(')')
+                .map(|p| p.0)
+                .ok_or_else(|| format!("{}: {name}: unterminated parameters", unit.name))?;
+            // Comments inside the list end at the line's end.
+            let text: String = params
+                .lines()
+                .map(|l| l.split("//").next().unwrap_or(""))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let kinds = text
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    let words: Vec<&str> = p.split_whitespace().collect();
+                    let ty = &words[..words.len().saturating_sub(1)];
+                    match () {
+                        _ if p.contains('*') => Ok(Param::Ptr),
+                        _ if ty.last() == Some(&"int") => Ok(Param::Int),
+                        _ if ty.last() == Some(&"float") => Ok(Param::Float),
+                        _ => Err(format!("{}: {name}: parameter '{p}'", unit.name)),
+                    }
+                })
+                .collect::<Result<Vec<Param>, String>>()?;
+            out.push((name.trim(), kinds));
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,6 +116,22 @@ mod tests {
             let text = std::fs::read_to_string(dir.join(s.name)).expect("readable");
             assert_eq!(s.text, text, "{} embedded text is stale", s.name);
         }
+    }
+
+    #[test]
+    fn every_kernel_signature_parses() {
+        use Param::{Float, Int, Ptr};
+        let sigs = signatures().expect("every parameter is a pointer, an int or a float");
+        let of = |k: &str| sigs.iter().find(|s| s.0 == k).map(|s| s.1.clone());
+        // Two read by hand from kernels/norm.cu and kernels/act.cu.
+        assert_eq!(of("rms_norm"), Some(vec![Ptr, Ptr, Ptr, Int, Float]));
+        assert_eq!(of("axpy"), Some(vec![Ptr, Ptr, Float, Int]));
+        // Names are unique across the units (a launch finds its kernel by name).
+        let mut names: Vec<&str> = sigs.iter().map(|s| s.0).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), sigs.len());
+        assert!(sigs.len() >= 25, "{names:?}");
     }
 
     #[test]
