@@ -196,9 +196,9 @@ fn expert_cache_at_every_size_keeps_logits_bit_identical() {
 
 #[test]
 fn cache_policies_against_lru_static_and_the_offline_optimum() {
+    use common::traces::{belady, belady_pooled, hit_rate, skewed_trace, skewed_trace_per_layer};
     use dsflash::backend::expert_cache::{
-        Adaptive, Lru, StaticFrequency, Trace, belady, belady_pooled, expert_popularity, hit_rate,
-        skewed_trace, skewed_trace_per_layer,
+        Adaptive, Lru, StaticFrequency, Trace, expert_popularity,
     };
     // Recorded traces from the tiny checkpoints, and a synthetic one with the real shape
     // (256 experts, top 6) and the measured skew, drifting over 4 topics.

@@ -107,6 +107,7 @@ pub fn i64_at(bytes: &[u8], i: usize) -> i64 {
 
 /// Encode f32 to E4M3FN with round-to-nearest-even, saturating at ±448 (the clamp the
 /// reference applies before casting). NaN maps to the NaN code 0x7F.
+#[cfg(test)]
 pub fn f32_to_e4m3(x: f32) -> u8 {
     if x.is_nan() {
         return 0x7F;
@@ -256,6 +257,7 @@ pub fn dequant_bf16_row(bytes: &[u8], out: &mut [f32]) {
 
 /// Quantize an f32 matrix [rows, cols] to FP8 E4M3 codes + E8M0 128x128 block scales
 /// (scale = smallest power of two with amax/scale <= 448), as the release stores weights.
+#[cfg(test)]
 pub fn quantize_fp8_matrix(w: &[f32], rows: usize, cols: usize) -> (Vec<u8>, Vec<u8>) {
     let br = rows.div_ceil(FP8_BLOCK);
     let bc = cols.div_ceil(FP8_BLOCK);
@@ -283,6 +285,7 @@ pub fn quantize_fp8_matrix(w: &[f32], rows: usize, cols: usize) -> (Vec<u8>, Vec
 }
 
 /// Quantize an f32 matrix [rows, cols] to packed E2M1 + E8M0 1x32 scales.
+#[cfg(test)]
 pub fn quantize_fp4_matrix(w: &[f32], rows: usize, cols: usize) -> (Vec<u8>, Vec<u8>) {
     let groups = cols / FP4_GROUP;
     let mut scales = vec![0u8; rows * groups];
@@ -307,8 +310,6 @@ pub fn quantize_fp4_matrix(w: &[f32], rows: usize, cols: usize) -> (Vec<u8>, Vec
 /// Values per block of the int8 activation grid (`--numerics fast`), one power-of-two scale
 /// each: the FP4 weights' scale group, so one integer dot product serves a whole group.
 pub const I8_BLOCK: usize = 32;
-/// Largest int8 magnitude used (symmetric: -128 is never produced).
-pub const I8_MAX: f32 = 127.0;
 /// Smallest block exponent: 2^-126 is the smallest normal f32, so scaling by it is exact.
 const I8_MIN_EXP: i32 = -126;
 

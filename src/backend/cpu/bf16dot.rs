@@ -185,21 +185,25 @@ pub fn fp8_block(
 }
 
 /// One row, several inputs.
+#[cfg(test)]
 pub fn fp4_rows_dot(packed: &[u8], scales: &[u8], xs: &[&[u16]], out: &mut [f32]) {
     fp4_block(packed, scales, 2 * packed.len(), xs, out)
 }
 
+#[cfg(test)]
 pub fn fp8_rows_dot(codes: &[u8], scale_row: &[u8], xs: &[&[u16]], out: &mut [f32]) {
     fp8_block(codes, scale_row, 0, codes.len(), xs, out)
 }
 
 /// Single-input forms (what decode uses).
+#[cfg(test)]
 pub fn fp4_row_dot(packed: &[u8], scales: &[u8], xp: &[u16]) -> f32 {
     let mut o = [0f32];
     fp4_rows_dot(packed, scales, &[xp], &mut o);
     o[0]
 }
 
+#[cfg(test)]
 pub fn fp8_row_dot(codes: &[u8], scale_row: &[u8], xp: &[u16]) -> f32 {
     let mut o = [0f32];
     fp8_rows_dot(codes, scale_row, &[xp], &mut o);

@@ -18,13 +18,6 @@ pub fn rms_norm_unweighted(x: &mut [f32], eps: f32) {
     }
 }
 
-/// Apply `rms_norm` to each row of a [rows, w.len()] matrix.
-pub fn rms_norm_rows(x: &mut [f32], w: &[f32], eps: f32) {
-    for row in x.chunks_mut(w.len()) {
-        rms_norm(row, w, eps);
-    }
-}
-
 #[inline]
 pub fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())

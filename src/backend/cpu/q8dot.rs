@@ -159,11 +159,13 @@ pub fn fp4_block(packed: &[u8], scales: &[u8], cols: usize, xs: &[&Q8Input], out
 }
 
 /// One row, several inputs.
+#[cfg(test)]
 pub fn fp4_rows_dot(packed: &[u8], scales: &[u8], xs: &[&Q8Input], out: &mut [f32]) {
     fp4_block(packed, scales, 2 * packed.len(), xs, out)
 }
 
 /// The single-input form (decode).
+#[cfg(test)]
 pub fn fp4_row_dot(packed: &[u8], scales: &[u8], x: &Q8Input) -> f32 {
     let mut o = [0f32];
     fp4_rows_dot(packed, scales, &[x], &mut o);
