@@ -142,6 +142,8 @@ pub struct StreamCosts {
 
 pub struct Exec {
     dev: Option<Arc<dyn Device>>,
+    /// The CPU kernels products on the CPU may use.
+    kernels: cpu::Kernels,
     /// Resident weights, copies still in flight on the copy stream (the compute stream waits
     /// for one only before the first kernel that reads that weight), the failed flag.
     res: Residency,
@@ -183,6 +185,7 @@ impl Exec {
         let promoter = dev.clone().map(|d| Promoter::spawn(d, res.clone()));
         Exec {
             dev,
+            kernels: cpu::Kernels::default(),
             promoter,
             res,
             scratch: Mutex::new(Scratch::default()),
@@ -207,6 +210,15 @@ impl Exec {
 
     pub fn device(&self) -> Option<&Arc<dyn Device>> {
         self.dev.as_ref()
+    }
+
+    /// The CPU kernels products on the CPU may use (default: the fastest this CPU has).
+    pub fn set_kernels(&mut self, k: cpu::Kernels) {
+        self.kernels = k;
+    }
+
+    pub fn kernels(&self) -> cpu::Kernels {
+        self.kernels
     }
 
     /// Whole-model mode: every op of the forward pass runs on the device (set when all the
@@ -958,7 +970,7 @@ impl Exec {
                 }
             }
         }
-        self.time_cpu(|| cpu::linear_range(w, rows, x, t, y))
+        self.time_cpu(|| cpu::linear_range(self.kernels, w, rows, x, t, y))
     }
 
     #[allow(clippy::too_many_arguments)] // the weight (and its key), rows, input and output

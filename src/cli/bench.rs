@@ -138,7 +138,7 @@ fn bench_kernel(
         std::hint::black_box(linear(w, &x, 1));
     }
     // The in-cache passes take the input prepared once (every matrix has the same columns).
-    let prepared = Prepared::new(&ws[0], &x, 1);
+    let prepared = Prepared::new(crate::backend::cpu::Kernels::Any, &ws[0], &x, 1);
     // NaN until a pass measures it (f64::max keeps the number), and where there is no
     // prepared input.
     let (mut best, mut bw, mut arith) = (f64::INFINITY, 0f64, f64::NAN);

@@ -13,7 +13,7 @@ use super::rope::Rope;
 #[cfg(feature = "traps")]
 use super::traps::Trap;
 use super::traps::Traps;
-use crate::backend::cpu::dequant_row;
+use crate::backend::cpu::{Kernels, dequant_row};
 use crate::backend::device::{Device, DeviceError};
 use crate::backend::exec::Exec;
 use crate::backend::expert_cache::{Adaptive, Lru, Policy, StaticFrequency};
@@ -121,6 +121,13 @@ impl Engine {
         })
     }
 
+    /// The CPU kernels products may use (default: the fastest this CPU has; `Fp32` pins one
+    /// summation order on every CPU).
+    pub fn set_kernels(&mut self, k: Kernels) {
+        self.exec.set_kernels(k);
+        self.host.set_kernels(k);
+    }
+
     /// Run on `dev`: its matrices are made resident in priority order (dense, head, experts)
     /// until the device is full; the rest stay on the CPU. Replaces any earlier placement.
     pub fn use_device(&mut self, dev: Arc<dyn Device>) -> Result<Placement, DeviceError> {
@@ -142,7 +149,9 @@ impl Engine {
         experts: bool,
     ) -> Result<Placement, DeviceError> {
         let budget = budget.min(dev.capacity());
+        let kernels = self.exec.kernels();
         self.exec = Exec::on(dev.clone());
+        self.exec.set_kernels(kernels);
         self.device_gave_up_at = std::sync::atomic::AtomicUsize::new(usize::MAX);
         let mats: Vec<&Weight> = self
             .weights

@@ -17,25 +17,10 @@ use crate::model::formats::{E2M1_TABLE, FP8_BLOCK, build_e4m3_table};
 /// the fp32 kernels.
 pub const CHUNK: usize = 128;
 
-static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
-
-/// Turn these kernels off (or back on) for the whole process: the fp32 kernels then run
-/// everywhere. The results differ only in the order of the fp32 sums; a check that depends
-/// on one particular order (agreement with another implementation down to the last rounding
-/// flip of the reference numerics) pins the fp32 order with this.
-pub fn set_enabled(on: bool) {
-    ENABLED.store(on, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// Whether these kernels run: the CPU has the instructions (AVX-512 F/BW/VBMI and BF16) and
-/// they are not turned off.
+/// Whether these kernels run here: the CPU has the instructions (AVX-512 F/BW/VBMI and
+/// BF16). Whether a product may use them is the caller's choice ([`super::Kernels`]).
 pub fn available() -> bool {
-    enabled() && cpu_has()
-}
-
-/// Whether the reordered-sum kernels are switched on ([`set_enabled`]).
-pub fn enabled() -> bool {
-    ENABLED.load(std::sync::atomic::Ordering::Relaxed)
+    cpu_has()
 }
 
 fn cpu_has() -> bool {

@@ -130,7 +130,7 @@ fn run_op(m: &mut Memory, op: &Op) -> Result<()> {
                 .clone();
             let xs = get_f32(m, *x, t * wt.cols(), "linear")?;
             let mut ys = vec![0f32; t * rows.len()];
-            linear_range(&wt, rows.clone(), &xs, *t, &mut ys);
+            linear_range(super::Kernels::Any, &wt, rows.clone(), &xs, *t, &mut ys);
             put_f32(m, *y, &ys, "linear")
         }
         Op::RmsNorm {

@@ -1,7 +1,7 @@
 //! y = x · Wᵀ for a weight in its stored format.
 
 use super::ops::dot;
-use super::{bf16dot, q8dot, rowdot};
+use super::{Kernels, bf16dot, q8dot, rowdot};
 use crate::model::formats::{
     FP4_GROUP, FP8_BLOCK, dequant_bf16_row, dequant_fp4_row, dequant_fp8_row,
 };
@@ -104,12 +104,12 @@ enum PreparedInput<'a> {
 impl<'a> Prepared<'a> {
     /// `x` [t, cols] prepared for `w`'s fused kernel; `None` for batches (`linear_range` runs
     /// those as a GEMM).
-    pub fn new(w: &Weight, x: &'a [f32], t: usize) -> Option<Prepared<'a>> {
-        let input = if let Some(q) = prepare_q8(w, x, t) {
+    pub fn new(k: Kernels, w: &Weight, x: &'a [f32], t: usize) -> Option<Prepared<'a>> {
+        let input = if let Some(q) = prepare_q8(k, w, x, t) {
             PreparedInput::Q8(q)
-        } else if let Some(xb) = prepare_bf16(w, x, t) {
+        } else if let Some(xb) = prepare_bf16(k, w, x, t) {
             PreparedInput::Bf16(xb)
-        } else if let Some(x3) = prepare_bf16_split(w, x, t) {
+        } else if let Some(x3) = prepare_bf16_split(k, w, x, t) {
             PreparedInput::Split(x3)
         } else if t <= FUSED_MAX_T {
             PreparedInput::F32(x)
@@ -147,8 +147,15 @@ impl<'a> Prepared<'a> {
 }
 
 /// y[t, j] = Σ_c W[rows.start + j, c] · x[t, c] for t < `t`: rows `rows` of the weight applied
-/// to `t` input rows. `x` is [t, cols], `y` is [t, rows.len()].
-pub fn linear_range(w: &Weight, rows: Range<usize>, x: &[f32], t: usize, y: &mut [f32]) {
+/// to `t` input rows, on the kernels `k` allows. `x` is [t, cols], `y` is [t, rows.len()].
+pub fn linear_range(
+    k: Kernels,
+    w: &Weight,
+    rows: Range<usize>,
+    x: &[f32],
+    t: usize,
+    y: &mut [f32],
+) {
     let cols = w.cols();
     let n = rows.len();
     assert!(rows.end <= w.rows(), "row range past the weight");
@@ -157,13 +164,13 @@ pub fn linear_range(w: &Weight, rows: Range<usize>, x: &[f32], t: usize, y: &mut
     if t == 0 || n == 0 {
         return;
     }
-    if let Some(p) = Prepared::new(w, x, t) {
+    if let Some(p) = Prepared::new(k, w, x, t) {
         return p.run(w, rows, y, false);
     }
     // Inputs that are exactly bf16 (the reference numerics) multiply on bf16 dot products:
     // every dequantized FP8/FP4/BF16 weight is exactly a bf16 too, so only the order of the
     // fp32 sums changes.
-    let bf16 = bf16dot::available() && cols.is_multiple_of(32);
+    let bf16 = k.bf16() && cols.is_multiple_of(32);
     if bf16 && let Some(xb) = bf16dot::exact_rows(x) {
         return gemm_bf16(w, rows, &xb, t, y);
     }
@@ -434,8 +441,8 @@ fn linear_fused(w: &Weight, rows: Range<usize>, x: &[f32], t: usize, y: &mut [f3
 
 /// `x` in the int8 kernel's layout when it applies: an FP4 weight, this CPU, at most
 /// [`FUSED_MAX_T_BF16`] inputs, every input on the int8 grid (`--numerics fast`).
-fn prepare_q8(w: &Weight, x: &[f32], t: usize) -> Option<Vec<q8dot::Q8Input>> {
-    if t > FUSED_MAX_T_BF16 || !q8dot::available() || !matches!(w, Weight::Fp4 { .. }) {
+fn prepare_q8(k: Kernels, w: &Weight, x: &[f32], t: usize) -> Option<Vec<q8dot::Q8Input>> {
+    if t > FUSED_MAX_T_BF16 || !k.q8() || !matches!(w, Weight::Fp4 { .. }) {
         return None;
     }
     x.chunks(w.cols()).map(q8dot::prepare).collect()
@@ -471,8 +478,8 @@ fn linear_fused_q8(
 
 /// `x` in the bf16 kernels' layout when they apply: an FP4/FP8 weight, this CPU, at most
 /// [`FUSED_MAX_T_BF16`] inputs, and every input exactly a bf16 (the reference numerics).
-fn prepare_bf16(w: &Weight, x: &[f32], t: usize) -> Option<Vec<Vec<u16>>> {
-    if t > FUSED_MAX_T_BF16 || !bf16dot::available() {
+fn prepare_bf16(k: Kernels, w: &Weight, x: &[f32], t: usize) -> Option<Vec<Vec<u16>>> {
+    if t > FUSED_MAX_T_BF16 || !k.bf16() {
         return None;
     }
     let cols = w.cols();
@@ -488,8 +495,8 @@ fn prepare_bf16(w: &Weight, x: &[f32], t: usize) -> Option<Vec<Vec<u16>>> {
 /// 3t inputs, when 3t <= [`FUSED_MAX_T_BF16`]. One core on an FP8 4096-column row: the fp32
 /// kernel is bound by its E4M3 -> fp32 conversions at ~20 GB/s; the bf16 kernel turns each
 /// code into bf16 once for all three pieces.
-fn prepare_bf16_split(w: &Weight, x: &[f32], t: usize) -> Option<Vec<Vec<u16>>> {
-    if 3 * t > FUSED_MAX_T_BF16 || !bf16dot::available() || matches!(w, Weight::Bf16 { .. }) {
+fn prepare_bf16_split(k: Kernels, w: &Weight, x: &[f32], t: usize) -> Option<Vec<Vec<u16>>> {
+    if 3 * t > FUSED_MAX_T_BF16 || !k.bf16() || matches!(w, Weight::Bf16 { .. }) {
         return None;
     }
     // Every input's hi piece, then the mid ones, then the lo ones (see `add_pieces`).
@@ -554,7 +561,7 @@ fn transpose_into(yt: &[f32], n: usize, t: usize, y: &mut [f32]) {
 /// y = x · Wᵀ over all rows: `x` [t, cols] -> [t, rows].
 pub fn linear(w: &Weight, x: &[f32], t: usize) -> Vec<f32> {
     let mut y = vec![0f32; t * w.rows()];
-    linear_range(w, 0..w.rows(), x, t, &mut y);
+    linear_range(Kernels::Any, w, 0..w.rows(), x, t, &mut y);
     y
 }
 
@@ -647,18 +654,22 @@ mod tests {
             for (row, d) in deq.chunks_exact_mut(cols).enumerate() {
                 dequant_row(&w, row, d);
             }
-            for (form, t) in [(0, 1), (1, 1), (2, 2), (0, 3)] {
+            let forms = [(0, 1), (1, 1), (2, 2), (0, 3)];
+            for ((form, t), k) in forms
+                .into_iter()
+                .flat_map(|f| [(f, Kernels::Any), (f, Kernels::Fp32)])
+            {
                 let mut x: Vec<f32> = (0..t * cols).map(|_| r.uniform() - 0.5).collect();
                 match form {
                     0 => fake_quant_e4m3_blocks(&mut x, 128),
                     1 => fake_quant_i8_blocks(&mut x, 32),
                     _ => {}
                 }
-                let p = Prepared::new(&w, &x, t).expect("a decode-sized input");
+                let p = Prepared::new(k, &w, &x, t).expect("a decode-sized input");
                 let n = range.len();
                 let (mut a, mut b) = (vec![0f32; t * n], vec![0f32; t * n]);
                 p.rows_serial(&w, range.clone(), &mut a);
-                linear_range(&w, range.clone(), &x, t, &mut b);
+                linear_range(k, &w, range.clone(), &x, t, &mut b);
                 assert!(a.iter().zip(&b).all(|(u, v)| u.to_bits() == v.to_bits()));
                 for (j, row) in range.clone().enumerate() {
                     for tt in 0..t {

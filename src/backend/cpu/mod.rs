@@ -29,5 +29,31 @@ pub mod rowdot;
 pub mod topology;
 
 pub use device::CpuDevice;
+
+/// Which CPU kernels a product may use. The bf16 and int8 dot-product kernels (where the CPU
+/// has them) sum in another order than the fp32 kernels, equal within a few ulp of a row's
+/// magnitude; a check that depends on one particular order (agreement with another
+/// implementation down to the last rounding flip of the reference numerics) pins the fp32
+/// kernels.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Kernels {
+    /// The fastest this CPU has.
+    #[default]
+    Any,
+    /// The fp32 kernels only: one summation order on every CPU.
+    Fp32,
+}
+
+impl Kernels {
+    /// Whether the bf16 dot-product kernels run.
+    pub fn bf16(self) -> bool {
+        self == Kernels::Any && bf16dot::available()
+    }
+
+    /// Whether the int8 dot-product kernels run.
+    pub fn q8(self) -> bool {
+        self == Kernels::Any && q8dot::available()
+    }
+}
 pub use linear::{Prepared, dequant_row, linear, linear_range};
 pub use ops::*;

@@ -19,10 +19,10 @@ pub const CHUNK: usize = 128;
 /// Most inputs one pass over a row serves.
 pub const MAX_INPUTS: usize = 8;
 
-/// Whether the kernel runs here: AVX-512 F/BW/VBMI and VNNI, and the bf16 kernels' switch on
-/// (it turns every reordered-sum kernel off at once; see [`super::bf16dot::set_enabled`]).
+/// Whether the kernel runs here: AVX-512 F/BW/VBMI and VNNI. Whether a product may use it
+/// is the caller's choice ([`super::Kernels`]).
 pub fn available() -> bool {
-    super::bf16dot::enabled() && cpu_has()
+    cpu_has()
 }
 
 fn cpu_has() -> bool {
