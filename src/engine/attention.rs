@@ -206,12 +206,7 @@ pub(crate) fn forward<O: Ops>(
     // Core attention (§5.8) over each query's keys, then the inverse RoPE at the query's
     // position, which makes the values' rotation relative.
     let keys = query_keys(o, ctx, st, index_q.as_ref(), t0, t)?;
-    let sinks: std::borrow::Cow<[f32]> = if traps.has(Trap::NoSink) {
-        vec![f32::NEG_INFINITY; h].into()
-    } else {
-        w.sink.as_slice().into()
-    };
-    let mut att = o.attend(st, &q, &kv, &keys, &sinks, t0, (h, hd))?;
+    let mut att = o.attend(st, &q, &kv, &keys, &w.sink, t0, (h, hd))?;
     if !traps.has(Trap::NoInverseRope) {
         o.rope(rope, &mut att, hd, t0, h, true)?;
     }
@@ -241,10 +236,7 @@ fn query_keys<O: Ops>(
     t: usize,
 ) -> Result<Vec<QueryKeys>, O::Err> {
     let (cfg, traps) = (ctx.cfg, ctx.traps);
-    let win = match traps.has(Trap::Window127) {
-        true => st.window.size() - 1,
-        false => st.window.size(),
-    };
+    let win = st.window.size();
     let cs = st.comp.as_ref();
     let visible = |p: usize| {
         cs.map_or(0, |cs| match traps.has(Trap::CompressedSeesIncomplete) {
@@ -255,7 +247,7 @@ fn query_keys<O: Ops>(
     // The CSA queries that choose among more rows than the top k: chosen together.
     let topk = cfg.index_topk;
     let choosing: Vec<(usize, usize)> = match ctx.kind {
-        AttnKind::Csa if !traps.has(Trap::IndexerSelectAll) => (0..t)
+        AttnKind::Csa => (0..t)
             .map(|k| (k, visible(t0 + k)))
             .filter(|&(_, n)| n > topk)
             .collect(),

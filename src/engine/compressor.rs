@@ -90,12 +90,7 @@ impl CompressorState {
             .iter_mut()
             .enumerate()
         {
-            *g = z[j]
-                + if traps.has(Trap::ApeIgnored) {
-                    0.0
-                } else {
-                    ape[s * cd + j]
-                };
+            *g = z[j] + ape[s * cd + j];
         }
         if traps.has(Trap::CompressorScalarGate) {
             let g = &mut self.carry.pending_gate[s * cd..(s + 1) * cd];

@@ -49,7 +49,7 @@ pub fn select(
     topk: usize,
     traps: &Traps,
 ) -> Vec<usize> {
-    if n_vis <= topk || traps.has(Trap::IndexerSelectAll) {
+    if n_vis <= topk {
         return (0..n_vis).collect();
     }
     let s = scores(st, q, n_vis, ihd, traps);

@@ -282,25 +282,50 @@ impl Engine {
         super::plan::kv_bytes(cfg, ctx) + (cfg.num_hidden_layers * per_step) as u64
     }
 
-    /// Re-introduce some of the spec's traps (tests of the oracle comparison).
+    /// Re-introduce some of the spec's traps (tests of the oracle comparison). Those that
+    /// are a different config value or different weights are made so here, at load; the
+    /// others are read where their section computes (`Engine::traps`).
     #[cfg(feature = "traps")]
     pub fn with_traps(mut self, traps: &[Trap]) -> Engine {
         use crate::model::checkpoint::Bytes;
         use crate::model::weights::Weight;
         let t = Traps::with(traps);
-        self.ropes = (0..self.cfg.num_hidden_layers)
+        let cfg = &mut self.cfg;
+        if t.has(Trap::RouterNoScale) {
+            cfg.routed_scaling_factor = 1.0;
+        }
+        if t.has(Trap::Window127) {
+            cfg.sliding_window -= 1;
+        }
+        if t.has(Trap::IndexerSelectAll) {
+            cfg.index_topk = usize::MAX;
+        }
+        let variant = super::rope::Variant {
+            leading_dims: t.has(Trap::RopeLeadingDims),
+            half_split: t.has(Trap::RopeHalfSplit),
+            yarn_mscale: t.has(Trap::RopeYarnMscale),
+        };
+        self.ropes = (0..cfg.num_hidden_layers)
             .map(|l| {
-                let ratio = if t.has(Trap::RopeYarnOnAllLayers) {
-                    4
-                } else {
-                    self.cfg.compress_ratio(l)
+                let ratio = match t.has(Trap::RopeYarnOnAllLayers) {
+                    true => 4,
+                    false => cfg.compress_ratio(l),
                 };
-                let mut r = Rope::for_ratio(&self.cfg, ratio);
-                r.traps = t.clone();
-                r
+                Rope::for_ratio(cfg, ratio).with_variant(variant)
             })
             .collect();
         for b in &mut self.weights.layers {
+            if t.has(Trap::NoSink) {
+                b.attn.sink.fill(f32::NEG_INFINITY);
+            }
+            if t.has(Trap::HashAsScore) {
+                b.ffn.tid2eid = None;
+            }
+            if t.has(Trap::ApeIgnored) {
+                let main = b.attn.compressor.iter_mut();
+                let index = b.attn.indexer.iter_mut().map(|ix| &mut ix.compressor);
+                main.chain(index).for_each(|c| c.ape.fill(0.0));
+            }
             for e in b
                 .ffn
                 .experts

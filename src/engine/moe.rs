@@ -32,21 +32,13 @@ pub fn route(
         .chunks_exact(e)
         .zip(tokens)
         .map(|(l, &tok)| {
-            let hashed = if traps.has(Trap::HashAsScore) {
-                None
-            } else {
-                w.hashed_experts(tok, k)
-            };
             let rule = RouteRule {
                 k,
-                scale: if traps.has(Trap::RouterNoScale) {
-                    1.0
-                } else {
-                    cfg.routed_scaling_factor
-                },
+                scale: cfg.routed_scaling_factor,
                 bias_in_weights: traps.has(Trap::RouterBiasInWeights),
                 normalize: !traps.has(Trap::RouterNoNormalize),
             };
+            let hashed = w.hashed_experts(tok, k);
             let (experts, weights) = route_token(l, w.bias.as_deref(), hashed, rule);
             Route { experts, weights }
         })

@@ -2,7 +2,6 @@
 //! `rope_dim` values of a vector, θ^(-2j/rope_dim) frequencies, optionally YaRN-scaled
 //! (compressed layers) — with no mscale anywhere.
 
-use super::traps::{Trap, Traps};
 use crate::backend::cpu::rotate_pairs;
 use crate::model::config::ModelConfig;
 
@@ -12,7 +11,19 @@ pub struct Rope {
     pub inv_freq: Vec<f32>,
     /// YaRN factor of this table, if scaled.
     pub yarn_factor: Option<f64>,
-    pub traps: Traps,
+    variant: Variant,
+}
+
+/// Ways to get RoPE wrong (the spec's traps 1 and 2, set by `Engine::with_traps`); all false
+/// is the spec's rotation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Variant {
+    /// Rotate the leading rope_dim values instead of the trailing ones.
+    pub leading_dims: bool,
+    /// Pairs (j, j + rope_dim/2) instead of interleaved (2j, 2j+1).
+    pub half_split: bool,
+    /// YaRN's mscale applied to cos/sin.
+    pub yarn_mscale: bool,
 }
 
 impl Rope {
@@ -24,7 +35,7 @@ impl Rope {
         Rope {
             inv_freq,
             yarn_factor: None,
-            traps: Traps::default(),
+            variant: Variant::default(),
         }
     }
 
@@ -54,7 +65,7 @@ impl Rope {
         Rope {
             inv_freq,
             yarn_factor: Some(factor),
-            traps: Traps::default(),
+            variant: Variant::default(),
         }
     }
 
@@ -81,28 +92,29 @@ impl Rope {
         self.inv_freq.len() * 2
     }
 
-    /// Whether `apply` is the plain formula (no fault injected): what the device op runs.
+    /// This table with a rotation that is not the spec's (a trap).
+    pub fn with_variant(self, variant: Variant) -> Rope {
+        Rope { variant, ..self }
+    }
+
+    /// Whether `apply` is the spec's rotation: what the device op runs.
     pub fn is_plain_formula(&self) -> bool {
-        !(self.traps.has(Trap::RopeLeadingDims)
-            || self.traps.has(Trap::RopeHalfSplit)
-            || self.traps.has(Trap::RopeYarnMscale))
+        self.variant == Variant::default()
     }
 
     /// Rotate the trailing rope_dim values of `x` by +pos (or -pos when `inverse`).
     pub fn apply(&self, x: &mut [f32], pos: usize, inverse: bool) {
-        let rd = self.rope_dim();
-        let n = x.len();
-        let z = if self.traps.has(Trap::RopeLeadingDims) {
+        let (rd, n, v) = (self.rope_dim(), x.len(), self.variant);
+        let z = if v.leading_dims {
             &mut x[..rd]
         } else {
             &mut x[n - rd..]
         };
-        let half = self.traps.has(Trap::RopeHalfSplit);
         let mscale = match self.yarn_factor {
-            Some(f) if self.traps.has(Trap::RopeYarnMscale) => (0.1 * f.ln() + 1.0) as f32,
+            Some(f) if v.yarn_mscale => (0.1 * f.ln() + 1.0) as f32,
             _ => 1.0,
         };
-        rotate_pairs(z, &self.inv_freq, pos, inverse, mscale, half);
+        rotate_pairs(z, &self.inv_freq, pos, inverse, mscale, v.half_split);
     }
 }
 
