@@ -790,7 +790,7 @@ fn tiny_hybrid_on_the_gpu_matches_the_goldens() {
         assert!(err <= 1e-5, "{slots} slots: after a rewind {err:.2e}");
         // Every step ran on the GPU (none given up to the host), and its copy and kernel
         // time was measured with events.
-        assert_eq!(e.exec.redone_steps(), 0, "{slots} slots");
+        assert_eq!(e.exec.timing.redone_steps(), 0, "{slots} slots");
         let st = g.stats();
         assert!(st.copy_s > 0.0 && st.kernel_s > 0.0, "{st:?}");
     }

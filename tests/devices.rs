@@ -152,9 +152,9 @@ fn expert_cache_at_every_size_keeps_logits_bit_identical() {
     let e = Engine::open(&dir, Numerics::Ideal).expect("open");
     let v = e.cfg.vocab_size;
     let n_exp = e.cfg.n_routed_experts;
-    e.exec.record_routes(e.cfg.num_hidden_layers, n_exp);
+    e.exec.experts.record_routes(e.cfg.num_hidden_layers, n_exp);
     let cpu = prefill_logits(&e, &g.input_ids, 64);
-    let trace = e.exec.take_trace().expect("recorded");
+    let trace = e.exec.experts.take_trace().expect("recorded");
     let distinct: std::collections::HashSet<_> = trace.accesses.iter().collect();
     for policy in [
         ExpertPolicy::Adaptive(None),
@@ -177,11 +177,11 @@ fn expert_cache_at_every_size_keeps_logits_bit_identical() {
             let (err, at) = max_rel_err(&got, &g.prefill_logits, v);
             assert!(err <= TOL, "{what}: {err:.2e} at {at}");
             assert_eq!(
-                e.exec.redone_steps(),
+                e.exec.timing.redone_steps(),
                 0,
                 "{what}: the device ran every step"
             );
-            let st = e.exec.expert_stats();
+            let st = e.exec.experts.stats();
             assert_eq!(st.hits + st.misses, trace.accesses.len() as u64, "{what}");
             if slots == 0 {
                 assert_eq!(st.hits, 0, "{what}");
@@ -206,11 +206,15 @@ fn cache_policies_against_lru_static_and_the_offline_optimum() {
     for dir in ["tiny", "tiny-b", "tiny-c"] {
         let e = Engine::open(&fixture(dir), Numerics::Ideal).expect("open");
         e.exec
+            .experts
             .record_routes(e.cfg.num_hidden_layers, e.cfg.n_routed_experts);
         for g in goldens(&fixture(&format!("{dir}/goldens.safetensors"))) {
             prefill_logits(&e, &g.input_ids, 64);
         }
-        traces.push((dir.to_string(), e.exec.take_trace().expect("recorded")));
+        traces.push((
+            dir.to_string(),
+            e.exec.experts.take_trace().expect("recorded"),
+        ));
     }
     let pop = expert_popularity(256);
     let synth = skewed_trace(&pop, 8, 6, 6000, 4, 11);
@@ -406,7 +410,7 @@ fn whole_model_mode_runs_every_op_on_the_device_bit_identically() {
             );
             let dev = run_all(&e);
             assert_eq!(
-                e.exec.redone_steps(),
+                e.exec.timing.redone_steps(),
                 0,
                 "{dir} {num:?}: the device ran every step"
             );
@@ -445,9 +449,10 @@ fn streamed_prefill_follows_the_cost_model_and_changes_no_logit() {
     // The CPU engine's logits and its routing, all in one chunk.
     let e = Engine::open(&dir, Numerics::Ideal).expect("open");
     e.exec
+        .experts
         .record_routes(e.cfg.num_hidden_layers, e.cfg.n_routed_experts);
     let cpu = prefill_logits(&e, &g.input_ids, one_chunk);
-    let counts = e.exec.take_trace().expect("trace").counts();
+    let counts = e.exec.experts.take_trace().expect("trace").counts();
     let x = &e.weights.layers[0].ffn.experts[0];
     let bytes = (x.w1.stored_bytes() + x.w2.stored_bytes() + x.w3.stored_bytes()) as f64;
     let params = (x.w1.rows() * x.w1.cols() * 3) as f64;
@@ -470,7 +475,7 @@ fn streamed_prefill_follows_the_cost_model_and_changes_no_logit() {
         let sim = Arc::new(SimDevice::new(1 << 30, SimCost::default()));
         e.use_device_hybrid(sim.clone(), hybrid(ExpertPolicy::Adaptive(None), Some(0)))
             .expect("placement");
-        e.exec.set_stream_costs(StreamCosts {
+        e.exec.experts.set_stream_costs(StreamCosts {
             link_gbs: link,
             cpu_gflops,
         });
@@ -481,11 +486,11 @@ fn streamed_prefill_follows_the_cost_model_and_changes_no_logit() {
             "link {link}: streaming changed the logits"
         );
         assert_eq!(
-            e.exec.redone_steps(),
+            e.exec.timing.redone_steps(),
             0,
             "link {link}: the device ran every step"
         );
-        let st = e.exec.expert_stats();
+        let st = e.exec.experts.stats();
         assert_eq!(
             (st.streamed, st.on_cpu),
             (streamed, on_cpu),
@@ -647,7 +652,7 @@ fn kv_rows_stay_on_the_device_and_decode_traffic_does_not_grow_with_context() {
         reads_per_step.iter().all(|&r| r <= most),
         "{reads_per_step:?} reads per step"
     );
-    assert_eq!(e.exec.redone_steps(), 0, "the device ran every step");
+    assert_eq!(e.exec.timing.redone_steps(), 0, "the device ran every step");
     // Rewind past completed rows, then continue differently: the device copies start over.
     let (md, mc) = (dev_s.mark(), cpu_s.mark());
     decode_both(&mut dev_s, &mut cpu_s, &ids[3..12], "before rewind");
@@ -655,13 +660,13 @@ fn kv_rows_stay_on_the_device_and_decode_traffic_does_not_grow_with_context() {
     decode_both(&mut dev_s, &mut cpu_s, &ids[40..49], "after rewind");
     // Where the time went: device ops and, with no expert slots, every routed expert on the
     // CPU; the CPU-only engine has no device time.
-    let (ts, cpu_ts) = (e.exec.time_split(), cpu_engine.exec.time_split());
+    let (ts, cpu_ts) = (e.exec.timing.split(), cpu_engine.exec.timing.split());
     assert!(ts.device_s > 0.0 && ts.cpu_s > 0.0, "{ts:?}");
     assert_eq!(cpu_ts.device_s, 0.0);
     // A finished session leaves no key tables behind.
-    assert!(e.exec.table_bytes() > 0);
+    assert!(e.exec.tables.bytes() > 0);
     drop(dev_s);
-    assert_eq!(e.exec.table_bytes(), 0);
+    assert_eq!(e.exec.tables.bytes(), 0);
 }
 
 /// A simulated card with two faults a test can set: its driver breaks after `reads_left`
@@ -866,7 +871,7 @@ fn decode_never_waits_for_a_promotion_copy() {
             let _ = h.join();
             panic!("a decode step waited for a promotion copy");
         }
-        let promotions_queued = e.exec.expert_stats().promotions;
+        let promotions_queued = e.exec.experts.stats().promotions;
         let resident_meanwhile = e.weights.layers[2]
             .ffn
             .experts
@@ -897,7 +902,7 @@ fn decode_never_waits_for_a_promotion_copy() {
             .any(|x| e.exec.is_resident(&x.w1)),
         "promoted experts are resident once their copies are made"
     );
-    assert_eq!(e.exec.redone_steps(), 0);
+    assert_eq!(e.exec.timing.redone_steps(), 0);
 }
 
 /// A prefill chunk the device finds no room for is computed on the host (same logits), and
@@ -924,7 +929,10 @@ fn a_chunk_without_device_room_goes_to_the_host_once_and_for_all() {
         &a,
         &cpu_s.prefill(&ids[..16], Want::Last).expect("prefill")
     ));
-    assert_eq!((e.exec.redone_steps(), e.exec.device_steps()), (1, 0));
+    assert_eq!(
+        (e.exec.timing.redone_steps(), e.exec.timing.device_steps()),
+        (1, 0)
+    );
     // The next 16-token chunk is not tried on the device again; the 10-token one after it
     // still is.
     let a = dev_s.prefill(&ids[16..42], Want::Last).expect("prefill");
@@ -932,8 +940,14 @@ fn a_chunk_without_device_room_goes_to_the_host_once_and_for_all() {
         &a,
         &cpu_s.prefill(&ids[16..42], Want::Last).expect("prefill")
     ));
-    assert_eq!((e.exec.redone_steps(), e.exec.device_steps()), (1, 1));
+    assert_eq!(
+        (e.exec.timing.redone_steps(), e.exec.timing.device_steps()),
+        (1, 1)
+    );
     // Decode runs on the device.
     decode_both(&mut dev_s, &mut cpu_s, &ids[42..50], "decode");
-    assert_eq!((e.exec.redone_steps(), e.exec.device_steps()), (1, 9));
+    assert_eq!(
+        (e.exec.timing.redone_steps(), e.exec.timing.device_steps()),
+        (1, 9)
+    );
 }

@@ -331,10 +331,10 @@ fn hybrid(a: &BenchArgs) -> anyhow::Result<()> {
     let steps = if a.quick { 4 } else { 32 };
     let mut before = None;
     let dt = timed_decode(&e, a.context as usize, steps, || {
-        before = Some((dev.stats(), e.exec.expert_stats(), e.exec.time_split()));
+        before = Some((dev.stats(), e.exec.experts.stats(), e.exec.timing.split()));
     })?;
     let (st0, ex0, tm0) = before.expect("timed_decode marks the start");
-    let (st, ex, tm) = (dev.stats(), e.exec.expert_stats(), e.exec.time_split());
+    let (st, ex, tm) = (dev.stats(), e.exec.experts.stats(), e.exec.timing.split());
     let sel = (ex.hits + ex.misses - ex0.hits - ex0.misses).max(1);
     let per = |v: f64| v / steps as f64;
     let hit_rate = (ex.hits - ex0.hits) as f64 / sel as f64;
@@ -372,7 +372,7 @@ fn hybrid(a: &BenchArgs) -> anyhow::Result<()> {
         kernel_s_per_token: per(st.kernel_s - st0.kernel_s),
         device_s_per_token: per(tm.device_s - tm0.device_s),
         cpu_s_per_token: per(tm.cpu_s - tm0.cpu_s),
-        steps_redone_on_host: e.exec.redone_steps(),
+        steps_redone_on_host: e.exec.timing.redone_steps(),
         predicted_tokens_per_s: predicted,
         fraction_of_prediction: (steps as f64 / dt) / predicted,
     };

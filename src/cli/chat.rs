@@ -87,8 +87,8 @@ impl Sink for ChatSink {
 fn device_line(ex: &crate::backend::exec::Exec) -> Option<String> {
     let dev = ex.device()?;
     let st = dev.stats();
-    let e = ex.expert_stats();
-    let time = ex.time_split();
+    let e = ex.experts.stats();
+    let time = ex.timing.split();
     let sel = (e.hits + e.misses).max(1);
     Some(format!(
         "{}: expert cache {:.1} % hits ({} of {} selections, {} promotions), {:.2} GB to the device, {:.2} GB back, {} launches, {} steps on the device ({} given up and done on the host); time in device ops {:.2} s (device: {:.2} s copying, {:.2} s in kernels), on the CPU {:.2} s (products, overlapping the device's)",
@@ -100,8 +100,8 @@ fn device_line(ex: &crate::backend::exec::Exec) -> Option<String> {
         st.bytes_to_device as f64 / 1e9,
         st.bytes_to_host as f64 / 1e9,
         st.launches,
-        ex.device_steps(),
-        ex.redone_steps(),
+        ex.timing.device_steps(),
+        ex.timing.redone_steps(),
         time.device_s,
         st.copy_s,
         st.kernel_s,

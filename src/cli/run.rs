@@ -94,7 +94,7 @@ impl EngineArgs {
             // Streamed prefill: the link as measured, the CPU at half its FMA peak (what its
             // quantized GEMMs reach on a chunk), both measured at the first prefill chunk.
             if let Some(dev) = e.exec.device().cloned() {
-                e.exec.set_stream_costs_with(move || {
+                e.exec.experts.set_stream_costs_with(move || {
                     Some(crate::backend::exec::StreamCosts {
                         link_gbs: dev.link_gbs()?,
                         cpu_gflops: 0.5 * crate::backend::cpu::probe::fma_peak(0.05),
@@ -148,7 +148,7 @@ impl EngineArgs {
 
     /// At exit: write the expert usage profile back (atomically), if one was asked for.
     pub fn finish(&self, e: &Engine) -> anyhow::Result<()> {
-        let (Some(path), Some(mut counts)) = (&self.expert_profile, e.exec.expert_counts()) else {
+        let (Some(path), Some(mut counts)) = (&self.expert_profile, e.exec.experts.counts()) else {
             return Ok(());
         };
         let (l, x) = (e.cfg.num_hidden_layers, e.cfg.n_routed_experts);

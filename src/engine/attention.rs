@@ -16,7 +16,7 @@ use crate::model::weights::AttnWeights;
 #[derive(Debug)]
 pub struct AttnState {
     pub window: WindowRing,
-    /// The device's key table for this block (see `Exec::table`): its name, and the
+    /// The device's key table for this block (see `KeyTables::get`): its name, and the
     /// position up to which the window ring's rows are in it (None: none known there).
     pub(super) table: u64,
     pub(super) ring_synced: Option<usize>,
@@ -108,7 +108,7 @@ impl AttnState {
         }
     }
 
-    /// Identities of the row stores a device may hold copies of (see `Exec::table`).
+    /// Identities of the row stores a device may hold copies of (see `KeyTables::get`).
     pub fn store_ids(&self) -> Vec<u64> {
         let index = self.index.as_ref().map(|c| c.rows.identity().0);
         std::iter::once(self.table).chain(index).collect()

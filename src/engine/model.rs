@@ -246,7 +246,7 @@ impl Engine {
                 Vec::new(),
             ),
         };
-        self.exec.set_expert_policy(pol, seed);
+        self.exec.experts.set_policy(pol, seed);
         Ok((p, slots))
     }
 
@@ -439,7 +439,7 @@ impl Engine {
         };
         // Hash-routed layers' experts are known from the token ids alone: the expert cache
         // sees them now, so their promotion copies overlap the layers before them.
-        if self.traps.none() && self.exec.tracks_experts() {
+        if self.traps.none() && self.exec.experts.tracked() {
             let k = cfg.num_experts_per_tok;
             for b in self
                 .weights
@@ -451,10 +451,12 @@ impl Engine {
                     .iter()
                     .flat_map(|&tok| b.ffn.hashed_experts(tok, k).unwrap_or_default())
                     .collect();
-                self.exec.experts_selected(b.layer, sel.into_iter(), |e| {
-                    let x = &b.ffn.experts[e];
-                    [&x.w1, &x.w3, &x.w2]
-                });
+                self.exec
+                    .experts
+                    .selected(&self.exec, b.layer, sel.into_iter(), |e| {
+                        let x = &b.ffn.experts[e];
+                        [&x.w1, &x.w3, &x.w2]
+                    });
             }
         }
         // Blocks placed on the device run there with the activations kept there; if the
@@ -474,10 +476,10 @@ impl Engine {
         if n_dev > 0 {
             let marks: Vec<StepMark> = state[..n_dev].iter().map(|s| s.step_mark(t0, t)).collect();
             if let Ok(out) = self.on_device(state, &x, tokens, t0, rows.clone(), n_dev) {
-                self.exec.note_device_step();
+                self.exec.timing.note_device_step();
                 return out;
             }
-            self.exec.note_redone_step();
+            self.exec.timing.note_redone_step();
             // Steps this long (or longer) go straight to the host from now on: chunks that
             // do not fit would otherwise be computed twice every time.
             if t > 1 {

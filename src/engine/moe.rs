@@ -119,7 +119,8 @@ impl Dispatch {
         let hits = if prefetched {
             None
         } else {
-            ex.experts_selected(
+            ex.experts.selected(
+                ex,
                 ctx.layer,
                 routes.iter().flat_map(|r| r.experts.iter().copied()),
                 mats,
@@ -127,7 +128,7 @@ impl Dispatch {
         };
         let counts: Vec<(usize, usize)> = active.iter().map(|&e| (e, groups[e].len())).collect();
         let streamed = if routes.len() > 1 {
-            ex.stream_for_chunk(&counts, mats)
+            ex.experts.stream_for_chunk(ex, &counts, mats)
         } else {
             Vec::new()
         };
@@ -152,7 +153,7 @@ impl Dispatch {
     }
 
     fn finish(self, ex: &Exec) {
-        ex.release_streamed(self.streamed);
+        ex.experts.release_streamed(ex, self.streamed);
     }
 }
 
@@ -253,7 +254,8 @@ fn experts<O: Ops>(
         };
         let Ok(out) = ctx
             .ex
-            .time_cpu(|| expert(&cpu, &w.experts[e], &xe, n, (limit, lower), num, pre));
+            .timing
+            .cpu(|| expert(&cpu, &w.experts[e], &xe, n, (limit, lower), num, pre));
         out
     };
     let add = |y: &mut O::T, e: usize, src: &O::T, at: usize| {

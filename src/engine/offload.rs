@@ -775,9 +775,10 @@ impl<'e> Ops for Dev<'e> {
         let is = st.index.as_ref().ok_or(GaveUp)?;
         let (id, version) = is.rows.identity();
         let n = is.rows.len();
-        let keys = ok(self
-            .ex
-            .table(id, version, heads.1, 0, n, |r| is.rows.rows(r)))?
+        let ex = self.ex;
+        let keys = ok(ex
+            .tables
+            .get(ex, id, version, heads.1, 0, n, |r| is.rows.rows(r)))?
         .0;
         ok(indexer_select(self.ex, iq, iw, keys, queries, heads, topk))
     }
@@ -805,7 +806,7 @@ impl<'e> Ops for Dev<'e> {
             .as_ref()
             .map_or((0, 0), |cs| (cs.rows.len(), cs.rows.identity().1));
         let rows = |r: Range<usize>| st.comp.as_ref().map_or(Vec::new(), |cs| cs.rows.rows(r));
-        let (buf, comp_at, fresh) = ok(ex.table(st.table, version, hd, win + t, n, rows))?;
+        let (buf, comp_at, fresh) = ok(ex.tables.get(ex, st.table, version, hd, win + t, n, rows))?;
         let from = match st.ring_synced {
             Some(p) if !fresh => p.max(first),
             _ => first,

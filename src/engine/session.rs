@@ -200,7 +200,7 @@ impl<'e> Session<'e> {
     /// The device's copies of this session's compressed rows are no longer needed.
     fn forget_device_copies(&self) {
         let ids = self.state.iter().flat_map(|s| s.store_ids());
-        self.engine.exec.forget_tables(ids);
+        self.engine.exec.tables.forget(&self.engine.exec, ids);
     }
 
     /// Bytes held by the decode state (window rings, compressor carry-over, compressed rows).

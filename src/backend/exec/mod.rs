@@ -1,18 +1,28 @@
-//! What the engine calls for its matrix products: [`Exec::linear`] runs on the device when
-//! the weight is resident there and on the CPU otherwise, so the model code never knows
-//! which device did the work. A device error is reported once (one line on stderr) and
+//! The executor the engine's ops go through. `Exec` itself holds the device, the weights
+//! resident on it (with the background promotion worker) and runs products and device ops:
+//! [`Exec::linear`] runs on the device when the weight is resident there and on the CPU
+//! otherwise. Its parts, one job each: [`KeyTables`] (attention keys kept on the device),
+//! [`Experts`] (the expert cache's policy, slots, counters, routing trace and prefill
+//! stream costs) and [`Timing`]. A device error is reported once (one line on stderr) and
 //! the CPU takes over: a broken driver costs speed, never an answer.
+
+mod experts;
+mod tables;
+mod timing;
+
+pub use experts::{ExpertStats, Experts, StreamCosts};
+pub use tables::KeyTables;
+pub use timing::{TimeSplit, Timing};
 
 use super::cpu;
 use super::device::{
     Buf, DevWeight, Device, DeviceError, Op, Stats, Stream, f32_bytes, f32_bytes_mut, lock,
 };
-use super::expert_cache::{Access, Policy, Trace};
 use super::promote::{Promoter, Residency};
 use crate::model::weights::Weight;
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Identity of a weight: the address of its stored bytes (stable: mmap or owned buffer).
@@ -31,7 +41,7 @@ pub enum Arg<'a> {
     InOut(&'a mut [u8]),
     /// An optional input that is not there (the op gets `None` for it).
     Absent,
-    /// A buffer already on the device (a [`Exec::table`]), used as it is.
+    /// A buffer already on the device (a [`KeyTables::get`] table), used as it is.
     Dev(Buf),
     /// Device scratch of this many bytes: written by one op of [`Exec::offload_ops`] and read
     /// by a later one, never copied.
@@ -74,70 +84,11 @@ impl std::ops::Index<usize> for Bufs {
     }
 }
 
-/// A key table kept on the device (see [`Exec::table`]).
-struct KeyTable {
-    buf: Buf,
-    width: usize,
-    version: u64,
-    /// Rows reserved at the front for the rows the caller writes.
-    local_rows: usize,
-    /// Rows the buffer holds.
-    cap_rows: usize,
-    /// Store rows already on the device.
-    synced: usize,
-}
-
 /// Reusable input/output buffers on the device (grown on demand).
 #[derive(Default)]
 struct Scratch {
     x: Option<(Buf, usize)>,
     y: Option<(Buf, usize)>,
-}
-
-/// The routed-expert slots: a policy and the weights of the experts it holds.
-struct ExpertSlots {
-    policy: Box<dyn Policy + Send>,
-    held: HashMap<(usize, usize), [Weight; 3]>,
-    /// Selections per [layer][expert] (seeded from a loaded profile): the usage profile.
-    counts: Vec<Vec<u64>>,
-}
-
-/// Counters of the expert cache (selections served from device slots or not).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ExpertStats {
-    pub hits: u64,
-    pub misses: u64,
-    /// Experts copied to the device (promotions).
-    pub promotions: u64,
-    /// Prefill: missed experts streamed to the device for one chunk, and computed on the CPU.
-    pub streamed: u64,
-    pub on_cpu: u64,
-}
-
-/// Wall-clock seconds of the work that went through an executor, by where it ran. Device
-/// time counts each device op from its first copy in to its result back on the host
-/// (copies and kernels; `Stats` has the bytes); CPU time counts the products that ran on
-/// the CPU. Hits on the device and misses on the CPU run at the same time, so the two
-/// overlap and may add up to more than the elapsed time.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct TimeSplit {
-    pub device_s: f64,
-    pub cpu_s: f64,
-}
-
-/// The stream costs: none, to be measured at first use, or known.
-enum CostState {
-    Off,
-    Pending(Box<dyn FnOnce() -> Option<StreamCosts> + Send>),
-    Ready(StreamCosts),
-}
-
-/// The prefill cost model's two rates: streaming an expert over the link vs computing its
-/// tokens on the CPU.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct StreamCosts {
-    pub link_gbs: f64,
-    pub cpu_gflops: f64,
 }
 
 pub struct Exec {
@@ -154,18 +105,15 @@ pub struct Exec {
     /// Layers 0..device_layers run their ops on the device (their dense matrices resident)
     /// even when the whole model does not.
     device_layers: AtomicUsize,
-    tables: Mutex<HashMap<u64, KeyTable>>,
     /// Device copies of model parameters, by (address, length) of the host bytes.
     params: Mutex<HashMap<(usize, usize), Buf>>,
-    stream_costs: Mutex<CostState>,
-    experts: Mutex<Option<ExpertSlots>>,
-    expert_stats: Mutex<ExpertStats>,
-    trace: Mutex<Option<Trace>>,
-    time: Mutex<TimeSplit>,
-    /// Steps computed on the device path, and those it gave up on (computed again on the
-    /// host).
-    device_steps: AtomicU64,
-    redone: AtomicU64,
+    /// Key tables kept on the device across steps.
+    pub tables: KeyTables,
+    /// Routed experts: the cache's policy and slots, its counters, the routing trace, the
+    /// prefill stream costs.
+    pub experts: Experts,
+    /// Where the time went, and the steps the device ran or gave up on.
+    pub timing: Timing,
 }
 
 impl Default for Exec {
@@ -191,15 +139,10 @@ impl Exec {
             scratch: Mutex::new(Scratch::default()),
             whole: AtomicBool::new(false),
             device_layers: AtomicUsize::new(0),
-            tables: Mutex::new(HashMap::new()),
             params: Mutex::new(HashMap::new()),
-            stream_costs: Mutex::new(CostState::Off),
-            experts: Mutex::new(None),
-            expert_stats: Mutex::new(ExpertStats::default()),
-            trace: Mutex::new(None),
-            time: Mutex::new(TimeSplit::default()),
-            device_steps: AtomicU64::new(0),
-            redone: AtomicU64::new(0),
+            tables: KeyTables::default(),
+            experts: Experts::default(),
+            timing: Timing::default(),
         }
     }
 
@@ -246,24 +189,17 @@ impl Exec {
         self.dev.is_some() && !self.res.failed.load(Ordering::Relaxed)
     }
 
-    /// A step's device path gave up (no room, an error) and the host computed it instead.
-    pub fn note_redone_step(&self) {
-        self.redone.fetch_add(1, Ordering::Relaxed);
+    /// The device, while it has not failed.
+    fn usable_device(&self) -> Option<&Arc<dyn Device>> {
+        self.dev.as_ref().filter(|_| self.usable())
     }
 
-    /// Steps the device gave up on so far.
-    pub fn redone_steps(&self) -> u64 {
-        self.redone.load(Ordering::Relaxed)
-    }
-
-    /// A step ran on the device path from start to end.
-    pub fn note_device_step(&self) {
-        self.device_steps.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Steps the device path completed so far.
-    pub fn device_steps(&self) -> u64 {
-        self.device_steps.load(Ordering::Relaxed)
+    /// Promotions the device had no room for since the last call (their weights' keys).
+    fn take_refused(&self) -> Vec<usize> {
+        self.promoter
+            .as_ref()
+            .map(|p| p.take_refused())
+            .unwrap_or_default()
     }
 
     /// How many of a model's `blocks` (a prefix) run every op on the device: all of them in
@@ -278,69 +214,7 @@ impl Exec {
         }
     }
 
-    /// A key table that stays on the device across steps: `head` rows the caller writes
-    /// itself ([`Exec::write_rows`]; e.g. a ring of recent rows and the current chunk's),
-    /// followed by the first `n` rows of an append-only host store; `id` names the table,
-    /// and a new `version` means the store was cut back, so it is copied again from its
-    /// start. Only the store's rows added since the last call are copied; `rows(a..b)` gives
-    /// them. Returns the buffer, the row at which the store's rows begin (>= `head`), and
-    /// whether the buffer is new (the head rows are then unset). None when ops do not run
-    /// on the device here or it has no room (the caller uses its host path).
-    pub fn table(
-        &self,
-        id: u64,
-        version: u64,
-        width: usize,
-        head: usize,
-        n: usize,
-        rows: impl Fn(Range<usize>) -> Vec<f32>,
-    ) -> Option<(Buf, usize, bool)> {
-        if !self.usable() {
-            return None;
-        }
-        let dev = self.dev.as_ref()?;
-        let mut g = lock(&self.tables);
-        let fits = g.get(&id).is_some_and(|m| {
-            m.version == version
-                && m.width == width
-                && head <= m.local_rows
-                && m.local_rows + n <= m.cap_rows
-                && n >= m.synced
-        });
-        let fresh = !fits;
-        if fresh {
-            let old = g.remove(&id);
-            let head_cap = head.max(old.as_ref().map_or(0, |m| m.local_rows));
-            // Room to grow by a quarter (at least 1024 rows) before the next full copy.
-            let store_cap = (n + n / 4).max(n + 1024);
-            if let Some(m) = old {
-                dev.free(m.buf);
-            }
-            let buf = self.alloc(4 * width * (head_cap + store_cap))?;
-            g.insert(
-                id,
-                KeyTable {
-                    buf,
-                    width,
-                    version,
-                    local_rows: head_cap,
-                    cap_rows: head_cap + store_cap,
-                    synced: 0,
-                },
-            );
-        }
-        let m = g.get_mut(&id)?;
-        if n > m.synced {
-            let new = rows(m.synced..n);
-            if !self.write_rows(m.buf, m.local_rows + m.synced, width, &new) {
-                return None;
-            }
-            m.synced = n;
-        }
-        Some((m.buf, m.local_rows, fresh))
-    }
-
-    /// Write rows of `width` floats into a [`Exec::table`] from row `row` on. False on a
+    /// Write rows of `width` floats into a [`KeyTables::get`] table from row `row` on. False on a
     /// device error (reported; the caller uses its host path).
     pub fn write_rows(&self, buf: Buf, row: usize, width: usize, data: &[f32]) -> bool {
         self.dev_io(|dev| dev.write_at(buf, 4 * width * row, f32_bytes(data), Stream::COMPUTE))
@@ -452,7 +326,7 @@ impl Exec {
         };
         let start = std::time::Instant::now();
         let r = f(dev.as_ref());
-        self.add_device_time(start);
+        self.timing.add_device(start);
         match r {
             Ok(()) => true,
             Err(e) => {
@@ -460,27 +334,6 @@ impl Exec {
                 false
             }
         }
-    }
-
-    /// Free the device tables of these stores (their session ended or was reset).
-    pub fn forget_tables(&self, ids: impl IntoIterator<Item = u64>) {
-        let Some(dev) = &self.dev else {
-            return;
-        };
-        let mut g = lock(&self.tables);
-        for id in ids {
-            if let Some(m) = g.remove(&id) {
-                dev.free(m.buf);
-            }
-        }
-    }
-
-    /// Device bytes held by key tables.
-    pub fn table_bytes(&self) -> u64 {
-        lock(&self.tables)
-            .values()
-            .map(|m| (4 * m.width * m.cap_rows) as u64)
-            .sum()
     }
 
     /// Run one op on the device (see [`Exec::offload_ops`]).
@@ -555,7 +408,7 @@ impl Exec {
         for b in fresh {
             dev.free(b);
         }
-        self.add_device_time(start);
+        self.timing.add_device(start);
         match res {
             Ok(()) => true,
             // No room for this op's buffers: this op runs on the CPU, the device stays on.
@@ -636,262 +489,6 @@ impl Exec {
             && grow(dev.as_ref(), &mut sc.y, y_bytes).is_ok()
     }
 
-    /// Manage routed experts with `policy`: from now on every selection goes through it, and
-    /// the experts it holds are resident on the device (the others run on the CPU).
-    /// `counts` seeds the usage profile (from an earlier session; empty for none).
-    pub fn set_expert_policy(&self, policy: Box<dyn Policy + Send>, counts: Vec<Vec<u64>>) {
-        *lock(&self.experts) = Some(ExpertSlots {
-            policy,
-            held: HashMap::new(),
-            counts,
-        });
-    }
-
-    /// Selections per [layer][expert] so far, the seed profile included (None without an
-    /// expert policy).
-    pub fn expert_counts(&self) -> Option<Vec<Vec<u64>>> {
-        lock(&self.experts).as_ref().map(|s| s.counts.clone())
-    }
-
-    pub fn expert_stats(&self) -> ExpertStats {
-        *lock(&self.expert_stats)
-    }
-
-    /// Where the time went so far (see [`TimeSplit`]).
-    pub fn time_split(&self) -> TimeSplit {
-        *lock(&self.time)
-    }
-
-    /// Run `f` (CPU work done on this executor's behalf, e.g. missed experts on a CPU
-    /// executor) and count its time as CPU time.
-    pub fn time_cpu<R>(&self, f: impl FnOnce() -> R) -> R {
-        let t = std::time::Instant::now();
-        let r = f();
-        lock(&self.time).cpu_s += t.elapsed().as_secs_f64();
-        r
-    }
-
-    fn add_device_time(&self, since: std::time::Instant) {
-        lock(&self.time).device_s += since.elapsed().as_secs_f64();
-    }
-
-    /// Start recording every expert selection (a routing trace); `take_trace` returns it.
-    pub fn record_routes(&self, layers: usize, experts: usize) {
-        *lock(&self.trace) = Some(Trace {
-            layers,
-            experts,
-            accesses: Vec::new(),
-        });
-    }
-
-    pub fn take_trace(&self) -> Option<Trace> {
-        lock(&self.trace).take()
-    }
-
-    /// Whether expert selections matter here (an expert policy or a trace being recorded);
-    /// without either, `experts_selected` does nothing and callers need not gather them.
-    pub fn tracks_experts(&self) -> bool {
-        lock(&self.experts).is_some() || lock(&self.trace).is_some()
-    }
-
-    /// The router chose `selected` experts of `layer` (with repeats, token by token): record
-    /// them, let the policy count hits and change its slots, and move weights to match.
-    /// Returns the experts that were already on the device (the hits, which run there now);
-    /// the ones promoted by this call are copied in the background and serve later tokens.
-    /// None without an expert policy (residency is then fixed: ask `is_resident`).
-    pub fn experts_selected<'w>(
-        &self,
-        layer: usize,
-        selected: impl Iterator<Item = usize>,
-        weights: impl Fn(usize) -> [&'w Weight; 3],
-    ) -> Option<std::collections::HashSet<usize>> {
-        let selected: Vec<usize> = selected.collect();
-        if let Some(t) = lock(&self.trace).as_mut() {
-            t.accesses.extend(selected.iter().map(|&e| Access {
-                layer: layer as u16,
-                expert: e as u16,
-            }));
-        }
-        let mut g = lock(&self.experts);
-        let slots = g.as_mut()?;
-        // Promotions the device had no room for give their slots up.
-        let refused: std::collections::HashSet<usize> = self
-            .promoter
-            .as_ref()
-            .map(|p| p.take_refused().into_iter().collect())
-            .unwrap_or_default();
-        if !refused.is_empty() {
-            let gone: Vec<(usize, usize)> = slots
-                .held
-                .iter()
-                .filter(|(_, ws)| ws.iter().any(|w| refused.contains(&weight_key(w))))
-                .map(|(k, _)| *k)
-                .collect();
-            for k in gone {
-                if let Some(ws) = slots.held.remove(&k) {
-                    ws.iter().for_each(|w| self.evict(w));
-                }
-            }
-        }
-        let before: std::collections::HashSet<usize> = slots
-            .held
-            .keys()
-            .filter(|(l, _)| *l == layer)
-            .map(|&(_, e)| e)
-            .collect();
-        let mut st = lock(&self.expert_stats);
-        if slots.counts.len() <= layer {
-            slots.counts.resize(layer + 1, Vec::new());
-        }
-        for &e in &selected {
-            let row = &mut slots.counts[layer];
-            if row.len() <= e {
-                row.resize(e + 1, 0);
-            }
-            // A profile read from a file may start anywhere: counts stop at the top.
-            row[e] = row[e].saturating_add(1);
-            let hit = slots.policy.access(Access {
-                layer: layer as u16,
-                expert: e as u16,
-            });
-            if hit {
-                st.hits += 1;
-            } else {
-                st.misses += 1;
-            }
-        }
-        // Bring the device in line with the policy's slots: first what it let go of (in
-        // this layer, or in any after slots moved between layers), then this layer's new.
-        let want = slots.policy.resident(layer);
-        let every_layer = slots.policy.take_moved();
-        let mut keep: HashMap<usize, Vec<usize>> = HashMap::new();
-        let gone: Vec<(usize, usize)> = slots
-            .held
-            .keys()
-            .filter(|(l, e)| {
-                (every_layer || *l == layer)
-                    && !keep
-                        .entry(*l)
-                        .or_insert_with(|| slots.policy.resident(*l))
-                        .contains(e)
-            })
-            .copied()
-            .collect();
-        for k in gone {
-            if let Some(ws) = slots.held.remove(&k) {
-                ws.iter().for_each(|w| self.evict(w));
-            }
-        }
-        for e in want {
-            if slots.held.contains_key(&(layer, e)) {
-                continue;
-            }
-            let ws = weights(e);
-            // The copies run in the background; a device too full for the expert leaves it
-            // on the CPU (no error).
-            if ws.iter().all(|w| self.promote(w)) {
-                slots.held.insert((layer, e), ws.map(|w| w.clone()));
-                st.promotions += 1;
-            } else {
-                ws.iter().for_each(|w| self.evict(w));
-            }
-        }
-        Some(
-            before
-                .into_iter()
-                .filter(|e| slots.held.contains_key(&(layer, *e)))
-                .collect(),
-        )
-    }
-
-    /// Enable streamed prefill with these rates (see [`Exec::stream_for_chunk`]).
-    pub fn set_stream_costs(&self, c: StreamCosts) {
-        *lock(&self.stream_costs) = CostState::Ready(c);
-    }
-
-    /// Enable streamed prefill with rates measured by `measure` at the first chunk that needs
-    /// them (keeps the measurement off start-up and off decode-only runs).
-    pub fn set_stream_costs_with(
-        &self,
-        measure: impl FnOnce() -> Option<StreamCosts> + Send + 'static,
-    ) {
-        *lock(&self.stream_costs) = CostState::Pending(Box::new(measure));
-    }
-
-    fn stream_costs(&self) -> Option<StreamCosts> {
-        let mut g = lock(&self.stream_costs);
-        if let CostState::Pending(_) = &*g
-            && let CostState::Pending(f) = std::mem::replace(&mut *g, CostState::Off)
-        {
-            *g = f().map_or(CostState::Off, CostState::Ready);
-        }
-        match &*g {
-            CostState::Ready(c) => Some(*c),
-            _ => None,
-        }
-    }
-
-    /// Prefill of a chunk: for each routed expert not on the device, with `n` tokens routed to
-    /// it, stream its weights to the device for this chunk when the copy (bytes / link) costs
-    /// less than computing its tokens on the CPU (2·n·weights / CPU rate). Returns the experts
-    /// streamed, for [`Exec::release_streamed`] after the chunk. No-op without stream costs
-    /// or a device.
-    pub fn stream_for_chunk<'w>(
-        &self,
-        groups: &[(usize, usize)],
-        weights: impl Fn(usize) -> [&'w Weight; 3],
-    ) -> Vec<(usize, [Weight; 3])> {
-        let Some(c) = self.stream_costs() else {
-            return Vec::new();
-        };
-        if self.dev.is_none() {
-            return Vec::new();
-        }
-        let mut streamed = Vec::new();
-        let mut st = lock(&self.expert_stats);
-        for &(e, n) in groups {
-            let ws = weights(e);
-            if ws.iter().all(|w| self.is_resident(w)) {
-                continue;
-            }
-            let bytes: usize = ws.iter().map(|w| w.stored_bytes()).sum();
-            let params: usize = ws.iter().map(|w| w.rows() * w.cols()).sum();
-            let stream_s = bytes as f64 / (c.link_gbs * 1e9);
-            let cpu_s = 2.0 * (n * params) as f64 / (c.cpu_gflops * 1e9);
-            if stream_s < cpu_s && ws.iter().all(|w| matches!(self.make_resident(w), Ok(true))) {
-                st.streamed += 1;
-                streamed.push((e, ws.map(|w| w.clone())));
-            } else {
-                // Not worth it, or no room: release whatever part did get in.
-                if stream_s < cpu_s {
-                    ws.iter().for_each(|w| self.evict(w));
-                }
-                st.on_cpu += 1;
-            }
-        }
-        streamed
-    }
-
-    /// Evict the experts `stream_for_chunk` brought in (unless the cache has taken them since).
-    pub fn release_streamed(&self, streamed: Vec<(usize, [Weight; 3])>) {
-        let held: std::collections::HashSet<usize> = lock(&self.experts)
-            .as_ref()
-            .map(|s| {
-                s.held
-                    .values()
-                    .flat_map(|ws| ws.iter().map(weight_key))
-                    .collect()
-            })
-            .unwrap_or_default();
-        for (_, ws) in streamed {
-            for w in &ws {
-                if !held.contains(&weight_key(w)) {
-                    self.evict(w);
-                }
-            }
-        }
-    }
-
     /// Drop `w` from the device (its bytes stay in the checkpoint).
     pub fn evict(&self, w: &Weight) {
         if let Some(p) = &self.promoter {
@@ -960,7 +557,7 @@ impl Exec {
             if let Some(dw) = dw {
                 let start = std::time::Instant::now();
                 let r = self.device_linear(dev.as_ref(), weight_key(w), dw, rows.clone(), x, t, y);
-                self.add_device_time(start);
+                self.timing.add_device(start);
                 match r {
                     Ok(()) => return,
                     // No room for this op's activations, or a shape the kernels do not
@@ -970,7 +567,8 @@ impl Exec {
                 }
             }
         }
-        self.time_cpu(|| cpu::linear_range(self.kernels, w, rows, x, t, y))
+        self.timing
+            .cpu(|| cpu::linear_range(self.kernels, w, rows, x, t, y))
     }
 
     #[allow(clippy::too_many_arguments)] // the weight (and its key), rows, input and output
@@ -1022,10 +620,7 @@ impl Drop for Exec {
             for (b, _) in [sc.x.take(), sc.y.take()].into_iter().flatten() {
                 dev.free(b);
             }
-            let tables = self.tables.get_mut().unwrap_or_else(|p| p.into_inner());
-            for (_, m) in tables.drain() {
-                dev.free(m.buf);
-            }
+            self.tables.free_all(dev.as_ref());
             let params = self.params.get_mut().unwrap_or_else(|p| p.into_inner());
             for (_, b) in params.drain() {
                 dev.free(b);
