@@ -12,12 +12,14 @@ pub mod moe;
 pub mod numerics;
 mod offload;
 mod ops;
+mod placement;
 pub mod plan;
 pub mod rope;
 pub mod sampler;
 pub mod session;
 pub mod traps;
 
-pub use model::{Engine, ExpertPolicy, HybridOptions, Placement, Want};
+pub use model::{Engine, Want};
 pub use numerics::Numerics;
+pub use placement::{ExpertPolicy, HybridOptions, Placement};
 pub use session::{Mark, Session, SessionError};

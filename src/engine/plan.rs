@@ -2,10 +2,11 @@
 //! the model goes on a machine with a given GPU memory, RAM and bandwidths, and the decode and
 //! prefill speed that placement allows.
 //!
-//! Placement fills the GPU budget in priority order: the KV state for the requested context,
-//! the dense weights layer by layer (attention, compressors, indexers, router, shared expert,
-//! norms, mHC), the head, then routed-expert slots spread evenly over the layers. Layers whose
-//! dense weights do not fit stay on the CPU whole. The embedding (read by rows), the hash
+//! Placement fills the GPU budget in priority order ([`fill`], which the engine's hybrid
+//! placement uses too): the KV state for the requested context, the dense weights layer by
+//! layer (attention, compressors, indexers, router, shared expert, norms, mHC), the head,
+//! then routed-expert slots spread evenly over the layers. Layers whose dense weights do not
+//! fit stay on the CPU whole. The embedding (read by rows), the hash
 //! tables and everything else stay in RAM, where the whole checkpoint is mmapped.
 //!
 //! The prediction is a roofline: each step's bytes over the bandwidth of the memory that
@@ -134,6 +135,57 @@ pub fn kv_bytes(cfg: &ModelConfig, ctx: usize) -> u64 {
     b
 }
 
+/// What a device holds, in the placement's priority order (module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fill {
+    /// The reserve (KV rows, activations) fits; nothing else goes to the device otherwise.
+    pub reserved: bool,
+    /// Layers, from the first, whose dense weights are on the device.
+    pub layers: usize,
+    pub head: bool,
+    /// Expert slots per layer in what is left.
+    pub slots: usize,
+}
+
+/// Fill `budget` bytes in priority order: the `reserve` first, then the `dense` weights of
+/// whole layers in order (the first layer that does not fit ends them), the `head` once
+/// every layer is in, then as many expert slots per layer (`expert` bytes each, at most
+/// `n_exp`) as the rest holds. `inspect --plan` predicts with it and
+/// `Engine::use_device_hybrid` places with it.
+pub fn fill(
+    budget: u64,
+    reserve: u64,
+    dense: &[u64],
+    head: u64,
+    expert: u64,
+    n_exp: usize,
+) -> Fill {
+    let mut f = Fill {
+        reserved: budget > 0 && reserve <= budget,
+        layers: 0,
+        head: false,
+        slots: 0,
+    };
+    if !f.reserved {
+        return f;
+    }
+    let mut used = reserve;
+    for &b in dense {
+        if used + b > budget {
+            break;
+        }
+        used += b;
+        f.layers += 1;
+    }
+    f.head = f.layers == dense.len() && used + head <= budget;
+    if f.head {
+        used += head;
+        let per_layer = dense.len().max(1) as u64 * expert.max(1);
+        f.slots = (((budget - used) / per_layer) as usize).min(n_exp);
+    }
+    f
+}
+
 pub fn plan(cfg: &ModelConfig, m: &Machine, ctx: usize) -> Plan {
     plan_with(cfg, m, ctx, Overrides::default())
 }
@@ -169,32 +221,9 @@ pub fn plan_with(cfg: &ModelConfig, m: &Machine, ctx: usize, o: Overrides) -> Pl
     let total_dense: u64 = dense.iter().sum();
     // Fill the GPU: KV, dense layer by layer, head, expert slots.
     let budget = m.gpu_mem.saturating_sub(GPU_RESERVE);
-    let mut used = 0u64;
-    let kv_on_gpu = m.gpu_mem > 0 && kv <= budget;
-    if kv_on_gpu {
-        used += kv;
-    }
-    let mut gpu_layers = 0;
-    if kv_on_gpu {
-        for &b in &dense {
-            if used + b > budget {
-                break;
-            }
-            used += b;
-            gpu_layers += 1;
-        }
-    }
-    let head_on_gpu = gpu_layers == layers && used + head <= budget;
-    if head_on_gpu {
-        used += head;
-    }
-    let slots = if head_on_gpu {
-        (((budget - used) / expert_bytes.max(1)) as usize / layers).min(n_exp)
-    } else {
-        0
-    };
-    let slots = o.slots.map_or(slots, |s| s.min(n_exp));
-    used += (slots * layers) as u64 * expert_bytes;
+    let f = fill(budget, kv, &dense, head, expert_bytes, n_exp);
+    let (kv_on_gpu, gpu_layers, head_on_gpu) = (f.reserved, f.layers, f.head);
+    let slots = o.slots.map_or(f.slots, |s| s.min(n_exp));
     let pop = expert_popularity(n_exp);
     // + 0.0: an empty sum is -0.0.
     let hit: f64 = o.hit_rate.unwrap_or(pop[..slots].iter().sum::<f64>() + 0.0);
@@ -316,7 +345,7 @@ pub fn plan_with(cfg: &ModelConfig, m: &Machine, ctx: usize, o: Overrides) -> Pl
         machine: m.clone(),
         ctx,
         parts,
-        gpu_bytes: used,
+        gpu_bytes: on_gpu_weights + if kv_on_gpu { kv } else { 0 },
         // What must stay in RAM: the page cache may drop what was uploaded to the GPU.
         ram_bytes: ram_needed,
         gpu_layers,
@@ -365,6 +394,47 @@ fn expert_params(cfg: &ModelConfig) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fill_takes_the_reserve_whole_layers_the_head_then_slots() {
+        // Reserve 10, three layers of 30, head 5, experts of 1 byte, 8 per layer at most.
+        let f = |budget| fill(budget, 10, &[30, 30, 30], 5, 1, 8);
+        let none = Fill {
+            reserved: false,
+            layers: 0,
+            head: false,
+            slots: 0,
+        };
+        assert_eq!(f(9), none);
+        assert_eq!(
+            f(69),
+            Fill {
+                reserved: true,
+                layers: 1,
+                ..none
+            }
+        );
+        // All layers (100) but no room for the head: no slots either.
+        assert_eq!(
+            f(104),
+            Fill {
+                reserved: true,
+                layers: 3,
+                ..none
+            }
+        );
+        // 105 used; (120 - 105) / 3 layers = 5 slots each; at most 8.
+        assert_eq!(
+            f(120),
+            Fill {
+                reserved: true,
+                layers: 3,
+                head: true,
+                slots: 5
+            }
+        );
+        assert_eq!(f(1 << 20).slots, 8);
+    }
 
     fn real() -> ModelConfig {
         let s = include_str!("../../tests/fixtures/deepseek-v4-flash-config.json");
