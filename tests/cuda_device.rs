@@ -764,7 +764,7 @@ fn tiny_hybrid_on_the_gpu_matches_the_goldens() {
             },
         )
         .expect("placement");
-        assert!(e.exec.ops_on_device(), "dense part resident");
+        assert!(e.exec.whole_model(), "dense part resident");
         let v = e.cfg.vocab_size;
         let mut s = Session::new(&e, 1 << 20, 64);
         let logits = s.prefill(&gd.input_ids, Want::All).expect("prefill");

@@ -405,7 +405,7 @@ fn whole_model_mode_runs_every_op_on_the_device_bit_identically() {
             let p = e.use_device(sim.clone()).expect("placement");
             assert_eq!(p.resident, p.total);
             assert!(
-                e.exec.ops_on_device(),
+                e.exec.whole_model(),
                 "{dir}: everything fits, so every op is offloaded"
             );
             let dev = run_all(&e);
@@ -535,7 +535,7 @@ fn kv_rows_stay_on_the_device_and_decode_traffic_does_not_grow_with_context() {
     let sim = Arc::new(TestCard::new(i64::MAX));
     e.use_device_hybrid(sim.clone(), hybrid(ExpertPolicy::Adaptive(None), Some(0)))
         .expect("placement");
-    assert!(e.exec.ops_on_device(), "the dense part fits: device ops");
+    assert!(e.exec.whole_model(), "the dense part fits: device ops");
     let (mut dev_s, mut cpu_s) = (
         Session::new(&e, 4096, 64),
         Session::new(&cpu_engine, 4096, 64),

@@ -330,7 +330,7 @@ impl Engine {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        if on_host.is_empty() && self.exec.ops_on_device() {
+        if on_host.is_empty() && self.exec.whole_model() {
             return self.head(&dev, &xd, rows);
         }
         let mut xh = dev.read(&[&xd])?.pop().unwrap_or_default();

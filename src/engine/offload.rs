@@ -106,8 +106,7 @@ fn read_together(ex: &Exec, parts: &[(Buf, usize)]) -> Option<Vec<Vec<f32>>> {
 /// y = x · Wᵀ for `t` rows, `w` resident on the device.
 fn linear<'e>(ex: &'e Exec, w: &Weight, x: &Act, t: usize) -> Option<Act<'e>> {
     let y = Act::new(ex, t * w.rows())?;
-    ex.linear_on_device(w, 0..w.rows(), x.buf, y.buf, t)
-        .then_some(y)
+    ex.linear_bufs(w, 0..w.rows(), x.buf, y.buf, t).then_some(y)
 }
 
 /// In place, per row of `n`: RMSNorm with weight `w` (None: unweighted).
@@ -661,7 +660,7 @@ impl<'e> Ops for Dev<'e> {
             let first = gi * ol - gi * ol % align;
             let (skip, n) = (gi * ol - first, (gi + 1) * ol - first);
             let done = ex.launch(&[copy(x.buf, gi * gin, width, xg.buf, 0, gin, t, gin)])
-                && ex.linear_on_device(w, first..(gi + 1) * ol, xg.buf, yg.buf, t)
+                && ex.linear_bufs(w, first..(gi + 1) * ol, xg.buf, yg.buf, t)
                 && ex.launch(&[copy(yg.buf, skip, n, y.buf, gi * ol, groups * ol, t, ol)]);
             if !done {
                 return Err(GaveUp);

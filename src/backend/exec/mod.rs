@@ -180,7 +180,7 @@ impl Exec {
 
     /// Whether every op of the forward pass runs on the device (whole-model mode, and the
     /// device has not failed).
-    pub fn ops_on_device(&self) -> bool {
+    pub fn whole_model(&self) -> bool {
         self.whole.load(Ordering::Relaxed) && self.usable()
     }
 
@@ -266,14 +266,7 @@ impl Exec {
 
     /// y = x · W[rows]ᵀ with x [t, cols] and y [t, rows.len()] device buffers and `w`
     /// resident. False when it is not, or on a device error (reported).
-    pub fn linear_on_device(
-        &self,
-        w: &Weight,
-        rows: Range<usize>,
-        x: Buf,
-        y: Buf,
-        t: usize,
-    ) -> bool {
+    pub fn linear_bufs(&self, w: &Weight, rows: Range<usize>, x: Buf, y: Buf, t: usize) -> bool {
         let key = weight_key(w);
         let Some(dw) = self
             .res
