@@ -12,6 +12,6 @@ pub mod cuda;
 pub mod device;
 pub mod exec;
 pub mod expert_cache;
-pub mod promote;
+mod promote;
 pub mod select;
 pub mod sim;

@@ -1,20 +1,23 @@
 //! The model's forward pass and decode state, one module per concept of the spec (§5–6).
-//! Model code here does not know which device runs it: heavy math goes through `backend`.
+//! Each section is written once against the ops of `ops` (`host`: on the CPU, `offload`: on
+//! a device); where each layer runs is placement's choice, not the model code's. The public
+//! surface is what the CLI and the tests use: `Engine`, `Session`, `Numerics`, the
+//! placement options, the plan, the sampler and the traps.
 
-pub mod attention;
-pub mod compressor;
+mod attention;
+mod compressor;
 mod host;
 mod hyper;
-pub mod indexer;
-pub mod kv_cache;
-pub mod model;
-pub mod moe;
+mod indexer;
+mod kv_cache;
+mod model;
+mod moe;
 pub mod numerics;
 mod offload;
 mod ops;
 mod placement;
 pub mod plan;
-pub mod rope;
+mod rope;
 pub mod sampler;
 pub mod session;
 pub mod traps;
