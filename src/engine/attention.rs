@@ -8,7 +8,7 @@ use super::kv_cache::WindowRing;
 use super::numerics::Numerics;
 use super::ops::{Ops, QueryKeys};
 use super::rope::Rope;
-use super::traps::{Trap, Traps};
+use super::traps::Deviations;
 use crate::model::config::{AttnKind, ModelConfig};
 use crate::model::weights::AttnWeights;
 
@@ -127,7 +127,7 @@ pub struct AttnCtx<'a> {
     pub kind: AttnKind,
     pub rope: &'a Rope,
     pub numerics: Numerics,
-    pub traps: &'a Traps,
+    pub dv: Deviations,
 }
 
 /// Attention for `t` tokens at positions t0..t0+t (§5.4-5.9). `x` is the normed block
@@ -141,7 +141,7 @@ pub(crate) fn forward<O: Ops>(
     t0: usize,
     t: usize,
 ) -> Result<O::T, O::Err> {
-    let (cfg, num, rope, traps) = (ctx.cfg, ctx.numerics, ctx.rope, ctx.traps);
+    let (cfg, num, rope, dv) = (ctx.cfg, ctx.numerics, ctx.rope, ctx.dv);
     let (d, h, hd) = (cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim);
     let (ql, eps) = (cfg.q_lora_rank, cfg.rms_norm_eps);
 
@@ -152,7 +152,7 @@ pub(crate) fn forward<O: Ops>(
     o.rms_norm(&mut q_lat, Some(&w.q_norm), ql, eps)?;
     let q_in = o.gemm_input(num, &q_lat, ql)?;
     let mut q = o.linear(&w.wq_b, &q_in, t)?;
-    if !traps.has(Trap::NoQHeadNorm) {
+    if !dv.no_q_head_norm {
         o.rms_norm(&mut q, None, hd, eps)?;
     }
     o.rope(rope, &mut q, hd, t0, h, false)?;
@@ -207,7 +207,7 @@ pub(crate) fn forward<O: Ops>(
     // position, which makes the values' rotation relative.
     let keys = query_keys(o, ctx, st, index_q.as_ref(), t0, t)?;
     let mut att = o.attend(st, &q, &kv, &keys, &w.sink, t0, (h, hd))?;
-    if !traps.has(Trap::NoInverseRope) {
+    if !dv.no_inverse_rope {
         o.rope(rope, &mut att, hd, t0, h, true)?;
     }
     // The window ring now takes this step's rows (after every query read the old ones).
@@ -218,7 +218,7 @@ pub(crate) fn forward<O: Ops>(
 
     // Output (§5.9): the grouped wo_a (group g: heads g·H/G.., rows g·o_lora..), then wo_b.
     let groups = cfg.o_groups;
-    let interleaved = traps.has(Trap::GroupsInterleaved);
+    let interleaved = dv.groups_interleaved;
     let y = o.linear_grouped(&w.wo_a, &att, t, groups, hd, interleaved)?;
     let y_in = o.gemm_input(num, &y, groups * cfg.o_lora_rank)?;
     o.linear(&w.wo_b, &y_in, t)
@@ -235,11 +235,11 @@ fn query_keys<O: Ops>(
     t0: usize,
     t: usize,
 ) -> Result<Vec<QueryKeys>, O::Err> {
-    let (cfg, traps) = (ctx.cfg, ctx.traps);
+    let (cfg, dv) = (ctx.cfg, ctx.dv);
     let win = st.window.size();
     let cs = st.comp.as_ref();
     let visible = |p: usize| {
-        cs.map_or(0, |cs| match traps.has(Trap::CompressedSeesIncomplete) {
+        cs.map_or(0, |cs| match dv.compressed_sees_incomplete {
             true => (cs.visible(p) + 1).min(cs.rows.len()),
             false => cs.visible(p),
         })
@@ -278,7 +278,7 @@ fn query_keys<O: Ops>(
             // The trap: rows whose tokens are still inside the window are not attended.
             let ratio = cs.map_or(1, |cs| cs.ratio());
             let inside = |i: &usize| (i + 1) * ratio > lo;
-            let comp = match traps.has(Trap::CompressedSkipInsideWindow) {
+            let comp = match dv.compressed_skip_inside_window {
                 true => comp.into_iter().filter(|i| !inside(i)).collect(),
                 false => comp,
             };
@@ -303,13 +303,13 @@ fn feed_compressors(
 ) {
     let (eps, num, nope) = (ctx.cfg.rms_norm_eps, ctx.numerics, ctx.cfg.nope_dim());
     if let (Some(cw), Some(cs), Some((a, z))) = (&w.compressor, st.comp.as_mut(), comp_in) {
-        cs.feed_chunk(cw, ctx.rope, eps, &a, &z, t0, ctx.traps, |row| {
+        cs.feed_chunk(cw, ctx.rope, eps, &a, &z, t0, ctx.dv, |row| {
             num.kv_row(row, nope)
         });
     }
     if let (Some(iwts), Some(is), Some((a, z))) = (&w.indexer, st.index.as_mut(), index_in) {
         let c = &iwts.compressor;
-        is.feed_chunk(c, ctx.rope, eps, &a, &z, t0, ctx.traps, |row| {
+        is.feed_chunk(c, ctx.rope, eps, &a, &z, t0, ctx.dv, |row| {
             num.indexer_vec(row)
         });
     }

@@ -5,7 +5,7 @@
 
 use super::kv_cache::RowStore;
 use super::rope::Rope;
-use super::traps::{Trap, Traps};
+use super::traps::Deviations;
 use crate::backend::cpu::{gated_pool, rms_norm};
 use crate::model::weights::CompressorWeights;
 
@@ -80,7 +80,7 @@ impl CompressorState {
         a: &[f32],
         z: &[f32],
         pos: usize,
-        traps: &Traps,
+        dv: Deviations,
     ) -> Option<Vec<f32>> {
         let (r, d, cd) = (self.ratio, self.dim, self.coff * self.dim);
         let s = pos % r;
@@ -92,7 +92,7 @@ impl CompressorState {
         {
             *g = z[j] + ape[s * cd + j];
         }
-        if traps.has(Trap::CompressorScalarGate) {
+        if dv.compressor_scalar_gate {
             let g = &mut self.carry.pending_gate[s * cd..(s + 1) * cd];
             for half in g.chunks_mut(self.dim) {
                 let mean = half.iter().sum::<f32>() / half.len() as f32;
@@ -104,7 +104,7 @@ impl CompressorState {
             return None;
         }
         // Trap: the overlap takes the wrong halves.
-        let (first, second) = if traps.has(Trap::OverlapHalvesSwapped) {
+        let (first, second) = if dv.overlap_halves_swapped {
             (d, 0)
         } else {
             (0, d)
@@ -113,7 +113,7 @@ impl CompressorState {
         let c = &self.carry;
         let (prev, zero_slots, off) = if self.coff == 2 {
             let prev = c.has_prev.then_some((&c.prev_kv[..], &c.prev_gate[..]));
-            let zeros = if !c.has_prev && traps.has(Trap::FirstRowZeroSlots) {
+            let zeros = if !c.has_prev && dv.first_row_zero_slots {
                 r
             } else {
                 0
@@ -148,7 +148,7 @@ impl CompressorState {
     /// Feed a chunk: `a`, `z` are [t, coff·dim] for positions t0.. . Completed rows are
     /// normalised, rotated at their window's first position (i·ratio) and passed through
     /// `finish` (the numerics' rounding), then stored.
-    #[allow(clippy::too_many_arguments)] // the chunk, its position, and the layer's rope/eps/traps
+    #[allow(clippy::too_many_arguments)] // the chunk, its position, and the layer's rope/eps/deviations
     pub fn feed_chunk(
         &mut self,
         w: &CompressorWeights,
@@ -157,16 +157,16 @@ impl CompressorState {
         a: &[f32],
         z: &[f32],
         t0: usize,
-        traps: &Traps,
+        dv: Deviations,
         finish: impl Fn(&mut [f32]),
     ) {
         let cd = self.coff * self.dim;
         for (k, (ak, zk)) in a.chunks_exact(cd).zip(z.chunks_exact(cd)).enumerate() {
-            if let Some(mut row) = self.feed(&w.ape, ak, zk, t0 + k, traps) {
+            if let Some(mut row) = self.feed(&w.ape, ak, zk, t0 + k, dv) {
                 let i = self.rows.len();
                 rms_norm(&mut row, &w.norm, eps);
                 // RoPE at the window's first position (the trap: its last).
-                let end = if traps.has(Trap::CompressedRopeAtWindowEnd) {
+                let end = if dv.compressed_rope_at_window_end {
                     self.ratio - 1
                 } else {
                     0

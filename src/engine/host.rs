@@ -1,7 +1,7 @@
 //! [`Ops`] on the CPU: activations are host vectors, products go through an [`Exec`] (which
 //! still runs a product on the device when its weight is resident there, for layers whose
 //! other ops stay on the host), everything else through the CPU kernels, in parallel over
-//! rows. The spec's traps (tests only) are injected here, where the host computes.
+//! rows. The spec's traps (tests only) reach it as `Deviations` flags.
 
 use super::attention::AttnState;
 use super::indexer;
@@ -9,7 +9,7 @@ use super::moe;
 use super::numerics::Numerics;
 use super::ops::{HcDims, HcHeadParams, Maybe, Ops, QueryKeys, Routing, RowWeights};
 use super::rope::Rope;
-use super::traps::{Trap, Traps};
+use super::traps::Deviations;
 use crate::backend::cpu::{attend_sink_heads, axpy, hc, rms_norm, rms_norm_unweighted, swiglu};
 use crate::backend::exec::Exec;
 use crate::model::config::ModelConfig;
@@ -25,7 +25,7 @@ const HEADS_PER_TASK: usize = 16;
 /// The host's operations; products through `ex`.
 pub(crate) struct Host<'a> {
     pub ex: &'a Exec,
-    pub traps: &'a Traps,
+    pub dv: Deviations,
 }
 
 type R<T> = Result<T, Infallible>;
@@ -160,7 +160,7 @@ impl Ops for Host<'_> {
     }
 
     fn hc_mix(&self, p: &HcParams, x: &Vec<f32>, k: HcDims) -> R<Vec<f32>> {
-        let (hc, traps) = (k.hc, self.traps);
+        let (hc, dv) = (k.hc, self.dv);
         let mut out = vec![0f32; x.len() / (hc * k.d) * k.mix_len()];
         out.par_chunks_mut(k.mix_len())
             .zip(x.par_chunks(hc * k.d))
@@ -168,11 +168,11 @@ impl Ops for Host<'_> {
                 c.copy_from_slice(&hc::coefficients(
                     &p.fn_, &p.base, &p.scale, xt, hc, k.iters, k.norm_eps, k.hc_eps,
                 ));
-                if traps.has(Trap::PreNormalised) {
+                if dv.pre_normalised {
                     let s: f32 = c[..hc].iter().sum();
                     c[..hc].iter_mut().for_each(|v| *v /= s);
                 }
-                if traps.has(Trap::PostNoDouble) {
+                if dv.post_no_double {
                     c[hc..2 * hc].iter_mut().for_each(|v| *v *= 0.5);
                 }
             });
@@ -188,7 +188,7 @@ impl Ops for Host<'_> {
             .zip(coef.par_chunks(stride))
             .for_each(|((ut, xt), c)| {
                 // The trap: the collapse of the RMS-normalised copies.
-                let rho = if self.traps.has(Trap::CollapseNormalised) {
+                let rho = if self.dv.collapse_normalised {
                     let ms = xt.iter().map(|v| v * v).sum::<f32>() / xt.len() as f32;
                     1.0 / (ms + k.norm_eps).sqrt()
                 } else {
@@ -201,7 +201,7 @@ impl Ops for Host<'_> {
 
     fn hc_expand(&self, x: &mut Vec<f32>, f: &Vec<f32>, coef: &Vec<f32>, k: HcDims) -> R<()> {
         let (hc, d) = (k.hc, k.d);
-        let untransposed = self.traps.has(Trap::CombUntransposed);
+        let untransposed = self.dv.comb_untransposed;
         x.par_chunks_mut(hc * d)
             .zip(f.par_chunks(d))
             .zip(coef.par_chunks(k.mix_len()))
@@ -219,7 +219,7 @@ impl Ops for Host<'_> {
         k: HcDims,
     ) -> R<Vec<f32>> {
         let (hc, d) = (k.hc, k.d);
-        let two = if self.traps.has(Trap::HcHeadTwoSigmoid) {
+        let two = if self.dv.hc_head_two_sigmoid {
             2.0
         } else {
             1.0
@@ -254,7 +254,7 @@ impl Ops for Host<'_> {
                     q: &iq[j * ih * ihd..(j + 1) * ih * ihd],
                     w: &iw[j * ih..(j + 1) * ih],
                 };
-                indexer::select(is, &q, n, ihd, topk, self.traps)
+                indexer::select(is, &q, n, ihd, topk, self.dv)
             })
             .collect())
     }
@@ -313,7 +313,7 @@ impl Ops for Host<'_> {
         x: &Vec<f32>,
         tokens: &[u32],
     ) -> R<Routing<Vec<f32>>> {
-        let routes = moe::route(cfg, w, logits, tokens, self.traps);
+        let routes = moe::route(cfg, w, logits, tokens, self.dv);
         let weights = routes.iter().flat_map(|r| r.weights.clone()).collect();
         Ok((routes, weights, x.clone()))
     }

@@ -3,7 +3,7 @@
 //! w = weights_proj · x · ihd^-½ · IH^-½. Selected indices address the main compressor's rows.
 
 use super::compressor::CompressorState;
-use super::traps::{Trap, Traps};
+use super::traps::Deviations;
 use crate::backend::cpu::{indexer_scores, top_k};
 use rayon::prelude::*;
 
@@ -24,9 +24,9 @@ pub fn scores(
     q: &IndexerQuery,
     n_vis: usize,
     ihd: usize,
-    traps: &Traps,
+    dv: Deviations,
 ) -> Vec<f32> {
-    let relu_after = traps.has(Trap::IndexerReluAfterSum);
+    let relu_after = dv.indexer_relu_after_sum;
     // Rows in parallel (each score is independent, so the result does not depend on the
     // split): in decode the query is one token and the rows grow with the context.
     let mut s = vec![0f32; n_vis];
@@ -47,12 +47,12 @@ pub fn select(
     n_vis: usize,
     ihd: usize,
     topk: usize,
-    traps: &Traps,
+    dv: Deviations,
 ) -> Vec<usize> {
     if n_vis <= topk {
         return (0..n_vis).collect();
     }
-    let s = scores(st, q, n_vis, ihd, traps);
+    let s = scores(st, q, n_vis, ihd, dv);
     let mut idx = top_k(&s, topk);
     idx.sort_unstable();
     idx

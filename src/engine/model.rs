@@ -11,7 +11,7 @@ use super::ops::{HcDims, Ops};
 use super::rope::Rope;
 #[cfg(feature = "traps")]
 use super::traps::Trap;
-use super::traps::Traps;
+use super::traps::{Deviations, Traps};
 use crate::backend::cpu::{Kernels, dequant_row};
 use crate::backend::exec::Exec;
 use crate::model::Checkpoint;
@@ -35,8 +35,11 @@ pub struct Engine {
     /// RoPE table per main layer.
     ropes: Vec<Rope>,
     pub numerics: Numerics,
-    /// Injected faults (tests only; always empty without the `traps` feature).
+    /// Injected faults (tests only; always empty without the `traps` feature): the device
+    /// path is off while there are any.
     pub traps: Traps,
+    /// What those of them that change the math change (all false: the spec).
+    deviations: Deviations,
     /// Where the matrix products run (the CPU unless weights are placed on a device).
     pub exec: Exec,
     /// All products on the CPU: for routed experts that miss the device's cache (they must
@@ -72,6 +75,7 @@ impl Engine {
             ropes,
             numerics,
             traps: Traps::default(),
+            deviations: Deviations::default(),
             exec: Exec::cpu(),
             host: Exec::cpu(),
             device_gave_up_at: std::sync::atomic::AtomicUsize::new(usize::MAX),
@@ -87,7 +91,7 @@ impl Engine {
 
     /// Re-introduce some of the spec's traps (tests of the oracle comparison). Those that
     /// are a different config value or different weights are made so here, at load; the
-    /// others are read where their section computes (`Engine::traps`).
+    /// others become `Deviations` flags, which their sections read.
     #[cfg(feature = "traps")]
     pub fn with_traps(mut self, traps: &[Trap]) -> Engine {
         use crate::model::checkpoint::Bytes;
@@ -148,6 +152,7 @@ impl Engine {
                 }
             }
         }
+        self.deviations = Deviations::of(&t);
         self.traps = t;
         self
     }
@@ -199,7 +204,7 @@ impl Engine {
             kind: b.kind,
             rope: &self.ropes[b.layer],
             numerics: self.numerics,
-            traps: &self.traps,
+            dv: self.deviations,
         }
     }
 
@@ -209,7 +214,7 @@ impl Engine {
             ex: &self.exec,
             host: &self.host,
             num: self.numerics,
-            traps: &self.traps,
+            dv: self.deviations,
             layer: b.layer,
         }
     }
@@ -242,7 +247,7 @@ impl Engine {
         };
         // Hash-routed layers' experts are known from the token ids alone: the expert cache
         // sees them now, so their promotion copies overlap the layers before them.
-        if self.traps.none() && self.exec.experts.tracked() {
+        if self.exec.experts.tracked() {
             let k = cfg.num_experts_per_tok;
             for b in self
                 .weights
@@ -274,7 +279,7 @@ impl Engine {
         };
         let host = Host {
             ex: &self.exec,
-            traps: &self.traps,
+            dv: self.deviations,
         };
         if n_dev > 0 {
             let marks: Vec<StepMark> = state[..n_dev].iter().map(|s| s.step_mark(t0, t)).collect();
@@ -319,7 +324,7 @@ impl Engine {
         let dev = Dev { ex: &self.exec };
         let host = Host {
             ex: &self.exec,
-            traps: &self.traps,
+            dv: self.deviations,
         };
         let mut xd = dev.upload(x.to_vec())?;
         let layers = self.weights.layers.iter().zip(state.iter_mut());

@@ -5,7 +5,7 @@
 use super::host::Host;
 use super::numerics::Numerics;
 use super::ops::{Ops, RowWeights};
-use super::traps::{Trap, Traps};
+use super::traps::Deviations;
 use crate::backend::cpu::{RouteRule, route_token};
 use crate::backend::exec::Exec;
 use crate::model::config::ModelConfig;
@@ -24,7 +24,7 @@ pub fn route(
     w: &MoeWeights,
     logits: &[f32],
     tokens: &[u32],
-    traps: &Traps,
+    dv: Deviations,
 ) -> Vec<Route> {
     let e = cfg.n_routed_experts;
     let k = cfg.num_experts_per_tok;
@@ -35,8 +35,8 @@ pub fn route(
             let rule = RouteRule {
                 k,
                 scale: cfg.routed_scaling_factor,
-                bias_in_weights: traps.has(Trap::RouterBiasInWeights),
-                normalize: !traps.has(Trap::RouterNoNormalize),
+                bias_in_weights: dv.router_bias_in_weights,
+                normalize: !dv.router_no_normalize,
             };
             let hashed = w.hashed_experts(tok, k);
             let (experts, weights) = route_token(l, w.bias.as_deref(), hashed, rule);
@@ -77,7 +77,7 @@ pub struct MoeCtx<'a> {
     /// All products on the CPU (misses of the device's expert cache).
     pub host: &'a Exec,
     pub num: Numerics,
-    pub traps: &'a Traps,
+    pub dv: Deviations,
     /// The block index (the expert cache keys experts by layer).
     pub layer: usize,
 }
@@ -115,7 +115,7 @@ impl Dispatch {
             let x = &w.experts[e];
             [&x.w1, &x.w3, &x.w2]
         };
-        let prefetched = w.tid2eid.is_some() && ctx.traps.none();
+        let prefetched = w.tid2eid.is_some();
         let hits = if prefetched {
             None
         } else {
@@ -188,14 +188,14 @@ fn experts<O: Ops>(
     (routes, route_w): (&[Route], &O::T),
     plan: &Dispatch,
 ) -> Result<O::T, O::Err> {
-    let (cfg, num, traps) = (ctx.cfg, ctx.num, ctx.traps);
+    let (cfg, num, dv) = (ctx.cfg, ctx.num, ctx.dv);
     let (d, t, limit) = (cfg.hidden_size, routes.len(), cfg.swiglu_limit);
     // The gate is clamped from above only; the shared expert is clamped like the others.
-    let lower = match traps.has(Trap::GateClampBothSides) {
+    let lower = match dv.gate_clamp_both_sides {
         true => -limit,
         false => f32::NEG_INFINITY,
     };
-    let shared_limit = match traps.has(Trap::SharedNoClamp) {
+    let shared_limit = match dv.shared_no_clamp {
         true => f32::INFINITY,
         false => limit,
     };
@@ -238,10 +238,7 @@ fn experts<O: Ops>(
     };
     // The CPU's experts: the host ops on the CPU-only executor (a miss must not wait for a
     // promotion copy in flight).
-    let cpu = Host {
-        ex: ctx.host,
-        traps,
-    };
+    let cpu = Host { ex: ctx.host, dv };
     let run_cpu = |e: usize| -> Vec<f32> {
         let (n, wts) = (groups[e].len(), weights_of(e));
         let xe = tokens_of(e)

@@ -146,3 +146,74 @@ impl Traps {
         }
     }
 }
+
+/// What the traps that are not a config value or a weight change in the math, fixed when the
+/// engine is built (`Engine::with_traps`, which makes the others transforms of the config
+/// and the weights). All false, the default, is the spec; each section reads its flags.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Deviations {
+    /// 4: no per-head RMS normalisation of q.
+    pub no_q_head_norm: bool,
+    /// 3: no inverse rotation of the attention output.
+    pub no_inverse_rope: bool,
+    /// 14: output groups built from interleaved heads.
+    pub groups_interleaved: bool,
+    /// 7: a query sees the row its own window will complete.
+    pub compressed_sees_incomplete: bool,
+    /// 6: compressed rows whose tokens are inside the window are not attended.
+    pub compressed_skip_inside_window: bool,
+    /// 7: compressed rows rotated at their window's last position.
+    pub compressed_rope_at_window_end: bool,
+    /// 8: one gate per token instead of a per-channel softmax.
+    pub compressor_scalar_gate: bool,
+    /// 8: the ratio-4 overlap takes the wrong halves.
+    pub overlap_halves_swapped: bool,
+    /// 8: the first ratio-4 row pools zero slots for the missing window.
+    pub first_row_zero_slots: bool,
+    /// 9: ReLU after the weighted head sum.
+    pub indexer_relu_after_sum: bool,
+    /// 10: pre weights normalised to sum 1.
+    pub pre_normalised: bool,
+    /// 10: post = sigmoid (no factor 2).
+    pub post_no_double: bool,
+    /// 10: the collapse uses the RMS-normalised copies.
+    pub collapse_normalised: bool,
+    /// 10: comb applied untransposed.
+    pub comb_untransposed: bool,
+    /// 11: HC head weights as 2·sigmoid.
+    pub hc_head_two_sigmoid: bool,
+    /// 12: selection bias added to the routing weights.
+    pub router_bias_in_weights: bool,
+    /// 12: routing weights not normalised.
+    pub router_no_normalize: bool,
+    /// 13: gate clamped on both sides.
+    pub gate_clamp_both_sides: bool,
+    /// 13: shared expert without the SwiGLU clamp.
+    pub shared_no_clamp: bool,
+}
+
+impl Deviations {
+    pub fn of(t: &Traps) -> Deviations {
+        Deviations {
+            no_q_head_norm: t.has(Trap::NoQHeadNorm),
+            no_inverse_rope: t.has(Trap::NoInverseRope),
+            groups_interleaved: t.has(Trap::GroupsInterleaved),
+            compressed_sees_incomplete: t.has(Trap::CompressedSeesIncomplete),
+            compressed_skip_inside_window: t.has(Trap::CompressedSkipInsideWindow),
+            compressed_rope_at_window_end: t.has(Trap::CompressedRopeAtWindowEnd),
+            compressor_scalar_gate: t.has(Trap::CompressorScalarGate),
+            overlap_halves_swapped: t.has(Trap::OverlapHalvesSwapped),
+            first_row_zero_slots: t.has(Trap::FirstRowZeroSlots),
+            indexer_relu_after_sum: t.has(Trap::IndexerReluAfterSum),
+            pre_normalised: t.has(Trap::PreNormalised),
+            post_no_double: t.has(Trap::PostNoDouble),
+            collapse_normalised: t.has(Trap::CollapseNormalised),
+            comb_untransposed: t.has(Trap::CombUntransposed),
+            hc_head_two_sigmoid: t.has(Trap::HcHeadTwoSigmoid),
+            router_bias_in_weights: t.has(Trap::RouterBiasInWeights),
+            router_no_normalize: t.has(Trap::RouterNoNormalize),
+            gate_clamp_both_sides: t.has(Trap::GateClampBothSides),
+            shared_no_clamp: t.has(Trap::SharedNoClamp),
+        }
+    }
+}
