@@ -188,19 +188,21 @@ pub(crate) fn forward<O: Ops>(
     drop(q_in);
     // What the host keeps comes back in one read: the new KV rows (for the window ring), the
     // compressors' inputs (their pooling state) and the indexer's head weights.
-    let mut wanted = vec![&kv];
-    wanted.extend(comp.iter().flatten());
-    wanted.extend(index.iter().flat_map(|(_, i)| i));
-    let mut back = o.read(&wanted)?.into_iter();
+    let has_comp = comp.is_some();
+    let mut handed: Vec<O::T> = comp.into_iter().flatten().collect();
+    let iq = index.map(|(iq, inputs)| {
+        handed.extend(inputs);
+        iq
+    });
+    let mut back = o.read(&[&kv], handed)?.into_iter();
     let mut next = || back.next().unwrap_or_default();
     let kv_rows = next();
-    let comp_in = comp.as_ref().map(|_| (next(), next()));
-    let index_in = index.as_ref().map(|_| (next(), next()));
-    let index_q = index.map(|(iq, _)| {
+    let comp_in = has_comp.then(|| (next(), next()));
+    let index_in = iq.as_ref().map(|_| (next(), next()));
+    let index_q = iq.map(|iq| {
         let s = (ihd as f32).powf(-0.5) * (ih as f32).powf(-0.5);
         (iq, next().into_iter().map(|v| v * s).collect::<Vec<f32>>())
     });
-    drop(comp);
     feed_compressors(ctx, w, st, comp_in, index_in, t0);
 
     // Core attention (§5.8) over each query's keys, then the inverse RoPE at the query's

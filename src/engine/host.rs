@@ -51,8 +51,8 @@ impl Ops for Host<'_> {
         Ok(v)
     }
 
-    fn read(&self, xs: &[&Vec<f32>]) -> R<Vec<Vec<f32>>> {
-        Ok(xs.iter().map(|x| x.to_vec()).collect())
+    fn read(&self, keep: &[&Vec<f32>], take: Vec<Vec<f32>>) -> R<Vec<Vec<f32>>> {
+        Ok(keep.iter().map(|x| x.to_vec()).chain(take).collect())
     }
 
     fn rows(&self, x: &Vec<f32>, rows: Range<usize>, width: usize) -> R<Vec<f32>> {
@@ -305,17 +305,17 @@ impl Ops for Host<'_> {
         Ok(o)
     }
 
-    fn route(
+    fn route<'a>(
         &self,
         cfg: &ModelConfig,
         w: &MoeWeights,
         logits: &Vec<f32>,
-        x: &Vec<f32>,
+        x: &'a Vec<f32>,
         tokens: &[u32],
-    ) -> R<Routing<Vec<f32>>> {
+    ) -> R<Routing<'a, Vec<f32>>> {
         let routes = moe::route(cfg, w, logits, tokens, self.dv);
         let weights = routes.iter().flat_map(|r| r.weights.clone()).collect();
-        Ok((routes, weights, x.clone()))
+        Ok((routes, weights, Cow::Borrowed(x)))
     }
 
     fn swiglu(

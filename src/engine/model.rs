@@ -6,12 +6,12 @@ use super::host::Host;
 use super::hyper;
 use super::moe;
 use super::numerics::Numerics;
-use super::offload::{Dev, GaveUp};
+use super::offload::{Act, Dev, GaveUp};
 use super::ops::{HcDims, Ops};
 use super::rope::Rope;
+use super::traps::Deviations;
 #[cfg(feature = "traps")]
 use super::traps::Trap;
-use super::traps::{Deviations, Traps};
 use crate::backend::cpu::{Kernels, dequant_row};
 use crate::backend::exec::Exec;
 use crate::model::Checkpoint;
@@ -35,9 +35,8 @@ pub struct Engine {
     /// RoPE table per main layer.
     ropes: Vec<Rope>,
     pub numerics: Numerics,
-    /// Injected faults (tests only; always empty without the `traps` feature): the device
-    /// path is off while there are any.
-    pub traps: Traps,
+    /// Faults were injected (tests only, the `traps` feature): the device path stays off.
+    faults: bool,
     /// What those of them that change the math change (all false: the spec).
     deviations: Deviations,
     /// Where the matrix products run (the CPU unless weights are placed on a device).
@@ -74,7 +73,7 @@ impl Engine {
             weights,
             ropes,
             numerics,
-            traps: Traps::default(),
+            faults: false,
             deviations: Deviations::default(),
             exec: Exec::cpu(),
             host: Exec::cpu(),
@@ -96,7 +95,7 @@ impl Engine {
     pub fn with_traps(mut self, traps: &[Trap]) -> Engine {
         use crate::model::checkpoint::Bytes;
         use crate::model::weights::Weight;
-        let t = Traps::with(traps);
+        let t = super::traps::Traps::with(traps);
         let cfg = &mut self.cfg;
         if t.has(Trap::RouterNoScale) {
             cfg.routed_scaling_factor = 1.0;
@@ -153,7 +152,7 @@ impl Engine {
             }
         }
         self.deviations = Deviations::of(&t);
-        self.traps = t;
+        self.faults = !t.none();
         self
     }
 
@@ -195,7 +194,7 @@ impl Engine {
         let mut hidden = o.hc_head(head, x, rows, k)?;
         o.rms_norm(&mut hidden, Some(&w.norm), k.d, k.norm_eps)?;
         let logits = o.linear(&w.head, &hidden, n)?;
-        Ok(o.read(&[&logits])?.pop().unwrap_or_default())
+        Ok(o.read(&[], vec![logits])?.pop().unwrap_or_default())
     }
 
     fn attn_ctx(&self, b: &BlockWeights) -> AttnCtx<'_> {
@@ -272,7 +271,7 @@ impl Engine {
         let tried = t < self
             .device_gave_up_at
             .load(std::sync::atomic::Ordering::Relaxed);
-        let n_dev = if self.traps.none() && tried {
+        let n_dev = if !self.faults && tried {
             self.exec.device_blocks(state.len())
         } else {
             0
@@ -326,7 +325,7 @@ impl Engine {
             ex: &self.exec,
             dv: self.deviations,
         };
-        let mut xd = dev.upload(x.to_vec())?;
+        let mut xd = Act::upload(&self.exec, x).ok_or(GaveUp)?;
         let layers = self.weights.layers.iter().zip(state.iter_mut());
         let (on_dev, on_host): (Vec<_>, Vec<_>) = layers.enumerate().partition(|(i, _)| *i < n_dev);
         for (_, (b, st)) in on_dev {
@@ -338,7 +337,7 @@ impl Engine {
         if on_host.is_empty() && self.exec.whole_model() {
             return self.head(&dev, &xd, rows);
         }
-        let mut xh = dev.read(&[&xd])?.pop().unwrap_or_default();
+        let mut xh = dev.read(&[], vec![xd])?.pop().unwrap_or_default();
         for (_, (b, st)) in on_host {
             let Ok(()) = self.block(&host, b, st, &mut xh, tokens, t0);
         }

@@ -15,6 +15,7 @@ use crate::backend::exec::{Arg, Exec};
 use crate::model::config::ModelConfig;
 use crate::model::formats::I8_BLOCK;
 use crate::model::weights::{HcParams, MoeWeights, Weight};
+use std::borrow::Cow;
 use std::ops::Range;
 
 fn i32_bytes(v: impl IntoIterator<Item = usize>) -> Vec<u8> {
@@ -591,11 +592,12 @@ impl<'e> Ops for Dev<'e> {
         ok(Act::upload(self.ex, &v))
     }
 
-    fn read(&self, xs: &[&Act<'e>]) -> R<Vec<Vec<f32>>> {
-        match xs {
+    fn read(&self, keep: &[&Act<'e>], take: Vec<Act<'e>>) -> R<Vec<Vec<f32>>> {
+        let all: Vec<&Act> = keep.iter().copied().chain(&take).collect();
+        match all[..] {
             [x] => ok(x.read().map(|v| vec![v])),
             _ => {
-                let parts: Vec<(Buf, usize)> = xs.iter().map(|x| (x.buf, x.len)).collect();
+                let parts: Vec<(Buf, usize)> = all.iter().map(|x| (x.buf, x.len)).collect();
                 ok(read_together(self.ex, &parts))
             }
         }
@@ -847,15 +849,16 @@ impl<'e> Ops for Dev<'e> {
         Ok(o)
     }
 
-    fn route(
+    fn route<'a>(
         &self,
         cfg: &ModelConfig,
         w: &MoeWeights,
         logits: &Act<'e>,
-        x: &Act<'e>,
+        x: &'a Act<'e>,
         tokens: &[u32],
-    ) -> R<Routing<Act<'e>>> {
-        ok(route(self.ex, cfg, w, logits, x, tokens))
+    ) -> R<Routing<'a, Act<'e>>> {
+        let (routes, weights, x_host) = ok(route(self.ex, cfg, w, logits, x, tokens))?;
+        Ok((routes, weights, Cow::Owned(x_host)))
     }
 
     fn swiglu(

@@ -16,6 +16,7 @@ use super::numerics::Numerics;
 use super::rope::Rope;
 use crate::model::config::ModelConfig;
 use crate::model::weights::{HcParams, MoeWeights, Weight};
+use std::borrow::Cow;
 use std::ops::{Deref, Range};
 
 /// An activation or a rounded copy of it (see [`Ops::gemm_input`]).
@@ -83,8 +84,8 @@ pub(crate) type HcHeadParams<'a> = (&'a [f32], &'a [f32], f32);
 
 /// Routing of a chunk: each token's experts and weights (on the host), the weights
 /// [t, k] as an activation too, and the MoE input's values on the host (for experts the
-/// CPU computes).
-pub(crate) type Routing<T> = (Vec<Route>, T, Vec<f32>);
+/// CPU computes; the host lends its own).
+pub(crate) type Routing<'a, T> = (Vec<Route>, T, Cow<'a, [f32]>);
 
 /// One implementation of the forward pass's operations. Activations are `T`: f32 values,
 /// row-major. Shapes are in elements; `t` is the number of token rows.
@@ -96,8 +97,10 @@ pub(crate) trait Ops: Sync {
     fn on_device(&self) -> bool;
     /// Host values as an activation.
     fn upload(&self, v: Vec<f32>) -> Result<Self::T, Self::Err>;
-    /// Several activations' values on the host, in one synchronisation.
-    fn read(&self, xs: &[&Self::T]) -> Result<Vec<Vec<f32>>, Self::Err>;
+    /// Activations' values on the host, in one synchronisation: those of `keep` (which the
+    /// caller still uses; the host copies them), then those of `take` (handed over; the host
+    /// moves them).
+    fn read(&self, keep: &[&Self::T], take: Vec<Self::T>) -> Result<Vec<Vec<f32>>, Self::Err>;
     /// Rows `rows` of x (rows of `width`).
     fn rows(&self, x: &Self::T, rows: Range<usize>, width: usize) -> Result<Self::T, Self::Err>;
     /// out[j] = x[idx[j]] for rows of `width`.
@@ -206,14 +209,14 @@ pub(crate) trait Ops: Sync {
 
     /// Routing (§5.10) of the tokens from router logits [t, E]; see [`Routing`]. `x` is the
     /// MoE input.
-    fn route(
+    fn route<'a>(
         &self,
         cfg: &ModelConfig,
         w: &MoeWeights,
         logits: &Self::T,
-        x: &Self::T,
+        x: &'a Self::T,
         tokens: &[u32],
-    ) -> Result<Routing<Self::T>, Self::Err>;
+    ) -> Result<Routing<'a, Self::T>, Self::Err>;
     /// Clamped SwiGLU (§5.10) of g and u, times a factor per row of `width`:
     /// SiLU(clamp(g, lower, limit)) · clamp(u, ±limit) · f.
     #[allow(clippy::too_many_arguments)] // both inputs, the factors and the clamps
