@@ -5,7 +5,7 @@
 
 mod common;
 use common::*;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::process::{Command, Stdio};
 
 fn golden(name: &str) -> serde_json::Value {
@@ -28,17 +28,6 @@ fn talk_cmd_n(max_tokens: usize, extra: &[&str]) -> Command {
         .args(["--max-tokens", &max_tokens.to_string()])
         .args(extra);
     c
-}
-
-fn run_with_stdin(mut c: Command, input: &[u8]) -> std::process::Output {
-    let mut child = c
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(input).unwrap();
-    child.wait_with_output().unwrap()
 }
 
 #[test]

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use rexpect::session::spawn_command;
 use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// dsflash on tiny-vocab with the real tokenizer (ideal numerics), plus `extra`.
@@ -17,23 +17,6 @@ fn talk(extra: &[&str]) -> Command {
         .args(["--numerics", "ideal"])
         .args(extra);
     c
-}
-
-fn with_stdin(mut c: Command, input: &[u8]) -> Output {
-    let mut child = c
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut i = child.stdin.take().unwrap();
-    let input = input.to_vec();
-    let w = std::thread::spawn(move || {
-        let _ = i.write_all(&input);
-    });
-    let o = child.wait_with_output().unwrap();
-    let _ = w.join();
-    o
 }
 
 /// The chat in a pseudo-terminal (greedy, no thinking, `n` tokens per answer, `home` as
@@ -76,7 +59,7 @@ fn a_long_prefill_shows_progress_on_a_terminal() {
 #[test]
 fn why_an_answer_stopped_is_said() {
     // --max-tokens inside the reasoning: an empty answer with a note, `stop` in --json.
-    let o = with_stdin(
+    let o = run_with_stdin(
         talk(&[
             "--think",
             "--temperature",
@@ -95,7 +78,7 @@ fn why_an_answer_stopped_is_said() {
         "{e}"
     );
     assert_eq!(e.trim_end().lines().count(), 1, "{e}");
-    let o = with_stdin(
+    let o = run_with_stdin(
         talk(&[
             "--no-think",
             "--temperature",
@@ -111,7 +94,7 @@ fn why_an_answer_stopped_is_said() {
     let j: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     assert_eq!(j["stop"], "length");
     // The context filling up.
-    let o = with_stdin(
+    let o = run_with_stdin(
         talk(&[
             "--no-think",
             "--temperature",
@@ -143,7 +126,7 @@ fn a_stop_string_ends_the_answer_before_it() {
     let want: String = chars[..full.find(&stop).map_or(3, |i| full[..i].chars().count())]
         .iter()
         .collect();
-    let o = with_stdin(
+    let o = run_with_stdin(
         talk(&[
             "--no-think",
             "--temperature",
@@ -276,7 +259,7 @@ fn the_default_seed_is_random_and_reported() {
     let one = |extra: &[&str]| {
         let mut a = vec!["--no-think", "-n", "8", "--json", "-p", "Hello"];
         a.extend_from_slice(extra);
-        let o = with_stdin(talk(&a), b"");
+        let o = run_with_stdin(talk(&a), b"");
         assert!(o.status.success(), "{}", stderr(&o));
         serde_json::from_str::<serde_json::Value>(stdout(&o).trim()).unwrap()
     };
@@ -291,7 +274,7 @@ fn familiar_flags_and_inputs() {
     let d = tempfile::tempdir().unwrap();
     let f = d.path().join("q.txt");
     std::fs::write(&f, "Hello there").unwrap();
-    let a = with_stdin(
+    let a = run_with_stdin(
         talk(&[
             "--no-think",
             "--temp",
@@ -305,7 +288,7 @@ fn familiar_flags_and_inputs() {
         ]),
         b"",
     );
-    let b = with_stdin(
+    let b = run_with_stdin(
         talk(&["--no-think", "--temperature", "0", "-n", "6"]),
         b"Hello there",
     );
@@ -317,7 +300,7 @@ fn familiar_flags_and_inputs() {
     let p = |input: &str| {
         let mut c = Command::new(bin());
         c.args(["prompt", "--messages", "-", "--no-think"]);
-        let o = with_stdin(c, input.as_bytes());
+        let o = run_with_stdin(c, input.as_bytes());
         assert!(o.status.success(), "{}", stderr(&o));
         stdout(&o)
     };
@@ -350,7 +333,7 @@ fn first_run_hints_and_warnings() {
     // The committed model has no tokenizer.json: the error names the way out.
     let mut c = Command::new(bin());
     c.args(["-m", fixture("tiny-vocab").to_str().unwrap(), "-p", "Hello"]);
-    let o = with_stdin(c, b"");
+    let o = run_with_stdin(c, b"");
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
     assert!(
@@ -359,7 +342,7 @@ fn first_run_hints_and_warnings() {
     );
     assert_eq!(e.trim_end().lines().count(), 1, "{e}");
     // --think-max under the model card's 384K context.
-    let o = with_stdin(
+    let o = run_with_stdin(
         talk(&["--think-max", "-n", "2", "-c", "4096", "-p", "Hi"]),
         b"",
     );

@@ -23,6 +23,27 @@ pub fn run(args: &[&str]) -> Output {
         .expect("run dsflash")
 }
 
+/// Run `c` with `input` on its stdin (written from another thread, so a child that does not
+/// read it all, or answers before reading, cannot stall the test).
+pub fn run_with_stdin(mut c: Command, input: &[u8]) -> Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = c
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut i = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    let w = std::thread::spawn(move || {
+        let _ = i.write_all(&input);
+    });
+    let o = child.wait_with_output().unwrap();
+    let _ = w.join();
+    o
+}
+
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
