@@ -3,6 +3,7 @@
 //! Layers, top to bottom (dependencies point down only):
 //! - `cli`: argument parsing and the subcommands;
 //! - `engine`: the model's forward pass and decode state (device-agnostic);
+//! - `prefix_cache`: decode states kept on disk for prompts that start alike;
 //! - `backend`: the kernels that compute on the stored formats;
 //! - `model`: config, tensor inventory, number formats, the mmapped checkpoint.
 
@@ -13,3 +14,4 @@ pub mod engine;
 pub mod fsutil;
 pub mod hub;
 pub mod model;
+pub mod prefix_cache;

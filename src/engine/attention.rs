@@ -8,6 +8,7 @@ use super::kv_cache::WindowRing;
 use super::numerics::Numerics;
 use super::ops::{Ops, QueryKeys};
 use super::rope::Rope;
+use super::snapshot::{Dec, Enc, SnapshotError, damaged};
 use super::traps::Deviations;
 use crate::model::config::{AttnKind, ModelConfig};
 use crate::model::weights::AttnWeights;
@@ -106,6 +107,39 @@ impl AttnState {
                 .as_ref()
                 .map(|ix| CompressorState::new(&ix.compressor)),
         }
+    }
+
+    /// Write what a continuation after `len` tokens needs (see `snapshot`).
+    pub(super) fn save(&self, e: &mut Enc, len: usize) -> std::io::Result<()> {
+        self.window.save(e, len)?;
+        for c in [&self.comp, &self.index] {
+            e.u8(c.is_some() as u8)?;
+            if let Some(c) = c {
+                c.save(e)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Read back the state `save` wrote at `len` into this fresh state.
+    pub(super) fn load(
+        &mut self,
+        d: &mut Dec,
+        len: usize,
+        window: usize,
+    ) -> Result<(), SnapshotError> {
+        self.window.load(d, len, window)?;
+        for c in [&mut self.comp, &mut self.index] {
+            if d.u8()? != c.is_some() as u8 {
+                return Err(damaged(
+                    "a compressor where the model has none, or none where it has one",
+                ));
+            }
+            if let Some(c) = c {
+                c.load(d, len)?;
+            }
+        }
+        Ok(())
     }
 
     /// Identities of the row stores a device may hold copies of (see `KeyTables::get`).

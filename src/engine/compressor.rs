@@ -5,6 +5,7 @@
 
 use super::kv_cache::RowStore;
 use super::rope::Rope;
+use super::snapshot::{Dec, Enc, SnapshotError, damaged};
 use super::traps::Deviations;
 use crate::backend::cpu::{gated_pool, rms_norm};
 use crate::model::weights::CompressorWeights;
@@ -189,6 +190,37 @@ impl CompressorState {
     pub fn restore(&mut self, m: &CompressorMark) {
         self.carry.clone_from(&m.carry);
         self.rows.truncate(m.rows);
+    }
+
+    /// Write the carry-over and the rows.
+    pub(super) fn save(&self, e: &mut Enc) -> std::io::Result<()> {
+        let c = &self.carry;
+        e.u64(c.n_pending)?;
+        e.u8(c.has_prev as u8)?;
+        e.f32s(&c.pending_kv)?;
+        e.f32s(&c.pending_gate)?;
+        e.f32s(&c.prev_kv)?;
+        e.f32s(&c.prev_gate)?;
+        self.rows.save(e)
+    }
+
+    /// Read back the state after `len` tokens into this fresh compressor: every count must be
+    /// what `len` tokens leave (the carry holds len mod ratio tokens, one row per window).
+    pub(super) fn load(&mut self, d: &mut Dec, len: usize) -> Result<(), SnapshotError> {
+        let r = self.ratio;
+        d.count(len % r, "compressor: pending tokens")?;
+        let has_prev = d.u8()?;
+        if has_prev != (self.coff == 2 && len >= r) as u8 {
+            return Err(damaged("compressor: overlap flag"));
+        }
+        let c = &mut self.carry;
+        c.n_pending = len % r;
+        c.has_prev = has_prev == 1;
+        c.pending_kv = d.f32s(c.pending_kv.len(), "compressor carry")?;
+        c.pending_gate = d.f32s(c.pending_gate.len(), "compressor carry")?;
+        c.prev_kv = d.f32s(c.prev_kv.len(), "compressor carry")?;
+        c.prev_gate = d.f32s(c.prev_gate.len(), "compressor carry")?;
+        self.rows.load(d, len / r, "compressed rows")
     }
 
     pub fn allocated_bytes(&self) -> usize {

@@ -1,6 +1,8 @@
 //! Decode state storage (spec §6): growing row stores allocated in fixed-size blocks as the
 //! sequence grows (never one max-context allocation), and the fixed sliding-window ring.
 
+use super::snapshot::{Dec, Enc, SnapshotError};
+
 /// Rows of one width, appended over time, stored in blocks of `block_rows` rows.
 #[derive(Debug)]
 pub struct RowStore {
@@ -107,6 +109,31 @@ impl RowStore {
         self.blocks.clear();
         self.len = 0;
     }
+
+    /// Write the rows, a block at a time (each block bf16 where that is exact).
+    pub(super) fn save(&self, e: &mut Enc) -> std::io::Result<()> {
+        e.u64(self.len)?;
+        for (b, block) in self.blocks.iter().enumerate() {
+            let rows = (self.len - b * self.block_rows).min(self.block_rows);
+            e.rows(&block[..rows * self.width])?;
+        }
+        Ok(())
+    }
+
+    /// Read back `n` rows into this empty store.
+    pub(super) fn load(&mut self, d: &mut Dec, n: usize, what: &str) -> Result<(), SnapshotError> {
+        debug_assert!(self.is_empty());
+        d.count(n, what)?;
+        while self.len < n {
+            let k = (n - self.len).min(self.block_rows);
+            let rows = d.rows(k * self.width, what)?;
+            let mut block = vec![0f32; self.block_rows * self.width];
+            block[..rows.len()].copy_from_slice(&rows);
+            self.blocks.push(block.into_boxed_slice());
+            self.len += k;
+        }
+        Ok(())
+    }
 }
 
 /// The last `size` rows by absolute position (slot = pos mod size). Memory grows with the
@@ -154,6 +181,31 @@ impl WindowRing {
 
     pub fn allocated_bytes(&self) -> usize {
         (self.data.capacity() + self.zeros.len()) * 4
+    }
+
+    /// Write the rows of the last positions before `len` it holds (by position, so a ring of
+    /// another size reads them back).
+    pub(super) fn save(&self, e: &mut Enc, len: usize) -> std::io::Result<()> {
+        let from = len - len.min(self.size);
+        e.u64(len - from)?;
+        let rows: Vec<f32> = (from..len).flat_map(|p| self.get(p)).copied().collect();
+        e.rows(&rows)
+    }
+
+    /// Read back what `save` wrote at `len` (window = the rows a query reaches back).
+    pub(super) fn load(
+        &mut self,
+        d: &mut Dec,
+        len: usize,
+        window: usize,
+    ) -> Result<(), SnapshotError> {
+        let from = len - len.min(window);
+        d.count(len - from, "window rows")?;
+        let rows = d.rows((len - from) * self.width, "window")?;
+        for (p, row) in (from..len).zip(rows.chunks_exact(self.width.max(1))) {
+            self.put(p, row);
+        }
+        Ok(())
     }
 }
 

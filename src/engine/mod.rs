@@ -20,6 +20,7 @@ pub mod plan;
 mod rope;
 pub mod sampler;
 pub mod session;
+pub mod snapshot;
 pub mod traps;
 
 pub use model::{Engine, Want};

@@ -46,6 +46,10 @@ pub struct Engine {
     pub(super) host: Exec,
     /// Steps of at least this many tokens skip the device path (one of them failed there).
     pub(super) device_gave_up_at: std::sync::atomic::AtomicUsize,
+    /// `Checkpoint::fingerprint` of the weights.
+    fingerprint: String,
+    /// The traps injected (tests only), as part of the identity.
+    traps: String,
 }
 
 impl Engine {
@@ -65,6 +69,7 @@ impl Engine {
             );
         }
         let weights = ModelWeights::from_checkpoint(ck)?;
+        let fingerprint = ck.fingerprint();
         let ropes = (0..cfg.num_hidden_layers)
             .map(|l| Rope::for_ratio(&cfg, cfg.compress_ratio(l)))
             .collect();
@@ -78,7 +83,26 @@ impl Engine {
             exec: Exec::cpu(),
             host: Exec::cpu(),
             device_gave_up_at: std::sync::atomic::AtomicUsize::new(usize::MAX),
+            fingerprint,
+            traps: String::new(),
         })
+    }
+
+    /// Everything besides the tokens and the chunking that decides the bits of the decode
+    /// state: the model, the numerics, the CPU kernels and the device placement. A state
+    /// saved by an engine is restored only into an engine of the same identity.
+    pub fn identity(&self) -> String {
+        let device = match self.exec.device() {
+            Some(d) => d.name(),
+            None => "cpu".into(),
+        };
+        format!(
+            "model {} | numerics {:?} | kernels {} | {device}{}",
+            self.fingerprint,
+            self.numerics,
+            self.exec.kernels().identity(),
+            self.traps
+        )
     }
 
     /// The CPU kernels products may use (default: the fastest this CPU has; `Fp32` pins one
@@ -153,6 +177,7 @@ impl Engine {
         }
         self.deviations = Deviations::of(&t);
         self.faults = !t.none();
+        self.traps = format!(" | traps {traps:?}");
         self
     }
 

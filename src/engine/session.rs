@@ -3,6 +3,7 @@
 
 use super::attention::{AttnMark, AttnState};
 use super::model::{Engine, Want};
+use super::snapshot::{self, Header, Loaded, SnapshotError, Split};
 
 /// Why a session refused work.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -31,6 +32,7 @@ pub enum SessionError {
 pub struct Mark {
     tokens: usize,
     layers: Vec<AttnMark>,
+    aligned: bool,
 }
 
 impl Mark {
@@ -50,6 +52,9 @@ pub struct Session<'e> {
     tokens: Vec<u32>,
     max_ctx: usize,
     chunk: usize,
+    /// Every step so far started at a multiple of `chunk`: the state is what one prefill of
+    /// `tokens` from position 0 in chunks of `chunk` computes (bit for bit).
+    aligned: bool,
 }
 
 impl Drop for Session<'_> {
@@ -67,7 +72,60 @@ impl<'e> Session<'e> {
             tokens: Vec::new(),
             max_ctx,
             chunk: chunk.max(1),
+            aligned: true,
         }
+    }
+
+    /// `Engine::identity` of the engine this session runs on.
+    pub fn engine_identity(&self) -> String {
+        self.engine.identity()
+    }
+
+    /// Prefill chunk size.
+    pub fn chunk(&self) -> usize {
+        self.chunk
+    }
+
+    /// The state equals a prefill of `tokens()` from position 0 in chunks of `chunk()` and
+    /// ends on a chunk boundary: a later prompt that starts with these tokens may start from
+    /// it and compute exactly what its own prefill would (see `save`).
+    pub fn at_chunk_boundary(&self) -> bool {
+        self.aligned && !self.tokens.is_empty() && self.tokens.len().is_multiple_of(self.chunk)
+    }
+
+    /// Write the state: as `chunks of N` when `at_chunk_boundary` (for any prompt that starts
+    /// with these tokens), else `as run` (to resume this very conversation).
+    pub fn save(&self, w: &mut dyn std::io::Write) -> std::io::Result<()> {
+        let split = if self.at_chunk_boundary() {
+            Split::Chunks(self.chunk)
+        } else {
+            Split::AsRun
+        };
+        let h = Header {
+            format: snapshot::FORMAT,
+            identity: self.engine.identity(),
+            split: split.name(),
+            tokens: self.tokens.len(),
+        };
+        snapshot::write(w, &h, &self.tokens, &self.state)
+    }
+
+    /// Read a state `save` wrote, computed as `split`, checked against this session's
+    /// engine and context (see `snapshot::read`); `install` puts it in.
+    pub fn read_state(
+        &self,
+        r: &mut dyn std::io::Read,
+        split: Split,
+    ) -> Result<Loaded, SnapshotError> {
+        snapshot::read(r, self.engine, self.max_ctx, &split.name())
+    }
+
+    /// Replace the state with one read by `read_state`.
+    pub fn install(&mut self, l: Loaded) {
+        self.forget_device_copies();
+        self.aligned = l.header.split == Split::Chunks(self.chunk).name();
+        self.state = l.state;
+        self.tokens = l.tokens;
     }
 
     /// Tokens processed so far (the next position).
@@ -116,6 +174,9 @@ impl<'e> Session<'e> {
         mut progress: impl FnMut(usize) -> bool,
     ) -> Result<Vec<f32>, SessionError> {
         self.check(tokens)?;
+        if !self.tokens.len().is_multiple_of(self.chunk) {
+            self.aligned = false;
+        }
         let mut out = Vec::new();
         let n_chunks = tokens.len().div_ceil(self.chunk);
         for (ci, c) in tokens.chunks(self.chunk).enumerate() {
@@ -159,6 +220,7 @@ impl<'e> Session<'e> {
         self.forget_device_copies();
         self.state = self.engine.new_state(self.max_ctx);
         self.tokens.clear();
+        self.aligned = true;
     }
 
     /// A rewind point at the current position. Cheap: copies the window rings and the
@@ -167,6 +229,7 @@ impl<'e> Session<'e> {
         Mark {
             tokens: self.tokens.len(),
             layers: self.state.iter().map(|s| s.mark()).collect(),
+            aligned: self.aligned,
         }
     }
 
@@ -180,6 +243,7 @@ impl<'e> Session<'e> {
             s.restore(lm);
         }
         self.tokens.truncate(m.tokens);
+        self.aligned = m.aligned;
         true
     }
 

@@ -140,6 +140,29 @@ fn dtype_name(d: Dtype) -> String {
 }
 
 impl Checkpoint {
+    /// The model's identity without reading its weights: the config, every tensor's name,
+    /// dtype, shape, shard and byte range, and each shard's name and length (SHA-256, hex).
+    /// Two checkpoints that differ in any of these differ here; what it cannot see is a
+    /// weight byte changed in place.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(serde_json::to_vec(&self.config).unwrap_or_default());
+        for s in &self.shards {
+            h.update(format!("\nshard {} {}", s.file_name, s.file_len));
+        }
+        let mut names: Vec<&String> = self.tensors.keys().collect();
+        names.sort();
+        for n in names {
+            let t = &self.tensors[n];
+            h.update(format!(
+                "\n{n} {:?} {:?} {} {} {}",
+                t.dtype, t.shape, t.shard, t.start, t.end
+            ));
+        }
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     /// Open and validate `dir`. Nothing is read beyond the headers.
     pub fn open(dir: &Path) -> Result<Checkpoint, CheckpointError> {
         let dir_s = dir.display().to_string();

@@ -54,6 +54,27 @@ impl Kernels {
     pub fn q8(self) -> bool {
         self == Kernels::Any && q8dot::available()
     }
+
+    /// What decides the products' summation order on this CPU: the kernel set and the
+    /// instruction sets the dispatch picks from (a state computed with one is reused only
+    /// with the same).
+    pub fn identity(self) -> String {
+        let mut s = format!("{self:?}");
+        for (name, has) in [
+            ("avx2", has_x86!("avx2")),
+            ("fma", has_x86!("fma")),
+            ("f16c", has_x86!("f16c")),
+            ("avx512f", has_x86!("avx512f")),
+            ("bf16", self.bf16()),
+            ("q8", self.q8()),
+        ] {
+            if has {
+                s.push('+');
+                s.push_str(name);
+            }
+        }
+        s
+    }
 }
 pub use linear::{Prepared, dequant_row, linear, linear_range};
 pub use ops::*;
