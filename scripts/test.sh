@@ -7,6 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DSFLASH_TOKENIZER=$(scripts/fetch_tokenizer.sh)
 export DSFLASH_TOKENIZER
+# The prompt cache of the runs the tests start: a fresh one, not the user's.
+XDG_CACHE_HOME=$(mktemp -d)
+export XDG_CACHE_HOME
+trap 'rm -rf "$XDG_CACHE_HOME"' EXIT
 # NVRTC from the PyPI wheel, so every kernel in kernels/ is compiled for every target arch.
 if [ "$(uname -m)" = x86_64 ]; then
   LD_LIBRARY_PATH="$(scripts/fetch_nvrtc.sh)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"

@@ -1,6 +1,6 @@
 //! The interactive chat driven in a pseudo-terminal: type a message, get the oracle's answer,
 //! a second turn that reuses the KV state, Ctrl+C mid-answer back to the prompt with the
-//! conversation intact, history saved, /quit.
+//! conversation intact, history saved, /save and /load resuming without a prefill, /quit.
 
 mod common;
 use common::*;
@@ -15,6 +15,7 @@ fn chat(max_tokens: usize, home: &std::path::Path) -> PtySession {
         .args(["--max-tokens", &max_tokens.to_string()])
         .env("HOME", home)
         .env_remove("XDG_DATA_HOME")
+        .env_remove("XDG_CACHE_HOME")
         .env("NO_COLOR", "1")
         .env("TERM", "xterm");
     let mut p = spawn_command(c, Some(60_000)).expect("spawn in a pty");
@@ -37,7 +38,7 @@ fn greedy_text(name: &str) -> String {
 /// Wait for the stats line; returns (prompt tokens, newly prefilled tokens, rest of line).
 fn stats(p: &mut PtySession) -> (usize, usize, String) {
     let (_, m) = p
-        .exp_regex(r"\[\d+ prompt tokens \(\d+ new\)[^\]]*\]")
+        .exp_regex(r"\[\d+ prompt tokens \(\d+ new[^)]*\)[^\]]*\]")
         .expect("stats line");
     let nums: Vec<usize> = m
         .split(|c: char| !c.is_ascii_digit())
@@ -102,4 +103,44 @@ fn ctrl_c_stops_the_answer_and_keeps_the_conversation() {
     assert!(new < prompt, "second turn prefilled {new} of {prompt}");
     p.send_control('d').unwrap();
     p.exp_eof().unwrap();
+}
+
+/// /save keeps the conversation's state in the prompt cache (under HOME/.cache/dsflash):
+/// a new chat that /loads the file continues with only the new turn to prefill, and
+/// answers as the first chat would have.
+#[test]
+fn save_and_load_resume_without_prefill() {
+    let home = tempfile::tempdir().unwrap();
+    let saved = home.path().join("conv.json");
+    let saved = saved.to_str().unwrap();
+    // The answer to "second turn" (what the terminal shows after the progress bar is
+    // cleared) and the stats line's prompt and new token counts.
+    let second_turn = |p: &mut PtySession| {
+        p.send_line("second turn").unwrap();
+        p.exp_string("second turn").unwrap();
+        let (before, line) = p.exp_regex(r"\[\d+ prompt tokens[^\]]*\]").unwrap();
+        let answer = before.rsplit("\x1b[2K").next().unwrap().trim().to_string();
+        (answer, line.split(" at ").next().unwrap().to_string())
+    };
+    let mut p = chat(12, home.path());
+    p.send_line("Hello there").unwrap();
+    stats(&mut p);
+    p.send_line(&format!("/save {saved}")).unwrap();
+    p.exp_string("in the prompt cache)").expect("state kept");
+    let first = second_turn(&mut p);
+    p.send_line("/quit").unwrap();
+    p.exp_eof().unwrap();
+
+    let mut q = chat(12, home.path());
+    q.send_line(&format!("/load {saved}")).unwrap();
+    q.exp_regex(r"loaded 2 messages from \S+ \(their state, \d+ tokens, from the prompt cache\)")
+        .expect("state restored");
+    let second = second_turn(&mut q);
+    q.send_line("/quit").unwrap();
+    q.exp_eof().unwrap();
+    assert!(first.0.trim().len() > 2, "{first:?}");
+    assert_eq!(
+        second, first,
+        "the resumed chat answers and prefills as the live one"
+    );
 }

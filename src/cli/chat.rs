@@ -19,8 +19,9 @@ commands:
   /clear           forget the conversation (keeps the system prompt)
   /read FILE       send FILE's contents as your message
   /stats           tokens used and the last answer's speed
-  /save FILE       save the conversation as JSON messages
-  /load FILE       load a conversation saved with /save (or any OpenAI-style messages array)
+  /save FILE       save the conversation as JSON messages (its state goes to the prompt cache)
+  /load FILE       load a conversation saved with /save (or any OpenAI-style messages array);
+                   with its state still in the prompt cache, it continues without a prefill
   /quit            exit (also Ctrl+D)
 keys: Enter sends; Alt+Enter inserts a newline (pasted text keeps its newlines);
       Ctrl+C stops an answer; Ctrl+D exits.";
@@ -110,8 +111,12 @@ fn device_line(ex: &crate::backend::exec::Exec) -> Option<String> {
 }
 
 fn stats_line(s: &TurnStats, context: usize) -> String {
+    let cached = match s.cached_tokens {
+        0 => String::new(),
+        n => format!(", {n} from the prompt cache"),
+    };
     format!(
-        "[{} prompt tokens ({} new) at {:.1} tok/s | {} tokens at {:.1} tok/s | context {}{}]",
+        "[{} prompt tokens ({} new{cached}) at {:.1} tok/s | {} tokens at {:.1} tok/s | context {}{}]",
         s.prompt_tokens,
         s.prefilled_tokens,
         s.prefill_tps(),
@@ -127,9 +132,10 @@ fn stats_line(s: &TurnStats, context: usize) -> String {
     )
 }
 
-pub fn run(a: &TalkArgs) -> anyhow::Result<i32> {
+pub fn run(a: &TalkArgs, verbose: bool) -> anyhow::Result<i32> {
     let (dir, engine, tok) = super::talk::load(a)?;
     let mut talk = Talk::new(&engine, &tok, a)?;
+    talk.cache = a.cache.open(verbose);
     let stop = super::signals::stop_flag();
     let color = use_color(std::io::stdout().is_terminal());
     let mut ed = DefaultEditor::new()?;
@@ -224,16 +230,23 @@ pub fn run(a: &TalkArgs) -> anyhow::Result<i32> {
                     // The OpenAI-style array that /load and `dsflash prompt --messages` read.
                     let json = serde_json::to_string_pretty(&talk.messages)?;
                     match crate::fsutil::write_atomic(&user_path(arg), json.as_bytes()) {
+                        Ok(()) if talk.keep(json.as_bytes()) => println!(
+                            "saved {} messages to {arg} (and their state, {} tokens, in the prompt cache)",
+                            talk.messages.len(),
+                            talk.session.len()
+                        ),
                         Ok(()) => println!("saved {} messages to {arg}", talk.messages.len()),
                         Err(e) => println!("error: {e}"),
                     }
                     continue;
                 }
                 "load" => {
-                    match crate::fsutil::read_regular(&user_path(arg))
-                        .map_err(anyhow::Error::from)
+                    let bytes = crate::fsutil::read_regular(&user_path(arg));
+                    match bytes
+                        .as_ref()
+                        .map_err(|e| anyhow::anyhow!("{e}"))
                         .and_then(|b| {
-                            serde_json::from_slice::<Vec<Message>>(&b).map_err(anyhow::Error::from)
+                            serde_json::from_slice::<Vec<Message>>(b).map_err(anyhow::Error::from)
                         })
                         // Only what the chat format can render: a later turn must not fail.
                         .and_then(|m| {
@@ -247,7 +260,12 @@ pub fn run(a: &TalkArgs) -> anyhow::Result<i32> {
                         Ok(m) => {
                             let n = m.len();
                             talk.messages = m;
-                            println!("loaded {n} messages from {arg}");
+                            match bytes.ok().and_then(|b| talk.resume(&b)) {
+                                Some(t) => println!(
+                                    "loaded {n} messages from {arg} (their state, {t} tokens, from the prompt cache)"
+                                ),
+                                None => println!("loaded {n} messages from {arg}"),
+                            }
                         }
                         Err(e) => println!("error: /load {arg}: {e}"),
                     }

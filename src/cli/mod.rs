@@ -2,6 +2,7 @@
 //! 128 + the signal after SIGINT/SIGTERM/SIGHUP (see `signals`).
 
 mod bench;
+mod cache;
 mod chat;
 mod download;
 mod inspect;
@@ -81,6 +82,8 @@ pub struct TalkArgs {
     pub engine: run::EngineArgs,
     #[command(flatten)]
     pub sampling: run::SamplerArgs,
+    #[command(flatten)]
+    pub cache: cache::CacheArgs,
 }
 
 impl TalkArgs {
@@ -129,6 +132,8 @@ pub enum Command {
     Download(download::DownloadArgs),
     /// Measure bandwidth, FMA peak, the kernels and end-to-end decode/prefill.
     Bench(bench::BenchArgs),
+    /// Show or empty the prompt cache (decode states kept on disk between runs).
+    Cache(cache::CacheCmdArgs),
 }
 
 /// No subcommand: one-shot if there is a prompt or piped stdin, else the interactive chat.
@@ -178,7 +183,7 @@ fn talk(cli: &Cli) -> anyhow::Result<i32> {
             );
         }
     }
-    chat::run(a)
+    chat::run(a, cli.verbose)
 }
 
 /// Run the CLI; returns the process exit code.
@@ -215,6 +220,7 @@ pub fn main() -> i32 {
         Some(Command::Prompt(a)) => prompt::run(a).map(|_| 0),
         Some(Command::Download(a)) => download::run(a),
         Some(Command::Bench(a)) => bench::run(a).map(|_| 0),
+        Some(Command::Cache(a)) => cache::run(a).map(|_| 0),
         None => talk(&cli),
     };
     // The command runs on a worker of the pool: its parallel loops then start at once on

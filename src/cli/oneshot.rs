@@ -110,6 +110,15 @@ pub fn run(a: &TalkArgs, stdin: Option<String>, verbose: bool) -> anyhow::Result
     let mode = a.mode();
     let mut talk = Talk::new(&engine, &tok, a)?;
     talk.exit_in_prefill = true;
+    talk.cache = a.cache.open(verbose);
+    // The input before the question: the next run over the same input asks something else.
+    if a.prompt.as_deref().is_some_and(|p| !p.trim().is_empty()) {
+        talk.shared_prefix = stdin
+            .as_deref()
+            .map(str::trim_end)
+            .filter(|s| !s.trim().is_empty())
+            .map(str::to_string);
+    }
     let err_tty = std::io::stderr().is_terminal();
     let mut sink = OneShotSink {
         json: a.json,
@@ -152,9 +161,10 @@ pub fn run(a: &TalkArgs, stdin: Option<String>, verbose: bool) -> anyhow::Result
     }
     if err_tty || verbose {
         eprintln!(
-            "[{} prompt tokens ({} prefilled) at {:.1} tok/s, {} generated at {:.1} tok/s, stop: {}, seed {}]",
+            "[{} prompt tokens ({} prefilled, {} from the prompt cache) at {:.1} tok/s, {} generated at {:.1} tok/s, stop: {}, seed {}]",
             stats.prompt_tokens,
             stats.prefilled_tokens,
+            stats.cached_tokens,
             stats.prefill_tps(),
             stats.generated_tokens,
             stats.decode_tps(),

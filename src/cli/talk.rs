@@ -24,6 +24,8 @@ pub struct TurnStats {
     pub prompt_tokens: usize,
     /// Of those, tokens actually prefilled (the rest was reused from the KV state).
     pub prefilled_tokens: usize,
+    /// Of the reused ones, tokens restored from the prompt cache on disk.
+    pub cached_tokens: usize,
     pub generated_tokens: usize,
     pub prefill_seconds: f64,
     pub decode_seconds: f64,
@@ -78,6 +80,11 @@ pub struct Talk<'e> {
     pub stop: Vec<String>,
     /// A signal during a prefill exits at once (one-shot: nothing to keep).
     pub exit_in_prefill: bool,
+    /// The prompt cache on disk (None: `--no-cache`).
+    pub cache: Option<crate::prefix_cache::PrefixCache>,
+    /// The start of the last user message that later prompts are likely to share (one-shot:
+    /// the stdin text before the question): the state is also kept where it ends.
+    pub shared_prefix: Option<String>,
     marks: Vec<Mark>,
 }
 
@@ -108,6 +115,8 @@ impl<'e> Talk<'e> {
             max_tokens: a.max_tokens,
             stop: a.stop.iter().filter(|s| !s.is_empty()).cloned().collect(),
             exit_in_prefill: false,
+            cache: None,
+            shared_prefix: None,
             marks: Vec::new(),
         };
         if let Some(s) = &a.system {
@@ -132,12 +141,15 @@ impl<'e> Talk<'e> {
         }
     }
 
-    /// Bring the session to `ids`: keep the longest reusable prefix (the KV state, or the
-    /// latest mark inside the common prefix), prefill the rest except the last token, mark,
-    /// then prefill the last token and return its logits.
+    /// Bring the session to `ids`: keep the longest reusable prefix (the KV state, the
+    /// latest mark inside the common prefix, or a longer state from the prompt cache),
+    /// prefill the rest except the last token (keeping the state in the cache at the chunk
+    /// boundaries before `shared` and before the end), mark, then prefill the last token and
+    /// return its logits.
     fn sync(
         &mut self,
         ids: &[u32],
+        shared: Option<usize>,
         stop: &AtomicBool,
         stats: &mut TurnStats,
     ) -> Result<Vec<f32>, SessionError> {
@@ -150,7 +162,8 @@ impl<'e> Talk<'e> {
             .count();
         // Reusable: the common prefix, but always leave the last token to prefill (it
         // yields the next logits).
-        let keep = common.min(ids.len() - 1);
+        let end = ids.len() - 1;
+        let keep = common.min(end);
         if keep < self.session.len() {
             // Drop marks past that point; rewind to the latest one left.
             self.marks.retain(|m| m.len() <= keep);
@@ -161,32 +174,101 @@ impl<'e> Talk<'e> {
                 None => self.session.reset(),
             }
         }
+        if let Some(c) = &self.cache
+            && self.session.len() < end
+            && let Some(n) = c.restore_longest(&mut self.session, &ids[..end])
+        {
+            self.marks.clear();
+            stats.cached_tokens = n;
+        }
         let _at_once = self.exit_in_prefill.then(super::signals::AtOnce::new);
         let t = Instant::now();
         let start = self.session.len();
-        let rest = &ids[start..ids.len() - 1];
         stats.prefilled_tokens = ids.len() - start;
-        if !rest.is_empty() {
-            let bar = super::run::prefill_bar(rest.len());
-            let r = self
-                .session
-                .prefill_with_progress(rest, Want::None, |done| {
-                    bar.set_position(done as u64);
-                    !stop.load(Ordering::Relaxed)
-                });
-            bar.finish_and_clear();
-            r?;
-            if stop.load(Ordering::Relaxed) {
-                return Err(SessionError::Interrupted);
+        // Where to keep the state: a state at a chunk boundary of a prefill from position 0
+        // stands in for that prefill exactly (see `Session::at_chunk_boundary`).
+        let chunk = self.session.chunk();
+        let mut saves: Vec<usize> = Vec::new();
+        if self.cache.is_some() && (start == 0 || self.session.at_chunk_boundary()) {
+            saves = shared
+                .into_iter()
+                .chain([end])
+                .map(|p| p.min(end) / chunk * chunk)
+                .filter(|&p| p > start)
+                .collect();
+            saves.sort_unstable();
+            saves.dedup();
+        }
+        if start < end {
+            let bar = super::run::prefill_bar(end - start);
+            for p in saves.iter().copied().chain([end]) {
+                let at = self.session.len();
+                if p > at {
+                    let r = self
+                        .session
+                        .prefill_with_progress(&ids[at..p], Want::None, |done| {
+                            bar.set_position((at - start + done) as u64);
+                            !stop.load(Ordering::Relaxed)
+                        });
+                    if r.is_err() {
+                        bar.finish_and_clear();
+                    }
+                    r?;
+                    if stop.load(Ordering::Relaxed) {
+                        bar.finish_and_clear();
+                        return Err(SessionError::Interrupted);
+                    }
+                }
+                if let Some(c) = &self.cache
+                    && saves.contains(&p)
+                {
+                    c.store(&self.session);
+                }
             }
+            bar.finish_and_clear();
         }
         self.marks.push(self.session.mark());
         if self.marks.len() > MAX_MARKS {
             self.marks.remove(0);
         }
-        let logits = self.session.prefill(&ids[ids.len() - 1..], Want::Last)?;
+        let logits = self.session.prefill(&ids[end..], Want::Last)?;
         stats.prefill_seconds = t.elapsed().as_secs_f64();
         Ok(logits)
+    }
+
+    /// Tokens of `ids` that a prompt with only `shared_prefix` as its last user message
+    /// shares with it: where the part later prompts are likely to repeat ends.
+    fn shared_len(&self, ids: &[u32]) -> anyhow::Result<Option<usize>> {
+        let Some(prefix) = &self.shared_prefix else {
+            return Ok(None);
+        };
+        let mut m = self.messages.clone();
+        match m.last_mut() {
+            Some(last) if last.role == Role::User => last.content = prefix.clone(),
+            _ => return Ok(None),
+        }
+        let other = self.tok.encode(&render(self.fmt, &m, self.mode)?)?;
+        Ok(Some(
+            other.iter().zip(ids).take_while(|(a, b)| a == b).count(),
+        ))
+    }
+
+    /// Keep the conversation's exact state in the prompt cache under `key` (the saved
+    /// messages' bytes), so `resume` with the same bytes needs no prefill.
+    pub fn keep(&self, key: &[u8]) -> bool {
+        self.cache
+            .as_ref()
+            .is_some_and(|c| c.store_as_run(&self.session, key))
+    }
+
+    /// Restore the state `keep` kept under `key`; returns its token count.
+    pub fn resume(&mut self, key: &[u8]) -> Option<usize> {
+        let n = self
+            .cache
+            .as_ref()?
+            .restore_as_run(&mut self.session, key)?;
+        self.marks.clear();
+        Some(n)
     }
 
     /// One assistant turn after the messages so far (the last one normally a user message).
@@ -202,7 +284,8 @@ impl<'e> Talk<'e> {
             prompt_tokens: ids.len(),
             ..Default::default()
         };
-        let mut logits = self.sync(&ids, stop, &mut stats).map_err(|e| match e {
+        let shared = self.shared_len(&ids)?;
+        let mut logits = self.sync(&ids, shared, stop, &mut stats).map_err(|e| match e {
             SessionError::ContextFull { needed, ctx, .. } => anyhow::anyhow!(
                 "the conversation needs {needed} tokens but --ctx is {ctx} (use a larger --ctx or /clear)"
             ),

@@ -192,15 +192,21 @@ impl CompressorState {
         self.rows.truncate(m.rows);
     }
 
-    /// Write the carry-over and the rows.
+    /// Write the carry-over (the slots of the tokens pending; the others are rewritten
+    /// before they are read) and the rows.
     pub(super) fn save(&self, e: &mut Enc) -> std::io::Result<()> {
         let c = &self.carry;
+        let live = c.n_pending * self.coff * self.dim;
         e.u64(c.n_pending)?;
         e.u8(c.has_prev as u8)?;
-        e.f32s(&c.pending_kv)?;
-        e.f32s(&c.pending_gate)?;
-        e.f32s(&c.prev_kv)?;
-        e.f32s(&c.prev_gate)?;
+        let cd = self.coff * self.dim;
+        e.rows(&c.pending_kv[..live], cd)?;
+        e.rows(&c.pending_gate[..live], cd)?;
+        // The previous window's halves: read by ratio 4's overlap only.
+        if self.coff == 2 {
+            e.rows(&c.prev_kv, self.dim)?;
+            e.rows(&c.prev_gate, self.dim)?;
+        }
         self.rows.save(e)
     }
 
@@ -216,10 +222,16 @@ impl CompressorState {
         let c = &mut self.carry;
         c.n_pending = len % r;
         c.has_prev = has_prev == 1;
-        c.pending_kv = d.f32s(c.pending_kv.len(), "compressor carry")?;
-        c.pending_gate = d.f32s(c.pending_gate.len(), "compressor carry")?;
-        c.prev_kv = d.f32s(c.prev_kv.len(), "compressor carry")?;
-        c.prev_gate = d.f32s(c.prev_gate.len(), "compressor carry")?;
+        let cd = self.coff * self.dim;
+        let live = c.n_pending * cd;
+        let kv = d.rows(live, cd, "compressor carry")?;
+        c.pending_kv[..live].copy_from_slice(&kv);
+        let gate = d.rows(live, cd, "compressor carry")?;
+        c.pending_gate[..live].copy_from_slice(&gate);
+        if self.coff == 2 {
+            c.prev_kv = d.rows(c.prev_kv.len(), self.dim, "compressor carry")?;
+            c.prev_gate = d.rows(c.prev_gate.len(), self.dim, "compressor carry")?;
+        }
         self.rows.load(d, len / r, "compressed rows")
     }
 

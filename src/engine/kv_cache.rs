@@ -110,12 +110,12 @@ impl RowStore {
         self.len = 0;
     }
 
-    /// Write the rows, a block at a time (each block bf16 where that is exact).
+    /// Write the rows, a block at a time.
     pub(super) fn save(&self, e: &mut Enc) -> std::io::Result<()> {
         e.u64(self.len)?;
         for (b, block) in self.blocks.iter().enumerate() {
             let rows = (self.len - b * self.block_rows).min(self.block_rows);
-            e.rows(&block[..rows * self.width])?;
+            e.rows(&block[..rows * self.width], self.width)?;
         }
         Ok(())
     }
@@ -126,7 +126,7 @@ impl RowStore {
         d.count(n, what)?;
         while self.len < n {
             let k = (n - self.len).min(self.block_rows);
-            let rows = d.rows(k * self.width, what)?;
+            let rows = d.rows(k * self.width, self.width, what)?;
             let mut block = vec![0f32; self.block_rows * self.width];
             block[..rows.len()].copy_from_slice(&rows);
             self.blocks.push(block.into_boxed_slice());
@@ -189,7 +189,7 @@ impl WindowRing {
         let from = len - len.min(self.size);
         e.u64(len - from)?;
         let rows: Vec<f32> = (from..len).flat_map(|p| self.get(p)).copied().collect();
-        e.rows(&rows)
+        e.rows(&rows, self.width)
     }
 
     /// Read back what `save` wrote at `len` (window = the rows a query reaches back).
@@ -201,7 +201,7 @@ impl WindowRing {
     ) -> Result<(), SnapshotError> {
         let from = len - len.min(window);
         d.count(len - from, "window rows")?;
-        let rows = d.rows((len - from) * self.width, "window")?;
+        let rows = d.rows((len - from) * self.width, self.width, "window")?;
         for (p, row) in (from..len).zip(rows.chunks_exact(self.width.max(1))) {
             self.put(p, row);
         }

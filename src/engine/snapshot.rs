@@ -92,35 +92,44 @@ impl Enc<'_> {
         self.bytes(&(v as u64).to_le_bytes())
     }
 
-    /// Raw f32 values (the carry-over).
-    pub fn f32s(&mut self, v: &[f32]) -> std::io::Result<()> {
-        self.u64(v.len())?;
-        for c in v.chunks(4096) {
-            let b: Vec<u8> = c.iter().flat_map(|x| x.to_le_bytes()).collect();
-            self.bytes(&b)?;
-        }
-        Ok(())
-    }
-
-    /// Rows: as bf16 when that loses nothing, else as f32.
-    pub fn rows(&mut self, v: &[f32]) -> std::io::Result<()> {
-        let bf16 = v
+    /// Rows of `width` values, each group of columns (see `groups`) as bf16 where that
+    /// loses nothing in every row, else as f32: the reference numerics' KV rows hold
+    /// FP8-representable values in their first 448 dims and fp32 in the 64 RoPE dims.
+    pub fn rows(&mut self, v: &[f32], width: usize) -> std::io::Result<()> {
+        debug_assert!(width > 0 && v.len().is_multiple_of(width));
+        let groups = groups(width);
+        let exact = |x: f32| half::bf16::from_f32(x).to_f32().to_bits() == x.to_bits();
+        let flags: Vec<u8> = groups
             .iter()
-            .all(|&x| half::bf16::from_f32(x).to_f32().to_bits() == x.to_bits());
-        self.u8(bf16 as u8)?;
-        if !bf16 {
-            return self.f32s(v);
-        }
+            .map(|g| {
+                v.chunks(width)
+                    .all(|r| r[g.clone()].iter().all(|&x| exact(x))) as u8
+            })
+            .collect();
+        self.bytes(&flags)?;
         self.u64(v.len())?;
-        for c in v.chunks(4096) {
-            let b: Vec<u8> = c
-                .iter()
-                .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
-                .collect();
+        let mut b = Vec::with_capacity(4 * width);
+        for r in v.chunks(width) {
+            b.clear();
+            for (g, &bf16) in groups.iter().zip(&flags) {
+                for &x in &r[g.clone()] {
+                    match bf16 {
+                        1 => b.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes()),
+                        _ => b.extend_from_slice(&x.to_le_bytes()),
+                    }
+                }
+            }
             self.bytes(&b)?;
         }
         Ok(())
     }
+}
+
+/// Column groups of a row for the bf16-or-f32 choice: 64 wide (the KV's FP8 blocks), or the
+/// whole row where 64 does not divide it.
+fn groups(width: usize) -> Vec<std::ops::Range<usize>> {
+    let g = if width.is_multiple_of(64) { 64 } else { width };
+    (0..width / g).map(|i| i * g..(i + 1) * g).collect()
 }
 
 /// Reads what `Enc` wrote, hashing it; counts are checked against what the caller expects.
@@ -160,43 +169,35 @@ impl Dec<'_> {
         Ok(())
     }
 
-    /// Exactly `n` raw f32 values, all finite.
-    pub fn f32s(&mut self, n: usize, what: &str) -> Result<Vec<f32>, SnapshotError> {
+    /// Exactly `n` values in rows of `width` (as `Enc::rows` wrote them), all finite.
+    pub fn rows(&mut self, n: usize, width: usize, what: &str) -> Result<Vec<f32>, SnapshotError> {
+        let groups = groups(width);
+        let mut flags = vec![0u8; groups.len()];
+        self.bytes(&mut flags)?;
+        if flags.iter().any(|&f| f > 1) {
+            return Err(damaged(format!("{what}: unknown encoding")));
+        }
         self.count(n, what)?;
-        self.values(n, 4, what)
-    }
-
-    /// Exactly `n` row values (bf16 or f32, as written), all finite.
-    pub fn rows(&mut self, n: usize, what: &str) -> Result<Vec<f32>, SnapshotError> {
-        let size = match self.u8()? {
-            0 => 4,
-            1 => 2,
-            k => return Err(damaged(format!("{what}: unknown encoding {k}"))),
-        };
-        self.count(n, what)?;
-        self.values(n, size, what)
-    }
-
-    fn values(&mut self, n: usize, size: usize, what: &str) -> Result<Vec<f32>, SnapshotError> {
+        let row_bytes: usize = groups
+            .iter()
+            .zip(&flags)
+            .map(|(g, &f)| g.len() * if f == 1 { 2 } else { 4 })
+            .sum();
         let mut out = Vec::with_capacity(n);
-        let mut buf = vec![0u8; 4096 * size];
-        let mut left = n;
-        while left > 0 {
-            let k = left.min(4096);
-            let b = &mut buf[..k * size];
-            self.bytes(b)?;
-            if size == 2 {
-                out.extend(
-                    b.chunks_exact(2)
-                        .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
-                );
-            } else {
-                out.extend(
-                    b.chunks_exact(4)
-                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-                );
+        let mut b = vec![0u8; row_bytes];
+        for _ in 0..n / width {
+            self.bytes(&mut b)?;
+            let mut at = 0;
+            for (g, &f) in groups.iter().zip(&flags) {
+                for _ in 0..g.len() {
+                    out.push(if f == 1 {
+                        half::bf16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+                    } else {
+                        f32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+                    });
+                    at += if f == 1 { 2 } else { 4 };
+                }
             }
-            left -= k;
         }
         if out.iter().any(|v| !v.is_finite()) {
             return Err(damaged(format!("{what}: a value that is not finite")));
