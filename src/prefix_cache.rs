@@ -1,19 +1,19 @@
-//! The prompt cache on disk: decode states saved at chunk boundaries of a prefill, so a
-//! later prompt that starts with the same tokens (the same document, another question; the
-//! next turn of a conversation after a restart) restores the longest stored prefix and
-//! prefills only the rest.
+//! The prompt cache on disk: decode states saved at step boundaries of a prefill, so a later
+//! prompt that starts with the same tokens (the same document, another question) restores
+//! the longest stored prefix its own prefill would pass through, and prefills only the rest.
 //!
-//! Layout: `<dir>/states/<engine>/c<chunk>-<tokens>-<hash>.dss`, where `<engine>` is a hash
-//! of `Engine::identity` (model fingerprint, numerics, kernels, device) and `<hash>` one of
-//! the token prefix; `r-<hash>.dss` holds a conversation's exact state under the hash of
-//! its saved messages (`/save`, `/load`). Files are written under a temp name and renamed;
+//! Layout: `<dir>/states/<engine>/p<tokens>-<hash>.dss`, where `<engine>` is a hash of
+//! `Engine::identity` (model fingerprint, numerics, kernels, device) and `<hash>` one of the
+//! token prefix and the steps that computed it (see `Steps`: the same tokens in the same
+//! steps are the same bits); `r-<hash>.dss` holds a conversation's exact state under the hash
+//! of its saved messages (`/save`, `/load`). Files are written under a temp name and renamed;
 //! each carries its own checksum (see `engine::snapshot`). A file that cannot be used
 //! (truncated, damaged, foreign, unreadable) is removed and the prompt prefilled: the cache
 //! can make an answer faster, never different. The least recently used files go first when
 //! the total passes the cap. Several processes may share the directory.
 
 use crate::engine::Session;
-use crate::engine::snapshot::{self, Split};
+use crate::engine::snapshot::{self, Steps};
 use sha2::{Digest, Sha256};
 use std::io::{BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -42,22 +42,19 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// Hash of a token prefix (the file name's part; the file holds the tokens themselves).
-fn token_hash(h: &Sha256) -> String {
-    hex(&h.clone().finalize()[..16])
-}
-
-fn tokens_hasher(ids: &[u32]) -> Sha256 {
+/// The name of the state of `tokens` computed in `steps`.
+fn prefix_name(tokens: &[u32], steps: &Steps) -> String {
     let mut h = Sha256::new();
-    feed(&mut h, ids);
-    h
-}
-
-fn feed(h: &mut Sha256, ids: &[u32]) {
-    for c in ids.chunks(4096) {
+    for c in tokens.chunks(4096) {
         let b: Vec<u8> = c.iter().flat_map(|t| t.to_le_bytes()).collect();
         h.update(&b);
     }
+    h.update(steps.hex());
+    format!("p{}-{}{SUFFIX}", tokens.len(), hex(&h.finalize()[..16]))
+}
+
+fn conversation_name(key: &[u8]) -> String {
+    format!("r-{}{SUFFIX}", hex(&Sha256::digest(key)[..16]))
 }
 
 impl PrefixCache {
@@ -100,38 +97,25 @@ impl PrefixCache {
         Self::states(&self.root).join(hex(&id[..16]))
     }
 
-    /// Restore into `s` the longest stored state of a prefix of `ids` that is longer than
-    /// what `s` holds and was computed in `s`'s chunks. Returns its token count.
-    pub fn restore_longest(&self, s: &mut Session, ids: &[u32]) -> Option<usize> {
+    /// Restore into `s` the longest stored state of a prefix of `ids` that `ids`'s prefill
+    /// in the steps starting at `plan` (see `session::plan_steps`) passes through, if it is
+    /// longer than what `s` holds. Returns its token count.
+    pub fn restore_longest(&self, s: &mut Session, ids: &[u32], plan: &[usize]) -> Option<usize> {
         let dir = self.engine_dir(s);
-        let head = format!("c{}-", s.chunk());
-        let mut lens: Vec<usize> = std::fs::read_dir(&dir)
-            .ok()?
-            .flatten()
-            .filter_map(|e| {
-                let name = e.file_name().into_string().ok()?;
-                let rest = name.strip_prefix(&head)?.strip_suffix(SUFFIX)?;
-                rest.split_once('-')?.0.parse().ok()
-            })
-            .filter(|&n| n > s.len() && n <= ids.len())
-            .collect();
-        lens.sort_unstable();
-        lens.dedup();
-        // The names the prefixes would have, hashing the tokens once.
-        let mut h = Sha256::new();
-        let mut done = 0;
-        let mut names = Vec::new();
-        for &n in &lens {
-            feed(&mut h, &ids[done..n]);
-            done = n;
-            names.push((n, format!("{head}{n}-{}{SUFFIX}", token_hash(&h))));
+        if !dir.is_dir() {
+            return None;
         }
-        for (n, name) in names.into_iter().rev() {
-            let path = dir.join(&name);
+        // The state at plan[i] was computed in the steps plan[..i].
+        for (i, &n) in plan.iter().enumerate().rev() {
+            if n <= s.len() || n > ids.len() {
+                continue;
+            }
+            let steps = Steps::of(&plan[..i]);
+            let path = dir.join(prefix_name(&ids[..n], &steps));
             if !path.exists() {
                 continue;
             }
-            match self.load(s, &path, Split::Chunks(s.chunk()), &ids[..n]) {
+            match self.load(s, &path, Some(&steps), Some(&ids[..n])) {
                 Ok(()) => return Some(n),
                 Err(e) => self.drop_file(&path, &e),
             }
@@ -139,11 +123,17 @@ impl PrefixCache {
         None
     }
 
-    fn load(&self, s: &mut Session, path: &Path, split: Split, want: &[u32]) -> anyhow::Result<()> {
+    fn load(
+        &self,
+        s: &mut Session,
+        path: &Path,
+        steps: Option<&Steps>,
+        want: Option<&[u32]>,
+    ) -> anyhow::Result<()> {
         let f = crate::fsutil::open_regular(path)?;
         let mut r = BufReader::with_capacity(1 << 20, &f);
-        let l = s.read_state(&mut r, split)?;
-        if !want.is_empty() && l.tokens() != want {
+        let l = s.read_state(&mut r, steps)?;
+        if want.is_some_and(|w| l.tokens() != w) {
             anyhow::bail!("holds other tokens than its name says");
         }
         s.install(l);
@@ -157,46 +147,32 @@ impl PrefixCache {
         let _ = std::fs::remove_file(path);
     }
 
-    /// Keep `s`'s state for prompts that start with its tokens (only at a chunk boundary of
-    /// a prefill from position 0: then it stands in for that prefill exactly).
+    /// Keep `s`'s state for prompts that start with its tokens and whose prefill takes the
+    /// same steps.
     pub fn store(&self, s: &Session) {
-        if !s.at_chunk_boundary() {
-            return;
+        if !s.is_empty() {
+            self.write(s, &prefix_name(s.tokens(), s.steps()));
         }
-        let name = format!(
-            "c{}-{}-{}{SUFFIX}",
-            s.chunk(),
-            s.len(),
-            token_hash(&tokens_hasher(s.tokens()))
-        );
-        self.write(s, &name);
     }
 
     /// Keep `s`'s exact state under `key` (a saved conversation's bytes).
     pub fn store_as_run(&self, s: &Session, key: &[u8]) -> bool {
-        let name = format!("r-{}{SUFFIX}", hex(&Sha256::digest(key)[..16]));
-        !s.is_empty() && self.write(s, &name)
+        !s.is_empty() && self.write(s, &conversation_name(key))
     }
 
     /// Restore the state kept under `key` by `store_as_run`; returns its token count.
     pub fn restore_as_run(&self, s: &mut Session, key: &[u8]) -> Option<usize> {
-        let name = format!("r-{}{SUFFIX}", hex(&Sha256::digest(key)[..16]));
-        let path = self.engine_dir(s).join(name);
+        let path = self.engine_dir(s).join(conversation_name(key));
         if !path.exists() {
             return None;
         }
-        // A conversation's state was run at its own steps: either split is what was saved.
-        let mut last = None;
-        for split in [Split::AsRun, Split::Chunks(s.chunk())] {
-            match self.load(s, &path, split, &[]) {
-                Ok(()) => return Some(s.len()),
-                Err(e) => last = Some(e),
+        match self.load(s, &path, None, None) {
+            Ok(()) => Some(s.len()),
+            Err(e) => {
+                self.drop_file(&path, &e);
+                None
             }
         }
-        if let Some(e) = last {
-            self.drop_file(&path, &e);
-        }
-        None
     }
 
     /// Write `s` as `name` in its engine's directory (skipped if it is already there), then
@@ -205,7 +181,7 @@ impl PrefixCache {
     fn write(&self, s: &Session, name: &str) -> bool {
         let dir = self.engine_dir(s);
         let path = dir.join(name);
-        if name.starts_with('c') && path.exists() {
+        if name.starts_with('p') && path.exists() {
             let _ = std::fs::File::open(&path).and_then(|f| f.set_modified(SystemTime::now()));
             return true;
         }

@@ -1,15 +1,16 @@
-//! The prompt cache on disk (engine level): a state saved at a chunk boundary and restored
+//! The prompt cache on disk (engine level): a state saved at a step boundary and restored
 //! for another prompt that starts with the same tokens gives the logits a fresh prefill of
-//! that prompt gives, bit for bit, under the same chunk size (the split decides the bits:
-//! another chunking of a prefill may flip one rounding, see docs/NUMERICS.md). Checked in
-//! every numerics, on the goldens' three models, for restored prefixes ending inside and
-//! past the window, on and between the ratio-4 and ratio-128 boundaries, and on the
-//! simulated device. Damaged files are refused, never used.
+//! that prompt in the same steps gives, bit for bit (the steps decide the bits: another
+//! split of a prefill may flip one rounding, see docs/PROMPT_CACHE.md). Checked in every
+//! numerics, on the goldens' three models, for restored prefixes ending inside and past the
+//! window, on and between the ratio-4 and ratio-128 boundaries, on and off the chunk grid,
+//! and on the simulated device. Damaged files are refused, never used.
 
 mod common;
 use common::*;
 use dsflash::backend::device::Device;
 use dsflash::backend::sim::{SimCost, SimDevice};
+use dsflash::engine::session::plan_steps;
 use dsflash::engine::{Engine, ExpertPolicy, HybridOptions, Numerics, Session, Want};
 use dsflash::prefix_cache::PrefixCache;
 use std::path::Path;
@@ -40,25 +41,32 @@ fn diverge(p: &[u32], k: usize, vocab: usize) -> Vec<u32> {
 }
 
 /// Prefill `p[..keep]` in chunks of `chunk` and keep it; then for `q` (which shares p's
-/// first `keep` tokens, more or fewer): restore from the cache and prefill the rest, against
-/// a fresh prefill of `q`. Compares the logits from the restore point on and two greedy
-/// decode steps, bit for bit.
+/// first `keep` tokens, more or fewer), prefilled in chunks with a cut at `keep`: restore
+/// from the cache and prefill the rest, against a fresh prefill in the same steps. Compares
+/// the logits from the restore point on and two greedy decode steps, bit for bit.
 fn check(e: &Engine, p: &[u32], q: &[u32], chunk: usize, keep: usize, what: &str) {
     let v = e.cfg.vocab_size;
     let dir = tempfile::tempdir().unwrap();
     let cache = PrefixCache::new(dir.path().to_path_buf(), u64::MAX, true);
     let mut a = Session::new(e, 1 << 20, chunk);
     a.prefill(&p[..keep], Want::None).unwrap();
-    assert!(a.at_chunk_boundary(), "{what}: {keep} is a chunk boundary");
     cache.store(&a);
     drop(a);
 
+    let plan = plan_steps(q.len(), chunk, &[keep]);
     let mut fresh = Session::new(e, 1 << 20, chunk);
-    let want = fresh.prefill(q, Want::All).unwrap();
+    let mut want = fresh.prefill(&q[..keep], Want::All).unwrap();
+    want.extend(fresh.prefill(&q[keep..], Want::All).unwrap());
     let mut b = Session::new(e, 1 << 20, chunk);
-    let got_n = cache.restore_longest(&mut b, &q[..q.len() - 1]);
+    let got_n = cache.restore_longest(&mut b, q, &plan);
     assert_eq!(got_n, Some(keep), "{what}: the stored prefix is found");
     assert_eq!(b.tokens(), &q[..keep]);
+    assert_eq!(
+        b.steps(),
+        &dsflash::engine::snapshot::Steps::of(
+            &plan[..plan.iter().position(|&x| x == keep).unwrap()]
+        )
+    );
     let got = b.prefill(&q[keep..], Want::All).unwrap();
     assert!(
         same_bits(&got, &want[keep * v..]),
@@ -76,18 +84,33 @@ fn check(e: &Engine, p: &[u32], q: &[u32], chunk: usize, keep: usize, what: &str
             "{what}: decode step {step} after the restore differs"
         );
     }
+    // A prompt whose prefill takes other steps gets the state only where they agree up to it.
+    let other = plan_steps(q.len(), chunk + 1, &[]);
+    let agree = other
+        .iter()
+        .position(|&x| x == keep)
+        .is_some_and(|i| other[..i] == plan[..plan.iter().position(|&x| x == keep).unwrap()]);
+    let mut c = Session::new(e, 1 << 20, chunk + 1);
+    assert_eq!(
+        cache.restore_longest(&mut c, q, &other) == Some(keep),
+        agree,
+        "{what}: a prefill in chunks of {}",
+        chunk + 1
+    );
 }
 
-/// (chunk, restored prefix): inside the window (130 with chunk 1: also inside a ratio-4
-/// window), past it off the ratio-4 grid (130 = 26 chunks of 5, 259 = 7 of 37), and on the
-/// ratio-128 boundaries (128, 256 in chunks of 128).
+/// (chunk, restored prefix, prompt length): inside the first ratio-4 window (3), inside the
+/// 128-token window (127), past it off the ratio-4 grid (130, 259), on the ratio-128
+/// boundaries (128, 256), on the chunk grid (130 = 26 chunks of 5, 259 = 7 of 37) and off it.
 const CASES: &[(usize, usize, usize)] = &[
-    // (chunk, keep, prompt length)
     (1, 130, 136),
     (5, 130, 260),
     (37, 259, 300),
+    (37, 127, 200),
+    (64, 3, 100),
     (128, 128, 200),
     (128, 256, 300),
+    (128, 131, 200),
 ];
 
 fn all_cases(dir: &str, numerics: Numerics) {
@@ -175,7 +198,6 @@ fn a_conversation_state_resumes_exactly() {
     for _ in 0..3 {
         l = a.decode_step(argmax(&l)).unwrap();
     }
-    assert!(!a.at_chunk_boundary());
     assert!(cache.store_as_run(&a, b"conversation one"));
     let mut b = Session::new(&e, 1 << 20, 64);
     assert_eq!(cache.restore_as_run(&mut b, b"conversation two"), None);
@@ -186,9 +208,10 @@ fn a_conversation_state_resumes_exactly() {
         &a.decode_step(t).unwrap(),
         &b.decode_step(t).unwrap()
     ));
-    // Not a chunk-boundary state: never offered for another prompt.
+    // Not offered for another prompt (its steps are no prefill's).
     let mut c = Session::new(&e, 1 << 20, 64);
-    assert_eq!(cache.restore_longest(&mut c, a.tokens()), None);
+    let plan = plan_steps(a.len(), 64, &[]);
+    assert_eq!(cache.restore_longest(&mut c, a.tokens(), &plan), None);
 }
 
 fn state_files(dir: &Path) -> Vec<std::path::PathBuf> {
@@ -233,14 +256,21 @@ fn a_damaged_file_is_refused_and_removed() {
         std::fs::write(&files[0], &bytes).unwrap();
         let mut s = Session::new(&e, 1 << 20, 64);
         s.prefill(&p[..3], Want::None).unwrap();
-        assert_eq!(cache.restore_longest(&mut s, &p), None, "{what}: used");
+        assert_eq!(
+            cache.restore_longest(&mut s, &p, &plan_steps(200, 64, &[])),
+            None,
+            "{what}: used"
+        );
         assert_eq!(s.tokens(), &p[..3], "{what}: the session changed");
         assert!(!files[0].exists(), "{what}: not removed");
     }
     // The good file is used.
     std::fs::write(&files[0], &good).unwrap();
     let mut s = Session::new(&e, 1 << 20, 64);
-    assert_eq!(cache.restore_longest(&mut s, &p), Some(192));
+    assert_eq!(
+        cache.restore_longest(&mut s, &p, &plan_steps(200, 64, &[])),
+        Some(192)
+    );
 }
 
 /// A state is only for the engine that made it: another numerics, chunk size or model
@@ -257,11 +287,19 @@ fn a_foreign_file_is_refused() {
     a.prefill(&p[..128], Want::None).unwrap();
     cache.store(&a);
     assert_eq!(
-        cache.restore_longest(&mut Session::new(&ideal, 1 << 20, 64), &p),
+        cache.restore_longest(
+            &mut Session::new(&ideal, 1 << 20, 64),
+            &p,
+            &plan_steps(200, 64, &[])
+        ),
         None
     );
     assert_eq!(
-        cache.restore_longest(&mut Session::new(&reference, 1 << 20, 32), &p),
+        cache.restore_longest(
+            &mut Session::new(&reference, 1 << 20, 32),
+            &p,
+            &plan_steps(200, 32, &[])
+        ),
         None
     );
     // Plant the reference state where the ideal engine looks.
@@ -273,13 +311,13 @@ fn a_foreign_file_is_refused() {
         f.file_name()
             .unwrap()
             .to_string_lossy()
-            .starts_with("c64-128-")
+            .starts_with("p128-")
     });
     let planted = theirs[0].with_file_name(ours[0].file_name().unwrap());
     std::fs::copy(ours[0], &planted).unwrap();
     let mut s = Session::new(&ideal, 1 << 20, 64);
     assert_eq!(
-        cache.restore_longest(&mut s, &p),
+        cache.restore_longest(&mut s, &p, &plan_steps(200, 64, &[])),
         Some(64),
         "falls back to its own"
     );
@@ -329,14 +367,17 @@ fn the_cache_keeps_to_its_cap_least_recently_used_first() {
     }
     // Use the 16-token state: now the 32-token one is the least recently used.
     let mut s = Session::new(&e, 1 << 20, 16);
-    assert_eq!(cache.restore_longest(&mut s, &p[..20]), Some(16));
+    assert_eq!(
+        cache.restore_longest(&mut s, &p[..20], &plan_steps(20, 16, &[])),
+        Some(16)
+    );
     std::thread::sleep(std::time::Duration::from_millis(20));
     a.prefill(&p[32..48], Want::None).unwrap();
     cache.store(&a);
     let left = names(dir.path());
     assert_eq!(left.len(), 2, "{left:?}");
     assert!(
-        left[0].starts_with("c16-16-") && left[1].starts_with("c16-48-"),
+        left[0].starts_with("p16-") && left[1].starts_with("p48-"),
         "{left:?}"
     );
 }

@@ -54,7 +54,7 @@ pub struct CacheCmdArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum Action {
-    /// Show the kept states: tokens, how they were computed, size, last use.
+    /// Show the kept states: size, last use, tokens and steps, the engine.
     List,
     /// Remove every kept state.
     Clear,
@@ -74,9 +74,9 @@ pub fn run(a: &CacheCmdArgs) -> anyhow::Result<()> {
                 let age = now.duration_since(e.modified).unwrap_or_default().as_secs();
                 let what = match &e.header {
                     Some(h) => format!(
-                        "{:>8} tokens  {:<14}  {}",
+                        "{:>8} tokens in {:>6} steps  {}",
                         h.tokens,
-                        h.split,
+                        h.n_steps,
                         h.identity
                             .split(" | ")
                             .skip(1)

@@ -4,6 +4,8 @@
 
 use super::TalkArgs;
 use crate::engine::sampler::Sampler;
+use crate::engine::session::plan_steps;
+use crate::engine::snapshot::Steps;
 use crate::engine::{Engine, Mark, Session, SessionError, Want};
 use crate::model::chat_format::{ChatFormat, DSV4, Message, Mode, Role, render};
 use crate::model::tokenizer::{StreamDecoder, Tokenizer};
@@ -143,9 +145,13 @@ impl<'e> Talk<'e> {
 
     /// Bring the session to `ids`: keep the longest reusable prefix (the KV state, the
     /// latest mark inside the common prefix, or a longer state from the prompt cache),
-    /// prefill the rest except the last token (keeping the state in the cache at the chunk
-    /// boundaries before `shared` and before the end), mark, then prefill the last token and
-    /// return its logits.
+    /// prefill the rest except the last token, mark, then prefill the last token and return
+    /// its logits.
+    ///
+    /// The prefill's steps are a function of the prompt alone (`plan_steps`: every chunk,
+    /// and a cut at `shared`, the end of the part later prompts are likely to repeat), with
+    /// the cache or without: a state restored from the cache is then what this prefill would
+    /// have computed, bit for bit. The state is kept at `shared` and before the last token.
     fn sync(
         &mut self,
         ids: &[u32],
@@ -174,9 +180,12 @@ impl<'e> Talk<'e> {
                 None => self.session.reset(),
             }
         }
+        let cuts: Vec<usize> = shared.into_iter().collect();
+        let mut plan = plan_steps(end, self.session.chunk(), &cuts);
+        plan.push(end);
         if let Some(c) = &self.cache
             && self.session.len() < end
-            && let Some(n) = c.restore_longest(&mut self.session, &ids[..end])
+            && let Some(n) = c.restore_longest(&mut self.session, ids, &plan)
         {
             self.marks.clear();
             stats.cached_tokens = n;
@@ -185,47 +194,39 @@ impl<'e> Talk<'e> {
         let t = Instant::now();
         let start = self.session.len();
         stats.prefilled_tokens = ids.len() - start;
-        // Where to keep the state: a state at a chunk boundary of a prefill from position 0
-        // stands in for that prefill exactly (see `Session::at_chunk_boundary`).
-        let chunk = self.session.chunk();
-        let mut saves: Vec<usize> = Vec::new();
-        if self.cache.is_some() && (start == 0 || self.session.at_chunk_boundary()) {
-            saves = shared
-                .into_iter()
-                .chain([end])
-                .map(|p| p.min(end) / chunk * chunk)
-                .filter(|&p| p > start)
-                .collect();
-            saves.sort_unstable();
-            saves.dedup();
-        }
+        // On the plan (from position 0, or restored at a point of it): its states are worth
+        // keeping. A conversation's live state took other steps: nothing to keep.
+        let on_plan = plan
+            .iter()
+            .position(|&p| p == start)
+            .is_some_and(|i| self.session.steps() == &Steps::of(&plan[..i]));
+        let keep_at = |p: usize| on_plan && (p == end || Some(p) == shared);
         if start < end {
             let bar = super::run::prefill_bar(end - start);
-            for p in saves.iter().copied().chain([end]) {
+            let mut r = Ok(());
+            for &p in plan.iter().filter(|&&p| p > start) {
                 let at = self.session.len();
-                if p > at {
-                    let r = self
-                        .session
-                        .prefill_with_progress(&ids[at..p], Want::None, |done| {
-                            bar.set_position((at - start + done) as u64);
-                            !stop.load(Ordering::Relaxed)
-                        });
-                    if r.is_err() {
-                        bar.finish_and_clear();
-                    }
-                    r?;
-                    if stop.load(Ordering::Relaxed) {
-                        bar.finish_and_clear();
-                        return Err(SessionError::Interrupted);
-                    }
+                r = self
+                    .session
+                    .prefill_with_progress(&ids[at..p], Want::None, |done| {
+                        bar.set_position((at - start + done) as u64);
+                        !stop.load(Ordering::Relaxed)
+                    })
+                    .map(|_| ());
+                if r.is_ok() && stop.load(Ordering::Relaxed) {
+                    r = Err(SessionError::Interrupted);
+                }
+                if r.is_err() {
+                    break;
                 }
                 if let Some(c) = &self.cache
-                    && saves.contains(&p)
+                    && keep_at(p)
                 {
                     c.store(&self.session);
                 }
             }
             bar.finish_and_clear();
+            r?;
         }
         self.marks.push(self.session.mark());
         if self.marks.len() > MAX_MARKS {

@@ -3,7 +3,7 @@
 
 use super::attention::{AttnMark, AttnState};
 use super::model::{Engine, Want};
-use super::snapshot::{self, Header, Loaded, SnapshotError, Split};
+use super::snapshot::{self, Header, Loaded, SnapshotError, Steps};
 
 /// Why a session refused work.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -32,7 +32,7 @@ pub enum SessionError {
 pub struct Mark {
     tokens: usize,
     layers: Vec<AttnMark>,
-    aligned: bool,
+    steps: Steps,
 }
 
 impl Mark {
@@ -52,9 +52,8 @@ pub struct Session<'e> {
     tokens: Vec<u32>,
     max_ctx: usize,
     chunk: usize,
-    /// Every step so far started at a multiple of `chunk`: the state is what one prefill of
-    /// `tokens` from position 0 in chunks of `chunk` computes (bit for bit).
-    aligned: bool,
+    /// Where the steps that computed the state started (see `Steps`).
+    steps: Steps,
 }
 
 impl Drop for Session<'_> {
@@ -72,7 +71,7 @@ impl<'e> Session<'e> {
             tokens: Vec::new(),
             max_ctx,
             chunk: chunk.max(1),
-            aligned: true,
+            steps: Steps::default(),
         }
     }
 
@@ -86,44 +85,37 @@ impl<'e> Session<'e> {
         self.chunk
     }
 
-    /// The state equals a prefill of `tokens()` from position 0 in chunks of `chunk()` and
-    /// ends on a chunk boundary: a later prompt that starts with these tokens may start from
-    /// it and compute exactly what its own prefill would (see `save`).
-    pub fn at_chunk_boundary(&self) -> bool {
-        self.aligned && !self.tokens.is_empty() && self.tokens.len().is_multiple_of(self.chunk)
+    /// The steps that computed the state.
+    pub fn steps(&self) -> &Steps {
+        &self.steps
     }
 
-    /// Write the state: as `chunks of N` when `at_chunk_boundary` (for any prompt that starts
-    /// with these tokens), else `as run` (to resume this very conversation).
+    /// Write the state (see `snapshot`).
     pub fn save(&self, w: &mut dyn std::io::Write) -> std::io::Result<()> {
-        let split = if self.at_chunk_boundary() {
-            Split::Chunks(self.chunk)
-        } else {
-            Split::AsRun
-        };
         let h = Header {
             format: snapshot::FORMAT,
             identity: self.engine.identity(),
-            split: split.name(),
+            steps: self.steps.hex(),
+            n_steps: self.steps.len(),
             tokens: self.tokens.len(),
         };
         snapshot::write(w, &h, &self.tokens, &self.state)
     }
 
-    /// Read a state `save` wrote, computed as `split`, checked against this session's
-    /// engine and context (see `snapshot::read`); `install` puts it in.
+    /// Read a state `save` wrote, computed in `steps` (None: whatever steps), checked against
+    /// this session's engine and context (see `snapshot::read`); `install` puts it in.
     pub fn read_state(
         &self,
         r: &mut dyn std::io::Read,
-        split: Split,
+        steps: Option<&Steps>,
     ) -> Result<Loaded, SnapshotError> {
-        snapshot::read(r, self.engine, self.max_ctx, &split.name())
+        snapshot::read(r, self.engine, self.max_ctx, steps)
     }
 
     /// Replace the state with one read by `read_state`.
     pub fn install(&mut self, l: Loaded) {
         self.forget_device_copies();
-        self.aligned = l.header.split == Split::Chunks(self.chunk).name();
+        self.steps = l.steps;
         self.state = l.state;
         self.tokens = l.tokens;
     }
@@ -174,9 +166,6 @@ impl<'e> Session<'e> {
         mut progress: impl FnMut(usize) -> bool,
     ) -> Result<Vec<f32>, SessionError> {
         self.check(tokens)?;
-        if !self.tokens.len().is_multiple_of(self.chunk) {
-            self.aligned = false;
-        }
         let mut out = Vec::new();
         let n_chunks = tokens.len().div_ceil(self.chunk);
         for (ci, c) in tokens.chunks(self.chunk).enumerate() {
@@ -187,6 +176,7 @@ impl<'e> Session<'e> {
                 _ => Want::None,
             };
             let t0 = self.tokens.len();
+            self.steps.push(t0);
             let logits = self.engine.forward(&mut self.state, c, t0, w);
             let vocab = self.engine.cfg.vocab_size;
             if let Some(i) = logits.iter().position(|v| !v.is_finite()) {
@@ -220,7 +210,7 @@ impl<'e> Session<'e> {
         self.forget_device_copies();
         self.state = self.engine.new_state(self.max_ctx);
         self.tokens.clear();
-        self.aligned = true;
+        self.steps = Steps::default();
     }
 
     /// A rewind point at the current position. Cheap: copies the window rings and the
@@ -229,7 +219,7 @@ impl<'e> Session<'e> {
         Mark {
             tokens: self.tokens.len(),
             layers: self.state.iter().map(|s| s.mark()).collect(),
-            aligned: self.aligned,
+            steps: self.steps.clone(),
         }
     }
 
@@ -243,7 +233,7 @@ impl<'e> Session<'e> {
             s.restore(lm);
         }
         self.tokens.truncate(m.tokens);
-        self.aligned = m.aligned;
+        self.steps = m.steps.clone();
         true
     }
 
@@ -271,4 +261,21 @@ impl<'e> Session<'e> {
     pub fn state_bytes(&self) -> usize {
         self.state.iter().map(|s| s.allocated_bytes()).sum()
     }
+}
+
+/// Where the steps of a prefill of `len` tokens from position 0 start: every `chunk` tokens,
+/// and also at each of `cuts` (then every `chunk` tokens from there).
+pub fn plan_steps(len: usize, chunk: usize, cuts: &[usize]) -> Vec<usize> {
+    let chunk = chunk.max(1);
+    let mut cuts: Vec<usize> = cuts.iter().copied().filter(|&c| c > 0 && c < len).collect();
+    cuts.sort_unstable();
+    let mut out = Vec::new();
+    let mut at = 0;
+    for end in cuts.into_iter().chain([len]) {
+        while at < end {
+            out.push(at);
+            at = (at + chunk).min(end);
+        }
+    }
+    out
 }

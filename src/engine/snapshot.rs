@@ -2,8 +2,8 @@
 //! tokens, each block's window ring, the compressors' carry-over and their rows), so a later
 //! process can go on from it instead of prefilling again (the prefix cache on disk).
 //!
-//! File: the magic, a JSON header (format version, the engine's identity, how the state was
-//! computed, the token count), the body, and a SHA-256 over header and body. Every count in
+//! File: the magic, a JSON header (format version, the engine's identity, the steps that
+//! computed the state, the token count), the body, and a SHA-256 over header and body. Every count in
 //! the body is checked against the shapes the engine expects before anything is allocated;
 //! rows are stored as bf16 where every value of a store is exactly a bf16 (the reference
 //! numerics' KV), else as f32, so a restore gives back the very bits that were saved.
@@ -25,29 +25,51 @@ pub struct Header {
     pub format: u32,
     /// `Engine::identity` of the engine that computed the state.
     pub identity: String,
-    /// How the state was computed: `chunks of N` (a prefill from position 0 in chunks of N,
-    /// equal to any other such prefill of the same tokens) or `as run` (a conversation's
-    /// exact state, whatever its steps were).
-    pub split: String,
+    /// `Steps::hex` of the steps that computed it.
+    pub steps: String,
+    /// How many steps that was (for `cache list`).
+    pub n_steps: usize,
     pub tokens: usize,
 }
 
-/// How a state was computed (the header's `split`).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Split {
-    /// One prefill from position 0 in chunks of N: equal to any other such prefill of the
-    /// same tokens, so it stands in for one.
-    Chunks(usize),
-    /// A conversation's exact state, whatever its steps were: only to resume it.
-    AsRun,
+/// Where the forward steps that computed a state started (a hash chain over the positions).
+/// Another split of the same tokens into steps may flip a rounding (a product over n tokens
+/// and over one may sum in another order); the same tokens in the same steps on the same
+/// engine give the same bits. So a state stands in for a prefill exactly when that prefill
+/// would take the same steps up to it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Steps {
+    chain: [u8; 32],
+    n: usize,
 }
 
-impl Split {
-    pub fn name(self) -> String {
-        match self {
-            Split::Chunks(n) => format!("chunks of {n}"),
-            Split::AsRun => "as run".into(),
-        }
+impl Steps {
+    /// One more step, starting at `pos`.
+    pub fn push(&mut self, pos: usize) {
+        let mut h = Sha256::new();
+        h.update(self.chain);
+        h.update((pos as u64).to_le_bytes());
+        self.chain = h.finalize().into();
+        self.n += 1;
+    }
+
+    /// The steps starting at each of `starts`, in order.
+    pub fn of(starts: &[usize]) -> Steps {
+        let mut s = Steps::default();
+        starts.iter().for_each(|&p| s.push(p));
+        s
+    }
+
+    pub fn hex(&self) -> String {
+        self.chain.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
     }
 }
 
@@ -269,6 +291,7 @@ pub struct Loaded {
     pub header: Header,
     pub(super) tokens: Vec<u32>,
     pub(super) state: Vec<AttnState>,
+    pub(super) steps: Steps,
 }
 
 impl Loaded {
@@ -279,13 +302,13 @@ impl Loaded {
 
 /// Read a state for `engine` with room for `max_ctx` tokens. Refused (nothing allocated
 /// beyond what a valid file of that length needs): another format, another engine identity,
-/// a split other than `split`, more tokens than `max_ctx`, any count that does not match
-/// the model, a non-finite value, a wrong checksum.
+/// other steps than `steps` (when given), more tokens than `max_ctx`, any count that does
+/// not match the model, a non-finite value, a wrong checksum.
 pub(super) fn read(
     r: &mut dyn Read,
     engine: &Engine,
     max_ctx: usize,
-    split: &str,
+    steps: Option<&Steps>,
 ) -> Result<Loaded, SnapshotError> {
     let mut d = Dec {
         r,
@@ -296,12 +319,20 @@ pub(super) fn read(
     if h.identity != identity {
         return Err(SnapshotError::Foreign(h.identity));
     }
-    if h.split != split {
+    if let Some(want) = steps
+        && (h.steps != want.hex() || h.n_steps != want.len())
+    {
         return Err(SnapshotError::Foreign(format!(
-            "computed as {}, wanted {split}",
-            h.split
+            "computed in other steps ({} of them)",
+            h.n_steps
         )));
     }
+    let chain: Vec<u8> = (0..h.steps.len() / 2)
+        .filter_map(|i| u8::from_str_radix(h.steps.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect();
+    let Ok(chain) = <[u8; 32]>::try_from(chain) else {
+        return Err(damaged("header: steps"));
+    };
     if h.tokens == 0 || h.tokens > max_ctx {
         return Err(damaged(format!(
             "{} tokens, the session holds 1..={max_ctx}",
@@ -341,9 +372,14 @@ pub(super) fn read(
     if d.r.read(&mut [0u8; 1])? != 0 {
         return Err(damaged("bytes after the checksum"));
     }
+    let steps = Steps {
+        chain,
+        n: h.n_steps,
+    };
     Ok(Loaded {
         header: h,
         tokens,
         state,
+        steps,
     })
 }
