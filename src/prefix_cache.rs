@@ -45,12 +45,22 @@ fn hex(b: &[u8]) -> String {
 /// The name of the state of `tokens` computed in `steps`.
 fn prefix_name(tokens: &[u32], steps: &Steps) -> String {
     let mut h = Sha256::new();
+    feed(&mut h, tokens);
+    named(&h, tokens.len(), steps)
+}
+
+fn feed(h: &mut Sha256, tokens: &[u32]) {
     for c in tokens.chunks(4096) {
         let b: Vec<u8> = c.iter().flat_map(|t| t.to_le_bytes()).collect();
         h.update(&b);
     }
+}
+
+/// `prefix_name` from a hasher that has been fed the `n` tokens.
+fn named(h: &Sha256, n: usize, steps: &Steps) -> String {
+    let mut h = h.clone();
     h.update(steps.hex());
-    format!("p{}-{}{SUFFIX}", tokens.len(), hex(&h.finalize()[..16]))
+    format!("p{n}-{}{SUFFIX}", hex(&h.finalize()[..16]))
 }
 
 fn conversation_name(key: &[u8]) -> String {
@@ -105,13 +115,20 @@ impl PrefixCache {
         if !dir.is_dir() {
             return None;
         }
-        // The state at plan[i] was computed in the steps plan[..i].
-        for (i, &n) in plan.iter().enumerate().rev() {
-            if n <= s.len() || n > ids.len() {
-                continue;
+        // The state at plan[i] was computed in the steps plan[..i]: the names of all of
+        // them, hashing the tokens once.
+        let (mut h, mut steps, mut fed) = (Sha256::new(), Steps::default(), 0);
+        let mut names = Vec::new();
+        for &n in plan.iter().take_while(|&&n| n <= ids.len()) {
+            feed(&mut h, &ids[fed..n]);
+            fed = n;
+            if n > s.len() {
+                names.push((n, named(&h, n, &steps), steps.clone()));
             }
-            let steps = Steps::of(&plan[..i]);
-            let path = dir.join(prefix_name(&ids[..n], &steps));
+            steps.push(n);
+        }
+        for (n, name, steps) in names.into_iter().rev() {
+            let path = dir.join(name);
             if !path.exists() {
                 continue;
             }
