@@ -17,8 +17,12 @@ fn doc() -> String {
 }
 
 fn cmd(cache: &Path, q: &str, extra: &[&str]) -> Command {
+    cmd_on(&fixture("tiny-vocab"), cache, q, extra)
+}
+
+fn cmd_on(model: &Path, cache: &Path, q: &str, extra: &[&str]) -> Command {
     let mut c = Command::new(bin());
-    c.args(["--model", fixture("tiny-vocab").to_str().unwrap()])
+    c.args(["--model", model.to_str().unwrap()])
         .args(["--tokenizer", tokenizer_path().to_str().unwrap()])
         .args(["--temperature", "0", "--no-think", "--max-tokens", "6"])
         .args(["--prefill-chunk", "32", "--json", "--verbose"])
@@ -50,6 +54,13 @@ fn parse(o: std::process::Output) -> Answer {
 
 fn ask(cache: &Path, q: &str, extra: &[&str]) -> Answer {
     parse(run_with_stdin(cmd(cache, q, extra), doc().as_bytes()))
+}
+
+fn ask_on(model: &Path, cache: &Path, q: &str) -> Answer {
+    parse(run_with_stdin(
+        cmd_on(model, cache, q, &[]),
+        doc().as_bytes(),
+    ))
 }
 
 /// The answer without the cache.
@@ -157,33 +168,58 @@ fn damaged_files_are_skipped_and_removed() {
     }
 }
 
-#[test]
-fn another_models_files_are_skipped() {
-    let d = tempfile::tempdir().unwrap();
-    // The same prompt under ideal numerics, then reference: two engines, same file names.
-    ask(d.path(), Q1, &["--numerics", "ideal"]);
-    let ideal = states(d.path());
-    ask(d.path(), Q1, &[]);
-    let reference: Vec<PathBuf> = states(d.path())
-        .into_iter()
-        .filter(|p| !ideal.contains(p))
-        .collect();
-    assert_eq!(reference.len(), ideal.len());
-    for f in &reference {
-        let twin = ideal
-            .iter()
-            .find(|i| i.file_name() == f.file_name())
-            .expect("same names");
-        std::fs::copy(twin, f).unwrap();
+/// Plant the states one engine wrote under the names another engine looks for; returns how
+/// many were planted.
+fn plant(d: &Path, from: &[PathBuf], into: &[PathBuf]) -> usize {
+    let mut n = 0;
+    for f in into {
+        if let Some(twin) = from.iter().find(|i| i.file_name() == f.file_name()) {
+            std::fs::copy(twin, f).unwrap();
+            n += 1;
+        }
     }
-    let a = ask(d.path(), Q1, &[]);
-    assert_eq!(a.cached, 0);
-    assert_eq!(a.text, fresh(Q1));
-    assert!(
-        a.stderr.contains("another model or setting"),
-        "{}",
-        a.stderr
-    );
+    assert!(states(d).len() >= n);
+    n
+}
+
+#[test]
+fn another_models_or_numerics_files_are_skipped() {
+    // Another model: the same files with another rope_theta in config.json (the same
+    // tokenizer, so the same prompt and the same file names).
+    let other = copy_dir(&fixture("tiny-vocab"));
+    let cfg = other.path().join("config.json");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("\"rope_theta\": 10000", "\"rope_theta\": 20000"),
+    )
+    .unwrap();
+    for what in ["another model", "another numerics"] {
+        let d = tempfile::tempdir().unwrap();
+        match what {
+            "another model" => ask_on(other.path(), d.path(), Q1),
+            _ => ask(d.path(), Q1, &["--numerics", "ideal"]),
+        };
+        let foreign = states(d.path());
+        ask(d.path(), Q1, &[]);
+        let ours: Vec<PathBuf> = states(d.path())
+            .into_iter()
+            .filter(|p| !foreign.contains(p))
+            .collect();
+        assert_eq!(
+            plant(d.path(), &foreign, &ours),
+            ours.len(),
+            "{what}: same names"
+        );
+        let a = ask(d.path(), Q1, &[]);
+        assert_eq!(a.cached, 0, "{what}: used");
+        assert_eq!(a.text, fresh(Q1), "{what}");
+        assert!(
+            a.stderr.contains("another model or setting"),
+            "{what}: {}",
+            a.stderr
+        );
+    }
 }
 
 #[test]

@@ -264,6 +264,23 @@ fn a_damaged_file_is_refused_and_removed() {
         assert_eq!(s.tokens(), &p[..3], "{what}: the session changed");
         assert!(!files[0].exists(), "{what}: not removed");
     }
+    // Another format version (a later dsflash's file, say), checksum and all: refused.
+    let text = String::from_utf8_lossy(&good[12..200]).into_owned();
+    assert!(text.contains("\"format\":1,"), "{text}");
+    std::fs::write(&files[0], &good).unwrap();
+    let mut later = Session::new(&e, 1 << 20, 64);
+    later.prefill(&p[..192], Want::None).unwrap();
+    let mut bytes = Vec::new();
+    later.save(&mut bytes).unwrap();
+    let at = 12 + text.find("\"format\":1,").unwrap() + 9;
+    bytes[at] = b'2';
+    std::fs::write(&files[0], &bytes).unwrap();
+    let mut s = Session::new(&e, 1 << 20, 64);
+    assert_eq!(
+        cache.restore_longest(&mut s, &p, &plan_steps(200, 64, &[])),
+        None
+    );
+    assert!(!files[0].exists(), "another format: not removed");
     // The good file is used.
     std::fs::write(&files[0], &good).unwrap();
     let mut s = Session::new(&e, 1 << 20, 64);
