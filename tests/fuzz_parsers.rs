@@ -121,3 +121,69 @@ proptest! {
         check_config(&b);
     }
 }
+
+/// Pieces a model's completion is made of, to splice at random (DSML tags, the thinking and
+/// end-of-sentence tokens, parameter flags, newlines, text).
+const DSML_PIECES: &[&str] = &[
+    "\n\n<｜DSML｜tool_calls>",
+    "</｜DSML｜tool_calls>",
+    "<｜DSML｜invoke name=\"f\">",
+    "</｜DSML｜invoke>",
+    "<｜DSML｜parameter name=\"a\" string=\"true\">",
+    "<｜DSML｜parameter name=\"b\" string=\"false\">",
+    "</｜DSML｜parameter>",
+    "\n",
+    ">",
+    "<",
+    "\"",
+    "</think>",
+    "<think>",
+    "<｜end▁of▁sentence｜>",
+    "text é 東京",
+    "{\"x\": [1, 2]}",
+];
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 4000, ..ProptestConfig::default() })]
+
+    /// A completion spliced from DSML pieces: parsed or refused with a one-line error, never
+    /// a panic; what parses has no markup left in its content.
+    #[test]
+    fn dsml_completions_parse_or_refuse(
+        picks in proptest::collection::vec(0..DSML_PIECES.len(), 0..24),
+        thinking in any::<bool>(),
+    ) {
+        let text: String = picks.iter().map(|&i| DSML_PIECES[i]).collect();
+        match dsflash::model::dsml::parse_completion(&text, thinking) {
+            Ok(p) => {
+                let markup = p.content.contains("｜DSML｜") || p.content.contains("<｜end▁of▁sentence｜>");
+                prop_assert!(!markup, "markup in content {:?}", p.content);
+                for c in &p.tool_calls {
+                    prop_assert!(c.arguments.starts_with('{'), "arguments {:?}", c.arguments);
+                }
+            }
+            Err(e) => prop_assert!(!e.0.is_empty()),
+        }
+    }
+
+    /// Arbitrary JSON as a message's tools or tool calls: rendered or refused naming the
+    /// message, never a panic.
+    #[test]
+    fn arbitrary_tools_and_calls_render_or_refuse(
+        tools in "[\\[\\]{}\",:a-z0-9 ]{0,40}",
+        calls in "[\\[\\]{}\",:a-z0-9 ]{0,40}",
+    ) {
+        use dsflash::model::chat_format::{DSV4, Message, Mode, Role, render};
+        let (Ok(t), Ok(c)) = (serde_json::from_str(&tools), serde_json::from_str(&calls)) else {
+            return Ok(());
+        };
+        let mut sys = Message::new(Role::System, "s");
+        sys.tools = Some(t);
+        let mut a = Message::new(Role::Assistant, "");
+        a.tool_calls = Some(c);
+        let msgs = [sys, Message::new(Role::User, "u"), a];
+        if let Err(e) = render(&DSV4, &msgs, Mode::Think) {
+            prop_assert!(e.to_string().starts_with("message "), "{e}");
+        }
+    }
+}

@@ -111,6 +111,9 @@ pub struct Message {
     pub tool_calls: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tools: Option<serde_json::Value>,
+    /// A tool result's call (role `tool`): orders the results as the calls were made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl Message {
@@ -121,73 +124,230 @@ impl Message {
             reasoning_content: None,
             tool_calls: None,
             tools: None,
+            tool_call_id: None,
         }
     }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ChatError {
-    #[error("message {0}: tool calls and tool results are not supported yet")]
-    Tools(usize),
+    #[error("message {0}: {1}")]
+    Message(usize, String),
 }
 
-/// Render a conversation to the prompt text (spec §8.1). The result starts with BOS and, when
-/// the last message is a user turn, ends with the assistant opener.
-pub fn render(f: &ChatFormat, messages: &[Message], mode: Mode) -> Result<String, ChatError> {
-    if let Some(i) = messages
+/// A non-empty array, object or string: what the release's encoder takes as present.
+fn present(v: &Option<serde_json::Value>) -> bool {
+    use serde_json::Value;
+    match v {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Array(a)) => !a.is_empty(),
+        Some(Value::Object(o)) => !o.is_empty(),
+        Some(Value::String(t)) => !t.is_empty(),
+        Some(_) => true,
+    }
+}
+
+/// A part of a user turn: its text, or a tool's result merged into it.
+#[derive(Debug, Clone, Copy)]
+enum Block<'a> {
+    Text(&'a str),
+    ToolResult { call: &'a str, content: &'a str },
+}
+
+/// A message after the encoder's preprocessing: `tool` results and consecutive user messages
+/// merged into one user turn (spec §8.1).
+#[derive(Debug, Clone)]
+struct Turn<'a> {
+    /// Index of the (first) message it came from, for errors.
+    at: usize,
+    m: &'a Message,
+    blocks: Vec<Block<'a>>,
+}
+
+/// Merge tool results and user messages into user turns, then put each turn's tool results
+/// in the order of the calls of the assistant turn before it.
+fn merge_turns(messages: &[Message]) -> Vec<Turn<'_>> {
+    let mut turns: Vec<Turn> = Vec::new();
+    for (at, m) in messages.iter().enumerate() {
+        let block = match m.role {
+            Role::Tool => Block::ToolResult {
+                call: m.tool_call_id.as_deref().unwrap_or(""),
+                content: &m.content,
+            },
+            Role::User => Block::Text(&m.content),
+            _ => {
+                turns.push(Turn {
+                    at,
+                    m,
+                    blocks: Vec::new(),
+                });
+                continue;
+            }
+        };
+        match turns.last_mut() {
+            Some(t) if t.m.role == Role::User || t.m.role == Role::Tool => t.blocks.push(block),
+            _ => turns.push(Turn {
+                at,
+                m,
+                blocks: vec![block],
+            }),
+        }
+    }
+    let mut order: Vec<String> = Vec::new();
+    for t in &mut turns {
+        match t.m.role {
+            Role::Assistant if present(&t.m.tool_calls) => {
+                order =
+                    t.m.tool_calls
+                        .iter()
+                        .flat_map(|c| c.as_array())
+                        .flatten()
+                        .map(|c| {
+                            let id = c
+                                .get("id")
+                                .and_then(|v| v.as_str())
+                                .filter(|s| !s.is_empty());
+                            let id = id.or_else(|| c.get("function")?.get("id")?.as_str());
+                            id.unwrap_or("").to_string()
+                        })
+                        .collect();
+            }
+            Role::User | Role::Tool => {
+                let results: Vec<Block> = t
+                    .blocks
+                    .iter()
+                    .copied()
+                    .filter(|b| matches!(b, Block::ToolResult { .. }))
+                    .collect();
+                if results.len() > 1 && order.iter().any(|id| !id.is_empty()) {
+                    let rank = |b: &Block| match b {
+                        Block::ToolResult { call, .. } => order
+                            .iter()
+                            .position(|id| !id.is_empty() && id == call)
+                            .unwrap_or(0),
+                        Block::Text(_) => 0,
+                    };
+                    let mut sorted = results;
+                    sorted.sort_by_key(rank);
+                    let mut next = sorted.into_iter();
+                    for b in &mut t.blocks {
+                        if matches!(b, Block::ToolResult { .. }) {
+                            *b = next.next().unwrap_or(*b);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    turns
+}
+
+/// Index of the last user or developer turn.
+fn last_user(turns: &[Turn]) -> Option<usize> {
+    turns
         .iter()
-        .position(|m| m.role == Role::Tool || m.tool_calls.is_some() || m.tools.is_some())
-    {
-        return Err(ChatError::Tools(i));
-    }
+        .rposition(|t| matches!(t.m.role, Role::User | Role::Tool | Role::Developer))
+}
+
+/// Render a conversation to the prompt text (spec §8.1), as the release's encoder does. The
+/// result starts with BOS and, when the last message is a user turn, ends with the assistant
+/// opener. With tools anywhere, every turn keeps its reasoning.
+pub fn render(f: &ChatFormat, messages: &[Message], mode: Mode) -> Result<String, ChatError> {
     let thinking = mode.thinking();
-    let last_user = messages.iter().rposition(|m| m.role == Role::User);
-    let mut out = String::from(f.bos);
-    if mode == Mode::ThinkMax {
-        out.push_str(f.max_effort_prefix);
+    let mut turns = merge_turns(messages);
+    let drop = !messages.iter().any(|m| present(&m.tools));
+    if thinking && drop {
+        // Developer turns before the last user turn go (assistant turns there lose their
+        // reasoning: see below).
+        let lu = last_user(&turns);
+        let before = |i: usize| lu.is_some_and(|lu| i < lu);
+        turns = turns
+            .into_iter()
+            .enumerate()
+            .filter(|(i, t)| !(t.m.role == Role::Developer && before(*i)))
+            .map(|(_, t)| t)
+            .collect();
     }
-    for (i, m) in messages.iter().enumerate() {
-        // In thinking mode, earlier reasoning is dropped, and so are developer messages
-        // before the last user turn.
-        let before_last_user = last_user.is_some_and(|lu| i < lu);
+    let lu = last_user(&turns);
+    let mut out = String::from(f.bos);
+    for (i, t) in turns.iter().enumerate() {
+        let m = t.m;
+        let bad = |e: crate::model::dsml::DsmlError| ChatError::Message(t.at, e.0);
+        if i == 0 && mode == Mode::ThinkMax {
+            out.push_str(f.max_effort_prefix);
+        }
+        let tools = match &m.tools {
+            Some(v) if present(&m.tools) => {
+                format!("\n\n{}", crate::model::dsml::tools_block(v).map_err(bad)?)
+            }
+            _ => String::new(),
+        };
         match m.role {
-            Role::System => out.push_str(&m.content),
-            Role::User | Role::Developer => {
-                if m.role == Role::Developer && thinking && before_last_user {
-                    continue;
+            Role::System => {
+                out.push_str(&m.content);
+                out.push_str(&tools);
+            }
+            Role::Developer => {
+                if m.content.is_empty() {
+                    return Err(ChatError::Message(
+                        t.at,
+                        "a developer message needs content".into(),
+                    ));
                 }
                 out.push_str(f.user);
                 out.push_str(&m.content);
-                let next = messages.get(i + 1).map(|n| n.role);
-                let transition = matches!(
-                    next,
-                    None | Some(Role::Assistant) | Some(Role::LatestReminder)
-                );
-                if transition {
-                    out.push_str(f.assistant);
-                    let opener = if thinking && Some(i) == last_user {
-                        f.think_open
-                    } else {
-                        f.think_close
-                    };
-                    out.push_str(opener);
+                out.push_str(&tools);
+            }
+            Role::User | Role::Tool => {
+                out.push_str(f.user);
+                for (k, b) in t.blocks.iter().enumerate() {
+                    if k > 0 {
+                        out.push_str("\n\n");
+                    }
+                    match b {
+                        Block::Text(text) => out.push_str(text),
+                        Block::ToolResult { content, .. } => {
+                            out.push_str("<tool_result>");
+                            out.push_str(content);
+                            out.push_str("</tool_result>");
+                        }
+                    }
                 }
             }
             Role::Assistant => {
-                if thinking && !before_last_user {
+                let calls = match &m.tool_calls {
+                    Some(v) if present(&m.tool_calls) => {
+                        crate::model::dsml::calls_block(v).map_err(bad)?
+                    }
+                    _ => String::new(),
+                };
+                let after_last_user = lu.is_none_or(|lu| i > lu);
+                if thinking && (!drop || after_last_user) {
                     if let Some(r) = &m.reasoning_content {
                         out.push_str(r);
                     }
                     out.push_str(f.think_close);
                 }
                 out.push_str(&m.content);
+                out.push_str(&calls);
                 out.push_str(f.eos);
             }
             Role::LatestReminder => {
                 out.push_str(f.latest_reminder);
                 out.push_str(&m.content);
             }
-            Role::Tool => unreachable!("rejected above"),
+        }
+        // The assistant opener after a user turn that the model answers next.
+        let next = turns.get(i + 1).map(|n| n.m.role);
+        let answered = matches!(
+            next,
+            None | Some(Role::Assistant) | Some(Role::LatestReminder)
+        );
+        if answered && matches!(m.role, Role::User | Role::Tool | Role::Developer) {
+            out.push_str(f.assistant);
+            let open = thinking && (!drop || lu.is_some_and(|lu| i >= lu));
+            out.push_str(if open { f.think_open } else { f.think_close });
         }
     }
     Ok(out)
@@ -294,7 +454,7 @@ mod tests {
     }
 
     #[test]
-    fn assistant_after_last_user_keeps_reasoning_and_tools_are_refused() {
+    fn assistant_after_last_user_keeps_reasoning() {
         let mut m = sys_user();
         let mut a = Message::new(Role::Assistant, "2 + 2 = 4.");
         a.reasoning_content = Some("Simple arithmetic.".into());
@@ -303,7 +463,5 @@ mod tests {
             render(&DSV4, &m, Mode::Think).unwrap(),
             "<｜begin▁of▁sentence｜>You are a helpful assistant.<｜User｜>What is 2+2?<｜Assistant｜><think>Simple arithmetic.</think>2 + 2 = 4.<｜end▁of▁sentence｜>"
         );
-        m.push(Message::new(Role::Tool, "{}"));
-        assert_eq!(render(&DSV4, &m, Mode::Think), Err(ChatError::Tools(3)));
     }
 }

@@ -4,6 +4,7 @@
 pub mod chat_format;
 pub mod checkpoint;
 pub mod config;
+pub mod dsml;
 pub mod formats;
 pub mod layout;
 pub mod mapped;
