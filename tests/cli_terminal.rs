@@ -387,7 +387,7 @@ fn chat_load_refuses_what_it_cannot_render() {
     let conv = home.path().join("tools.json");
     std::fs::write(
         &conv,
-        r#"[{"role":"user","content":"hi"},{"role":"assistant","content":"","tool_calls":[{"type":"function","function":{"name":"f","arguments":"{}"}}]}]"#,
+        r#"[{"role":"system","content":"s","tools":{"not":"a list"}},{"role":"user","content":"hi"}]"#,
     )
     .unwrap();
     let mut p = chat(home.path(), "2");
