@@ -5,6 +5,7 @@ mod bench;
 mod cache;
 mod chat;
 mod download;
+mod endpoint;
 mod inspect;
 mod oneshot;
 mod prompt;
@@ -84,6 +85,14 @@ pub struct TalkArgs {
     pub sampling: run::SamplerArgs,
     #[command(flatten)]
     pub cache: cache::CacheArgs,
+    /// Ask an OpenAI-compatible server instead of the local model (one-shot and stdin):
+    /// another `dsflash serve`, or vLLM / SGLang serving V4-Flash; `--model` names the served
+    /// model.
+    #[arg(long, value_name = "URL")]
+    pub endpoint: Option<String>,
+    /// The server's API key for --endpoint (default: $OPENAI_API_KEY).
+    #[arg(long, value_name = "KEY")]
+    pub api_key: Option<String>,
 }
 
 impl TalkArgs {
@@ -158,6 +167,12 @@ fn talk(cli: &Cli) -> anyhow::Result<i32> {
     }
     if a.json {
         anyhow::bail!("--json is for one-shot use (-p TEXT or piped stdin)");
+    }
+    if a.endpoint.is_some() {
+        return Err(Usage(
+            "--endpoint works for one-shot use (-p TEXT or piped stdin); the chat runs the local model".into(),
+        )
+        .into());
     }
     // First run on a terminal: offer to fetch a missing hub model (never asked in a pipe:
     // there the error names the command to run).

@@ -7,6 +7,7 @@
 
 use super::TalkArgs;
 use super::talk::{Sink, Talk, TurnStats, use_color};
+use crate::model::chat_format::{Message, Role};
 use std::io::{IsTerminal, Read, Write};
 
 /// Read all of stdin as UTF-8; the error names the byte offset of the first invalid byte.
@@ -106,19 +107,7 @@ pub fn run(a: &TalkArgs, stdin: Option<String>, verbose: bool) -> anyhow::Result
         return Ok(2);
     };
     let stop = super::signals::stop_flag();
-    let (_, engine, tok) = super::talk::load(a)?;
     let mode = a.mode();
-    let mut talk = Talk::new(&engine, &tok, a)?;
-    talk.exit_in_prefill = true;
-    talk.cache = a.cache.open(verbose);
-    // The input before the question: the next run over the same input asks something else.
-    if a.prompt.as_deref().is_some_and(|p| !p.trim().is_empty()) {
-        talk.shared_prefix = stdin
-            .as_deref()
-            .map(str::trim_end)
-            .filter(|s| !s.trim().is_empty())
-            .map(str::to_string);
-    }
     let err_tty = std::io::stderr().is_terminal();
     let mut sink = OneShotSink {
         json: a.json,
@@ -126,7 +115,57 @@ pub fn run(a: &TalkArgs, stdin: Option<String>, verbose: bool) -> anyhow::Result
         color: use_color(err_tty),
         started_reasoning: false,
     };
-    let (msg, stats) = talk.turn(&user, &mut sink, stop)?;
+    let engine;
+    let tok;
+    let (msg, stats, seed) = match &a.endpoint {
+        // Another server answers: no model, no tokenizer here.
+        Some(url) => {
+            let key = a
+                .api_key
+                .clone()
+                .or_else(|| std::env::var("OPENAI_API_KEY").ok());
+            let ep = super::endpoint::Endpoint::new(url, key, &a.engine.model)?;
+            let sampling = a.sampling.config()?;
+            let mut messages = Vec::new();
+            if let Some(s) = a.system.as_deref().filter(|s| !s.is_empty()) {
+                messages.push(Message::new(Role::System, s));
+            }
+            messages.push(Message::new(Role::User, user));
+            let req = super::endpoint::Request {
+                messages: &messages,
+                mode,
+                max_tokens: a.max_tokens,
+                temperature: sampling.temperature,
+                top_p: sampling.top_p,
+                seed: sampling.seed,
+                stop: &a.stop,
+            };
+            // Nothing to keep while waiting on the server: a signal exits at once (the line
+            // ended).
+            let _at_once = super::signals::AtOnce::new();
+            let (m, st) = ep.chat(&req, &mut sink, stop)?;
+            (m, st, sampling.seed)
+        }
+        None => {
+            let loaded = super::talk::load(a)?;
+            (engine, tok) = (loaded.1, loaded.2);
+            let mut talk = Talk::new(&engine, &tok, a)?;
+            talk.exit_in_prefill = true;
+            talk.cache = a.cache.open(verbose);
+            // The input before the question: the next run over the same input asks
+            // something else.
+            if a.prompt.as_deref().is_some_and(|p| !p.trim().is_empty()) {
+                talk.shared_prefix = stdin
+                    .as_deref()
+                    .map(str::trim_end)
+                    .filter(|s| !s.trim().is_empty())
+                    .map(str::to_string);
+            }
+            let (m, st) = talk.turn(&user, &mut sink, stop)?;
+            a.engine.finish(&engine)?;
+            (m, st, talk.sampler.config().seed)
+        }
+    };
     if sink.started_reasoning {
         // The reasoning streamed to the terminal: close it so what follows has its own line.
         if sink.color {
@@ -144,7 +183,7 @@ pub fn run(a: &TalkArgs, stdin: Option<String>, verbose: bool) -> anyhow::Result
                 crate::model::chat_format::Mode::Think => "think",
                 crate::model::chat_format::Mode::ThinkMax => "think-max",
             },
-            seed: talk.sampler.config().seed,
+            seed,
             stats: &stats,
             prefill_tokens_per_s: stats.prefill_tps(),
             decode_tokens_per_s: stats.decode_tps(),
@@ -169,10 +208,9 @@ pub fn run(a: &TalkArgs, stdin: Option<String>, verbose: bool) -> anyhow::Result
             stats.generated_tokens,
             stats.decode_tps(),
             stats.stop,
-            talk.sampler.config().seed
+            seed
         );
     }
-    a.engine.finish(&engine)?;
     Ok(super::signals::received().map_or(0, super::signals::exit_code))
 }
 
