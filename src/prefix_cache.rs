@@ -168,13 +168,14 @@ impl PrefixCache {
     /// same steps.
     pub fn store(&self, s: &Session) {
         if !s.is_empty() {
-            self.write(s, &prefix_name(s.tokens(), s.steps()));
+            // The same tokens in the same steps: the same bits, so one already there stays.
+            self.write(s, &prefix_name(s.tokens(), s.steps()), false);
         }
     }
 
     /// Keep `s`'s exact state under `key` (a saved conversation's bytes).
     pub fn store_as_run(&self, s: &Session, key: &[u8]) -> bool {
-        !s.is_empty() && self.write(s, &conversation_name(key))
+        !s.is_empty() && self.write(s, &conversation_name(key), true)
     }
 
     /// Restore the state kept under `key` by `store_as_run`; returns its token count.
@@ -192,13 +193,14 @@ impl PrefixCache {
         }
     }
 
-    /// Write `s` as `name` in its engine's directory (skipped if it is already there), then
-    /// keep the total under the cap. Failures (a full disk, a read-only directory) are
-    /// notes: the answer does not depend on them.
-    fn write(&self, s: &Session, name: &str) -> bool {
+    /// Write `s` as `name` in its engine's directory (unless `replace` is off and it is
+    /// already there: then it only counts as used), then keep the total under the cap.
+    /// Failures (a full disk, a read-only directory) are notes: the answer does not depend on
+    /// them.
+    fn write(&self, s: &Session, name: &str, replace: bool) -> bool {
         let dir = self.engine_dir(s);
         let path = dir.join(name);
-        if name.starts_with('p') && path.exists() {
+        if !replace && path.exists() {
             let _ = std::fs::File::open(&path).and_then(|f| f.set_modified(SystemTime::now()));
             return true;
         }

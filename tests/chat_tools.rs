@@ -41,7 +41,7 @@ fn completions_parse_as_the_release_parser() {
     for c in g["parse"].as_array().unwrap() {
         let name = c["name"].as_str().unwrap();
         let thinking = c["mode"] == "thinking";
-        let got = parse_completion(c["text"].as_str().unwrap(), thinking);
+        let got = parse_completion(&DSV4, c["text"].as_str().unwrap(), thinking);
         match (&c["result"], got) {
             (serde_json::Value::Null, Ok(p)) => {
                 panic!("{name}: parsed, the release refuses: {p:?}")

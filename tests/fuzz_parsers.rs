@@ -154,7 +154,7 @@ proptest! {
         thinking in any::<bool>(),
     ) {
         let text: String = picks.iter().map(|&i| DSML_PIECES[i]).collect();
-        match dsflash::model::dsml::parse_completion(&text, thinking) {
+        match dsflash::model::dsml::parse_completion(&dsflash::model::chat_format::DSV4, &text, thinking) {
             Ok(p) => {
                 let markup = p.content.contains("｜DSML｜") || p.content.contains("<｜end▁of▁sentence｜>");
                 prop_assert!(!markup, "markup in content {:?}", p.content);

@@ -353,14 +353,6 @@ pub fn render(f: &ChatFormat, messages: &[Message], mode: Mode) -> Result<String
     Ok(out)
 }
 
-/// Split a generated thinking-mode completion: reasoning, then `</think>`, then the answer.
-pub fn split_reasoning<'a>(f: &ChatFormat, text: &'a str) -> (Option<&'a str>, &'a str) {
-    match text.find(f.think_close) {
-        Some(i) => (Some(&text[..i]), &text[i + f.think_close.len()..]),
-        None => (None, text),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -449,8 +441,16 @@ mod tests {
 
     #[test]
     fn spec_example_e_parse_completion() {
-        let (r, a) = split_reasoning(&DSV4, "Simple arithmetic.</think>2 + 2 = 4.");
-        assert_eq!((r, a), (Some("Simple arithmetic."), "2 + 2 = 4."));
+        let p = crate::model::dsml::parse_completion(
+            &DSV4,
+            "Simple arithmetic.</think>2 + 2 = 4.<｜end▁of▁sentence｜>",
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            (p.reasoning_content.as_str(), p.content.as_str()),
+            ("Simple arithmetic.", "2 + 2 = 4.")
+        );
     }
 
     #[test]

@@ -140,25 +140,18 @@ fn dtype_name(d: Dtype) -> String {
 }
 
 impl Checkpoint {
-    /// The model's identity without reading its weights: the config, every tensor's name,
-    /// dtype, shape, shard and byte range, and each shard's name and length (SHA-256, hex).
-    /// Two checkpoints that differ in any of these differ here; what it cannot see is a
-    /// weight byte changed in place.
+    /// The model's identity without reading its weights: SHA-256 (hex) over the config and,
+    /// per shard, its name, length and safetensors header (every tensor's name, dtype, shape
+    /// and byte range; pages already read to open it). Two checkpoints that differ in any of
+    /// these differ here; what it cannot see is a weight byte changed in place.
     pub fn fingerprint(&self) -> String {
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
         h.update(serde_json::to_vec(&self.config).unwrap_or_default());
         for s in &self.shards {
-            h.update(format!("\nshard {} {}", s.file_name, s.file_len));
-        }
-        let mut names: Vec<&String> = self.tensors.keys().collect();
-        names.sort();
-        for n in names {
-            let t = &self.tensors[n];
-            h.update(format!(
-                "\n{n} {:?} {:?} {} {} {}",
-                t.dtype, t.shape, t.shard, t.start, t.end
-            ));
+            h.update(format!("\nshard {} {}\n", s.file_name, s.file_len));
+            let bytes = (*s.map).as_ref();
+            h.update(&bytes[..s.data_start.min(bytes.len())]);
         }
         h.finalize().iter().map(|b| format!("{b:02x}")).collect()
     }

@@ -3,13 +3,10 @@
 //! reasoning, content and OpenAI-style `tool_calls`. Values are written as the release's
 //! encoder writes them: Python's `json.dumps(..., ensure_ascii=False)`, keys in their order.
 
+use super::chat_format::ChatFormat;
 use serde_json::Value;
 
 const DSML: &str = "｜DSML｜";
-const EOS: &str = "<｜end▁of▁sentence｜>";
-const THINK_OPEN: &str = "<think>";
-const THINK_CLOSE: &str = "</think>";
-const BOS: &str = "<｜begin▁of▁sentence｜>";
 
 /// The instructions and schemas appended to a system or developer message that has tools.
 const TOOLS_HEAD: &str = "## Tools
@@ -265,38 +262,39 @@ fn read_until<'a>(
 /// Parse a completion (what the model wrote after the prompt's `<think>` or `</think>`, up to
 /// and with its end-of-sentence token): the reasoning (thinking mode), the content, and the
 /// DSML tool calls. Malformed markup is an error, never content.
-pub fn parse_completion(text: &str, thinking: bool) -> Result<Parsed, DsmlError> {
+pub fn parse_completion(f: &ChatFormat, text: &str, thinking: bool) -> Result<Parsed, DsmlError> {
+    let (eos, think_close) = (f.eos, f.think_close);
     let calls_start = format!("\n\n<{DSML}tool_calls");
     let mut p = Parsed::default();
     let mut at = 0;
     if thinking {
-        let (i, r, stop) = read_until(text, at, &[THINK_CLOSE, &calls_start]);
-        if stop != Some(THINK_CLOSE) {
+        let (i, r, stop) = read_until(text, at, &[think_close, &calls_start]);
+        if stop != Some(think_close) {
             return err("Invalid thinking format: missing </think>");
         }
         p.reasoning_content = r.to_string();
         at = i;
     }
-    let (i, c, stop) = read_until(text, at, &[EOS, &calls_start]);
+    let (i, c, stop) = read_until(text, at, &[eos, &calls_start]);
     p.content = c.to_string();
     at = i;
     let mut last = stop;
     if stop == Some(calls_start.as_str()) {
         let (i, calls) = parse_calls(text, at)?;
         p.tool_calls = calls;
-        let (i, rest, s2) = read_until(text, i, &[EOS]);
+        let (i, rest, s2) = read_until(text, i, &[eos]);
         if !rest.is_empty() {
             return err("Unexpected content after tool calls");
         }
         at = i;
         last = s2;
-    } else if stop != Some(EOS) {
+    } else if stop != Some(eos) {
         return err("Invalid format: missing EOS token");
     }
-    if at != text.len() || !matches!(last, Some(EOS) | None) {
+    if at != text.len() || last.is_some_and(|s| s != eos) {
         return err("Unexpected content at end");
     }
-    for sp in [BOS, EOS, THINK_OPEN, THINK_CLOSE, DSML] {
+    for sp in [f.bos, eos, f.think_open, think_close, DSML] {
         if p.content.contains(sp) || p.reasoning_content.contains(sp) {
             return err(format!("Unexpected special token '{sp}' in content"));
         }
