@@ -98,6 +98,17 @@ cases = [
         {"role": "developer", "content": "Use tools when needed.", "tools": [weather]},
         {"role": "user", "content": "Weather?"},
     ], "thinking", None),
+    # DeepSeek's "prefix" on a last assistant message is the encoder's `wo_eos`.
+    ("prefix_answer_thinking", [
+        {"role": "user", "content": "A haiku, please."},
+        {"role": "assistant", "reasoning_content": "Five, seven, five.", "content": "Autumn", "prefix": True},
+    ], "thinking", None),
+    ("prefix_raw_dsml_chat", [
+        {"role": "system", "content": "", "tools": [weather]},
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": f'\n\n<{E.dsml_token}tool_calls>\n<{E.dsml_token}invoke name="get_weather">\n',
+         "prefix": True},
+    ], "chat", None),
     ("think_max_with_tools", [
         {"role": "system", "content": "S", "tools": [weather]},
         {"role": "user", "content": "Weather?"},
@@ -105,8 +116,16 @@ cases = [
 ]
 
 encode = []
+def for_encoder(msgs):
+    msgs = json.loads(json.dumps(msgs))
+    for m in msgs:
+        if m.pop("prefix", False):
+            m["wo_eos"] = True
+    return msgs
+
+
 for name, msgs, mode, effort in cases:
-    text = E.encode_messages(json.loads(json.dumps(msgs)), thinking_mode=mode, reasoning_effort=effort)
+    text = E.encode_messages(for_encoder(msgs), thinking_mode=mode, reasoning_effort=effort)
     encode.append({"name": name, "messages": msgs, "mode": mode, "reasoning_effort": effort,
                    "text": text, "ids": tok.encode(text, add_special_tokens=False).ids})
 

@@ -73,3 +73,49 @@ fn completions_parse_as_the_release_parser() {
         }
     }
 }
+
+#[test]
+fn streamed_content_stops_where_the_release_parser_finds_the_calls() {
+    // The answers the release parses (after `</think>`, before EOS), cut into pieces at every
+    // character boundary, one piece per character, and with the first part given as a prefix:
+    // the content given out is the release's content, and the block is found iff it has calls.
+    use dsflash::model::dsml::CallSplitter;
+    let g = goldens();
+    let mut checked = 0;
+    for c in g["parse"].as_array().unwrap() {
+        let want = &c["result"];
+        if want.is_null() {
+            continue;
+        }
+        let text = c["text"].as_str().unwrap();
+        let answer = text.rsplit_once("</think>").map_or(text, |(_, a)| a);
+        let answer = answer.strip_suffix(DSV4.eos).unwrap_or(answer);
+        let has_calls = want["tool_calls"].as_array().is_some_and(|a| !a.is_empty());
+        let cuts: Vec<usize> = answer.char_indices().map(|(i, _)| i).collect();
+        let check = |pieces: &[&str], prefix: &str, what: &str| {
+            let mut s = CallSplitter::with_prefix(prefix);
+            let mut out = String::new();
+            for p in pieces {
+                out.push_str(s.push(p));
+            }
+            out.push_str(s.finish());
+            let content = want["content"].as_str().unwrap();
+            let shown = content.strip_prefix(prefix).unwrap_or("");
+            assert_eq!(out, shown, "{}: content ({what})", c["name"]);
+            assert_eq!(s.in_calls(), has_calls, "{}: calls ({what})", c["name"]);
+            assert_eq!(s.text(), answer);
+        };
+        for &k in &cuts {
+            check(&[&answer[..k], &answer[k..]], "", "two pieces");
+            check(&[&answer[k..]], &answer[..k], "prefix");
+        }
+        let chars: Vec<String> = answer.chars().map(String::from).collect();
+        check(
+            &chars.iter().map(String::as_str).collect::<Vec<_>>(),
+            "",
+            "per char",
+        );
+        checked += 1;
+    }
+    assert!(checked >= 4, "{checked}");
+}

@@ -133,7 +133,7 @@ fn stats_line(s: &TurnStats, context: usize) -> String {
 }
 
 pub fn run(a: &TalkArgs, verbose: bool) -> anyhow::Result<i32> {
-    let (dir, engine, tok) = super::talk::load(a)?;
+    let (dir, engine, tok) = super::talk::load(&a.engine, a.tokenizer.as_deref())?;
     let mut talk = Talk::new(&engine, &tok, a)?;
     talk.cache = a.cache.open(verbose);
     let stop = super::signals::stop_flag();

@@ -147,7 +147,7 @@ pub fn run(a: &TalkArgs, stdin: Option<String>, verbose: bool) -> anyhow::Result
             (m, st, sampling.seed)
         }
         None => {
-            let loaded = super::talk::load(a)?;
+            let loaded = super::talk::load(&a.engine, a.tokenizer.as_deref())?;
             (engine, tok) = (loaded.1, loaded.2);
             let mut talk = Talk::new(&engine, &tok, a)?;
             talk.exit_in_prefill = true;

@@ -260,6 +260,7 @@ impl SamplerArgs {
             repeat_penalty: self.repeat_penalty,
             repeat_last_n: self.repeat_last_n,
             seed: self.seed.unwrap_or_else(random_seed),
+            logit_bias: Vec::new(),
         })
     }
 }

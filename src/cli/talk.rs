@@ -44,6 +44,13 @@ impl TurnStats {
     }
 }
 
+/// What `Talk::complete` generated.
+pub struct Completion {
+    pub reasoning: String,
+    pub answer: String,
+    pub stats: TurnStats,
+}
+
 /// Where generated text goes as it arrives.
 pub trait Sink {
     fn reasoning(&mut self, text: &str) -> std::io::Result<()>;
@@ -52,20 +59,22 @@ pub trait Sink {
 
 /// Resolve `--model`, then open the tokenizer (`--tokenizer`, else the model directory's
 /// `tokenizer.json`) and the engine.
-pub fn load(a: &TalkArgs) -> anyhow::Result<(PathBuf, Engine, Tokenizer)> {
-    let dir = crate::hub::resolve_model(&a.engine.model)?;
-    let tok_path = a
-        .tokenizer
-        .clone()
+pub fn load(
+    a: &super::run::EngineArgs,
+    tokenizer: Option<&std::path::Path>,
+) -> anyhow::Result<(PathBuf, Engine, Tokenizer)> {
+    let dir = crate::hub::resolve_model(&a.model)?;
+    let tok_path = tokenizer
+        .map(|p| p.to_path_buf())
         .unwrap_or_else(|| dir.join("tokenizer.json"));
-    if a.tokenizer.is_none() && !tok_path.exists() {
+    if tokenizer.is_none() && !tok_path.exists() {
         anyhow::bail!(
             "{}: missing (this checkpoint has no tokenizer.json); give one with --tokenizer FILE (the release's: dsflash download, or scripts/fetch_tokenizer.sh prints its path)",
             tok_path.display()
         );
     }
     let tok = Tokenizer::from_file(&tok_path)?;
-    let engine = a.engine.open_dir(&dir)?;
+    let engine = a.open_dir(&dir)?;
     Ok((dir, engine, tok))
 }
 
@@ -93,6 +102,30 @@ pub struct Talk<'e> {
 impl<'e> Talk<'e> {
     /// A conversation per the talk flags (mode, sampling, context, system prompt).
     pub fn new(engine: &'e Engine, tok: &'e Tokenizer, a: &TalkArgs) -> anyhow::Result<Talk<'e>> {
+        let ctx = a.engine.ctx.unwrap_or(engine.cfg.max_position_embeddings);
+        if a.mode() == Mode::ThinkMax && ctx < THINK_MAX_CTX {
+            eprintln!(
+                "dsflash: warning: --think-max with a {ctx}-token context; the model card advises at least {THINK_MAX_CTX} (--ctx)"
+            );
+        }
+        let mut talk = Talk::open(engine, tok, a.engine.session(engine)?)?;
+        talk.mode = a.mode();
+        talk.sampler = Sampler::new(a.sampling.config()?);
+        talk.max_tokens = a.max_tokens;
+        talk.stop = a.stop.iter().filter(|s| !s.is_empty()).cloned().collect();
+        if let Some(s) = &a.system {
+            talk.set_system(s);
+        }
+        Ok(talk)
+    }
+
+    /// An empty conversation on `session` (thinking mode, the model card's sampling, 8192
+    /// tokens per answer); the tokenizer must fit the model.
+    pub fn open(
+        engine: &'e Engine,
+        tok: &'e Tokenizer,
+        session: Session<'e>,
+    ) -> anyhow::Result<Talk<'e>> {
         if tok.vocab_size() > engine.cfg.vocab_size {
             anyhow::bail!(
                 "tokenizer has {} ids but the model's vocab_size is {}: they do not belong together",
@@ -100,31 +133,21 @@ impl<'e> Talk<'e> {
                 engine.cfg.vocab_size
             );
         }
-        let ctx = a.engine.ctx.unwrap_or(engine.cfg.max_position_embeddings);
-        if a.mode() == Mode::ThinkMax && ctx < THINK_MAX_CTX {
-            eprintln!(
-                "dsflash: warning: --think-max with a {ctx}-token context; the model card advises at least {THINK_MAX_CTX} (--ctx)"
-            );
-        }
-        let mut talk = Talk {
+        Ok(Talk {
             engine,
             tok,
             fmt: &DSV4,
-            session: a.engine.session(engine)?,
+            session,
             messages: Vec::new(),
-            mode: a.mode(),
-            sampler: Sampler::new(a.sampling.config()?),
-            max_tokens: a.max_tokens,
-            stop: a.stop.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            mode: Mode::Think,
+            sampler: Sampler::new(Default::default()),
+            max_tokens: 8192,
+            stop: Vec::new(),
             exit_in_prefill: false,
             cache: None,
             shared_prefix: None,
             marks: Vec::new(),
-        };
-        if let Some(s) = &a.system {
-            talk.set_system(s);
-        }
-        Ok(talk)
+        })
     }
 
     /// Forget the conversation (keeps the system prompt if `keep_system`).
@@ -272,8 +295,9 @@ impl<'e> Talk<'e> {
         Some(n)
     }
 
-    /// One assistant turn after the messages so far (the last one normally a user message).
-    /// Streams into `sink`; `stop` interrupts generation (the partial answer is kept).
+    /// One assistant turn after the messages so far (the last one normally a user message,
+    /// or the start of the answer as a `prefix` assistant message). Streams into `sink`;
+    /// `stop` interrupts generation (the partial answer is kept).
     pub fn respond(
         &mut self,
         sink: &mut dyn Sink,
@@ -281,12 +305,33 @@ impl<'e> Talk<'e> {
     ) -> anyhow::Result<(Message, TurnStats)> {
         let text = render(self.fmt, &self.messages, self.mode)?;
         let ids = self.tok.encode(&text)?;
+        // After a prefix the reasoning is closed: the model continues the answer.
+        let continues = self.messages.last().is_some_and(|m| m.prefix);
+        let reasoning_first = self.mode.thinking() && !continues;
+        let c = self.complete(&ids, reasoning_first, sink, stop)?;
+        let mut msg = Message::new(Role::Assistant, c.answer);
+        if self.mode.thinking() {
+            msg.reasoning_content = Some(c.reasoning);
+        }
+        Ok((msg, c.stats))
+    }
+
+    /// Generate after the prompt `ids`: reasoning first (up to the end-of-thinking token) if
+    /// `reasoning_first`, then the answer, until the end-of-sentence token, a stop string,
+    /// `max_tokens` or `stop`. Streams into `sink`; an error from the sink ends it.
+    pub fn complete(
+        &mut self,
+        ids: &[u32],
+        reasoning_first: bool,
+        sink: &mut dyn Sink,
+        stop: &AtomicBool,
+    ) -> anyhow::Result<Completion> {
         let mut stats = TurnStats {
             prompt_tokens: ids.len(),
             ..Default::default()
         };
-        let shared = self.shared_len(&ids)?;
-        let mut logits = self.sync(&ids, shared, stop, &mut stats).map_err(|e| match e {
+        let shared = self.shared_len(ids)?;
+        let mut logits = self.sync(ids, shared, stop, &mut stats).map_err(|e| match e {
             SessionError::ContextFull { needed, ctx, .. } => anyhow::anyhow!(
                 "the conversation needs {needed} tokens but --ctx is {ctx} (use a larger --ctx or /clear)"
             ),
@@ -314,7 +359,7 @@ impl<'e> Talk<'e> {
             }
             Ok(hit)
         };
-        let mut in_reasoning = self.mode.thinking();
+        let mut in_reasoning = reasoning_first;
         let mut dec = StreamDecoder::new();
         let t = Instant::now();
         stats.stop = "length";
@@ -368,11 +413,11 @@ impl<'e> Talk<'e> {
             }
         }
         stats.decode_seconds = t.elapsed().as_secs_f64();
-        let mut msg = Message::new(Role::Assistant, answer);
-        if self.mode.thinking() {
-            msg.reasoning_content = Some(reasoning);
-        }
-        Ok((msg, stats))
+        Ok(Completion {
+            reasoning,
+            answer,
+            stats,
+        })
     }
 
     /// Add a user message, respond, and keep both in the conversation. On error the user

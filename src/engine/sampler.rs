@@ -19,6 +19,9 @@ pub struct SamplerConfig {
     /// How many of the latest tokens the penalty looks at.
     pub repeat_last_n: usize,
     pub seed: u64,
+    /// Added to the logits of these ids before anything else (OpenAI's `logit_bias`; -100
+    /// bans a token, +100 all but forces it).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplerConfig {
@@ -31,6 +34,7 @@ impl Default for SamplerConfig {
             repeat_penalty: 1.0,
             repeat_last_n: 256,
             seed: 0,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -55,10 +59,20 @@ impl Sampler {
     /// Pick the next token id, given the tokens so far (for the repetition penalty).
     pub fn sample_after(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let c = &self.cfg;
-        if c.repeat_penalty == 1.0 || history.is_empty() {
+        if (c.repeat_penalty == 1.0 || history.is_empty()) && c.logit_bias.is_empty() {
             return self.sample(logits);
         }
         let mut l = logits.to_vec();
+        for &(t, b) in &c.logit_bias {
+            if let Some(v) = l.get_mut(t as usize) {
+                *v += b;
+            }
+        }
+        let history = if c.repeat_penalty == 1.0 {
+            &[][..]
+        } else {
+            history
+        };
         let mut seen = std::collections::HashSet::new();
         for &t in history.iter().rev().take(c.repeat_last_n) {
             if seen.insert(t)
@@ -197,6 +211,26 @@ impl<'a> Ranked<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logit_bias_moves_greedy_and_sampled_picks() {
+        let logits = [1.0, 2.0, 3.0];
+        let pick = |bias: Vec<(u32, f32)>, t: f32| {
+            let mut s = Sampler::new(SamplerConfig {
+                temperature: t,
+                logit_bias: bias,
+                seed: 7,
+                ..Default::default()
+            });
+            s.sample_after(&logits, &[])
+        };
+        assert_eq!(pick(vec![], 0.0), 2);
+        assert_eq!(pick(vec![(0, 100.0)], 0.0), 0);
+        assert_eq!(pick(vec![(2, -100.0)], 0.0), 1);
+        // Out-of-vocabulary ids are ignored; +100 on a token makes the others' weight
+        // e^-98 or less: sampling picks it.
+        assert_eq!(pick(vec![(9, 100.0), (1, 100.0)], 1.0), 1);
+    }
 
     #[test]
     fn greedy_and_filters() {

@@ -114,6 +114,10 @@ pub struct Message {
     /// A tool result's call (role `tool`): orders the results as the calls were made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_call_id: Option<String>,
+    /// The last message only, an assistant's: the start of the answer, which the model
+    /// continues (DeepSeek's "chat prefix completion"; the release encoder's `wo_eos`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub prefix: bool,
 }
 
 impl Message {
@@ -125,6 +129,7 @@ impl Message {
             tool_calls: None,
             tools: None,
             tool_call_id: None,
+            prefix: false,
         }
     }
 }
@@ -255,6 +260,14 @@ fn last_user(turns: &[Turn]) -> Option<usize> {
 /// opener. With tools anywhere, every turn keeps its reasoning.
 pub fn render(f: &ChatFormat, messages: &[Message], mode: Mode) -> Result<String, ChatError> {
     let thinking = mode.thinking();
+    if let Some(at) = messages.iter().position(|m| m.prefix)
+        && (at + 1 != messages.len() || messages[at].role != Role::Assistant)
+    {
+        return Err(ChatError::Message(
+            at,
+            "`prefix` is only for the last message, an assistant's".into(),
+        ));
+    }
     let mut turns = merge_turns(messages);
     let drop = !messages.iter().any(|m| present(&m.tools));
     if thinking && drop {
@@ -331,7 +344,9 @@ pub fn render(f: &ChatFormat, messages: &[Message], mode: Mode) -> Result<String
                 }
                 out.push_str(&m.content);
                 out.push_str(&calls);
-                out.push_str(f.eos);
+                if !m.prefix {
+                    out.push_str(f.eos);
+                }
             }
             Role::LatestReminder => {
                 out.push_str(f.latest_reminder);

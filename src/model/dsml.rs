@@ -242,6 +242,80 @@ pub struct Parsed {
     pub tool_calls: Vec<ToolCall>,
 }
 
+/// Where a completion's tool calls start.
+const CALLS_START: &str = "\n\n<｜DSML｜tool_calls";
+
+/// Streamed answer text split at the start of a tool-call block: what comes before it can go
+/// out as content as it arrives (holding back a tail that may still become the block's
+/// start); from the block on, the text is kept for `parse_completion` at the end.
+#[derive(Debug, Default)]
+pub struct CallSplitter {
+    text: String,
+    /// Bytes of `text` given out as content, or held back as the client's own prefix.
+    sent: usize,
+    /// Bytes of `text` that the client wrote (never given out).
+    hidden: usize,
+    calls_at: Option<usize>,
+}
+
+impl CallSplitter {
+    /// Text that is already part of the answer (a prefix the client wrote): never given
+    /// out as content, but a block may start in it.
+    pub fn with_prefix(prefix: &str) -> CallSplitter {
+        let mut s = CallSplitter::default();
+        s.push(prefix);
+        s.hidden = prefix.len();
+        s
+    }
+
+    /// `text[from..to]` less what the client wrote.
+    fn out(&self, from: usize, to: usize) -> &str {
+        &self.text[from.max(self.hidden).min(to)..to]
+    }
+
+    /// Add `piece`; returns the content that is safe to give out now.
+    pub fn push(&mut self, piece: &str) -> &str {
+        let from = self.sent;
+        self.text.push_str(piece);
+        if self.calls_at.is_some() {
+            return "";
+        }
+        if let Some(p) = self.text[from..].find(CALLS_START) {
+            self.calls_at = Some(from + p);
+            self.sent = from + p;
+            return self.out(from, from + p);
+        }
+        // Hold back the longest tail that could still become the block's start.
+        let keep = self.text[from..]
+            .char_indices()
+            .map(|(i, _)| from + i)
+            .find(|&i| CALLS_START.starts_with(&self.text[i..]))
+            .unwrap_or(self.text.len());
+        self.sent = keep;
+        self.out(from, keep)
+    }
+
+    /// Whether a tool-call block has started.
+    pub fn in_calls(&self) -> bool {
+        self.calls_at.is_some()
+    }
+
+    /// At the end without a block: the held-back tail, which is content after all.
+    pub fn finish(&mut self) -> &str {
+        if self.calls_at.is_some() {
+            return "";
+        }
+        let from = self.sent;
+        self.sent = self.text.len();
+        self.out(from, self.text.len())
+    }
+
+    /// The whole answer text, prefix included.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+}
+
 /// From `at`, the text up to the earliest of `stops`: (index after the stop, the text, the
 /// stop found).
 fn read_until<'a>(
@@ -264,22 +338,22 @@ fn read_until<'a>(
 /// DSML tool calls. Malformed markup is an error, never content.
 pub fn parse_completion(f: &ChatFormat, text: &str, thinking: bool) -> Result<Parsed, DsmlError> {
     let (eos, think_close) = (f.eos, f.think_close);
-    let calls_start = format!("\n\n<{DSML}tool_calls");
+    let calls_start = CALLS_START;
     let mut p = Parsed::default();
     let mut at = 0;
     if thinking {
-        let (i, r, stop) = read_until(text, at, &[think_close, &calls_start]);
+        let (i, r, stop) = read_until(text, at, &[think_close, calls_start]);
         if stop != Some(think_close) {
             return err("Invalid thinking format: missing </think>");
         }
         p.reasoning_content = r.to_string();
         at = i;
     }
-    let (i, c, stop) = read_until(text, at, &[eos, &calls_start]);
+    let (i, c, stop) = read_until(text, at, &[eos, calls_start]);
     p.content = c.to_string();
     at = i;
     let mut last = stop;
-    if stop == Some(calls_start.as_str()) {
+    if stop == Some(calls_start) {
         let (i, calls) = parse_calls(text, at)?;
         p.tool_calls = calls;
         let (i, rest, s2) = read_until(text, i, &[eos]);
