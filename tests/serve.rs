@@ -468,3 +468,32 @@ fn endpoint_against_serve_answers_as_the_local_one_shot() {
         );
     }
 }
+
+#[test]
+fn a_client_that_leaves_a_whole_answer_request_frees_the_engine() {
+    // Non-streamed: the client gives up after a second on an hour-long answer. With --queue 0
+    // a request is taken only while the engine is idle, so a 200 soon after says it was
+    // cancelled (the streamed case is in serve_openai.py).
+    let s = Server::start(&["--no-cache", "--queue", "0"]);
+    let chat = format!("{}/v1/chat/completions", s.url);
+    let impatient: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(1)))
+        .build()
+        .into();
+    let r = impatient
+        .post(&chat)
+        .send(r#"{"messages": [{"role": "user", "content": "Go on."}], "max_tokens": 1000000}"#);
+    assert!(r.is_err(), "timed out");
+    let hi = r#"{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}"#;
+    let mut served = false;
+    for _ in 0..600 {
+        let (code, _, text) = post(&chat, hi);
+        if code == 200 {
+            served = true;
+            break;
+        }
+        assert_eq!(code, 429, "{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(served, "the engine never came free: {}", s.log());
+}
