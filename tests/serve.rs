@@ -497,3 +497,56 @@ fn a_client_that_leaves_a_whole_answer_request_frees_the_engine() {
     }
     assert!(served, "the engine never came free: {}", s.log());
 }
+
+#[test]
+fn the_chat_with_endpoint_talks_to_serve() {
+    // The interactive chat against a server: the oracle's greedy answer to the first turn
+    // (tiny-vocab/chat-goldens.json, ideal numerics, as tests/chat_pty.rs has it locally),
+    // and a second turn that the server continues from the first one's state.
+    let s = Server::start(&["--no-cache", "--numerics", "ideal"]);
+    let home = tempfile::tempdir().unwrap();
+    let mut c = Command::new(bin());
+    c.args(["--endpoint", &s.url])
+        .args(["--temperature", "0", "--no-think", "--max-tokens", "12"])
+        .env("HOME", home.path())
+        .env_remove("XDG_DATA_HOME")
+        .env_remove("OPENAI_API_KEY")
+        .env("NO_COLOR", "1")
+        .env("TERM", "xterm");
+    let mut p = rexpect::session::spawn_command(c, Some(60_000)).expect("spawn in a pty");
+    p.exp_string("/help for commands").expect("banner");
+    p.send_line("Hello there").unwrap();
+    let g: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture("tiny-vocab/chat-goldens.json")).unwrap())
+            .unwrap();
+    let want = g["hello"]["greedy_text"].as_str().unwrap();
+    let first_line: String = want
+        .lines()
+        .next()
+        .unwrap()
+        .bytes()
+        .map(|b| b as char)
+        .collect();
+    p.exp_string(&first_line).expect("the oracle's answer");
+    let stats = |p: &mut rexpect::session::PtySession| {
+        let (_, m) = p
+            .exp_regex(r"\[\d+ prompt tokens \(\d+ new[^)]*\)[^\]]*\]")
+            .expect("stats line");
+        let n: Vec<usize> = m
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|s| !s.is_empty())
+            .take(2)
+            .map(|s| s.parse().unwrap())
+            .collect();
+        (n[0], n[1])
+    };
+    assert_eq!(stats(&mut p), (6, 6));
+    p.send_line("second turn").unwrap();
+    let (prompt, new) = stats(&mut p);
+    assert!(
+        new > 0 && new < prompt,
+        "second turn: {new} of {prompt} new"
+    );
+    p.send_line("/quit").unwrap();
+    p.exp_eof().unwrap();
+}

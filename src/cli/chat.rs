@@ -3,7 +3,7 @@
 //! Alt+Enter inserts a newline; pasted text keeps its newlines.
 
 use super::TalkArgs;
-use super::talk::{Sink, Talk, TurnStats, use_color};
+use super::talk::{Conversation, Sink, Talk, TurnStats, use_color};
 use crate::model::chat_format::{Message, Mode, Role};
 use rustyline::error::ReadlineError;
 use rustyline::{Cmd, DefaultEditor, KeyCode, KeyEvent, Modifiers};
@@ -133,9 +133,25 @@ fn stats_line(s: &TurnStats, context: usize) -> String {
 }
 
 pub fn run(a: &TalkArgs, verbose: bool) -> anyhow::Result<i32> {
+    if let Some(url) = &a.endpoint {
+        let mut remote = super::endpoint::Remote::new(a, url)?;
+        return chat_loop(a, &mut remote, url, None);
+    }
     let (dir, engine, tok) = super::talk::load(&a.engine, a.tokenizer.as_deref())?;
     let mut talk = Talk::new(&engine, &tok, a)?;
     talk.cache = a.cache.open(verbose);
+    let code = chat_loop(a, &mut talk, &dir.display().to_string(), Some(&engine))?;
+    a.engine.finish(&engine)?;
+    Ok(code)
+}
+
+/// Read lines and commands until /quit, Ctrl+D or a signal; returns the exit code.
+fn chat_loop(
+    a: &TalkArgs,
+    talk: &mut dyn Conversation,
+    what: &str,
+    engine: Option<&crate::engine::Engine>,
+) -> anyhow::Result<i32> {
     let stop = super::signals::stop_flag();
     let color = use_color(std::io::stdout().is_terminal());
     let mut ed = DefaultEditor::new()?;
@@ -145,9 +161,8 @@ pub fn run(a: &TalkArgs, verbose: bool) -> anyhow::Result<i32> {
         let _ = ed.load_history(h);
     }
     eprintln!(
-        "dsflash: {} ({} mode). /help for commands, Ctrl+D to exit.",
-        dir.display(),
-        if talk.mode.thinking() {
+        "dsflash: {what} ({} mode). /help for commands, Ctrl+D to exit.",
+        if talk.mode().thinking() {
             "thinking"
         } else {
             "chat"
@@ -177,17 +192,17 @@ pub fn run(a: &TalkArgs, verbose: bool) -> anyhow::Result<i32> {
                 }
                 "quit" | "exit" => break,
                 "think" => {
-                    talk.mode = Mode::Think;
+                    talk.set_mode(Mode::Think);
                     println!("thinking mode");
                     continue;
                 }
                 "nothink" | "no-think" => {
-                    talk.mode = Mode::Chat;
+                    talk.set_mode(Mode::Chat);
                     println!("chat mode (no thinking)");
                     continue;
                 }
                 "system" if arg.is_empty() => {
-                    match talk.messages.iter().find(|m| m.role == Role::System) {
+                    match talk.messages().iter().find(|m| m.role == Role::System) {
                         Some(m) => println!("system prompt: {}", m.content),
                         None => println!("no system prompt (set one with /system TEXT)"),
                     }
@@ -208,16 +223,23 @@ pub fn run(a: &TalkArgs, verbose: bool) -> anyhow::Result<i32> {
                     continue;
                 }
                 "stats" => {
-                    println!(
-                        "{} messages; {} tokens in the KV state (what the next turn shares with them is reused; cap {})",
-                        talk.messages.len(),
-                        talk.session.len(),
-                        a.engine.ctx.unwrap_or(engine.cfg.max_position_embeddings)
-                    );
-                    if let Some(s) = &last {
-                        println!("last answer: {}", stats_line(s, talk.session.len()));
+                    match engine {
+                        Some(e) => println!(
+                            "{} messages; {} tokens in the KV state (what the next turn shares with them is reused; cap {})",
+                            talk.messages().len(),
+                            talk.context_tokens(),
+                            a.engine.ctx.unwrap_or(e.cfg.max_position_embeddings)
+                        ),
+                        None => println!(
+                            "{} messages; {} tokens in the last turn (the server reuses what it still holds)",
+                            talk.messages().len(),
+                            talk.context_tokens()
+                        ),
                     }
-                    if let Some(line) = device_line(&engine.exec) {
+                    if let Some(s) = &last {
+                        println!("last answer: {}", stats_line(s, talk.context_tokens()));
+                    }
+                    if let Some(line) = engine.and_then(|e| device_line(&e.exec)) {
                         println!("{line}");
                     }
                     continue;
@@ -228,14 +250,14 @@ pub fn run(a: &TalkArgs, verbose: bool) -> anyhow::Result<i32> {
                         continue;
                     }
                     // The OpenAI-style array that /load and `dsflash prompt --messages` read.
-                    let json = serde_json::to_string_pretty(&talk.messages)?;
+                    let json = serde_json::to_string_pretty(talk.messages())?;
                     match crate::fsutil::write_atomic(&user_path(arg), json.as_bytes()) {
                         Ok(()) if talk.keep(json.as_bytes()) => println!(
                             "saved {} messages to {arg} (and their state, {} tokens, in the prompt cache)",
-                            talk.messages.len(),
-                            talk.session.len()
+                            talk.messages().len(),
+                            talk.context_tokens()
                         ),
-                        Ok(()) => println!("saved {} messages to {arg}", talk.messages.len()),
+                        Ok(()) => println!("saved {} messages to {arg}", talk.messages().len()),
                         Err(e) => println!("error: {e}"),
                     }
                     continue;
@@ -253,13 +275,13 @@ pub fn run(a: &TalkArgs, verbose: bool) -> anyhow::Result<i32> {
                             crate::model::chat_format::render(
                                 &crate::model::chat_format::DSV4,
                                 &m,
-                                talk.mode,
+                                talk.mode(),
                             )?;
                             Ok(m)
                         }) {
                         Ok(m) => {
                             let n = m.len();
-                            talk.messages = m;
+                            *talk.messages_mut() = m;
                             match bytes.ok().and_then(|b| talk.resume(&b)) {
                                 Some(t) => println!(
                                     "loaded {n} messages from {arg} (their state, {t} tokens, from the prompt cache)"
@@ -311,7 +333,7 @@ pub fn run(a: &TalkArgs, verbose: bool) -> anyhow::Result<i32> {
         println!();
         match r {
             Ok((_, s)) => {
-                eprintln!("{}", stats_line(&s, talk.session.len()));
+                eprintln!("{}", stats_line(&s, talk.context_tokens()));
                 last = Some(s);
             }
             Err(e) if e.is::<super::signals::Interrupted>() => eprintln!("[interrupted]"),
@@ -332,6 +354,5 @@ pub fn run(a: &TalkArgs, verbose: bool) -> anyhow::Result<i32> {
         }
         let _ = ed.save_history(h);
     }
-    a.engine.finish(&engine)?;
     Ok(exit_code)
 }

@@ -222,3 +222,105 @@ fn error_message(body: &str) -> Option<String> {
     let one: String = m.split_whitespace().collect::<Vec<_>>().join(" ");
     Some(one.chars().take(300).collect())
 }
+
+/// The chat's conversation against a server: the messages are kept here and sent whole each
+/// turn (the server reuses what it already holds).
+pub struct Remote {
+    ep: Endpoint,
+    messages: Vec<Message>,
+    mode: Mode,
+    max_tokens: usize,
+    sampling: crate::engine::sampler::SamplerConfig,
+    stop: Vec<String>,
+    /// Tokens of the last turn (prompt and answer), as the server counted them.
+    context: usize,
+}
+
+impl Remote {
+    /// From the talk flags: `--endpoint`, `--api-key` (else $OPENAI_API_KEY), `--model` (the
+    /// served name), the mode, sampling, `--max-tokens`, `--stop` and `--system`.
+    pub fn new(a: &super::TalkArgs, url: &str) -> anyhow::Result<Remote> {
+        let key = a
+            .api_key
+            .clone()
+            .or_else(|| std::env::var("OPENAI_API_KEY").ok());
+        let mut r = Remote {
+            ep: Endpoint::new(url, key, &a.engine.model)?,
+            messages: Vec::new(),
+            mode: a.mode(),
+            max_tokens: a.max_tokens,
+            sampling: a.sampling.config()?,
+            stop: a.stop.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            context: 0,
+        };
+        if let Some(s) = &a.system {
+            super::talk::Conversation::set_system(&mut r, s);
+        }
+        Ok(r)
+    }
+
+    /// One answer to the messages so far.
+    pub fn respond(
+        &self,
+        sink: &mut dyn Sink,
+        stop: &AtomicBool,
+    ) -> anyhow::Result<(Message, TurnStats)> {
+        let req = Request {
+            messages: &self.messages,
+            mode: self.mode,
+            max_tokens: self.max_tokens,
+            temperature: self.sampling.temperature,
+            top_p: self.sampling.top_p,
+            seed: self.sampling.seed,
+            stop: &self.stop,
+        };
+        self.ep.chat(&req, sink, stop)
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.sampling.seed
+    }
+}
+
+impl super::talk::Conversation for Remote {
+    fn messages(&self) -> &[Message] {
+        &self.messages
+    }
+    fn messages_mut(&mut self) -> &mut Vec<Message> {
+        &mut self.messages
+    }
+    fn mode(&self) -> Mode {
+        self.mode
+    }
+    fn set_mode(&mut self, mode: Mode) {
+        self.mode = mode;
+    }
+    fn turn(
+        &mut self,
+        user: &str,
+        sink: &mut dyn Sink,
+        stop: &AtomicBool,
+    ) -> anyhow::Result<(Message, TurnStats)> {
+        self.messages
+            .push(Message::new(crate::model::chat_format::Role::User, user));
+        match self.respond(sink, stop) {
+            Ok((m, s)) => {
+                self.messages.push(m.clone());
+                self.context = s.prompt_tokens + s.generated_tokens;
+                Ok((m, s))
+            }
+            Err(e) => {
+                self.messages.pop();
+                Err(e)
+            }
+        }
+    }
+    fn clear(&mut self, keep_system: bool) {
+        self.messages
+            .retain(|m| keep_system && m.role == crate::model::chat_format::Role::System);
+        self.context = 0;
+    }
+    fn context_tokens(&self) -> usize {
+        self.context
+    }
+}

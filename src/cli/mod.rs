@@ -86,7 +86,7 @@ pub struct TalkArgs {
     pub sampling: run::SamplerArgs,
     #[command(flatten)]
     pub cache: cache::CacheArgs,
-    /// Ask an OpenAI-compatible server instead of the local model (one-shot and stdin):
+    /// Ask an OpenAI-compatible server instead of the local model (chat, one-shot and stdin):
     /// another `dsflash serve`, or vLLM / SGLang serving V4-Flash; `--model` names the served
     /// model.
     #[arg(long, value_name = "URL")]
@@ -171,15 +171,12 @@ fn talk(cli: &Cli) -> anyhow::Result<i32> {
     if a.json {
         anyhow::bail!("--json is for one-shot use (-p TEXT or piped stdin)");
     }
-    if a.endpoint.is_some() {
-        return Err(Usage(
-            "--endpoint works for one-shot use (-p TEXT or piped stdin); the chat runs the local model".into(),
-        )
-        .into());
-    }
     // First run on a terminal: offer to fetch a missing hub model (never asked in a pipe:
     // there the error names the command to run).
-    if crate::hub::missing_repo(&a.engine.model) && std::io::stderr().is_terminal() {
+    if a.endpoint.is_none()
+        && crate::hub::missing_repo(&a.engine.model)
+        && std::io::stderr().is_terminal()
+    {
         eprint!(
             "{} is not downloaded yet (about 160 GB into {}). Download it now? [y/N] ",
             a.engine.model,

@@ -6,8 +6,7 @@
 //! terminal; `--json` prints one object with both instead.
 
 use super::TalkArgs;
-use super::talk::{Sink, Talk, TurnStats, use_color};
-use crate::model::chat_format::{Message, Role};
+use super::talk::{Conversation, Sink, Talk, TurnStats, use_color};
 use std::io::{IsTerminal, Read, Write};
 
 /// Read all of stdin as UTF-8; the error names the byte offset of the first invalid byte.
@@ -120,31 +119,12 @@ pub fn run(a: &TalkArgs, stdin: Option<String>, verbose: bool) -> anyhow::Result
     let (msg, stats, seed) = match &a.endpoint {
         // Another server answers: no model, no tokenizer here.
         Some(url) => {
-            let key = a
-                .api_key
-                .clone()
-                .or_else(|| std::env::var("OPENAI_API_KEY").ok());
-            let ep = super::endpoint::Endpoint::new(url, key, &a.engine.model)?;
-            let sampling = a.sampling.config()?;
-            let mut messages = Vec::new();
-            if let Some(s) = a.system.as_deref().filter(|s| !s.is_empty()) {
-                messages.push(Message::new(Role::System, s));
-            }
-            messages.push(Message::new(Role::User, user));
-            let req = super::endpoint::Request {
-                messages: &messages,
-                mode,
-                max_tokens: a.max_tokens,
-                temperature: sampling.temperature,
-                top_p: sampling.top_p,
-                seed: sampling.seed,
-                stop: &a.stop,
-            };
+            let mut remote = super::endpoint::Remote::new(a, url)?;
             // Nothing to keep while waiting on the server: a signal exits at once (the line
             // ended).
             let _at_once = super::signals::AtOnce::new();
-            let (m, st) = ep.chat(&req, &mut sink, stop)?;
-            (m, st, sampling.seed)
+            let (m, st) = remote.turn(&user, &mut sink, stop)?;
+            (m, st, remote.seed())
         }
         None => {
             let loaded = super::talk::load(&a.engine, a.tokenizer.as_deref())?;

@@ -57,6 +57,78 @@ pub trait Sink {
     fn answer(&mut self, text: &str) -> std::io::Result<()>;
 }
 
+/// A conversation as the chat drives it: the local model (`Talk`) or a server
+/// (`endpoint::Remote`).
+pub trait Conversation {
+    fn messages(&self) -> &[Message];
+    fn messages_mut(&mut self) -> &mut Vec<Message>;
+    fn mode(&self) -> Mode;
+    fn set_mode(&mut self, mode: Mode);
+    /// Add a user message, answer it into `sink`, and keep both (on error, as before).
+    fn turn(
+        &mut self,
+        user: &str,
+        sink: &mut dyn Sink,
+        stop: &AtomicBool,
+    ) -> anyhow::Result<(Message, TurnStats)>;
+    /// Forget the conversation (keeps the system prompt if `keep_system`).
+    fn clear(&mut self, keep_system: bool);
+    /// Tokens the model holds for the conversation.
+    fn context_tokens(&self) -> usize;
+    /// Keep the conversation's state under `key` (see `Talk::keep`); false if not kept.
+    fn keep(&self, _key: &[u8]) -> bool {
+        false
+    }
+    /// Restore the state kept under `key`; its token count.
+    fn resume(&mut self, _key: &[u8]) -> Option<usize> {
+        None
+    }
+
+    /// Set or replace the system prompt.
+    fn set_system(&mut self, text: &str) {
+        let m = self.messages_mut();
+        m.retain(|m| m.role != Role::System);
+        if !text.is_empty() {
+            m.insert(0, Message::new(Role::System, text));
+        }
+    }
+}
+
+impl Conversation for Talk<'_> {
+    fn messages(&self) -> &[Message] {
+        &self.messages
+    }
+    fn messages_mut(&mut self) -> &mut Vec<Message> {
+        &mut self.messages
+    }
+    fn mode(&self) -> Mode {
+        self.mode
+    }
+    fn set_mode(&mut self, mode: Mode) {
+        self.mode = mode;
+    }
+    fn turn(
+        &mut self,
+        user: &str,
+        sink: &mut dyn Sink,
+        stop: &AtomicBool,
+    ) -> anyhow::Result<(Message, TurnStats)> {
+        Talk::turn(self, user, sink, stop)
+    }
+    fn clear(&mut self, keep_system: bool) {
+        Talk::clear(self, keep_system)
+    }
+    fn context_tokens(&self) -> usize {
+        self.session.len()
+    }
+    fn keep(&self, key: &[u8]) -> bool {
+        Talk::keep(self, key)
+    }
+    fn resume(&mut self, key: &[u8]) -> Option<usize> {
+        Talk::resume(self, key)
+    }
+}
+
 /// Resolve `--model`, then open the tokenizer (`--tokenizer`, else the model directory's
 /// `tokenizer.json`) and the engine.
 pub fn load(
@@ -114,7 +186,7 @@ impl<'e> Talk<'e> {
         talk.max_tokens = a.max_tokens;
         talk.stop = a.stop.iter().filter(|s| !s.is_empty()).cloned().collect();
         if let Some(s) = &a.system {
-            talk.set_system(s);
+            Conversation::set_system(&mut talk, s);
         }
         Ok(talk)
     }
@@ -156,14 +228,6 @@ impl<'e> Talk<'e> {
             .retain(|m| keep_system && m.role == Role::System);
         self.session.reset();
         self.marks.clear();
-    }
-
-    /// Set or replace the system prompt.
-    pub fn set_system(&mut self, text: &str) {
-        self.messages.retain(|m| m.role != Role::System);
-        if !text.is_empty() {
-            self.messages.insert(0, Message::new(Role::System, text));
-        }
     }
 
     /// Bring the session to `ids`: keep the longest reusable prefix (the KV state, the
