@@ -273,30 +273,32 @@ fn fit(ids: &[u32], max: usize, d: &Defaults) -> Result<usize, ApiError> {
     Ok(max.min(d.ctx - ids.len()))
 }
 
-/// The thinking mode asked for: `chat_template_kwargs` (`thinking`, `reasoning_effort`), else
-/// `reasoning_effort`, else the server's default.
+/// The thinking mode asked for: `chat_template_kwargs.thinking` (false: no reasoning), then
+/// the reasoning effort (`chat_template_kwargs.reasoning_effort`, else `reasoning_effort`:
+/// "max" is Think Max, "none" no reasoning, the others Think High, V4's other level), else
+/// the server's default.
 fn mode_of(r: &ChatRequest, d: &Defaults) -> Result<Mode, ApiError> {
     let kw = r.chat_template_kwargs.as_ref();
     let effort = kw
         .and_then(|k| k.reasoning_effort.as_deref())
         .or(r.reasoning_effort.as_deref());
-    let max = match effort {
+    let by_effort = match effort {
         None => None,
-        Some("max") => Some(true),
-        Some("high" | "medium" | "low" | "minimal" | "none") => Some(false),
+        Some("max") => Some(Mode::ThinkMax),
+        Some("high" | "medium" | "low" | "minimal") => Some(Mode::Think),
+        Some("none") => Some(Mode::Chat),
         Some(e) => {
             return Err(ApiError::bad(format!(
-                "reasoning_effort {e:?}: expected \"max\" or \"high\""
+                "reasoning_effort {e:?}: expected \"max\", \"high\" or \"none\""
             )));
         }
     };
-    let thinking = kw.and_then(|k| k.thinking);
-    Ok(match (thinking, max) {
+    Ok(match (kw.and_then(|k| k.thinking), by_effort) {
         (Some(false), _) => Mode::Chat,
-        (_, Some(true)) => Mode::ThinkMax,
+        (Some(true), Some(Mode::ThinkMax)) => Mode::ThinkMax,
         (Some(true), _) => Mode::Think,
-        (None, Some(false)) if d.mode == Mode::ThinkMax => Mode::Think,
-        (None, _) => d.mode,
+        (None, Some(m)) => m,
+        (None, None) => d.mode,
     })
 }
 
@@ -529,4 +531,69 @@ pub fn tool_call(id: &str, c: &crate::model::dsml::ToolCall, index: Option<usize
         v["index"] = json!(i);
     }
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thinking_mode_from_the_request() {
+        let d = |mode| Defaults {
+            mode,
+            max_tokens: 1,
+            ctx: 8,
+            vocab_size: 8,
+        };
+        let mode = |body: &str, default| {
+            let r: ChatRequest = parse(body.as_bytes()).unwrap();
+            mode_of(&r, &d(default))
+        };
+        let m = r#"{"messages": []"#;
+        let cases = [
+            ("}", Mode::Think, Mode::Think),
+            ("}", Mode::Chat, Mode::Chat),
+            (
+                r#", "chat_template_kwargs": {"thinking": false}}"#,
+                Mode::ThinkMax,
+                Mode::Chat,
+            ),
+            (
+                r#", "chat_template_kwargs": {"thinking": true}}"#,
+                Mode::Chat,
+                Mode::Think,
+            ),
+            (
+                r#", "chat_template_kwargs": {"thinking": true, "reasoning_effort": "max"}}"#,
+                Mode::Chat,
+                Mode::ThinkMax,
+            ),
+            (
+                r#", "reasoning_effort": "max"}"#,
+                Mode::Chat,
+                Mode::ThinkMax,
+            ),
+            (
+                r#", "reasoning_effort": "high"}"#,
+                Mode::ThinkMax,
+                Mode::Think,
+            ),
+            (r#", "reasoning_effort": "none"}"#, Mode::Think, Mode::Chat),
+            (
+                r#", "chat_template_kwargs": {"thinking": false}, "reasoning_effort": "max"}"#,
+                Mode::Think,
+                Mode::Chat,
+            ),
+        ];
+        for (tail, default, want) in cases {
+            assert_eq!(mode(&format!("{m}{tail}"), default), Ok(want), "{tail}");
+        }
+        assert!(
+            mode(
+                &format!(r#"{m}, "reasoning_effort": "extreme"}}"#),
+                Mode::Think
+            )
+            .is_err()
+        );
+    }
 }
