@@ -8,13 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 model=${1:-.cache/bench/flash-2layers}
 tokens=${2:-8192}
-bin=target/release/dsflash
-[ -x "$bin" ] || cargo build --release
-if [ ! -f "$model/config.json" ]; then
-  echo "making $model (9 GB)" >&2
-  "$bin" bench --json --model "$model" >/dev/null
-fi
-tok=$(scripts/fetch_tokenizer.sh)
+. scripts/bench_setup.sh
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 # Plain prose, ~4 characters per token: a little more than $tokens tokens.

@@ -9,13 +9,7 @@ cd "$(dirname "$0")/.."
 model=${1:-.cache/bench/flash-2layers}
 tokens=${2:-2048}
 requests=${3:-24}
-bin=target/release/dsflash
-[ -x "$bin" ] || cargo build --release
-if [ ! -f "$model/config.json" ]; then
-  echo "making $model (9 GB)" >&2
-  "$bin" bench --json --model "$model" >/dev/null
-fi
-tok=$(scripts/fetch_tokenizer.sh)
+. scripts/bench_setup.sh
 work=$(mktemp -d)
 "$bin" serve --model "$model" --tokenizer "$tok" --port 0 --no-cache --queue 64 2>"$work/serve.err" &
 pid=$!

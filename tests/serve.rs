@@ -550,3 +550,21 @@ fn the_chat_with_endpoint_talks_to_serve() {
     p.send_line("/quit").unwrap();
     p.exp_eof().unwrap();
 }
+
+#[test]
+fn one_client_at_a_time_is_never_refused_even_without_a_queue() {
+    // --queue 0: nothing waits. A client that has seen the end of its answer finds the engine
+    // free, streamed or not (the place is given back before the end is sent).
+    let s = Server::start(&["--no-cache", "--queue", "0"]);
+    let chat = format!("{}/v1/chat/completions", s.url);
+    for i in 0..60 {
+        let stream = if i % 2 == 0 { "true" } else { "false" };
+        let (code, _, text) = post(
+            &chat,
+            &format!(
+                r#"{{"messages": [{{"role": "user", "content": "Hi {i}"}}], "max_tokens": 2, "stream": {stream}}}"#
+            ),
+        );
+        assert_eq!(code, 200, "request {i}: {text}");
+    }
+}

@@ -259,12 +259,7 @@ impl Remote {
         Ok(r)
     }
 
-    /// One answer to the messages so far.
-    pub fn respond(
-        &self,
-        sink: &mut dyn Sink,
-        stop: &AtomicBool,
-    ) -> anyhow::Result<(Message, TurnStats)> {
+    fn ask(&self, sink: &mut dyn Sink, stop: &AtomicBool) -> anyhow::Result<(Message, TurnStats)> {
         let req = Request {
             messages: &self.messages,
             mode: self.mode,
@@ -295,25 +290,14 @@ impl super::talk::Conversation for Remote {
     fn set_mode(&mut self, mode: Mode) {
         self.mode = mode;
     }
-    fn turn(
+    fn respond(
         &mut self,
-        user: &str,
         sink: &mut dyn Sink,
         stop: &AtomicBool,
     ) -> anyhow::Result<(Message, TurnStats)> {
-        self.messages
-            .push(Message::new(crate::model::chat_format::Role::User, user));
-        match self.respond(sink, stop) {
-            Ok((m, s)) => {
-                self.messages.push(m.clone());
-                self.context = s.prompt_tokens + s.generated_tokens;
-                Ok((m, s))
-            }
-            Err(e) => {
-                self.messages.pop();
-                Err(e)
-            }
-        }
+        let (m, s) = self.ask(sink, stop)?;
+        self.context = s.prompt_tokens + s.generated_tokens;
+        Ok((m, s))
     }
     fn clear(&mut self, keep_system: bool) {
         self.messages

@@ -64,10 +64,10 @@ pub trait Conversation {
     fn messages_mut(&mut self) -> &mut Vec<Message>;
     fn mode(&self) -> Mode;
     fn set_mode(&mut self, mode: Mode);
-    /// Add a user message, answer it into `sink`, and keep both (on error, as before).
-    fn turn(
+    /// One assistant turn after the messages so far, streamed into `sink`; `stop` ends it
+    /// early (the partial answer is returned).
+    fn respond(
         &mut self,
-        user: &str,
         sink: &mut dyn Sink,
         stop: &AtomicBool,
     ) -> anyhow::Result<(Message, TurnStats)>;
@@ -82,6 +82,27 @@ pub trait Conversation {
     /// Restore the state kept under `key`; its token count.
     fn resume(&mut self, _key: &[u8]) -> Option<usize> {
         None
+    }
+
+    /// Add a user message, respond, and keep both in the conversation. On error the user
+    /// message is taken back, so the conversation is as before.
+    fn turn(
+        &mut self,
+        user: &str,
+        sink: &mut dyn Sink,
+        stop: &AtomicBool,
+    ) -> anyhow::Result<(Message, TurnStats)> {
+        self.messages_mut().push(Message::new(Role::User, user));
+        match self.respond(sink, stop) {
+            Ok((m, s)) => {
+                self.messages_mut().push(m.clone());
+                Ok((m, s))
+            }
+            Err(e) => {
+                self.messages_mut().pop();
+                Err(e)
+            }
+        }
     }
 
     /// Set or replace the system prompt.
@@ -107,13 +128,12 @@ impl Conversation for Talk<'_> {
     fn set_mode(&mut self, mode: Mode) {
         self.mode = mode;
     }
-    fn turn(
+    fn respond(
         &mut self,
-        user: &str,
         sink: &mut dyn Sink,
         stop: &AtomicBool,
     ) -> anyhow::Result<(Message, TurnStats)> {
-        Talk::turn(self, user, sink, stop)
+        Talk::respond(self, sink, stop)
     }
     fn clear(&mut self, keep_system: bool) {
         Talk::clear(self, keep_system)
@@ -482,27 +502,6 @@ impl<'e> Talk<'e> {
             answer,
             stats,
         })
-    }
-
-    /// Add a user message, respond, and keep both in the conversation. On error the user
-    /// message is taken back, so the conversation is as before.
-    pub fn turn(
-        &mut self,
-        user: &str,
-        sink: &mut dyn Sink,
-        stop: &AtomicBool,
-    ) -> anyhow::Result<(Message, TurnStats)> {
-        self.messages.push(Message::new(Role::User, user));
-        match self.respond(sink, stop) {
-            Ok((m, s)) => {
-                self.messages.push(m.clone());
-                Ok((m, s))
-            }
-            Err(e) => {
-                self.messages.pop();
-                Err(e)
-            }
-        }
     }
 }
 

@@ -20,12 +20,11 @@ use sha2::Digest;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{SyncSender, TrySendError};
 use std::time::Duration;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 pub(super) struct State {
-    queue: SyncSender<Job>,
+    queue: super::Queue,
     tok: Arc<Tokenizer>,
     defaults: Defaults,
     model: String,
@@ -38,7 +37,7 @@ pub(super) struct State {
 
 impl State {
     pub(super) fn new(
-        queue: SyncSender<Job>,
+        queue: super::Queue,
         tok: Arc<Tokenizer>,
         defaults: Defaults,
         model: String,
@@ -255,17 +254,8 @@ async fn handle(
         cancel: cancel.clone(),
         events: tx,
     };
-    match st.queue.try_send(job) {
-        Ok(()) => {}
-        Err(TrySendError::Full(_)) => {
-            return error(ApiError::new(
-                429,
-                "rate_limit_error",
-                "queue_full",
-                "the server is busy (its queue is full); retry later",
-            ));
-        }
-        Err(TrySendError::Disconnected(_)) => return error(super::shutting_down()),
+    if let Err(e) = st.queue.push(job) {
+        return error(e);
     }
     let guard = CancelOnDrop(cancel);
     if stream {

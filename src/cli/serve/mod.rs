@@ -16,7 +16,7 @@ use crate::engine::sampler::Sampler;
 use api::{ApiError, Prepared};
 use clap::Args;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -69,6 +69,33 @@ struct Job {
     events: UnboundedSender<Event>,
 }
 
+/// The FIFO of jobs for the engine: at most `places` waiting besides the one running. A job
+/// holds its place until just before its end is sent, so a client that has seen the end of
+/// its answer finds its place free.
+struct Queue {
+    tx: std::sync::mpsc::Sender<Job>,
+    held: Arc<AtomicUsize>,
+    places: usize,
+}
+
+impl Queue {
+    fn push(&self, job: Job) -> Result<(), ApiError> {
+        if self.held.fetch_add(1, Ordering::SeqCst) > self.places {
+            self.held.fetch_sub(1, Ordering::SeqCst);
+            return Err(ApiError::new(
+                429,
+                "rate_limit_error",
+                "queue_full",
+                "the server is busy (its queue is full); retry later",
+            ));
+        }
+        self.tx.send(job).map_err(|_| {
+            self.held.fetch_sub(1, Ordering::SeqCst);
+            shutting_down()
+        })
+    }
+}
+
 /// Generated text into the request's channel; a closed channel (the client went away) ends
 /// the generation.
 struct ChannelSink<'a>(&'a UnboundedSender<Event>);
@@ -99,8 +126,8 @@ fn shutting_down() -> ApiError {
     )
 }
 
-/// Run one job on the engine and send its end.
-fn run_job(talk: &mut Talk, job: &Job, stopping: &AtomicBool) {
+/// Run one job on the engine; its end.
+fn run_job(talk: &mut Talk, job: &Job, stopping: &AtomicBool) -> Result<TurnStats, ApiError> {
     let p = &job.prep;
     talk.sampler = Sampler::new(p.sampler.clone());
     talk.max_tokens = p.max_tokens;
@@ -109,7 +136,7 @@ fn run_job(talk: &mut Talk, job: &Job, stopping: &AtomicBool) {
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         talk.complete(&p.ids, p.reasoning_first, &mut sink, &job.cancel)
     }));
-    let done = match r {
+    match r {
         Ok(Ok(c)) if c.stats.stop == "interrupted" && stopping.load(Ordering::SeqCst) => {
             Err(shutting_down())
         }
@@ -131,8 +158,7 @@ fn run_job(talk: &mut Talk, job: &Job, stopping: &AtomicBool) {
                 "internal error in the engine (the request was dropped; the server goes on)",
             ))
         }
-    };
-    let _ = job.events.send(Event::Done(done));
+    }
 }
 
 /// Returns the process exit code: 0 after SIGTERM (a service manager's stop), 128 + the
@@ -171,7 +197,13 @@ pub fn run(a: &ServeArgs, verbose: bool) -> anyhow::Result<i32> {
         ctx: a.engine.ctx.unwrap_or(engine.cfg.max_position_embeddings),
         vocab_size: engine.cfg.vocab_size,
     };
-    let (queue, jobs) = std::sync::mpsc::sync_channel::<Job>(a.queue);
+    let (tx, jobs) = std::sync::mpsc::channel::<Job>();
+    let held = Arc::new(AtomicUsize::new(0));
+    let queue = Queue {
+        tx,
+        held: held.clone(),
+        places: a.queue,
+    };
     let running: Arc<Mutex<Option<Arc<AtomicBool>>>> = Arc::default();
     let stopping = super::signals::stop_flag();
     let state = http::State::new(queue, tok.clone(), defaults, a.engine.model.clone(), key);
@@ -202,12 +234,18 @@ pub fn run(a: &ServeArgs, verbose: bool) -> anyhow::Result<i32> {
         match jobs.recv_timeout(Duration::from_millis(100)) {
             Ok(job) => {
                 *running.lock().unwrap_or_else(|e| e.into_inner()) = Some(job.cancel.clone());
-                if stopping.load(Ordering::SeqCst) {
-                    let _ = job.events.send(Event::Done(Err(shutting_down())));
+                let done = if stopping.load(Ordering::SeqCst) {
+                    Some(Err(shutting_down()))
                 } else if !job.cancel.load(Ordering::SeqCst) && !job.events.is_closed() {
-                    run_job(&mut talk, &job, stopping);
-                }
+                    Some(run_job(&mut talk, &job, stopping))
+                } else {
+                    None
+                };
                 *running.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                held.fetch_sub(1, Ordering::SeqCst);
+                if let Some(d) = done {
+                    let _ = job.events.send(Event::Done(d));
+                }
             }
             Err(RecvTimeoutError::Timeout) if server.is_finished() => break,
             Err(RecvTimeoutError::Timeout) => {}
