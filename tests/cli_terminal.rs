@@ -379,6 +379,26 @@ fn first_run_hints_and_warnings() {
         !p.contains("0 slots per layer") && !p.contains("GPU 0 GiB"),
         "{p}"
     );
+    // With less RAM than the experts, the rest come from the drive, which then bounds decode.
+    let o = run(&[
+        "inspect",
+        "--plan",
+        "--gpu-mem",
+        "0",
+        "--ram",
+        "64G",
+        "--cpu-gbs",
+        "100",
+        "--disk-bw",
+        "3",
+    ]);
+    let p = stdout(&o);
+    assert!(
+        p.contains("the rest from disk")
+            && p.contains("from disk at 3.0 GB/s")
+            && p.contains("bound by disk"),
+        "{p}"
+    );
 }
 
 #[test]

@@ -349,6 +349,8 @@ fn hybrid(a: &BenchArgs) -> anyhow::Result<()> {
         ram: crate::download::total_ram().unwrap_or(u64::MAX),
         cpu_gbs: probe::read_bandwidth(1 << 30, 2),
         cpu_tflops: 1.0,
+        // The bench model is in RAM.
+        disk_gbs: 0.0,
     };
     let predicted = crate::engine::plan::plan_with(
         &e.cfg,

@@ -20,8 +20,8 @@ pub struct InspectArgs {
     /// config; without a downloaded model, the release's built-in config is used).
     #[arg(long)]
     pub plan: bool,
-    /// Plan for the three reference machines (RTX 4090 + 128 GB, RTX 5090 + 192 GB, no GPU
-    /// + 256 GB) instead of this one.
+    /// Plan for the reference machines (RTX 4090 with 64 or 128 GB, RTX 5090 with 96 or 192
+    /// GB, no GPU with 256 GB) instead of this one.
     #[arg(long, requires = "plan")]
     pub reference: bool,
     /// GPU memory to plan with (e.g. 24G; default: this machine's, via nvidia-smi; 0 = none).
@@ -43,6 +43,10 @@ pub struct InspectArgs {
     /// Host-to-GPU bandwidth in GB/s (default 25, PCIe 4.0 x16).
     #[arg(long, default_value_t = 25.0)]
     pub pcie_gbs: f64,
+    /// Read bandwidth in GB/s of the drive holding the checkpoint, for the routed experts
+    /// that do not fit in RAM (default 3, a typical NVMe drive; 0: none from disk).
+    #[arg(long, visible_alias = "disk-bw", default_value_t = 3.0)]
+    pub disk_gbs: f64,
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -306,6 +310,7 @@ fn plan(a: &InspectArgs) -> anyhow::Result<()> {
             ram: a.ram.or_else(crate::download::total_ram).unwrap_or(0),
             cpu_gbs,
             cpu_tflops: 0.1 * rayon::current_num_threads() as f64,
+            disk_gbs: a.disk_gbs,
         }]
     };
     let plans: Vec<Plan> = machines.iter().map(|m| plan(&cfg, m, a.ctx)).collect();
@@ -341,30 +346,42 @@ fn plan(a: &InspectArgs) -> anyhow::Result<()> {
         for part in p.parts.iter().filter(|p| p.bytes > 0) {
             writeln!(
                 out,
-                "  {:<8} {:>8.2} GiB  {}",
+                "  {:<12} {:>8.2} GiB  {}",
                 part.place,
                 gib(part.bytes),
                 part.what
             )?;
         }
+        let disk = if p.disk_rate > 0.0 {
+            format!(
+                "; {:.0} % of expert selections from disk at {:.1} GB/s ({:.0} MB per token)",
+                100.0 * p.disk_rate,
+                m.disk_gbs,
+                p.disk_bytes_per_token / 1e6
+            )
+        } else {
+            String::new()
+        };
         writeln!(
             out,
-            "  GPU {:.1} GiB used; RAM {:.1} GiB{}",
+            "  GPU {:.1} GiB used; {:.1} GiB of weights outside the GPU{}{disk}",
             gib(p.gpu_bytes),
             gib(p.ram_bytes),
             if p.fits_in_ram {
                 ""
             } else {
-                " (more than this machine has: pages will stream from disk, which the decode figure below leaves out: it assumes RAM speed)"
+                " (more than RAM holds)"
             }
         )?;
         writeln!(
             out,
-            "  predicted decode {:.1} tok/s (per token: GPU {:.1} ms, CPU {:.1} ms, syncs {:.1} ms), prefill {:.0} tok/s in chunks of {} (--prefill-chunk)",
+            "  predicted decode {:.1} tok/s, bound by {} (per token: GPU {:.1} ms, CPU {:.1} ms, syncs {:.1} ms, disk reads {:.1} ms beside the CPU), prefill {:.0} tok/s in chunks of {} (--prefill-chunk)",
             p.decode_tok_s,
+            p.bound,
             1e3 * p.decode_split_s[0],
             1e3 * p.decode_split_s[1],
             1e3 * p.decode_split_s[2],
+            1e3 * p.decode_split_s[3],
             p.prefill_tok_s,
             crate::engine::plan::PREFILL_CHUNK
         )?;

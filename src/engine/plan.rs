@@ -37,15 +37,42 @@ pub struct Machine {
     pub cpu_gbs: f64,
     /// What the CPU's quantized GEMMs reach on a batch of tokens.
     pub cpu_tflops: f64,
+    /// Read bandwidth of the drive holding the checkpoint, for expert-sized reads (0: no
+    /// disk tier, every expert is assumed in RAM).
+    pub disk_gbs: f64,
 }
 
 const GIB: u64 = 1 << 30;
 
-/// The three reference boxes of the hybrid issue. Bandwidths are typical measured figures:
-/// RTX 4090 ~1,000 GB/s, RTX 5090 ~1,790 GB/s, PCIe 4.0 / 5.0 x16 ~25 / ~50 GB/s in practice,
-/// dual-channel DDR5 ~80-90 GB/s, a 4-channel DDR5 workstation ~150 GB/s.
+/// The reference boxes. Bandwidths are typical measured figures: RTX 4090 ~1,000 GB/s,
+/// RTX 5090 ~1,790 GB/s, PCIe 4.0 / 5.0 x16 ~25 / ~50 GB/s in practice, dual-channel DDR5
+/// ~80-90 GB/s, a 4-channel DDR5 workstation ~150 GB/s; NVMe reads of a few MB, PCIe 4.0
+/// drive ~6 GB/s, PCIe 5.0 ~11 GB/s. The first two have less RAM than the model: part of the
+/// routed experts come from the drive.
 pub fn reference_machines() -> Vec<Machine> {
     vec![
+        Machine {
+            name: "RTX 4090 24 GB + 64 GB DDR5 (2 channels) + PCIe 4.0 NVMe".into(),
+            gpu_mem: 24 * GIB,
+            gpu_gbs: 1000.0,
+            gpu_tflops: 330.0,
+            pcie_gbs: 25.0,
+            ram: 64 * GIB,
+            cpu_gbs: 80.0,
+            cpu_tflops: 2.0,
+            disk_gbs: 6.0,
+        },
+        Machine {
+            name: "RTX 5090 32 GB + 96 GB DDR5 (2 channels) + PCIe 5.0 NVMe".into(),
+            gpu_mem: 32 * GIB,
+            gpu_gbs: 1790.0,
+            gpu_tflops: 420.0,
+            pcie_gbs: 50.0,
+            ram: 96 * GIB,
+            cpu_gbs: 90.0,
+            cpu_tflops: 2.5,
+            disk_gbs: 11.0,
+        },
         Machine {
             name: "RTX 4090 24 GB + 128 GB DDR5 (2 channels)".into(),
             gpu_mem: 24 * GIB,
@@ -55,6 +82,7 @@ pub fn reference_machines() -> Vec<Machine> {
             ram: 128 * GIB,
             cpu_gbs: 80.0,
             cpu_tflops: 2.0,
+            disk_gbs: 6.0,
         },
         Machine {
             name: "RTX 5090 32 GB + 192 GB DDR5 (2 channels)".into(),
@@ -65,6 +93,7 @@ pub fn reference_machines() -> Vec<Machine> {
             ram: 192 * GIB,
             cpu_gbs: 90.0,
             cpu_tflops: 2.5,
+            disk_gbs: 11.0,
         },
         Machine {
             name: "no GPU + 256 GB DDR5 (4 channels)".into(),
@@ -75,12 +104,17 @@ pub fn reference_machines() -> Vec<Machine> {
             ram: 256 * GIB,
             cpu_gbs: 150.0,
             cpu_tflops: 4.0,
+            disk_gbs: 6.0,
         },
     ]
 }
 
 /// Left to the driver, the display and the activations.
 pub const GPU_RESERVE: u64 = GIB;
+/// RAM left to the system, the activations and the tokenizer.
+pub const RAM_RESERVE: u64 = 4 * GIB;
+/// Per read from the drive (queueing and completion; an expert is three reads).
+pub const DISK_READ_S: f64 = 100e-6;
 /// Per layer and decoded token: the routing copy back and the combine (two small transfers).
 pub const LAYER_SYNC_S: f64 = 20e-6;
 /// Context given device room for its KV rows when no `--ctx` is asked for (the rows grow as
@@ -110,10 +144,20 @@ pub struct Plan {
     pub expert_slots_per_layer: usize,
     /// Expected fraction of expert selections served by GPU slots.
     pub hit_rate: f64,
+    /// Routed experts per layer kept in RAM (besides the GPU's), and the fraction of
+    /// selections they serve; the rest are read from the drive.
+    pub ram_experts_per_layer: usize,
+    pub ram_hit_rate: f64,
+    pub disk_rate: f64,
+    /// Expert bytes read from the drive per decoded token.
+    pub disk_bytes_per_token: f64,
+    /// What bounds decode: "GPU memory", "RAM" or "disk".
+    pub bound: &'static str,
     pub decode_tok_s: f64,
     pub prefill_tok_s: f64,
-    /// Per decoded token: seconds on the GPU, on the CPU, in syncs (the critical path).
-    pub decode_split_s: [f64; 3],
+    /// Per decoded token: seconds on the GPU, on the CPU, in syncs, reading the drive (each
+    /// summed over the layers; the CPU's reads overlap its compute).
+    pub decode_split_s: [f64; 4],
     pub fits_in_ram: bool,
 }
 
@@ -228,6 +272,26 @@ pub fn plan_with(cfg: &ModelConfig, m: &Machine, ctx: usize, o: Overrides) -> Pl
     // + 0.0: an empty sum is -0.0.
     let hit: f64 = o.hit_rate.unwrap_or(pop[..slots].iter().sum::<f64>() + 0.0);
     let dense_gpu: u64 = dense[..gpu_layers].iter().sum();
+    // RAM: what the CPU reads besides the routed experts, then as many experts per layer as
+    // fit (the most popular after the GPU's); with a drive modelled, the rest come from it.
+    let non_expert_ram = (total_dense - dense_gpu)
+        + if head_on_gpu { 0 } else { head }
+        + embed
+        + other
+        + if kv_on_gpu { 0 } else { kv };
+    let ram_for_experts = m.ram.saturating_sub(RAM_RESERVE + non_expert_ram);
+    let ram_experts = if m.disk_gbs > 0.0 {
+        ((ram_for_experts / (layers as u64 * expert_bytes).max(1)) as usize).min(n_exp - slots)
+    } else {
+        n_exp - slots
+    };
+    let (ram_hit, disk) = if slots + ram_experts >= n_exp {
+        (1.0 - hit, 0.0)
+    } else {
+        let r: f64 = pop[slots..slots + ram_experts].iter().sum::<f64>() + 0.0;
+        let r = r.min(1.0 - hit);
+        (r, (1.0 - hit - r).max(0.0))
+    };
     let place = |on: bool| if on { "gpu" } else { "cpu" }.to_string();
     let parts = vec![
         Part {
@@ -255,16 +319,30 @@ pub fn plan_with(cfg: &ModelConfig, m: &Machine, ctx: usize, o: Overrides) -> Pl
             place: place(head_on_gpu),
         },
         Part {
-            what: if m.gpu_mem == 0 {
-                "routed experts, from RAM".to_string()
-            } else {
-                format!(
+            what: match (m.gpu_mem, disk > 0.0) {
+                (0, false) => "routed experts, from RAM".to_string(),
+                (0, true) => format!(
+                    "routed experts: {ram_experts} per layer in RAM ({:.0} % of selections), the rest from disk",
+                    100.0 * ram_hit
+                ),
+                (_, false) => format!(
                     "routed experts: {slots} slots per layer on the GPU ({:.0} % of selections), the rest from RAM",
                     100.0 * hit
-                )
+                ),
+                (_, true) => format!(
+                    "routed experts: {slots} slots per layer on the GPU ({:.0} % of selections), {ram_experts} in RAM ({:.0} %), the rest from disk",
+                    100.0 * hit,
+                    100.0 * ram_hit
+                ),
             },
             bytes: experts_total,
-            place: if slots > 0 { "gpu+cpu" } else { "cpu" }.into(),
+            place: match (slots > 0, disk > 0.0) {
+                (true, false) => "gpu+cpu",
+                (true, true) => "gpu+cpu+disk",
+                (false, false) => "cpu",
+                (false, true) => "cpu+disk",
+            }
+            .into(),
         },
         Part {
             what: "embedding, hash tables, MTP".into(),
@@ -272,23 +350,33 @@ pub fn plan_with(cfg: &ModelConfig, m: &Machine, ctx: usize, o: Overrides) -> Pl
             place: "cpu".into(),
         },
     ];
-    // Decode roofline, layer by layer.
+    // Decode roofline, layer by layer: the GPU's part (attention, cached experts) beside the
+    // CPU's (experts from RAM), whose reads from the drive overlap its compute; a fixed sync
+    // per layer with a GPU.
     let gbs = |bw: f64| bw * 1e9;
     let kv_layer_read = kv as f64 / layers as f64; // every row read once per token (upper bound)
-    let (mut t_gpu, mut t_cpu, mut t_sync) = (0.0, 0.0, 0.0);
+    let exp_bytes = (k as u64 * expert_bytes) as f64;
+    let disk_layer = if disk > 0.0 {
+        disk * exp_bytes / gbs(m.disk_gbs) + disk * k as f64 * 3.0 * DISK_READ_S
+    } else {
+        0.0
+    };
+    let (mut t_gpu, mut t_cpu, mut t_sync, mut t_disk, mut per_layer) = (0.0, 0.0, 0.0, 0.0, 0.0);
     for (l, &d) in dense.iter().enumerate() {
-        let exp_bytes = (k as u64 * expert_bytes) as f64;
-        let on_gpu = l < gpu_layers;
-        let (g, c) = if on_gpu {
-            let g = (d as f64 + kv_layer_read + hit * exp_bytes) / gbs(m.gpu_gbs);
-            let c = (1.0 - hit) * exp_bytes / gbs(m.cpu_gbs);
-            (g, c)
+        t_disk += disk_layer;
+        if l < gpu_layers {
+            let attn = (d as f64 + kv_layer_read) / gbs(m.gpu_gbs);
+            let hits = hit * exp_bytes / gbs(m.gpu_gbs);
+            let miss = (1.0 - hit) * exp_bytes / gbs(m.cpu_gbs);
+            t_gpu += attn + hits;
+            t_cpu += miss;
+            per_layer += attn + hits.max(miss.max(disk_layer));
         } else {
-            (0.0, (d as f64 + kv_layer_read + exp_bytes) / gbs(m.cpu_gbs))
-        };
-        // The MoE halves run in parallel; the GPU's attention precedes them.
-        t_gpu += g;
-        t_cpu += c;
+            let dense_t = (d as f64 + kv_layer_read) / gbs(m.cpu_gbs);
+            let exp_t = exp_bytes / gbs(m.cpu_gbs);
+            t_cpu += dense_t + exp_t;
+            per_layer += dense_t + exp_t.max(disk_layer);
+        }
         if m.gpu_mem > 0 {
             t_sync += LAYER_SYNC_S;
         }
@@ -298,33 +386,27 @@ pub fn plan_with(cfg: &ModelConfig, m: &Machine, ctx: usize, o: Overrides) -> Pl
     } else {
         head as f64 / gbs(m.cpu_gbs)
     };
-    let decode_s = if m.gpu_mem == 0 {
-        t_cpu + head_t
+    let decode_s = per_layer + t_sync + head_t;
+    let bound = if t_disk >= t_cpu && t_disk >= t_gpu {
+        "disk"
+    } else if t_gpu >= t_cpu {
+        "GPU memory"
     } else {
-        // Per layer max(GPU, CPU) is bounded below by the sums' max; use the per-layer form
-        // (the two halves meet at every layer).
-        let per_layer: f64 = dense
-            .iter()
-            .enumerate()
-            .map(|(l, &d)| {
-                let exp_bytes = (k as u64 * expert_bytes) as f64;
-                if l < gpu_layers {
-                    let attn = (d as f64 + kv_layer_read) / gbs(m.gpu_gbs);
-                    let hits = hit * exp_bytes / gbs(m.gpu_gbs);
-                    let miss = (1.0 - hit) * exp_bytes / gbs(m.cpu_gbs);
-                    attn + hits.max(miss)
-                } else {
-                    (d as f64 + kv_layer_read + exp_bytes) / gbs(m.cpu_gbs)
-                }
-            })
-            .sum();
-        per_layer + t_sync + head_t
+        "RAM"
     };
     // Prefill roofline for one chunk of PREFILL_CHUNK tokens.
     let c = PREFILL_CHUNK as f64;
     let flops_per_token = 2.0 * cfg_active_params(cfg);
+    // A chunk selects nearly every expert: those on the drive are each read once per chunk,
+    // overlapping the compute.
+    let disk_chunk = if disk > 0.0 {
+        let n = (layers * (n_exp - slots - ram_experts)) as f64;
+        n * (expert_bytes as f64 / gbs(m.disk_gbs) + 3.0 * DISK_READ_S)
+    } else {
+        0.0
+    };
     let prefill_s = if m.gpu_mem == 0 {
-        c * flops_per_token / (m.cpu_tflops * 1e12)
+        (c * flops_per_token / (m.cpu_tflops * 1e12)).max(disk_chunk)
     } else {
         let gpu_compute = c * flops_per_token / (m.gpu_tflops * 1e12);
         // Non-resident experts of every layer: stream each over PCIe, or compute its tokens
@@ -335,7 +417,9 @@ pub fn plan_with(cfg: &ModelConfig, m: &Machine, ctx: usize, o: Overrides) -> Pl
         let cpu = expert_flops / (m.cpu_tflops * 1e12);
         let misses = (n_exp - slots) as f64 * layers as f64;
         let dense_cpu = (total_dense - dense_gpu) as f64 / gbs(m.pcie_gbs);
-        gpu_compute.max(misses * stream.min(cpu) + dense_cpu)
+        gpu_compute
+            .max(misses * stream.min(cpu) + dense_cpu)
+            .max(disk_chunk)
     };
     let on_gpu_weights =
         dense_gpu + if head_on_gpu { head } else { 0 } + (slots * layers) as u64 * expert_bytes;
@@ -351,12 +435,18 @@ pub fn plan_with(cfg: &ModelConfig, m: &Machine, ctx: usize, o: Overrides) -> Pl
         gpu_layers,
         expert_slots_per_layer: slots,
         hit_rate: hit,
+        ram_experts_per_layer: ram_experts,
+        ram_hit_rate: ram_hit,
+        disk_rate: disk,
+        disk_bytes_per_token: disk * exp_bytes * layers as f64,
+        bound,
         decode_tok_s: 1.0 / decode_s,
         prefill_tok_s: c / prefill_s,
         decode_split_s: [
             t_gpu + if head_on_gpu { head_t } else { 0.0 },
-            t_cpu,
+            t_cpu + if head_on_gpu { 0.0 } else { head_t },
             t_sync,
+            t_disk,
         ],
         fits_in_ram: ram_needed <= m.ram,
     }
@@ -471,7 +561,8 @@ mod tests {
     #[test]
     fn no_gpu_decode_is_bytes_per_token_over_ram_bandwidth() {
         let cfg = real();
-        let m = &reference_machines()[2];
+        let ms = reference_machines();
+        let m = ms.iter().find(|m| m.gpu_mem == 0).unwrap();
         let p = plan(&cfg, m, 4096);
         assert_eq!(
             (p.gpu_layers, p.expert_slots_per_layer, p.gpu_bytes),
@@ -504,10 +595,11 @@ mod tests {
                 m.name
             );
             assert!(p.expert_slots_per_layer > 0);
-            assert!(p.fits_in_ram);
+            assert_eq!(p.fits_in_ram, m.ram >= 128 * GIB, "{}", m.name);
         }
         // More GPU memory never means fewer slots or a slower prediction.
-        let mut m = reference_machines()[0].clone();
+        let mut m = reference_machines()[2].clone();
+        assert_eq!(m.ram, 128 * GIB);
         let mut last = (0usize, 0f64);
         for gb in [4u64, 8, 16, 24, 48, 96, 200] {
             m.gpu_mem = gb * GIB;
@@ -527,5 +619,67 @@ mod tests {
         let p = plan(&cfg, &m, 4096);
         assert_eq!(p.expert_slots_per_layer, cfg.n_routed_experts);
         assert!((p.hit_rate - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn experts_beyond_ram_come_from_disk_and_the_plan_says_so() {
+        let cfg = real();
+        let (layers, k, n) = (
+            cfg.num_hidden_layers as f64,
+            cfg.num_experts_per_tok as f64,
+            cfg.n_routed_experts,
+        );
+        let inv = inventory(&cfg);
+        let expert: f64 = inv
+            .iter()
+            .filter(|t| t.component == Component::RoutedExperts)
+            .map(|t| t.nbytes() as f64)
+            .sum::<f64>()
+            / (layers * n as f64);
+        let pop = expert_popularity(n);
+        let ms = reference_machines();
+        for m in ms.iter().filter(|m| m.ram < 128 * GIB) {
+            let p = plan(&cfg, m, 4096);
+            let (s, r) = (p.expert_slots_per_layer, p.ram_experts_per_layer);
+            assert!(s > 0 && r > 0 && s + r < n, "{}: {s} + {r}", m.name);
+            // The GPU keeps the most popular experts, RAM the next: the drive serves the rest.
+            let on_disk: f64 = pop[s + r..].iter().sum();
+            assert!((p.disk_rate - on_disk).abs() < 1e-9, "{}", m.name);
+            assert!((p.hit_rate + p.ram_hit_rate + p.disk_rate - 1.0).abs() < 1e-9);
+            assert!((p.disk_bytes_per_token - on_disk * k * expert * layers).abs() < 1.0);
+            assert_eq!(p.bound, "disk", "{}", m.name);
+            // Reads overlap the CPU's compute: no slower than the reads alone, nor faster
+            // than the plan with every expert in RAM.
+            let reads = p.disk_bytes_per_token / (m.disk_gbs * 1e9);
+            assert!(1.0 / p.decode_tok_s >= reads, "{}", m.name);
+            let mut roomy = m.clone();
+            roomy.ram = 1024 * GIB;
+            let all_in_ram = plan(&cfg, &roomy, 4096);
+            assert_eq!((all_in_ram.disk_rate, all_in_ram.bound), (0.0, "RAM"));
+            assert!(p.decode_tok_s < all_in_ram.decode_tok_s);
+            // With every expert in RAM the drive does not count.
+            roomy.disk_gbs = 0.0;
+            assert_eq!(
+                plan(&cfg, &roomy, 4096).decode_tok_s,
+                all_in_ram.decode_tok_s
+            );
+        }
+        // More RAM or a faster drive is never slower; RAM lowers the share read.
+        let mut m = ms[0].clone();
+        let mut last = (1.0f64, 0.0f64);
+        for gb in [32u64, 48, 64, 96, 128, 160, 256] {
+            m.ram = gb * GIB;
+            let p = plan(&cfg, &m, 4096);
+            assert!(p.disk_rate <= last.0 && p.decode_tok_s >= last.1, "{gb} GB");
+            last = (p.disk_rate, p.decode_tok_s);
+        }
+        assert_eq!(last.0, 0.0);
+        let (mut m, mut prev) = (ms[0].clone(), 0.0);
+        for bw in [1.0, 3.0, 6.0, 12.0, 50.0] {
+            m.disk_gbs = bw;
+            let p = plan(&cfg, &m, 4096);
+            assert!(p.decode_tok_s >= prev && p.prefill_tok_s > 0.0, "{bw} GB/s");
+            prev = p.decode_tok_s;
+        }
     }
 }
