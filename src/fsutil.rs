@@ -250,6 +250,26 @@ pub fn free_bytes(p: &Path) -> Option<u64> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn disk_speed_reads_written_files_and_skips_sparse_ones() {
+        let d = tempfile::tempdir().unwrap();
+        let full = d.path().join("full.bin");
+        std::fs::write(&full, vec![7u8; 24 << 20]).unwrap();
+        let sparse = d.path().join("sparse.bin");
+        File::create(&sparse).unwrap().set_len(1 << 30).unwrap();
+        let budget = std::time::Duration::from_millis(20);
+        let s = disk_speed(&[full.clone(), sparse.clone()], 5_000_000, budget).expect("measured");
+        // Whole 4 KiB blocks per read, at least four of them.
+        assert_eq!(s.chunk_bytes, 1220 * 4096);
+        assert!(
+            s.reads >= 4 && s.read_gbs > 0.0 && s.latency_ms > 0.0,
+            "{s:?}"
+        );
+        assert!(disk_speed(&[sparse], 5_000_000, budget).is_none());
+        // A file shorter than one read is not used.
+        assert!(disk_speed(&[full], 32 << 20, budget).is_none());
+    }
+
     fn temps(dir: &Path) -> Vec<String> {
         std::fs::read_dir(dir)
             .unwrap()
@@ -314,5 +334,122 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("device"), "{e}");
+    }
+}
+
+/// What reading uncached ranges of a drive's files costs (`dsflash bench`, for the plan's
+/// disk tier).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DiskSpeed {
+    /// GB/s for reads of `chunk_bytes` at random places, one at a time (an expert's size).
+    pub read_gbs: f64,
+    pub chunk_bytes: usize,
+    /// Median time of a 4 KiB read at a random place.
+    pub latency_ms: f64,
+    /// Read with O_DIRECT (else the pages were dropped from the page cache first).
+    pub direct: bool,
+    pub reads: usize,
+}
+
+/// Measure [`DiskSpeed`] on `files` (those of at least `chunk` bytes): 32 small reads, then
+/// `chunk`-sized ones until `budget` is spent (at least 4); with O_DIRECT where the file
+/// system takes it. None if no file is large enough or a read fails; sparse files (holes
+/// read as zeros without the drive) are skipped.
+pub fn disk_speed(
+    files: &[PathBuf],
+    chunk: usize,
+    budget: std::time::Duration,
+) -> Option<DiskSpeed> {
+    measure_disk(files, chunk, budget, true).or_else(|| measure_disk(files, chunk, budget, false))
+}
+
+fn measure_disk(
+    files: &[PathBuf],
+    chunk: usize,
+    budget: std::time::Duration,
+    mut direct: bool,
+) -> Option<DiskSpeed> {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    const ALIGN: usize = 4096;
+    let chunk = (chunk / ALIGN).max(1) * ALIGN;
+    let mut open = Vec::new();
+    for p in files {
+        let Ok(m) = std::fs::metadata(p) else {
+            continue;
+        };
+        // Holes: fewer blocks on the drive than the length says.
+        if m.len() < chunk as u64 || (m.blocks() * 512) < m.len() / 2 {
+            continue;
+        }
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(if direct { libc::O_DIRECT } else { 0 })
+            .open(p)
+            .or_else(|_| {
+                direct = false;
+                File::open(p)
+            });
+        if let Ok(f) = f {
+            open.push((f, m.len()));
+        }
+    }
+    if open.is_empty() {
+        return None;
+    }
+    // A buffer aligned for O_DIRECT: the aligned part of a larger vector.
+    let mut raw = vec![0u8; chunk + ALIGN];
+    let at = raw.as_ptr().align_offset(ALIGN);
+    let buf = &mut raw[at..at + chunk];
+    let mut rng = crate::model::synth::SplitMix64::new(0x5eed);
+    let mut pick = |len: usize| {
+        let (f, size) = &open[(rng.next_u64() % open.len() as u64) as usize];
+        let slots = (size - len as u64) / ALIGN as u64;
+        let off = (rng.next_u64() % slots.max(1)) * ALIGN as u64;
+        (f, off)
+    };
+    let read = |f: &File, off: u64, b: &mut [u8]| -> bool {
+        if !direct {
+            drop_cached(f, off, b.len());
+        }
+        f.read_exact_at(b, off).is_ok()
+    };
+    let mut small = Vec::new();
+    for _ in 0..32 {
+        let (f, off) = pick(ALIGN);
+        let t = std::time::Instant::now();
+        if !read(f, off, &mut buf[..ALIGN]) {
+            return None;
+        }
+        small.push(t.elapsed().as_secs_f64());
+    }
+    small.sort_by(f64::total_cmp);
+    let (mut reads, t) = (0usize, std::time::Instant::now());
+    while reads < 4 || t.elapsed() < budget {
+        let (f, off) = pick(chunk);
+        if !read(f, off, buf) {
+            return None;
+        }
+        reads += 1;
+    }
+    Some(DiskSpeed {
+        read_gbs: (reads * chunk) as f64 / t.elapsed().as_secs_f64() / 1e9,
+        chunk_bytes: chunk,
+        latency_ms: 1e3 * small[small.len() / 2],
+        direct,
+        reads,
+    })
+}
+
+/// Ask the kernel to drop `len` bytes at `off` of `f` from the page cache (advice only).
+fn drop_cached(f: &File, off: u64, len: usize) {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: posix_fadvise on an open descriptor we own; it only gives advice.
+    unsafe {
+        libc::posix_fadvise(
+            f.as_raw_fd(),
+            off as libc::off_t,
+            len as libc::off_t,
+            libc::POSIX_FADV_DONTNEED,
+        );
     }
 }

@@ -110,6 +110,8 @@ pub struct BenchReport {
     /// The same decode under `--numerics fast` (int8 inputs to the FP8/FP4 products).
     pub decode_fast: Option<Decode>,
     pub prefill: Option<Prefill>,
+    /// Reads from the bench model's drive: what `inspect --plan --disk-gbs` takes.
+    pub disk: Option<crate::fsutil::DiskSpeed>,
 }
 
 /// Time matvecs over `copies` distinct matrices (so the working set exceeds the caches),
@@ -554,8 +556,8 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
         );
         kernels.push(r);
     }
-    let (decode, decode_fast, prefill) = if a.kernels_only {
-        (None, None, None)
+    let (decode, decode_fast, prefill, disk) = if a.kernels_only {
+        (None, None, None, None)
     } else {
         super::signals::check()?;
         let (d, df, p) = end_to_end(a, &read_probe, prefill_bound)?;
@@ -579,7 +581,31 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
             p.ratio * 100.0,
             p.bound
         );
-        (Some(d), Some(df), Some(p))
+        // Expert-sized reads (three matrices and scales: ~13.4 MB on the real model).
+        let shards: Vec<std::path::PathBuf> = std::fs::read_dir(&a.synth_dir)?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        let budget = std::time::Duration::from_secs_f64(if a.quick { 0.5 } else { 2.0 });
+        let disk = crate::fsutil::disk_speed(&shards, 13_400_000, budget);
+        match &disk {
+            Some(s) => eprintln!(
+                "  disk    {:>7.2} GB/s in reads of {:.1} MB, {:.2} ms per 4 KiB read{} (inspect --plan --disk-gbs)",
+                s.read_gbs,
+                s.chunk_bytes as f64 / 1e6,
+                s.latency_ms,
+                if s.direct {
+                    ", O_DIRECT"
+                } else {
+                    ", page cache dropped"
+                }
+            ),
+            None => eprintln!(
+                "  disk    not measured (the bench model's files are sparse or too small)"
+            ),
+        }
+        (Some(d), Some(df), Some(p), disk)
     };
     let report = BenchReport {
         threads: rayon::current_num_threads(),
@@ -590,6 +616,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
         decode,
         decode_fast,
         prefill,
+        disk,
     };
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
