@@ -441,7 +441,7 @@ fn measure_disk(
 }
 
 /// Ask the kernel to drop `len` bytes at `off` of `f` from the page cache (advice only).
-fn drop_cached(f: &File, off: u64, len: usize) {
+pub fn drop_cached(f: &File, off: u64, len: usize) {
     use std::os::unix::io::AsRawFd;
     // SAFETY: posix_fadvise on an open descriptor we own; it only gives advice.
     unsafe {

@@ -13,5 +13,6 @@ pub mod device;
 pub mod exec;
 pub mod expert_cache;
 mod promote;
+pub mod ram_tier;
 pub mod select;
 pub mod sim;

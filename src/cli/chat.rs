@@ -242,6 +242,14 @@ fn chat_loop(
                     if let Some(line) = engine.and_then(|e| device_line(&e.exec)) {
                         println!("{line}");
                     }
+                    if let Some(r) = engine.and_then(|e| e.ram_stats()) {
+                        println!(
+                            "--ram: {} expert selections served from RAM, {} read from the files ({:.2} GB)",
+                            r.hits,
+                            r.reads,
+                            r.bytes_read as f64 / 1e9
+                        );
+                    }
                     continue;
                 }
                 "save" => {

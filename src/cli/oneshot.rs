@@ -97,6 +97,9 @@ struct JsonOut<'a> {
     stats: &'a TurnStats,
     prefill_tokens_per_s: f64,
     decode_tokens_per_s: f64,
+    /// Under `--ram`: selections served from RAM and read from the files.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ram_tier: Option<crate::backend::ram_tier::RamStats>,
 }
 
 /// Returns the process exit code.
@@ -116,6 +119,7 @@ pub fn run(a: &TalkArgs, stdin: Option<String>, verbose: bool) -> anyhow::Result
     };
     let engine;
     let tok;
+    let mut ram_tier = None;
     let (msg, stats, seed) = match &a.endpoint {
         // Another server answers: no model, no tokenizer here.
         Some(url) => {
@@ -143,6 +147,7 @@ pub fn run(a: &TalkArgs, stdin: Option<String>, verbose: bool) -> anyhow::Result
             }
             let (m, st) = talk.turn(&user, &mut sink, stop)?;
             a.engine.finish(&engine)?;
+            ram_tier = engine.ram_stats();
             (m, st, talk.sampler.config().seed)
         }
     };
@@ -167,6 +172,7 @@ pub fn run(a: &TalkArgs, stdin: Option<String>, verbose: bool) -> anyhow::Result
             stats: &stats,
             prefill_tokens_per_s: stats.prefill_tps(),
             decode_tokens_per_s: stats.decode_tps(),
+            ram_tier,
         };
         serde_json::to_writer(&mut out, &j)?;
     }

@@ -40,6 +40,10 @@ pub struct EngineArgs {
     /// written back at exit with this session's selections added.
     #[arg(long)]
     pub expert_profile: Option<PathBuf>,
+    /// RAM the weights may take (e.g. 48G): the routed experts that do not fit are read from
+    /// the files when selected instead of left to the page cache (default: all mapped).
+    #[arg(long, value_parser = parse_size_arg)]
+    pub ram: Option<u64>,
 }
 
 fn parse_chunk(s: &str) -> Result<u64, String> {
@@ -72,6 +76,14 @@ impl EngineArgs {
     /// Open the checkpoint at `dir` and place it on the chosen device.
     pub fn open_dir(&self, dir: &std::path::Path) -> anyhow::Result<Engine> {
         let mut e = Engine::open(dir, self.numerics)?;
+        if let Some(b) = self.ram {
+            let n = e.use_ram(b);
+            eprintln!(
+                "dsflash: --ram {:.2} GiB: {n} of {} routed experts per layer held in RAM, the others read from the files when selected",
+                b as f64 / (1u64 << 30) as f64,
+                e.cfg.n_routed_experts
+            );
+        }
         let opened = crate::backend::select::open(&self.device);
         if let Some(n) = opened.notice {
             eprintln!("{n}");

@@ -46,6 +46,8 @@ pub struct Engine {
     pub(super) host: Exec,
     /// Steps of at least this many tokens skip the device path (one of them failed there).
     pub(super) device_gave_up_at: std::sync::atomic::AtomicUsize,
+    /// Routed experts held in RAM under `--ram` (None: read through the map).
+    pub(super) ram: Option<crate::backend::ram_tier::RamTier>,
     /// `Checkpoint::fingerprint` of the weights.
     fingerprint: String,
     /// The traps injected (tests only), as part of the identity.
@@ -83,6 +85,7 @@ impl Engine {
             exec: Exec::cpu(),
             host: Exec::cpu(),
             device_gave_up_at: std::sync::atomic::AtomicUsize::new(usize::MAX),
+            ram: None,
             fingerprint,
             traps: String::new(),
         })
@@ -103,6 +106,32 @@ impl Engine {
             self.exec.kernels().identity(),
             self.traps
         )
+    }
+
+    /// Let the weights take at most `bytes` of RAM (`--ram`): everything but the routed
+    /// experts is read through the map and counted first; the experts get the rest, the same
+    /// number in every layer, held as copies (`backend::ram_tier`), and the CPU reads any
+    /// other expert from the files when it is selected. Returns the experts held per layer.
+    pub fn use_ram(&mut self, bytes: u64) -> usize {
+        let (layers, n) = (self.cfg.num_hidden_layers, self.cfg.n_routed_experts);
+        let mut experts = 0u64;
+        let mut other = 0u64;
+        for t in crate::model::layout::inventory(&self.cfg) {
+            match t.component {
+                crate::model::layout::Component::RoutedExperts => experts += t.nbytes() as u64,
+                _ => other += t.nbytes() as u64,
+            }
+        }
+        let per_expert = (experts / (layers * n).max(1) as u64).max(1);
+        let per_layer =
+            ((bytes.saturating_sub(other) / per_expert / layers.max(1) as u64) as usize).min(n);
+        self.ram = Some(crate::backend::ram_tier::RamTier::new(per_layer));
+        per_layer
+    }
+
+    /// What the RAM tier served, if `use_ram` set one up.
+    pub fn ram_stats(&self) -> Option<crate::backend::ram_tier::RamStats> {
+        self.ram.as_ref().map(|r| r.stats())
     }
 
     /// The CPU kernels products may use (default: the fastest this CPU has; `Fp32` pins one
@@ -237,6 +266,7 @@ impl Engine {
             cfg: &self.cfg,
             ex: &self.exec,
             host: &self.host,
+            ram: self.ram.as_ref(),
             num: self.numerics,
             dv: self.deviations,
             layer: b.layer,

@@ -76,6 +76,8 @@ pub struct MoeCtx<'a> {
     pub ex: &'a Exec,
     /// All products on the CPU (misses of the device's expert cache).
     pub host: &'a Exec,
+    /// Where the CPU's experts come from under `--ram` (None: the mapped views).
+    pub ram: Option<&'a crate::backend::ram_tier::RamTier>,
     pub num: Numerics,
     pub dv: Deviations,
     /// The block index (the expert cache keys experts by layer).
@@ -249,10 +251,12 @@ fn experts<O: Ops>(
             true => RowWeights::Host(&wts),
             false => RowWeights::One,
         };
+        let copy = ctx.ram.and_then(|r| r.get(ctx.layer, e, &w.experts[e]));
+        let ew = copy.as_deref().unwrap_or(&w.experts[e]);
         let Ok(out) = ctx
             .ex
             .timing
-            .cpu(|| expert(&cpu, &w.experts[e], &xe, n, (limit, lower), num, pre));
+            .cpu(|| expert(&cpu, ew, &xe, n, (limit, lower), num, pre));
         out
     };
     let add = |y: &mut O::T, e: usize, src: &O::T, at: usize| {

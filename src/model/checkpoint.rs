@@ -59,6 +59,8 @@ pub struct Bytes {
     map: Arc<dyn AsRef<[u8]> + Send + Sync>,
     start: usize,
     len: usize,
+    /// The shard file the map is of (from offset 0): lets `read_copy` read instead of map.
+    file: Option<Arc<std::fs::File>>,
 }
 
 impl Bytes {
@@ -69,6 +71,7 @@ impl Bytes {
             map: Arc::new(v),
             start: 0,
             len,
+            file: None,
         }
     }
 
@@ -79,7 +82,22 @@ impl Bytes {
             map: self.map.clone(),
             start: self.start + start,
             len,
+            file: self.file.clone(),
         }
+    }
+
+    /// The same bytes as an owned copy read from the shard file (not through the map), and
+    /// dropped from the page cache after: the caller keeps what it wants to keep. Owned
+    /// bytes are shared as they are.
+    pub fn read_copy(&self) -> std::io::Result<Bytes> {
+        use std::os::unix::fs::FileExt;
+        let Some(f) = &self.file else {
+            return Ok(self.clone());
+        };
+        let mut v = vec![0u8; self.len];
+        f.read_exact_at(&mut v, self.start as u64)?;
+        crate::fsutil::drop_cached(f, self.start as u64, self.len);
+        Ok(Bytes::from_vec(v))
     }
 }
 
@@ -101,6 +119,8 @@ pub struct Shard {
     pub path: PathBuf,
     pub file_name: String,
     map: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    /// None for a checkpoint in memory.
+    file: Option<Arc<std::fs::File>>,
     /// 8 + JSON header length: where the data section starts.
     pub data_start: usize,
     pub file_len: u64,
@@ -220,6 +240,7 @@ impl Checkpoint {
                     path: dir.join(name),
                     file_name: name.to_string(),
                     map: bytes.clone(),
+                    file: None,
                     data_start,
                     file_len: bytes.len() as u64,
                 },
@@ -392,6 +413,7 @@ impl Checkpoint {
             map: s.map.clone(),
             start: e.start,
             len: e.end - e.start,
+            file: s.file.clone(),
         })
     }
 
@@ -445,6 +467,7 @@ fn map_shard(path: &Path, name: &str, listed: usize) -> ShardResult {
             path: path.to_path_buf(),
             file_name: name.to_string(),
             map: Arc::new(map),
+            file: Some(Arc::new(file)),
             data_start,
             file_len,
         },

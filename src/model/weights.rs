@@ -46,6 +46,39 @@ impl Weight {
             }
         }
     }
+    /// The same weight in owned bytes read from the checkpoint's files (`Bytes::read_copy`).
+    pub fn read_copy(&self) -> std::io::Result<Weight> {
+        Ok(match self {
+            Weight::Fp8 {
+                rows,
+                cols,
+                codes,
+                scales,
+            } => Weight::Fp8 {
+                rows: *rows,
+                cols: *cols,
+                codes: codes.read_copy()?,
+                scales: scales.read_copy()?,
+            },
+            Weight::Fp4 {
+                rows,
+                cols,
+                packed,
+                scales,
+            } => Weight::Fp4 {
+                rows: *rows,
+                cols: *cols,
+                packed: packed.read_copy()?,
+                scales: scales.read_copy()?,
+            },
+            Weight::Bf16 { rows, cols, data } => Weight::Bf16 {
+                rows: *rows,
+                cols: *cols,
+                data: data.read_copy()?,
+            },
+        })
+    }
+
     /// Bytes this weight occupies in the checkpoint (codes + scales).
     pub fn stored_bytes(&self) -> usize {
         match self {
@@ -101,6 +134,7 @@ pub struct AttnWeights {
 }
 
 /// w1 = gate proj, w3 = up proj, w2 = down proj.
+#[derive(Clone, Debug)]
 pub struct ExpertWeights {
     pub w1: Weight,
     pub w3: Weight,

@@ -1,0 +1,164 @@
+//! `--ram`: routed experts held in RAM up to a budget, the others read from the files when
+//! selected. The bytes are the same, so logits and generated ids are the same to the bit as
+//! through the map, for every budget from no expert per layer to all of them, on the models
+//! with goldens and on the simulated device.
+
+mod common;
+use common::*;
+
+/// (bytes of the main layers' routed experts, of everything else) in a checkpoint's files.
+fn sizes(dir: &std::path::Path) -> (u64, u64) {
+    let (mut experts, mut other) = (0u64, 0u64);
+    for f in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = f.path();
+        if p.extension().is_none_or(|x| x != "safetensors") || p.ends_with("goldens.safetensors") {
+            continue;
+        }
+        let (h, _) = read_shard(&p);
+        for (name, t) in h.as_object().unwrap() {
+            let Some(off) = t.get("data_offsets") else {
+                continue;
+            };
+            let n = off[1].as_u64().unwrap() - off[0].as_u64().unwrap();
+            if name.starts_with("layers.") && name.contains(".ffn.experts.") {
+                experts += n;
+            } else {
+                other += n;
+            }
+        }
+    }
+    (experts, other)
+}
+
+fn config(dir: &std::path::Path) -> (u64, u64) {
+    let c: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    (
+        c["num_hidden_layers"].as_u64().unwrap(),
+        c["n_routed_experts"].as_u64().unwrap(),
+    )
+}
+
+#[test]
+fn every_ram_budget_gives_the_same_bits_as_the_map() {
+    let out = tempfile::tempdir().unwrap();
+    for model in ["tiny", "tiny-b", "tiny-c"] {
+        let dir = fixture(model);
+        let (layers, n) = config(&dir);
+        let (experts, other) = sizes(&dir);
+        let per_expert = experts / (layers * n);
+        let d = dir.to_str().unwrap();
+        let logits = |extra: &[&str], name: &str| {
+            let path = out.path().join(format!("{model}-{name}.npy"));
+            let mut args = vec![
+                "logits",
+                "--model",
+                d,
+                "--tokens",
+                "1,2,3,4,5,6,7,8,9,10,11,12",
+                "--positions",
+                "all",
+                "--prefill-chunk",
+                "5",
+                "--out",
+                path.to_str().unwrap(),
+            ];
+            args.extend_from_slice(extra);
+            let o = run(&args);
+            assert!(o.status.success(), "{model} {extra:?}: {}", stderr(&o));
+            (std::fs::read(&path).unwrap(), stderr(&o))
+        };
+        let generate = |extra: &[&str]| {
+            let mut args = vec![
+                "generate",
+                "--model",
+                d,
+                "--tokens",
+                "1,2,3,4,5",
+                "--max-tokens",
+                "8",
+                "--ignore-eos",
+                "--temperature",
+                "0",
+                "--format",
+                "ids",
+            ];
+            args.extend_from_slice(extra);
+            let o = run(&args);
+            assert!(o.status.success(), "{model} {extra:?}: {}", stderr(&o));
+            stdout(&o)
+        };
+        let (mapped, _) = logits(&[], "mapped");
+        let mapped_ids = generate(&[]);
+        for held in [0, 1, 2, n / 2, n - 1, n] {
+            // The budget for `held` experts per layer (and a few bytes more, not a whole one).
+            let budget = (other + held * layers * per_expert + per_expert / 2).to_string();
+            let (got, err) = logits(&["--ram", &budget], &format!("ram{held}"));
+            assert!(
+                err.contains(&format!(
+                    "{held} of {n} routed experts per layer held in RAM"
+                )),
+                "{model}, {held} per layer: {err}"
+            );
+            assert!(
+                got == mapped,
+                "{model}: logits differ with {held} experts per layer in RAM"
+            );
+            assert_eq!(generate(&["--ram", &budget]), mapped_ids, "{model}, {held}");
+        }
+        // On the simulated device too (its misses run on the CPU from the tier).
+        for cap in ["sim:1M", "sim:4M"] {
+            let on_dev = generate(&["--device", cap]);
+            for held in [0, 1, n] {
+                let budget = (other + held * layers * per_expert).to_string();
+                assert_eq!(
+                    generate(&["--device", cap, "--ram", &budget]),
+                    on_dev,
+                    "{model} {cap}, {held}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn json_reports_selections_from_ram_and_from_the_files() {
+    let dir = fixture("tiny-vocab");
+    let (layers, n) = config(&dir);
+    let ask = |budget: &str| {
+        let o = run(&[
+            "--model",
+            dir.to_str().unwrap(),
+            "--tokenizer",
+            tokenizer_path().to_str().unwrap(),
+            "-p",
+            "Hello there",
+            "-n",
+            "12",
+            "--temperature",
+            "0",
+            "--no-think",
+            "--no-cache",
+            "--json",
+            "--ram",
+            budget,
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        (
+            v["ram_tier"]["hits"].as_u64().unwrap(),
+            v["ram_tier"]["reads"].as_u64().unwrap(),
+            v["answer"].clone(),
+        )
+    };
+    // Nothing held: every selection is a read.
+    let (hits, reads, answer) = ask("0");
+    assert_eq!(hits, 0);
+    assert!(reads > 0);
+    // Everything held: each expert is read once at most, later selections are hits.
+    let (hits, reads_all, same) = ask("1T");
+    assert!(reads_all <= layers * n, "{reads_all}");
+    assert_eq!(hits + reads_all, reads, "the same selections either way");
+    assert!(hits > 0);
+    assert_eq!(answer, same);
+}
