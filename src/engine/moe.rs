@@ -173,6 +173,16 @@ pub(crate) fn forward<O: Ops>(
     let (routes, route_w, x_host) = o.route(ctx.cfg, w, &logits, x, tokens)?;
     drop(logits);
     let plan = Dispatch::new(ctx, w, &routes);
+    // The CPU's experts not in RAM start coming from the drive while the shared expert and
+    // the others compute (in the order `experts` takes them).
+    if let Some(r) = ctx.ram {
+        let cpu_order = if plan.on_dev.is_empty() && !o.on_device() {
+            &plan.active
+        } else {
+            &plan.on_cpu
+        };
+        r.prefetch(ctx.layer, cpu_order, &w.experts);
+    }
     let y = experts(o, ctx, w, (x, &x_host), (&routes, &route_w), &plan);
     plan.finish(ctx.ex);
     y
