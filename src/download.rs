@@ -586,10 +586,20 @@ impl Bars {
 
 /// Physical memory (MemTotal), bytes.
 pub fn total_ram() -> Option<u64> {
+    meminfo("MemTotal:")
+}
+
+/// Memory available to a new program without swapping (MemAvailable: free plus
+/// reclaimable page cache), bytes.
+pub fn available_ram() -> Option<u64> {
+    meminfo("MemAvailable:")
+}
+
+fn meminfo(key: &str) -> Option<u64> {
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;
     let kb: u64 = s
         .lines()
-        .find(|l| l.starts_with("MemTotal:"))?
+        .find(|l| l.starts_with(key))?
         .split_whitespace()
         .nth(1)?
         .parse()

@@ -162,3 +162,155 @@ fn json_reports_selections_from_ram_and_from_the_files() {
     assert!(hits > 0);
     assert_eq!(answer, same);
 }
+
+#[test]
+fn ram_off_and_auto_keep_the_map_when_the_weights_fit_and_bad_values_are_usage_errors() {
+    let dir = fixture("tiny-vocab");
+    let tok = tokenizer_path();
+    let ask = |ram: &[&str]| {
+        let mut args = vec![
+            "--model",
+            dir.to_str().unwrap(),
+            "--tokenizer",
+            tok.to_str().unwrap(),
+            "-p",
+            "Hello there",
+            "-n",
+            "4",
+            "--temperature",
+            "0",
+            "--no-think",
+            "--no-cache",
+            "--json",
+        ];
+        args.extend_from_slice(ram);
+        run(&args)
+    };
+    // A tiny model fits in any machine's available RAM: `auto` (the default) maps it all.
+    for ram in [&[][..], &["--ram", "auto"], &["--ram", "off"]] {
+        let o = ask(ram);
+        assert!(o.status.success(), "{ram:?}: {}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        assert!(v["ram_tier"].is_null(), "{ram:?}: {v}");
+        assert!(!stderr(&o).contains("held in RAM"), "{}", stderr(&o));
+    }
+    let o = ask(&["--ram", "lots"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("--ram") && stderr(&o).contains("auto, off"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn the_tier_counts_selections_into_the_expert_profile_and_starts_from_it() {
+    let dir = fixture("tiny-vocab");
+    let (layers, n) = config(&dir);
+    let home = tempfile::tempdir().unwrap();
+    let profile = home.path().join("profile.json");
+    let ask = || {
+        let o = run(&[
+            "--model",
+            dir.to_str().unwrap(),
+            "--tokenizer",
+            tokenizer_path().to_str().unwrap(),
+            "-p",
+            "Hello there",
+            "-n",
+            "6",
+            "--temperature",
+            "0",
+            "--no-think",
+            "--no-cache",
+            "--json",
+            "--ram",
+            "0",
+            "--expert-profile",
+            profile.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        let p: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&profile).unwrap()).unwrap();
+        assert_eq!(p["layers"].as_u64(), Some(layers));
+        assert_eq!(p["experts"].as_u64(), Some(n));
+        let total: u64 = p["counts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.as_array().unwrap().iter().map(|c| c.as_u64().unwrap()))
+            .sum();
+        (v["ram_tier"]["reads"].as_u64().unwrap(), total)
+    };
+    // Nothing held: every selection is read, and each is counted once.
+    let (reads, total) = ask();
+    assert!(reads > 0);
+    assert_eq!(total, reads);
+    // The next run starts from those counts and adds its own (the same selections again).
+    let (reads2, total2) = ask();
+    assert_eq!(reads2, reads);
+    assert_eq!(total2, 2 * reads);
+}
+
+#[test]
+fn the_plan_takes_expert_hits_from_a_usage_profile() {
+    // The release config's 43 layers x 256 experts, without weights; 64 GB leaves room in
+    // RAM for some experts per layer but not all.
+    let home = tempfile::tempdir().unwrap();
+    let plan = |counts: &dyn Fn(usize) -> u64| {
+        let row: Vec<u64> = (0..256).map(counts).collect();
+        let profile = home.path().join("p.json");
+        let p = serde_json::json!({"layers": 43, "experts": 256, "counts": vec![row; 43]});
+        std::fs::write(&profile, p.to_string()).unwrap();
+        let o = run(&[
+            "inspect",
+            "--plan",
+            "--json",
+            "--gpu-mem",
+            "0",
+            "--ram",
+            "64G",
+            "--cpu-gbs",
+            "100",
+            "--disk-gbs",
+            "3",
+            "--expert-profile",
+            profile.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        (
+            v[0]["ram_experts_per_layer"].as_u64().unwrap() as f64,
+            v[0]["ram_hit_rate"].as_f64().unwrap(),
+            v[0]["disk_rate"].as_f64().unwrap(),
+        )
+    };
+    // Even use: the experts in RAM serve their share of the selections, no more.
+    let (held, hit, disk) = plan(&|_| 10);
+    assert!(held > 0.0 && held < 256.0, "{held}");
+    assert!((hit - held / 256.0).abs() < 1e-9, "{hit} vs {held}/256");
+    assert!((disk - (1.0 - held / 256.0)).abs() < 1e-9, "{disk}");
+    // Every selection on expert 7: RAM serves them all.
+    let (_, hit, disk) = plan(&|e| if e == 7 { 100 } else { 0 });
+    assert_eq!((hit, disk), (1.0, 0.0));
+    // A profile for another shape is refused, naming the flag.
+    let profile = home.path().join("p.json");
+    std::fs::write(
+        &profile,
+        r#"{"layers":2,"experts":8,"counts":[[1,1,1,1,1,1,1,1],[1,1,1,1,1,1,1,1]]}"#,
+    )
+    .unwrap();
+    let o = run(&[
+        "inspect",
+        "--plan",
+        "--gpu-mem",
+        "0",
+        "--cpu-gbs",
+        "100",
+        "--expert-profile",
+        profile.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--expert-profile"), "{}", stderr(&o));
+}

@@ -5,10 +5,13 @@
 //! `per_layer` experts: the most selected so far (a read expert replaces the layer's least
 //! selected one only when it has been selected more often).
 //!
-//! Reads ahead: once a layer's experts are chosen, `prefetch` queues the ones not held in
-//! the order the CPU will compute them, and background threads keep up to `WINDOW` reads in
-//! flight, so the drive works while the CPU computes the shared expert and the experts
-//! already here. `get` waits for an expert's read if it is in flight.
+//! Reads ahead: as soon as experts are known to be needed (a hash layer's from the token ids
+//! before the forward pass, a scored layer's once its router has run), `prefetch` queues the
+//! ones not held in the order the CPU will compute them, and background threads keep up to
+//! `WINDOW` reads in flight and at most `AHEAD` read copies waiting, so the drive works while
+//! the CPU computes the layers before, the shared expert and the experts already here. `get`
+//! waits for an expert's read if it is in flight; `forget` drops what a layer did not claim
+//! (experts the dispatch put on the device).
 
 use crate::model::weights::ExpertWeights;
 use std::collections::{HashMap, VecDeque};
@@ -16,6 +19,9 @@ use std::sync::{Arc, Condvar, Mutex};
 
 /// Reads in flight at most (each an expert: ~13.4 MB on the real model).
 const WINDOW: usize = 8;
+/// Reads started and not yet claimed by `get` at most: what reading ahead adds to the RAM
+/// the tier holds (~320 MB on the real model).
+const AHEAD: usize = 24;
 
 /// A read in flight: its result once done (None: the read failed).
 type Slot = Arc<(Mutex<Option<Option<Arc<ExpertWeights>>>>, Condvar)>;
@@ -28,6 +34,8 @@ pub struct RamStats {
     /// Selections read from the files.
     pub reads: u64,
     pub bytes_read: u64,
+    /// Seconds the CPU's experts waited for reads (those not read ahead in time).
+    pub wait_s: f64,
 }
 
 #[derive(Default)]
@@ -40,6 +48,8 @@ struct State {
     /// Queued reads not started yet, in the order they will be needed.
     queue: VecDeque<((usize, usize), ExpertWeights, Slot)>,
     in_flight: usize,
+    /// Reads started and not claimed or forgotten yet.
+    ahead: usize,
     stats: RamStats,
 }
 
@@ -61,14 +71,15 @@ fn read_expert(w: &ExpertWeights) -> Option<Arc<ExpertWeights>> {
     }))
 }
 
-/// Start queued reads while fewer than `WINDOW` are in flight; each thread, when done,
-/// stores its result and starts the next.
+/// Start queued reads while fewer than `WINDOW` are in flight and `AHEAD` unclaimed; each
+/// thread, when done, stores its result and starts the next.
 fn pump(state: &Arc<Mutex<State>>, s: &mut State) {
-    while s.in_flight < WINDOW {
+    while s.in_flight < WINDOW && s.ahead < AHEAD {
         let Some((_, w, slot)) = s.queue.pop_front() else {
             return;
         };
         s.in_flight += 1;
+        s.ahead += 1;
         let st = state.clone();
         std::thread::spawn(move || {
             let r = read_expert(&w);
@@ -93,6 +104,44 @@ impl RamTier {
     /// Experts each layer may hold.
     pub fn per_layer(&self) -> usize {
         self.per_layer
+    }
+
+    /// Start from a saved usage profile (selections per [layer][expert]): the experts it
+    /// found popular earn their place at their first read.
+    pub fn seed(&self, counts: &[Vec<u64>]) {
+        let mut s = self.lock();
+        for (l, row) in counts.iter().enumerate() {
+            for (e, &c) in row.iter().enumerate().filter(|&(_, &c)| c > 0) {
+                *s.counts.entry((l, e)).or_insert(0) += c;
+            }
+        }
+    }
+
+    /// Selections per [layer][expert] seen so far (seeded ones included).
+    pub fn counts(&self, layers: usize, experts: usize) -> Vec<Vec<u64>> {
+        let s = self.lock();
+        let mut out = vec![vec![0; experts]; layers];
+        for (&(l, e), &c) in &s.counts {
+            if let Some(x) = out.get_mut(l).and_then(|r| r.get_mut(e)) {
+                *x = c;
+            }
+        }
+        out
+    }
+
+    /// Drop the reads queued or done for `layer` that its experts did not claim.
+    pub fn forget(&self, layer: usize) {
+        let mut s = self.lock();
+        let keys: Vec<(usize, usize)> =
+            s.pending.keys().filter(|k| k.0 == layer).copied().collect();
+        for key in keys {
+            s.pending.remove(&key);
+            match s.queue.iter().position(|(k, _, _)| *k == key) {
+                Some(i) => drop(s.queue.remove(i)),
+                None => s.ahead -= 1,
+            }
+        }
+        pump(&self.state, &mut s);
     }
 
     pub fn stats(&self) -> RamStats {
@@ -136,17 +185,21 @@ impl RamTier {
                 return Some(h);
             }
             let p = s.pending.remove(&(layer, e));
-            // Not started yet: read it here instead.
-            if p.is_some()
-                && let Some(i) = s.queue.iter().position(|(k, _, _)| *k == (layer, e))
-            {
+            if p.is_none() {
+                (c, None)
+            } else if let Some(i) = s.queue.iter().position(|(k, _, _)| *k == (layer, e)) {
+                // Not started yet: read it here instead.
                 s.queue.remove(i);
                 (c, None)
             } else {
+                // Started: it is claimed now, so another may start.
+                s.ahead -= 1;
+                pump(&self.state, &mut s);
                 (c, p)
             }
         };
         // Outside the lock: other experts' reads and hits go on meanwhile.
+        let waited = std::time::Instant::now();
         let copy = match pending {
             Some(slot) => {
                 let (m, cv) = &*slot;
@@ -163,6 +216,7 @@ impl RamTier {
             .map(|m| m.stored_bytes() as u64)
             .sum::<u64>();
         let mut s = self.lock();
+        s.stats.wait_s += waited.elapsed().as_secs_f64();
         s.stats.reads += 1;
         s.stats.bytes_read += bytes;
         if self.per_layer == 0 || s.held.contains_key(&(layer, e)) {

@@ -361,6 +361,7 @@ fn hybrid(a: &BenchArgs) -> anyhow::Result<()> {
         crate::engine::plan::Overrides {
             slots: Some(slots),
             hit_rate: Some(hit_rate),
+            ..Default::default()
         },
     )
     .decode_tok_s;

@@ -242,7 +242,7 @@ fn chat_loop(
                     if let Some(line) = engine.and_then(|e| device_line(&e.exec)) {
                         println!("{line}");
                     }
-                    if let Some(r) = engine.and_then(|e| e.ram_stats()) {
+                    if let Some(r) = engine.and_then(|e| e.ram_tier()).map(|r| r.stats()) {
                         println!(
                             "--ram: {} expert selections served from RAM, {} read from the files ({:.2} GB)",
                             r.hits,

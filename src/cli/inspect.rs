@@ -47,6 +47,10 @@ pub struct InspectArgs {
     /// that do not fit in RAM (default 3, a typical NVMe drive; 0: none from disk).
     #[arg(long, visible_alias = "disk-bw", default_value_t = 3.0)]
     pub disk_gbs: f64,
+    /// Expert usage profile (as `--expert-profile` of the other commands writes it): expert
+    /// hits follow its counts instead of the release model's measured skew.
+    #[arg(long, requires = "plan")]
+    pub expert_profile: Option<std::path::PathBuf>,
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -278,7 +282,10 @@ pub fn run(a: &InspectArgs, verbose: bool) -> anyhow::Result<()> {
 /// `inspect --plan`: the memory plan and roofline prediction for this machine (or the three
 /// reference machines with `--reference`).
 fn plan(a: &InspectArgs) -> anyhow::Result<()> {
-    use crate::engine::plan::{Machine, Plan, plan, reference_machines};
+    use crate::engine::plan::{
+        Machine, Overrides, Plan, plan_with, popularity_of, reference_machines,
+    };
+    use anyhow::bail;
     let (cfg, source) = match crate::hub::resolve_model(&a.model) {
         Ok(dir) => (
             ModelConfig::from_file(&dir.join("config.json"))?,
@@ -313,7 +320,25 @@ fn plan(a: &InspectArgs) -> anyhow::Result<()> {
             disk_gbs: a.disk_gbs,
         }]
     };
-    let plans: Vec<Plan> = machines.iter().map(|m| plan(&cfg, m, a.ctx)).collect();
+    let popularity = match &a.expert_profile {
+        Some(p) => {
+            match super::run::read_profile(p, cfg.num_hidden_layers, cfg.n_routed_experts)? {
+                Some(counts) => Some(popularity_of(&counts)),
+                None => bail!("--expert-profile {}: no such file", p.display()),
+            }
+        }
+        None => None,
+    };
+    let plans: Vec<Plan> = machines
+        .iter()
+        .map(|m| {
+            let o = Overrides {
+                popularity: popularity.clone(),
+                ..Default::default()
+            };
+            plan_with(&cfg, m, a.ctx, o)
+        })
+        .collect();
     let mut out = std::io::stdout().lock();
     if a.json {
         serde_json::to_writer(&mut out, &plans)?;

@@ -147,7 +147,7 @@ pub fn run(a: &TalkArgs, stdin: Option<String>, verbose: bool) -> anyhow::Result
             }
             let (m, st) = talk.turn(&user, &mut sink, stop)?;
             a.engine.finish(&engine)?;
-            ram_tier = engine.ram_stats();
+            ram_tier = engine.ram_tier().map(|r| r.stats());
             (m, st, talk.sampler.config().seed)
         }
     };

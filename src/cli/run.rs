@@ -41,9 +41,39 @@ pub struct EngineArgs {
     #[arg(long)]
     pub expert_profile: Option<PathBuf>,
     /// RAM the weights may take (e.g. 48G): the routed experts that do not fit are read from
-    /// the files when selected instead of left to the page cache (default: all mapped).
-    #[arg(long, value_parser = parse_size_arg)]
-    pub ram: Option<u64>,
+    /// the files when selected instead of left to the page cache. `auto`: all mapped when
+    /// the weights fit in the available RAM, else that RAM less 1 GiB; `off`: all mapped.
+    #[arg(long, default_value = "auto", value_parser = parse_ram)]
+    pub ram: RamChoice,
+}
+
+/// `--ram`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RamChoice {
+    Auto,
+    Off,
+    Size(u64),
+}
+
+fn parse_ram(s: &str) -> Result<RamChoice, String> {
+    match s.trim() {
+        "auto" => Ok(RamChoice::Auto),
+        "off" => Ok(RamChoice::Off),
+        s => parse_size_arg(s)
+            .map(RamChoice::Size)
+            .map_err(|e| format!("{e} (or auto, off)")),
+    }
+}
+
+/// What `--ram auto` leaves for the process besides the weights: activations, KV rows,
+/// reads in flight.
+const RAM_AUTO_RESERVE: u64 = 1 << 30;
+
+/// `--ram auto`: the budget for weights of `weights` bytes when `available` bytes of RAM are
+/// available; None (all mapped) when they fit.
+fn auto_ram_budget(weights: u64, available: u64) -> Option<u64> {
+    let room = available.saturating_sub(RAM_AUTO_RESERVE);
+    (weights > room).then_some(room)
 }
 
 fn parse_chunk(s: &str) -> Result<u64, String> {
@@ -56,6 +86,40 @@ fn parse_chunk(s: &str) -> Result<u64, String> {
 
 pub(crate) fn parse_size_arg(s: &str) -> Result<u64, String> {
     crate::backend::sim::parse_size(s)
+}
+
+/// Selections per [layer][expert] from an `--expert-profile` file made for `layers` x
+/// `experts` (None if the file does not exist yet).
+pub(crate) fn read_profile(
+    path: &std::path::Path,
+    layers: usize,
+    experts: usize,
+) -> anyhow::Result<Option<Vec<Vec<u64>>>> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => bail!("--expert-profile {}: {err}", path.display()),
+    };
+    let p: ExpertProfile = serde_json::from_slice(&bytes).with_context(|| {
+        format!(
+            "--expert-profile {}: not a profile written by dsflash",
+            path.display()
+        )
+    })?;
+    let (l, x) = (layers, experts);
+    if p.layers != l
+        || p.experts != x
+        || p.counts.len() != l
+        || p.counts.iter().any(|r| r.len() != x)
+    {
+        bail!(
+            "--expert-profile {}: made for {} layers x {} experts, this model has {l} x {x}",
+            path.display(),
+            p.layers,
+            p.experts
+        );
+    }
+    Ok(Some(p.counts))
 }
 
 /// `--expert-profile` file contents.
@@ -76,13 +140,33 @@ impl EngineArgs {
     /// Open the checkpoint at `dir` and place it on the chosen device.
     pub fn open_dir(&self, dir: &std::path::Path) -> anyhow::Result<Engine> {
         let mut e = Engine::open(dir, self.numerics)?;
-        if let Some(b) = self.ram {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        let budget = match self.ram {
+            RamChoice::Off => None,
+            RamChoice::Size(b) => Some((b, format!("--ram {:.2} GiB", gib(b)))),
+            RamChoice::Auto => crate::download::available_ram().and_then(|avail| {
+                let weights = e.weight_bytes();
+                auto_ram_budget(weights, avail).map(|b| {
+                    let why = format!(
+                        "the weights ({:.1} GiB) exceed the available RAM ({:.1} GiB; --ram SIZE or off to choose)",
+                        gib(weights),
+                        gib(avail)
+                    );
+                    (b, why)
+                })
+            }),
+        };
+        if let Some((b, why)) = budget {
             let n = e.use_ram(b);
             eprintln!(
-                "dsflash: --ram {:.2} GiB: {n} of {} routed experts per layer held in RAM, the others read from the files when selected",
-                b as f64 / (1u64 << 30) as f64,
+                "dsflash: {why}: {n} of {} routed experts per layer held in RAM, the others read from the files when selected",
                 e.cfg.n_routed_experts
             );
+            if let Some(counts) = self.read_profile(&e)?
+                && let Some(r) = &e.ram_tier()
+            {
+                r.seed(&counts);
+            }
         }
         let opened = crate::backend::select::open(&self.device);
         if let Some(n) = opened.notice {
@@ -113,7 +197,6 @@ impl EngineArgs {
                     })
                 });
             }
-            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
             eprintln!(
                 "dsflash: {name}: {} of {} dense matrices ({:.2} of {:.2} GiB) resident, expert cache of {slots} of {} per layer, the rest on the CPU",
                 p.resident,
@@ -128,42 +211,20 @@ impl EngineArgs {
 
     /// The `--expert-profile` counts when the file exists (a missing file is a first run).
     fn read_profile(&self, e: &Engine) -> anyhow::Result<Option<Vec<Vec<u64>>>> {
-        let Some(path) = &self.expert_profile else {
-            return Ok(None);
-        };
-        let bytes = match std::fs::read(path) {
-            Ok(b) => b,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(err) => bail!("--expert-profile {}: {err}", path.display()),
-        };
-        let p: ExpertProfile = serde_json::from_slice(&bytes).with_context(|| {
-            format!(
-                "--expert-profile {}: not a profile written by dsflash",
-                path.display()
-            )
-        })?;
-        let (l, x) = (e.cfg.num_hidden_layers, e.cfg.n_routed_experts);
-        if p.layers != l
-            || p.experts != x
-            || p.counts.len() != l
-            || p.counts.iter().any(|r| r.len() != x)
-        {
-            bail!(
-                "--expert-profile {}: made for {} layers x {} experts, this model has {l} x {x}",
-                path.display(),
-                p.layers,
-                p.experts
-            );
+        match &self.expert_profile {
+            Some(path) => read_profile(path, e.cfg.num_hidden_layers, e.cfg.n_routed_experts),
+            None => Ok(None),
         }
-        Ok(Some(p.counts))
     }
 
     /// At exit: write the expert usage profile back (atomically), if one was asked for.
     pub fn finish(&self, e: &Engine) -> anyhow::Result<()> {
-        let (Some(path), Some(mut counts)) = (&self.expert_profile, e.exec.experts.counts()) else {
+        let (l, x) = (e.cfg.num_hidden_layers, e.cfg.n_routed_experts);
+        // The device's expert cache sees every selection; without one, the RAM tier does.
+        let counts = (e.exec.experts.counts()).or_else(|| e.ram_tier().map(|r| r.counts(l, x)));
+        let (Some(path), Some(mut counts)) = (&self.expert_profile, counts) else {
             return Ok(());
         };
-        let (l, x) = (e.cfg.num_hidden_layers, e.cfg.n_routed_experts);
         counts.resize(l, Vec::new());
         counts.iter_mut().for_each(|r| r.resize(x, 0));
         let p = ExpertProfile {
@@ -433,4 +494,29 @@ pub fn generate(a: &GenerateArgs) -> anyhow::Result<()> {
     }
     end(&mut out, Ok(()))?;
     a.engine.finish(&e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ram_auto_maps_what_fits_and_budgets_what_does_not() {
+        const G: u64 = 1 << 30;
+        // 149 GiB of weights (the release) on a 64 GB box with 60 GiB available: 59 GiB.
+        assert_eq!(auto_ram_budget(149 * G, 60 * G), Some(59 * G));
+        // The same weights with 160 GiB available: mapped.
+        assert_eq!(auto_ram_budget(149 * G, 160 * G), None);
+        // Fits only with the reserve ignored: budgeted.
+        assert_eq!(
+            auto_ram_budget(149 * G, 149 * G + G / 2),
+            Some(148 * G + G / 2)
+        );
+        // Less than the reserve available: a budget of nothing (every expert read).
+        assert_eq!(auto_ram_budget(10 * G, G / 2), Some(0));
+        assert_eq!(parse_ram("auto"), Ok(RamChoice::Auto));
+        assert_eq!(parse_ram("off"), Ok(RamChoice::Off));
+        assert_eq!(parse_ram("48G"), Ok(RamChoice::Size(48 * G)));
+        assert!(parse_ram("lots").is_err());
+    }
 }

@@ -108,20 +108,31 @@ impl Engine {
         )
     }
 
-    /// Let the weights take at most `bytes` of RAM (`--ram`): everything but the routed
-    /// experts is read through the map and counted first; the experts get the rest, the same
-    /// number in every layer, held as copies (`backend::ram_tier`), and the CPU reads any
-    /// other expert from the files when it is selected. Returns the experts held per layer.
-    pub fn use_ram(&mut self, bytes: u64) -> usize {
-        let (layers, n) = (self.cfg.num_hidden_layers, self.cfg.n_routed_experts);
-        let mut experts = 0u64;
-        let mut other = 0u64;
+    /// Bytes of the routed experts and of everything else the model reads.
+    fn weight_split(&self) -> (u64, u64) {
+        let (mut experts, mut other) = (0u64, 0u64);
         for t in crate::model::layout::inventory(&self.cfg) {
             match t.component {
                 crate::model::layout::Component::RoutedExperts => experts += t.nbytes() as u64,
                 _ => other += t.nbytes() as u64,
             }
         }
+        (experts, other)
+    }
+
+    /// Bytes of all the weights the model reads.
+    pub fn weight_bytes(&self) -> u64 {
+        let (experts, other) = self.weight_split();
+        experts + other
+    }
+
+    /// Let the weights take at most `bytes` of RAM (`--ram`): everything but the routed
+    /// experts is read through the map and counted first; the experts get the rest, the same
+    /// number in every layer, held as copies (`backend::ram_tier`), and the CPU reads any
+    /// other expert from the files when it is selected. Returns the experts held per layer.
+    pub fn use_ram(&mut self, bytes: u64) -> usize {
+        let (layers, n) = (self.cfg.num_hidden_layers, self.cfg.n_routed_experts);
+        let (experts, other) = self.weight_split();
         let per_expert = (experts / (layers * n).max(1) as u64).max(1);
         let per_layer =
             ((bytes.saturating_sub(other) / per_expert / layers.max(1) as u64) as usize).min(n);
@@ -129,9 +140,9 @@ impl Engine {
         per_layer
     }
 
-    /// What the RAM tier served, if `use_ram` set one up.
-    pub fn ram_stats(&self) -> Option<crate::backend::ram_tier::RamStats> {
-        self.ram.as_ref().map(|r| r.stats())
+    /// The RAM tier, if `use_ram` set one up.
+    pub fn ram_tier(&self) -> Option<&crate::backend::ram_tier::RamTier> {
+        self.ram.as_ref()
     }
 
     /// The CPU kernels products may use (default: the fastest this CPU has; `Fp32` pins one
@@ -319,6 +330,32 @@ impl Engine {
                         let x = &b.ffn.experts[e];
                         [&x.w1, &x.w3, &x.w2]
                     });
+            }
+        }
+        // The RAM tier starts reading the hash layers' experts the device does not hold
+        // (in the order the layers will compute them) while the layers before them run.
+        if let Some(r) = &self.ram {
+            let k = cfg.num_experts_per_tok;
+            for b in self
+                .weights
+                .layers
+                .iter()
+                .filter(|b| b.ffn.tid2eid.is_some())
+            {
+                let mut sel: Vec<usize> = tokens
+                    .iter()
+                    .flat_map(|&tok| b.ffn.hashed_experts(tok, k).unwrap_or_default())
+                    .filter(|&e| {
+                        b.ffn.experts.get(e).is_some_and(|x| {
+                            ![&x.w1, &x.w3, &x.w2]
+                                .iter()
+                                .all(|m| self.exec.is_resident(m))
+                        })
+                    })
+                    .collect();
+                sel.sort_unstable();
+                sel.dedup();
+                r.prefetch(b.layer, &sel, &b.ffn.experts);
             }
         }
         // Blocks placed on the device run there with the activations kept there; if the

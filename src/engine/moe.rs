@@ -185,6 +185,9 @@ pub(crate) fn forward<O: Ops>(
     }
     let y = experts(o, ctx, w, (x, &x_host), (&routes, &route_w), &plan);
     plan.finish(ctx.ex);
+    if let Some(r) = ctx.ram {
+        r.forget(ctx.layer);
+    }
     y
 }
 

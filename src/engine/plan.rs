@@ -234,12 +234,35 @@ pub fn plan(cfg: &ModelConfig, m: &Machine, ctx: usize) -> Plan {
     plan_with(cfg, m, ctx, Overrides::default())
 }
 
-/// What a measurement knows better than the model: the slots actually given to the cache
-/// and the hit rate actually seen.
-#[derive(Debug, Clone, Copy, Default)]
+/// What a measurement knows better than the model: the slots actually given to the cache,
+/// the hit rate actually seen, the experts' popularity as a usage profile counted it (each
+/// layer's shares sorted, most used first, averaged over the layers).
+#[derive(Debug, Clone, Default)]
 pub struct Overrides {
     pub slots: Option<usize>,
     pub hit_rate: Option<f64>,
+    pub popularity: Option<Vec<f64>>,
+}
+
+/// The popularity [`Overrides`] takes from selection counts per [layer][expert].
+pub fn popularity_of(counts: &[Vec<u64>]) -> Vec<f64> {
+    let n = counts.iter().map(Vec::len).max().unwrap_or(0);
+    let mut pop = vec![0.0; n];
+    let mut layers = 0;
+    for row in counts {
+        let total: u64 = row.iter().sum();
+        if total == 0 {
+            continue;
+        }
+        let mut r = row.clone();
+        r.sort_unstable_by(|a, b| b.cmp(a));
+        for (p, c) in pop.iter_mut().zip(r) {
+            *p += c as f64 / total as f64;
+        }
+        layers += 1;
+    }
+    pop.iter_mut().for_each(|p| *p /= layers.max(1) as f64);
+    pop
 }
 
 pub fn plan_with(cfg: &ModelConfig, m: &Machine, ctx: usize, o: Overrides) -> Plan {
@@ -268,7 +291,10 @@ pub fn plan_with(cfg: &ModelConfig, m: &Machine, ctx: usize, o: Overrides) -> Pl
     let f = fill(budget, kv, &dense, head, expert_bytes, n_exp);
     let (kv_on_gpu, gpu_layers, head_on_gpu) = (f.reserved, f.layers, f.head);
     let slots = o.slots.map_or(f.slots, |s| s.min(n_exp));
-    let pop = expert_popularity(n_exp);
+    let pop = match o.popularity {
+        Some(p) if p.len() == n_exp => p,
+        _ => expert_popularity(n_exp),
+    };
     // + 0.0: an empty sum is -0.0.
     let hit: f64 = o.hit_rate.unwrap_or(pop[..slots].iter().sum::<f64>() + 0.0);
     let dense_gpu: u64 = dense[..gpu_layers].iter().sum();

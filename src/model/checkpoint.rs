@@ -60,7 +60,65 @@ pub struct Bytes {
     start: usize,
     len: usize,
     /// The shard file the map is of (from offset 0): lets `read_copy` read instead of map.
-    file: Option<Arc<std::fs::File>>,
+    file: Option<Arc<ShardFile>>,
+}
+
+/// A shard file opened for the map and, where the file system takes it, a second time with
+/// O_DIRECT: reads that neither go through nor fill the page cache.
+pub(crate) struct ShardFile {
+    file: File,
+    direct: Option<File>,
+}
+
+impl ShardFile {
+    fn open(file: File, path: &Path) -> ShardFile {
+        use std::os::unix::fs::OpenOptionsExt;
+        let direct = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT | libc::O_NOFOLLOW)
+            .open(path)
+            .ok()
+            // The same file as the one mapped (not one put in its place since).
+            .filter(|d| same_file(d, &file));
+        ShardFile { file, direct }
+    }
+}
+
+fn same_file(a: &File, b: &File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (a.metadata(), b.metadata()) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
+/// `len` bytes at `off` of `f` (opened with O_DIRECT): the aligned blocks around them read
+/// into an aligned buffer, which the returned bytes are a range of.
+fn read_direct(f: &File, off: u64, len: usize) -> std::io::Result<Bytes> {
+    use std::os::unix::fs::FileExt;
+    const ALIGN: u64 = 4096;
+    let first = off / ALIGN * ALIGN;
+    let end = (off + len as u64).div_ceil(ALIGN) * ALIGN;
+    let span = (end - first) as usize;
+    let mut raw = vec![0u8; span + ALIGN as usize];
+    let at = raw.as_ptr().align_offset(ALIGN as usize);
+    let need = (off + len as u64 - first) as usize;
+    let mut got = 0;
+    // Short reads only at the end of the file, within the last block.
+    while got < need {
+        let n = f.read_at(&mut raw[at + got..at + span], first + got as u64)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        got += n;
+    }
+    let start = at + (off - first) as usize;
+    Ok(Bytes {
+        map: Arc::new(raw),
+        start,
+        len,
+        file: None,
+    })
 }
 
 impl Bytes {
@@ -86,17 +144,22 @@ impl Bytes {
         }
     }
 
-    /// The same bytes as an owned copy read from the shard file (not through the map), and
-    /// dropped from the page cache after: the caller keeps what it wants to keep. Owned
-    /// bytes are shared as they are.
+    /// The same bytes as an owned copy read from the shard file (not through the map)
+    /// without leaving them in the page cache (O_DIRECT, else dropped after the read): the
+    /// caller keeps what it wants to keep. Owned bytes are shared as they are.
     pub fn read_copy(&self) -> std::io::Result<Bytes> {
         use std::os::unix::fs::FileExt;
         let Some(f) = &self.file else {
             return Ok(self.clone());
         };
+        if let Some(d) = &f.direct
+            && let Ok(b) = read_direct(d, self.start as u64, self.len)
+        {
+            return Ok(b);
+        }
         let mut v = vec![0u8; self.len];
-        f.read_exact_at(&mut v, self.start as u64)?;
-        crate::fsutil::drop_cached(f, self.start as u64, self.len);
+        f.file.read_exact_at(&mut v, self.start as u64)?;
+        crate::fsutil::drop_cached(&f.file, self.start as u64, self.len);
         Ok(Bytes::from_vec(v))
     }
 }
@@ -120,7 +183,7 @@ pub struct Shard {
     pub file_name: String,
     map: Arc<dyn AsRef<[u8]> + Send + Sync>,
     /// None for a checkpoint in memory.
-    file: Option<Arc<std::fs::File>>,
+    file: Option<Arc<ShardFile>>,
     /// 8 + JSON header length: where the data section starts.
     pub data_start: usize,
     pub file_len: u64,
@@ -467,7 +530,7 @@ fn map_shard(path: &Path, name: &str, listed: usize) -> ShardResult {
             path: path.to_path_buf(),
             file_name: name.to_string(),
             map: Arc::new(map),
-            file: Some(Arc::new(file)),
+            file: Some(Arc::new(ShardFile::open(file, path))),
             data_start,
             file_len,
         },
