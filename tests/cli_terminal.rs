@@ -22,7 +22,12 @@ fn talk(extra: &[&str]) -> Command {
 /// The chat in a pseudo-terminal (greedy, no thinking, `n` tokens per answer, `home` as
 /// HOME), past its banner.
 fn chat(home: &std::path::Path, n: &str) -> rexpect::session::PtySession {
+    chat_with(home, n, &[])
+}
+
+fn chat_with(home: &std::path::Path, n: &str, extra: &[&str]) -> rexpect::session::PtySession {
     let mut c = talk(&["--no-think", "--temperature", "0", "-n", n]);
+    c.args(extra);
     c.env("HOME", home)
         .env_remove("XDG_DATA_HOME")
         .env("NO_COLOR", "1")
@@ -451,4 +456,16 @@ fn the_chat_says_why_an_answer_stopped() {
     assert!(line.contains("stopped at --max-tokens"), "{line}");
     p.send_line("/quit").unwrap();
     p.exp_eof().unwrap();
+}
+
+#[test]
+fn chat_stats_count_the_ram_tiers_reads() {
+    let home = tempfile::tempdir().unwrap();
+    // No expert held: every selection is read from the files.
+    let mut p = chat_with(home.path(), "3", &["--ram", "0"]);
+    p.send_line("Hello there").unwrap();
+    p.exp_regex(r"\[\d+ prompt tokens").unwrap();
+    p.send_line("/stats").unwrap();
+    p.exp_regex(r"--ram: 0 expert selections served from RAM, [1-9]\d* read from the files")
+        .unwrap();
 }

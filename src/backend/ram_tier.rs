@@ -13,6 +13,7 @@
 //! waits for an expert's read if it is in flight; `forget` drops what a layer did not claim
 //! (experts the dispatch put on the device).
 
+use crate::model::ReadBuffers;
 use crate::model::weights::ExpertWeights;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex};
@@ -56,6 +57,8 @@ struct State {
 pub struct RamTier {
     per_layer: usize,
     state: Arc<Mutex<State>>,
+    /// The copies' buffers, reused once a copy is dropped (not kept, or evicted).
+    bufs: ReadBuffers,
 }
 
 fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
@@ -63,32 +66,32 @@ fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
 }
 
 /// The expert's matrices as owned copies read from the files; None if a read fails.
-fn read_expert(w: &ExpertWeights) -> Option<Arc<ExpertWeights>> {
+fn read_expert(w: &ExpertWeights, bufs: &ReadBuffers) -> Option<Arc<ExpertWeights>> {
     Some(Arc::new(ExpertWeights {
-        w1: w.w1.read_copy().ok()?,
-        w3: w.w3.read_copy().ok()?,
-        w2: w.w2.read_copy().ok()?,
+        w1: w.w1.read_copy(bufs).ok()?,
+        w3: w.w3.read_copy(bufs).ok()?,
+        w2: w.w2.read_copy(bufs).ok()?,
     }))
 }
 
 /// Start queued reads while fewer than `WINDOW` are in flight and `AHEAD` unclaimed; each
 /// thread, when done, stores its result and starts the next.
-fn pump(state: &Arc<Mutex<State>>, s: &mut State) {
+fn pump(state: &Arc<Mutex<State>>, s: &mut State, bufs: &ReadBuffers) {
     while s.in_flight < WINDOW && s.ahead < AHEAD {
         let Some((_, w, slot)) = s.queue.pop_front() else {
             return;
         };
         s.in_flight += 1;
         s.ahead += 1;
-        let st = state.clone();
+        let (st, bufs) = (state.clone(), bufs.clone());
         std::thread::spawn(move || {
-            let r = read_expert(&w);
+            let r = read_expert(&w, &bufs);
             let (m, cv) = &*slot;
             *m.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
             cv.notify_all();
             let mut s = lock(&st);
             s.in_flight -= 1;
-            pump(&st, &mut s);
+            pump(&st, &mut s, &bufs);
         });
     }
 }
@@ -98,6 +101,7 @@ impl RamTier {
         RamTier {
             per_layer,
             state: Arc::default(),
+            bufs: ReadBuffers::default(),
         }
     }
 
@@ -129,6 +133,17 @@ impl RamTier {
         out
     }
 
+    /// `experts` of `layer` reordered: those held first, then the others, each in the
+    /// given order.
+    pub fn held_first(&self, layer: usize, experts: &[usize]) -> Vec<usize> {
+        let s = self.lock();
+        let (mut held, rest): (Vec<usize>, Vec<usize>) = experts
+            .iter()
+            .partition(|&&e| s.held.contains_key(&(layer, e)));
+        held.extend(rest);
+        held
+    }
+
     /// Drop the reads queued or done for `layer` that its experts did not claim.
     pub fn forget(&self, layer: usize) {
         let mut s = self.lock();
@@ -141,7 +156,7 @@ impl RamTier {
                 None => s.ahead -= 1,
             }
         }
-        pump(&self.state, &mut s);
+        pump(&self.state, &mut s, &self.bufs);
     }
 
     pub fn stats(&self) -> RamStats {
@@ -168,7 +183,7 @@ impl RamTier {
             s.pending.insert(key, slot.clone());
             s.queue.push_back((key, ew.clone(), slot));
         }
-        pump(&self.state, &mut s);
+        pump(&self.state, &mut s, &self.bufs);
     }
 
     /// Expert `e` of `layer` (whose mapped views are `w`) for the CPU: the copy held, or one
@@ -194,7 +209,7 @@ impl RamTier {
             } else {
                 // Started: it is claimed now, so another may start.
                 s.ahead -= 1;
-                pump(&self.state, &mut s);
+                pump(&self.state, &mut s, &self.bufs);
                 (c, p)
             }
         };
@@ -209,7 +224,7 @@ impl RamTier {
                 }
                 r.take().flatten()?
             }
-            None => read_expert(w)?,
+            None => read_expert(w, &self.bufs)?,
         };
         let bytes = [&copy.w1, &copy.w3, &copy.w2]
             .iter()

@@ -244,10 +244,11 @@ fn chat_loop(
                     }
                     if let Some(r) = engine.and_then(|e| e.ram_tier()).map(|r| r.stats()) {
                         println!(
-                            "--ram: {} expert selections served from RAM, {} read from the files ({:.2} GB)",
+                            "--ram: {} expert selections served from RAM, {} read from the files ({:.2} GB, {:.1} s waited for)",
                             r.hits,
                             r.reads,
-                            r.bytes_read as f64 / 1e9
+                            r.bytes_read as f64 / 1e9,
+                            r.wait_s
                         );
                     }
                     continue;

@@ -281,11 +281,25 @@ fn experts<O: Ops>(
         let idx = (t > 1 || ids.len() > 1).then_some(ids.as_slice());
         o.add_rows(y, src, at, idx, f, groups[e].len(), d)
     };
+    // With a RAM tier the CPU computes the experts it holds first, while the others' reads
+    // are still coming (the outputs are added in expert order all the same).
+    let cpu_order = |list: &[usize]| match ctx.ram {
+        Some(r) => r.held_first(ctx.layer, list),
+        None => list.to_vec(),
+    };
     if plan.on_dev.is_empty() && !o.on_device() {
-        // All on the CPU: each expert's output is added as soon as it is computed.
-        for &e in &plan.active {
-            let out = o.upload(run_cpu(e))?;
-            add(&mut y, e, &out, 0)?;
+        // All on the CPU: each expert's output is added as soon as those before it are.
+        let mut outs: Vec<Option<Vec<f32>>> = vec![None; groups.len()];
+        let mut next = 0;
+        for e in cpu_order(&plan.active) {
+            outs[e] = Some(run_cpu(e));
+            while let Some(&e) = plan.active.get(next) {
+                let Some(out) = outs[e].take() else {
+                    break;
+                };
+                add(&mut y, e, &o.upload(out)?, 0)?;
+                next += 1;
+            }
         }
         return Ok(y);
     }
@@ -295,8 +309,10 @@ fn experts<O: Ops>(
             plan.on_dev.iter().map(run).collect::<Result<Vec<_>, _>>()
         },
         || {
-            let outs: Vec<(usize, Vec<f32>)> =
-                plan.on_cpu.iter().map(|&e| (e, run_cpu(e))).collect();
+            let outs: Vec<(usize, Vec<f32>)> = cpu_order(&plan.on_cpu)
+                .into_iter()
+                .map(|e| (e, run_cpu(e)))
+                .collect();
             outs
         },
     );

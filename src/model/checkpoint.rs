@@ -92,15 +92,62 @@ fn same_file(a: &File, b: &File) -> bool {
     }
 }
 
+/// Buffers for [`Bytes::read_copy`] that come back when their bytes are dropped, so that a
+/// run reading experts over and over reuses memory already faulted in instead of asking the
+/// kernel for fresh zeroed pages each time (thousands of page faults per expert).
+#[derive(Clone, Default)]
+pub struct ReadBuffers {
+    free: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+}
+
+/// Buffers kept for reuse at most.
+const SPARE_BUFFERS: usize = 64;
+
+impl ReadBuffers {
+    /// A buffer of at least `len` bytes (contents unspecified): a spare one of that size
+    /// class (64 KiB steps, so reads of one matrix shape share a class wherever they start),
+    /// or a new one.
+    fn take(&self, len: usize) -> Vec<u8> {
+        const STEP: usize = 64 << 10;
+        let len = len.div_ceil(STEP) * STEP;
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        match free.iter().position(|b| b.len() == len) {
+            Some(i) => free.swap_remove(i),
+            None => vec![0u8; len],
+        }
+    }
+}
+
+/// A buffer that goes back to its [`ReadBuffers`] when dropped.
+struct Pooled {
+    buf: Vec<u8>,
+    home: ReadBuffers,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let mut free = self.home.free.lock().unwrap_or_else(|e| e.into_inner());
+        if free.len() < SPARE_BUFFERS {
+            free.push(std::mem::take(&mut self.buf));
+        }
+    }
+}
+
 /// `len` bytes at `off` of `f` (opened with O_DIRECT): the aligned blocks around them read
-/// into an aligned buffer, which the returned bytes are a range of.
-fn read_direct(f: &File, off: u64, len: usize) -> std::io::Result<Bytes> {
+/// into an aligned buffer from `bufs`, which the returned bytes are a range of.
+fn read_direct(f: &File, off: u64, len: usize, bufs: &ReadBuffers) -> std::io::Result<Bytes> {
     use std::os::unix::fs::FileExt;
     const ALIGN: u64 = 4096;
     let first = off / ALIGN * ALIGN;
     let end = (off + len as u64).div_ceil(ALIGN) * ALIGN;
     let span = (end - first) as usize;
-    let mut raw = vec![0u8; span + ALIGN as usize];
+    let mut raw = bufs.take(span + ALIGN as usize);
     let at = raw.as_ptr().align_offset(ALIGN as usize);
     let need = (off + len as u64 - first) as usize;
     let mut got = 0;
@@ -114,7 +161,10 @@ fn read_direct(f: &File, off: u64, len: usize) -> std::io::Result<Bytes> {
     }
     let start = at + (off - first) as usize;
     Ok(Bytes {
-        map: Arc::new(raw),
+        map: Arc::new(Pooled {
+            buf: raw,
+            home: bufs.clone(),
+        }),
         start,
         len,
         file: None,
@@ -146,14 +196,15 @@ impl Bytes {
 
     /// The same bytes as an owned copy read from the shard file (not through the map)
     /// without leaving them in the page cache (O_DIRECT, else dropped after the read): the
-    /// caller keeps what it wants to keep. Owned bytes are shared as they are.
-    pub fn read_copy(&self) -> std::io::Result<Bytes> {
+    /// caller keeps what it wants to keep. Owned bytes are shared as they are. The buffer
+    /// comes from `bufs` and goes back there when the last copy of the bytes is dropped.
+    pub fn read_copy(&self, bufs: &ReadBuffers) -> std::io::Result<Bytes> {
         use std::os::unix::fs::FileExt;
         let Some(f) = &self.file else {
             return Ok(self.clone());
         };
         if let Some(d) = &f.direct
-            && let Ok(b) = read_direct(d, self.start as u64, self.len)
+            && let Ok(b) = read_direct(d, self.start as u64, self.len, bufs)
         {
             return Ok(b);
         }

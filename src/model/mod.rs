@@ -12,5 +12,5 @@ pub mod synth;
 pub mod tokenizer;
 pub mod weights;
 
-pub use checkpoint::{Checkpoint, CheckpointError};
+pub use checkpoint::{Checkpoint, CheckpointError, ReadBuffers};
 pub use config::ModelConfig;

@@ -47,7 +47,7 @@ impl Weight {
         }
     }
     /// The same weight in owned bytes read from the checkpoint's files (`Bytes::read_copy`).
-    pub fn read_copy(&self) -> std::io::Result<Weight> {
+    pub fn read_copy(&self, bufs: &crate::model::ReadBuffers) -> std::io::Result<Weight> {
         Ok(match self {
             Weight::Fp8 {
                 rows,
@@ -57,8 +57,8 @@ impl Weight {
             } => Weight::Fp8 {
                 rows: *rows,
                 cols: *cols,
-                codes: codes.read_copy()?,
-                scales: scales.read_copy()?,
+                codes: codes.read_copy(bufs)?,
+                scales: scales.read_copy(bufs)?,
             },
             Weight::Fp4 {
                 rows,
@@ -68,13 +68,13 @@ impl Weight {
             } => Weight::Fp4 {
                 rows: *rows,
                 cols: *cols,
-                packed: packed.read_copy()?,
-                scales: scales.read_copy()?,
+                packed: packed.read_copy(bufs)?,
+                scales: scales.read_copy(bufs)?,
             },
             Weight::Bf16 { rows, cols, data } => Weight::Bf16 {
                 rows: *rows,
                 cols: *cols,
-                data: data.read_copy()?,
+                data: data.read_copy(bufs)?,
             },
         })
     }
