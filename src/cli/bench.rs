@@ -50,6 +50,11 @@ pub struct BenchArgs {
     /// prompt's length (e.g. 4096; prefilling it takes about a minute on two cores).
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub context: u32,
+    /// Decode with the routed experts capped to this much RAM (`--ram` of the other
+    /// commands; the rest read from the files): the report adds the tier's hits, reads,
+    /// bytes read and waits per token.
+    #[arg(long, value_parser = |s: &str| crate::backend::sim::parse_size(s))]
+    pub ram: Option<u64>,
 }
 
 #[derive(Serialize, Debug)]
@@ -83,6 +88,20 @@ pub struct Decode {
     /// The read bandwidth measured right before and right after the timed steps (the best of
     /// three passes each side).
     pub bound_gbs: f64,
+    /// With `--ram`: what each tier served over the timed steps.
+    pub tiers: Option<TierDecode>,
+}
+
+/// Per decoded token, over the timed steps of `bench --ram`.
+#[derive(Serialize, Debug)]
+pub struct TierDecode {
+    pub ram_experts_per_layer: usize,
+    /// Expert selections served from RAM and read from the files.
+    pub ram_hits: f64,
+    pub disk_reads: f64,
+    pub disk_bytes: f64,
+    /// Seconds the experts waited for reads.
+    pub wait_s: f64,
 }
 
 #[derive(Serialize, Debug)]
@@ -455,8 +474,12 @@ fn end_to_end(
 ) -> anyhow::Result<(Decode, Decode, Prefill)> {
     ensure_synth(a)?;
     let ck = crate::model::Checkpoint::open(&a.synth_dir)?;
-    touch_every_page(&ck)?;
-    let e = Engine::from_checkpoint(&ck, Numerics::Reference)?;
+    // (With --ram the experts are read from the files: only the warm-up steps touch pages.)
+    if a.ram.is_none() {
+        touch_every_page(&ck)?;
+    }
+    let mut e = Engine::from_checkpoint(&ck, Numerics::Reference)?;
+    let held = a.ram.map(|b| e.use_ram(b));
     let bytes_per_token =
         crate::model::layout::bytes_per_token(&e.cfg, &crate::model::layout::inventory(&e.cfg));
     let steps = if a.quick { 3 } else { 32 };
@@ -464,20 +487,42 @@ fn end_to_end(
         // Three probe passes right before the timed steps and three right after: one pass
         // alone can land in a neighbour's burst and read low.
         let mut before = 0f64;
+        let ram = || e.ram_tier().map(|r| r.stats());
+        let mut ram0 = None;
         let context = a.context as usize;
-        let tps = steps as f64 / timed_decode(e, context, steps, || before = probe.best_of(3))?;
+        let tps = steps as f64
+            / timed_decode(e, context, steps, || {
+                before = probe.best_of(3);
+                ram0 = ram();
+            })?;
         let bw = before.max(probe.best_of(3));
+        let per = |v: f64| v / steps as f64;
+        let tiers = match (held, ram0, ram()) {
+            (Some(n), Some(r0), Some(r)) => Some(TierDecode {
+                ram_experts_per_layer: n,
+                ram_hits: per((r.hits - r0.hits) as f64),
+                disk_reads: per((r.reads - r0.reads) as f64),
+                disk_bytes: per((r.bytes_read - r0.bytes_read) as f64),
+                wait_s: per(r.wait_s - r0.wait_s),
+            }),
+            _ => None,
+        };
         Ok(Decode {
             context,
             tokens_per_s: tps,
             bytes_per_token,
             ratio: bytes_per_token as f64 * tps / (bw * 1e9),
             bound_gbs: bw,
+            tiers,
         })
     };
     let decode = decode_with(&e)?;
     super::signals::check()?;
-    let decode_fast = decode_with(&Engine::from_checkpoint(&ck, Numerics::Fast)?)?;
+    let mut fast = Engine::from_checkpoint(&ck, Numerics::Fast)?;
+    if let Some(b) = a.ram {
+        fast.use_ram(b);
+    }
+    let decode_fast = decode_with(&fast)?;
     // Prefill: a fresh session, one batch of n tokens.
     let n = if a.quick { 64 } else { 256 };
     let mut s = Session::new(&e, 1 << 16, n);
@@ -573,6 +618,16 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
                 d.bound_gbs,
                 d.context
             );
+            if let Some(t) = &d.tiers {
+                eprintln!(
+                    "           per token: {:.1} experts from RAM ({} held per layer), {:.1} read from the files ({:.0} MB), {:.1} ms waited for reads",
+                    t.ram_hits,
+                    t.ram_experts_per_layer,
+                    t.disk_reads,
+                    t.disk_bytes / 1e6,
+                    1e3 * t.wait_s
+                );
+            }
         }
         eprintln!(
             "  prefill {:>7.1} tok/s at batch {}: {:.1} GFLOP/s, {:.1}% of the {}",
