@@ -39,6 +39,28 @@ fn config(dir: &std::path::Path) -> (u64, u64) {
     )
 }
 
+/// The greedy one-shot on tiny-vocab ("Hello there", `n` tokens, `--json`) with `extra`.
+fn one_shot(n: &str, extra: &[&str]) -> std::process::Output {
+    let (dir, tok) = (fixture("tiny-vocab"), tokenizer_path());
+    let mut args = vec![
+        "--model",
+        dir.to_str().unwrap(),
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "-p",
+        "Hello there",
+        "-n",
+        n,
+        "--temperature",
+        "0",
+        "--no-think",
+        "--no-cache",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
 #[test]
 fn every_ram_budget_gives_the_same_bits_as_the_map() {
     let out = tempfile::tempdir().unwrap();
@@ -126,23 +148,7 @@ fn json_reports_selections_from_ram_and_from_the_files() {
     let dir = fixture("tiny-vocab");
     let (layers, n) = config(&dir);
     let ask = |budget: &str| {
-        let o = run(&[
-            "--model",
-            dir.to_str().unwrap(),
-            "--tokenizer",
-            tokenizer_path().to_str().unwrap(),
-            "-p",
-            "Hello there",
-            "-n",
-            "12",
-            "--temperature",
-            "0",
-            "--no-think",
-            "--no-cache",
-            "--json",
-            "--ram",
-            budget,
-        ]);
+        let o = one_shot("12", &["--ram", budget]);
         assert!(o.status.success(), "{}", stderr(&o));
         let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
         (
@@ -165,27 +171,7 @@ fn json_reports_selections_from_ram_and_from_the_files() {
 
 #[test]
 fn ram_off_and_auto_keep_the_map_when_the_weights_fit_and_bad_values_are_usage_errors() {
-    let dir = fixture("tiny-vocab");
-    let tok = tokenizer_path();
-    let ask = |ram: &[&str]| {
-        let mut args = vec![
-            "--model",
-            dir.to_str().unwrap(),
-            "--tokenizer",
-            tok.to_str().unwrap(),
-            "-p",
-            "Hello there",
-            "-n",
-            "4",
-            "--temperature",
-            "0",
-            "--no-think",
-            "--no-cache",
-            "--json",
-        ];
-        args.extend_from_slice(ram);
-        run(&args)
-    };
+    let ask = |ram: &[&str]| one_shot("4", ram);
     // A tiny model fits in any machine's available RAM: `auto` (the default) maps it all.
     for ram in [&[][..], &["--ram", "auto"], &["--ram", "off"]] {
         let o = ask(ram);
@@ -210,25 +196,10 @@ fn the_tier_counts_selections_into_the_expert_profile_and_starts_from_it() {
     let home = tempfile::tempdir().unwrap();
     let profile = home.path().join("profile.json");
     let ask = || {
-        let o = run(&[
-            "--model",
-            dir.to_str().unwrap(),
-            "--tokenizer",
-            tokenizer_path().to_str().unwrap(),
-            "-p",
-            "Hello there",
-            "-n",
+        let o = one_shot(
             "6",
-            "--temperature",
-            "0",
-            "--no-think",
-            "--no-cache",
-            "--json",
-            "--ram",
-            "0",
-            "--expert-profile",
-            profile.to_str().unwrap(),
-        ]);
+            &["--ram", "0", "--expert-profile", profile.to_str().unwrap()],
+        );
         assert!(o.status.success(), "{}", stderr(&o));
         let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
         let p: serde_json::Value =

@@ -311,51 +311,39 @@ impl Engine {
             Want::All => 0..t,
         };
         // Hash-routed layers' experts are known from the token ids alone: the expert cache
-        // sees them now, so their promotion copies overlap the layers before them.
-        if self.exec.experts.tracked() {
-            let k = cfg.num_experts_per_tok;
-            for b in self
-                .weights
-                .layers
+        // sees them now, so their promotion copies overlap the layers before them, and the
+        // RAM tier starts reading those the device does not hold (in the order the layers
+        // will compute them).
+        let k = cfg.num_experts_per_tok;
+        for b in self
+            .weights
+            .layers
+            .iter()
+            .filter(|b| b.ffn.tid2eid.is_some())
+        {
+            let sel: Vec<usize> = tokens
                 .iter()
-                .filter(|b| b.ffn.tid2eid.is_some())
-            {
-                let sel: Vec<usize> = tokens
-                    .iter()
-                    .flat_map(|&tok| b.ffn.hashed_experts(tok, k).unwrap_or_default())
-                    .collect();
+                .flat_map(|&tok| b.ffn.hashed_experts(tok, k).unwrap_or_default())
+                .collect();
+            if self.exec.experts.tracked() {
+                let all = sel.iter().copied();
                 self.exec
                     .experts
-                    .selected(&self.exec, b.layer, sel.into_iter(), |e| {
-                        let x = &b.ffn.experts[e];
-                        [&x.w1, &x.w3, &x.w2]
-                    });
+                    .selected(&self.exec, b.layer, all, |e| b.ffn.experts[e].matrices());
             }
-        }
-        // The RAM tier starts reading the hash layers' experts the device does not hold
-        // (in the order the layers will compute them) while the layers before them run.
-        if let Some(r) = &self.ram {
-            let k = cfg.num_experts_per_tok;
-            for b in self
-                .weights
-                .layers
-                .iter()
-                .filter(|b| b.ffn.tid2eid.is_some())
-            {
-                let mut sel: Vec<usize> = tokens
-                    .iter()
-                    .flat_map(|&tok| b.ffn.hashed_experts(tok, k).unwrap_or_default())
+            if let Some(r) = &self.ram {
+                let mut cpu: Vec<usize> = sel
+                    .into_iter()
                     .filter(|&e| {
-                        b.ffn.experts.get(e).is_some_and(|x| {
-                            ![&x.w1, &x.w3, &x.w2]
-                                .iter()
-                                .all(|m| self.exec.is_resident(m))
-                        })
+                        let on_device = |x: &crate::model::weights::ExpertWeights| {
+                            x.matrices().iter().all(|m| self.exec.is_resident(m))
+                        };
+                        b.ffn.experts.get(e).is_some_and(|x| !on_device(x))
                     })
                     .collect();
-                sel.sort_unstable();
-                sel.dedup();
-                r.prefetch(b.layer, &sel, &b.ffn.experts);
+                cpu.sort_unstable();
+                cpu.dedup();
+                r.prefetch(b.layer, &cpu, &b.ffn.experts);
             }
         }
         // Blocks placed on the device run there with the activations kept there; if the

@@ -113,10 +113,7 @@ impl Dispatch {
         let active: Vec<usize> = (0..groups.len())
             .filter(|&e| !groups[e].is_empty())
             .collect();
-        let mats = |e: usize| {
-            let x = &w.experts[e];
-            [&x.w1, &x.w3, &x.w2]
-        };
+        let mats = |e: usize| w.experts[e].matrices();
         let prefetched = w.tid2eid.is_some();
         let hits = if prefetched {
             None

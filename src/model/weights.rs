@@ -141,6 +141,13 @@ pub struct ExpertWeights {
     pub w2: Weight,
 }
 
+impl ExpertWeights {
+    /// w1, w3, w2.
+    pub fn matrices(&self) -> [&Weight; 3] {
+        [&self.w1, &self.w3, &self.w2]
+    }
+}
+
 pub struct MoeWeights {
     pub gate: Weight,
     pub bias: Option<Vec<f32>>,
@@ -236,7 +243,7 @@ impl ModelWeights {
         v.push((MatrixRole::Head, &self.head));
         for b in &self.layers {
             for (e, x) in b.ffn.experts.iter().enumerate() {
-                for w in [&x.w1, &x.w3, &x.w2] {
+                for w in x.matrices() {
                     v.push((
                         MatrixRole::Expert {
                             layer: b.layer,
