@@ -85,21 +85,26 @@ for _ in $(seq 600); do
   sleep 0.2
 done
 echo "$(cat "$work/lock.out"); MemAvailable now $(awk '/MemAvailable/ {printf "%.1f GiB", $2/2^20}' /proc/meminfo)"
-# The drive: expert-sized O_DIRECT reads at random places of the largest shard.
+# The drive: expert-sized O_DIRECT reads at random places of the largest shard, eight in
+# flight as the tier reads.
 shard=$(ls -S "$model"/*.safetensors | head -1)
 disk_gbs=$(python3 - "$shard" <<'PY'
 import mmap, os, random, sys, time
+from concurrent.futures import ThreadPoolExecutor
 f = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECT)
-size, chunk = os.fstat(f).st_size, 13_402_112
-buf = mmap.mmap(-1, chunk)
+size, chunk, reads = os.fstat(f).st_size, 13_402_112, 48
 random.seed(1)
-t, reads = time.time(), 24
-for _ in range(reads):
-    os.preadv(f, [buf], random.randrange((size - chunk) // 4096) * 4096)
+offs = [random.randrange((size - chunk) // 4096) * 4096 for _ in range(reads)]
+bufs = [mmap.mmap(-1, chunk) for _ in range(8)]
+def read(i):
+    os.preadv(f, [bufs[i % 8]], offs[i])
+t = time.time()
+with ThreadPoolExecutor(8) as pool:
+    list(pool.map(read, range(reads)))
 print(f"{reads * chunk / (time.time() - t) / 1e9:.2f}")
 PY
 )
-echo "drive: $disk_gbs GB/s in 13.4 MB O_DIRECT reads"
+echo "drive: $disk_gbs GB/s in 13.4 MB O_DIRECT reads, eight in flight"
 echo "all weights in RAM: decode $inram_tok tok/s ($inram_read MB read from the drive) = $cpu_gbs GB/s of weights"
 run() { # label, extra flags...
   local label=$1

@@ -11,7 +11,9 @@
 //!
 //! The prediction is a roofline: each step's bytes over the bandwidth of the memory that
 //! serves them. Decode, per layer: the GPU part (dense weights, KV reads, cached experts) and
-//! the CPU part (missed experts from RAM) run side by side, plus a fixed sync cost per layer.
+//! the CPU part (missed experts from RAM) run side by side, plus a fixed sync cost per layer;
+//! experts read from the drive overlap their layer's experts (a hash layer's, read from the
+//! token's start, the whole step), and the drive's total time bounds the step.
 //! Expert hits follow the measured skew of V4-Flash routing (the top 12.5 % of a layer's
 //! experts take ~58 % of its selections), modelled as a Zipf law fitted to that figure; the
 //! cache is credited with the static most-frequent set (adaptive caches do better, see
@@ -390,18 +392,26 @@ pub fn plan_with(cfg: &ModelConfig, m: &Machine, ctx: usize, o: Overrides) -> Pl
     let (mut t_gpu, mut t_cpu, mut t_sync, mut t_disk, mut per_layer) = (0.0, 0.0, 0.0, 0.0, 0.0);
     for (l, &d) in dense.iter().enumerate() {
         t_disk += disk_layer;
+        // A hash layer's experts come from the token ids, so their reads start with the step
+        // and overlap all of it (the drive's total bounds the step below); a scored layer's
+        // start after its router and overlap only that layer's experts.
+        let disk_here = if l < cfg.num_hash_layers {
+            0.0
+        } else {
+            disk_layer
+        };
         if l < gpu_layers {
             let attn = (d as f64 + kv_layer_read) / gbs(m.gpu_gbs);
             let hits = hit * exp_bytes / gbs(m.gpu_gbs);
             let miss = (1.0 - hit) * exp_bytes / gbs(m.cpu_gbs);
             t_gpu += attn + hits;
             t_cpu += miss;
-            per_layer += attn + hits.max(miss.max(disk_layer));
+            per_layer += attn + hits.max(miss.max(disk_here));
         } else {
             let dense_t = (d as f64 + kv_layer_read) / gbs(m.cpu_gbs);
             let exp_t = exp_bytes / gbs(m.cpu_gbs);
             t_cpu += dense_t + exp_t;
-            per_layer += dense_t + exp_t.max(disk_layer);
+            per_layer += dense_t + exp_t.max(disk_here);
         }
         if m.gpu_mem > 0 {
             t_sync += LAYER_SYNC_S;
@@ -412,7 +422,7 @@ pub fn plan_with(cfg: &ModelConfig, m: &Machine, ctx: usize, o: Overrides) -> Pl
     } else {
         head as f64 / gbs(m.cpu_gbs)
     };
-    let decode_s = per_layer + t_sync + head_t;
+    let decode_s = (per_layer + t_sync + head_t).max(t_disk);
     let bound = if t_disk >= t_cpu && t_disk >= t_gpu {
         "disk"
     } else if t_gpu >= t_cpu {
@@ -707,5 +717,41 @@ mod tests {
             assert!(p.decode_tok_s >= prev && p.prefill_tok_s > 0.0, "{bw} GB/s");
             prev = p.decode_tok_s;
         }
+    }
+
+    #[test]
+    fn hash_layers_reads_overlap_the_whole_step() {
+        // No GPU, a drive that is the bound: with every layer hash-routed the step is the
+        // drive's time alone; with none, each layer's reads add to its dense part.
+        let mut cfg = real();
+        let m = Machine {
+            name: "slow drive".into(),
+            gpu_mem: 0,
+            gpu_gbs: 0.0,
+            gpu_tflops: 0.0,
+            pcie_gbs: 0.0,
+            ram: 64 * GIB,
+            cpu_gbs: 80.0,
+            cpu_tflops: 1.0,
+            disk_gbs: 1.0,
+        };
+        cfg.num_hash_layers = cfg.num_hidden_layers;
+        let all = plan(&cfg, &m, 4096);
+        let t_disk = all.decode_split_s[3];
+        assert!(
+            t_disk > all.decode_split_s[1],
+            "the drive bounds this machine"
+        );
+        assert!((1.0 / all.decode_tok_s - t_disk).abs() < 1e-12);
+        // (Without hash tables a few more experts fit in RAM: the reads differ a little.)
+        cfg.num_hash_layers = 0;
+        let none = plan(&cfg, &m, 4096);
+        let t_disk = none.decode_split_s[3];
+        assert!(
+            1.0 / none.decode_tok_s > t_disk,
+            "dense parts add to the reads"
+        );
+        // ... but each layer's reads still overlap its experts.
+        assert!(1.0 / none.decode_tok_s < t_disk + none.decode_split_s[1]);
     }
 }
