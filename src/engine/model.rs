@@ -315,12 +315,13 @@ impl Engine {
         // RAM tier starts reading those the device does not hold (in the order the layers
         // will compute them).
         let k = cfg.num_experts_per_tok;
-        for b in self
+        let hash_layers = self
             .weights
             .layers
             .iter()
-            .filter(|b| b.ffn.tid2eid.is_some())
-        {
+            .filter(|b| b.ffn.tid2eid.is_some());
+        let wanted = self.exec.experts.tracked() || self.ram.is_some();
+        for b in hash_layers.filter(|_| wanted) {
             let sel: Vec<usize> = tokens
                 .iter()
                 .flat_map(|&tok| b.ffn.hashed_experts(tok, k).unwrap_or_default())

@@ -67,20 +67,33 @@ pub struct Bytes {
 /// O_DIRECT: reads that neither go through nor fill the page cache.
 pub(crate) struct ShardFile {
     file: File,
-    direct: Option<File>,
+    path: PathBuf,
+    /// Opened at the first read that wants it (a run without a RAM tier never does).
+    direct: std::sync::OnceLock<Option<File>>,
 }
 
 impl ShardFile {
-    fn open(file: File, path: &Path) -> ShardFile {
+    fn new(file: File, path: &Path) -> ShardFile {
+        ShardFile {
+            file,
+            path: path.to_path_buf(),
+            direct: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn direct(&self) -> Option<&File> {
         use std::os::unix::fs::OpenOptionsExt;
-        let direct = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECT | libc::O_NOFOLLOW)
-            .open(path)
-            .ok()
-            // The same file as the one mapped (not one put in its place since).
-            .filter(|d| same_file(d, &file));
-        ShardFile { file, direct }
+        self.direct
+            .get_or_init(|| {
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_DIRECT | libc::O_NOFOLLOW)
+                    .open(&self.path)
+                    .ok()
+                    // The same file as the one mapped (not one put in its place since).
+                    .filter(|d| same_file(d, &self.file))
+            })
+            .as_ref()
     }
 }
 
@@ -203,7 +216,7 @@ impl Bytes {
         let Some(f) = &self.file else {
             return Ok(self.clone());
         };
-        if let Some(d) = &f.direct
+        if let Some(d) = f.direct()
             && let Ok(b) = read_direct(d, self.start as u64, self.len, bufs)
         {
             return Ok(b);
@@ -581,7 +594,7 @@ fn map_shard(path: &Path, name: &str, listed: usize) -> ShardResult {
             path: path.to_path_buf(),
             file_name: name.to_string(),
             map: Arc::new(map),
-            file: Some(Arc::new(ShardFile::open(file, path))),
+            file: Some(Arc::new(ShardFile::new(file, path))),
             data_start,
             file_len,
         },
