@@ -1,6 +1,5 @@
 //! y = x · Wᵀ for a weight in its stored format.
 
-use super::ops::dot;
 use super::{Kernels, bf16dot, q8dot, rowdot};
 use crate::model::formats::{
     FP4_GROUP, FP8_BLOCK, dequant_bf16_row, dequant_fp4_row, dequant_fp8_row,
@@ -183,6 +182,10 @@ pub fn linear_range(
         gemm_bf16(w, rows, &x3, 3 * t, &mut y3);
         return add_pieces(&y3, y);
     }
+    #[cfg(target_arch = "x86_64")]
+    if super::gemm::available() {
+        return super::gemm::gemm(w, rows, x, t, y);
+    }
     // Work in [rows, t] so each task owns a contiguous output block, then transpose.
     let mut yt = vec![0f32; n * t];
     yt.par_chunks_mut(TILE_ROWS * t).enumerate().for_each_init(
@@ -193,7 +196,7 @@ pub fn linear_range(
             for i in 0..nr {
                 dequant_row(w, r0 + i, &mut wbuf[i * cols..(i + 1) * cols]);
             }
-            gemm_tile(&wbuf[..nr * cols], nr, x, t, cols, out);
+            gemm_tile_portable(&wbuf[..nr * cols], nr, x, t, cols, out);
         },
     );
     transpose_into(&yt, n, t, y);
@@ -248,84 +251,18 @@ fn split_rows(x: &[f32]) -> Option<Vec<u16>> {
     Some(out)
 }
 
-/// out[i, tt] = W[i] · x[tt] for a dequantized tile `w` [nr, cols] and inputs `x` [t, cols]:
-/// register-blocked 2 rows x 4 inputs at a time, so each loaded value feeds several FMAs.
-/// Compiled twice: with AVX2+FMA (chosen at run time) and for the baseline target.
-fn gemm_tile(w: &[f32], nr: usize, x: &[f32], t: usize, cols: usize, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has AVX2 and FMA (checked); the body only indexes slices.
-            return unsafe { gemm_tile_avx2(w, nr, x, t, cols, out) };
-        }
-    }
-    gemm_tile_portable(w, nr, x, t, cols, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn gemm_tile_avx2(w: &[f32], nr: usize, x: &[f32], t: usize, cols: usize, out: &mut [f32]) {
-    use std::arch::x86_64::*;
-    assert!(w.len() >= nr * cols && x.len() >= t * cols && out.len() >= nr * t);
-    let k8 = cols / 8 * 8;
-    let hsum = |v: __m256| -> f32 {
-        let mut a = [0f32; 8];
-        // SAFETY: `a` holds 8 floats.
-        unsafe { _mm256_storeu_ps(a.as_mut_ptr(), v) };
-        a.iter().sum()
-    };
-    let mut i = 0;
-    while i + 2 <= nr {
-        let mut tt = 0;
-        while tt + 4 <= t {
-            // SAFETY: all pointers index rows i, i+1 of w and tt..tt+4 of x below k8 <= cols,
-            // within the lengths asserted above.
-            unsafe {
-                let w0 = w.as_ptr().add(i * cols);
-                let w1 = w.as_ptr().add((i + 1) * cols);
-                let xp: [*const f32; 4] = std::array::from_fn(|b| x.as_ptr().add((tt + b) * cols));
-                let mut acc = [[_mm256_setzero_ps(); 4]; 2];
-                let mut k = 0;
-                while k < k8 {
-                    let a0 = _mm256_loadu_ps(w0.add(k));
-                    let a1 = _mm256_loadu_ps(w1.add(k));
-                    for b in 0..4 {
-                        let xv = _mm256_loadu_ps(xp[b].add(k));
-                        acc[0][b] = _mm256_fmadd_ps(a0, xv, acc[0][b]);
-                        acc[1][b] = _mm256_fmadd_ps(a1, xv, acc[1][b]);
-                    }
-                    k += 8;
-                }
-                for a in 0..2 {
-                    for b in 0..4 {
-                        let mut s = hsum(acc[a][b]);
-                        for kk in k8..cols {
-                            s += w[(i + a) * cols + kk] * x[(tt + b) * cols + kk];
-                        }
-                        out[(i + a) * t + tt + b] = s;
-                    }
-                }
-            }
-            tt += 4;
-        }
-        for b in tt..t {
-            for a in 0..2 {
-                out[(i + a) * t + b] = dot(
-                    &w[(i + a) * cols..(i + a + 1) * cols],
-                    &x[b * cols..(b + 1) * cols],
-                );
-            }
-        }
-        i += 2;
-    }
-    for a in i..nr {
-        for b in 0..t {
-            out[a * t + b] = dot(&w[a * cols..(a + 1) * cols], &x[b * cols..(b + 1) * cols]);
-        }
-    }
-}
-
-fn gemm_tile_portable(w: &[f32], nr: usize, x: &[f32], t: usize, cols: usize, out: &mut [f32]) {
+/// out[i, tt] = W[i] · x[tt] for a dequantized tile `w` [nr, cols] and inputs `x` [t, cols],
+/// every output in one summation order ([`lane_dot`]), register-blocked 2 rows x 4 inputs at a
+/// time. The yardstick of the blocked AVX2 GEMM (`gemm`), which adds in the same order, and
+/// the product where the CPU has no AVX2.
+pub(super) fn gemm_tile_portable(
+    w: &[f32],
+    nr: usize,
+    x: &[f32],
+    t: usize,
+    cols: usize,
+    out: &mut [f32],
+) {
     const R: usize = 2;
     const T: usize = 4;
     let k8 = cols / 8 * 8;
@@ -361,7 +298,7 @@ fn gemm_tile_portable(w: &[f32], nr: usize, x: &[f32], t: usize, cols: usize, ou
         }
         for b in tt..t {
             for a in 0..R {
-                out[(i + a) * t + b] = dot(
+                out[(i + a) * t + b] = lane_dot(
                     &w[(i + a) * cols..(i + a + 1) * cols],
                     &x[b * cols..(b + 1) * cols],
                 );
@@ -371,9 +308,27 @@ fn gemm_tile_portable(w: &[f32], nr: usize, x: &[f32], t: usize, cols: usize, ou
     }
     for a in i..nr {
         for b in 0..t {
-            out[a * t + b] = dot(&w[a * cols..(a + 1) * cols], &x[b * cols..(b + 1) * cols]);
+            out[a * t + b] = lane_dot(&w[a * cols..(a + 1) * cols], &x[b * cols..(b + 1) * cols]);
         }
     }
+}
+
+/// Σ w[k]·x[k] in the prefill products' order: 8 partial sums (lane l takes k ≡ l mod 8, in
+/// increasing k, up to the last multiple of 8), added in lane order from -0.0, then the
+/// remaining columns one by one.
+fn lane_dot(w: &[f32], x: &[f32]) -> f32 {
+    let k8 = w.len() / 8 * 8;
+    let mut acc = [0f32; 8];
+    for (wc, xc) in w[..k8].chunks_exact(8).zip(x[..k8].chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] += wc[l] * xc[l];
+        }
+    }
+    let mut s = acc.iter().sum::<f32>();
+    for k in k8..w.len() {
+        s += w[k] * x[k];
+    }
+    s
 }
 
 /// The fused paths' driver: rows `rows` of `w` in parallel tasks of about
@@ -551,11 +506,19 @@ fn transpose_into(yt: &[f32], n: usize, t: usize, y: &mut [f32]) {
         y.copy_from_slice(yt);
         return;
     }
-    for j in 0..n {
-        for tt in 0..t {
-            y[tt * n + j] = yt[j * t + tt];
+    // Blocks of 16 outputs' rows in parallel: each reads one 64-byte line of `yt` per column
+    // and writes 16 sequential streams.
+    const B: usize = 16;
+    y.par_chunks_mut(B * n).enumerate().for_each(|(blk, ys)| {
+        let t0 = blk * B;
+        let tb = ys.len() / n;
+        for j in 0..n {
+            let src = &yt[j * t + t0..j * t + t0 + tb];
+            for (k, &v) in src.iter().enumerate() {
+                ys[k * n + j] = v;
+            }
         }
-    }
+    });
 }
 
 /// y = x · Wᵀ over all rows: `x` [t, cols] -> [t, rows].
@@ -581,8 +544,10 @@ mod tests {
         (s, m)
     }
 
+    /// The portable tile adds every output in one order (its register blocks and its
+    /// remainders alike: `lane_dot`), within the fp32 bound of an f64 sum.
     #[test]
-    fn simd_gemm_tile_equals_portable_and_f64() {
+    fn portable_tile_has_one_order_and_matches_f64() {
         let mut r = SplitMix64::new(11);
         for (nr, t, cols) in [
             (5usize, 7usize, 37usize),
@@ -593,18 +558,18 @@ mod tests {
             let w: Vec<f32> = (0..nr * cols).map(|_| r.uniform()).collect();
             let x: Vec<f32> = (0..t * cols).map(|_| r.uniform()).collect();
             let mut a = vec![0f32; nr * t];
-            let mut b = vec![0f32; nr * t];
-            gemm_tile(&w, nr, &x, t, cols, &mut a);
-            gemm_tile_portable(&w, nr, &x, t, cols, &mut b);
+            gemm_tile_portable(&w, nr, &x, t, cols, &mut a);
             for i in 0..nr {
                 for tt in 0..t {
+                    let one =
+                        lane_dot(&w[i * cols..(i + 1) * cols], &x[tt * cols..(tt + 1) * cols]);
+                    let v = a[i * t + tt];
+                    assert_eq!(v.to_bits(), one.to_bits(), "{nr}x{t}x{cols} [{i},{tt}]");
                     let (s, m) = reference(&w, &x, cols, i, tt);
-                    for v in [a[i * t + tt], b[i * t + tt]] {
-                        assert!(
-                            (v as f64 - s).abs() <= 1e-6 * m.max(1e-30),
-                            "{nr}x{t}x{cols} [{i},{tt}]: {v} vs {s}"
-                        );
-                    }
+                    assert!(
+                        (v as f64 - s).abs() <= 1e-6 * m.max(1e-30),
+                        "{nr}x{t}x{cols} [{i},{tt}]: {v} vs {s}"
+                    );
                 }
             }
         }

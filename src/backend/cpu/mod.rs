@@ -20,6 +20,8 @@ pub(crate) use has_x86;
 
 pub mod bf16dot;
 mod device;
+#[cfg(target_arch = "x86_64")]
+mod gemm;
 pub mod hc;
 mod linear;
 mod ops;
@@ -59,7 +61,9 @@ impl Kernels {
     /// instruction sets the dispatch picks from (a state computed with one is reused only
     /// with the same).
     pub fn identity(self) -> String {
-        let mut s = format!("{self:?}");
+        // The prefill GEMMs' summation order (8 lanes over the columns, added in lane order),
+        // which states saved by earlier builds may not share.
+        let mut s = format!("{self:?}/lanes8");
         for (name, has) in [
             ("avx2", has_x86!("avx2")),
             ("fma", has_x86!("fma")),

@@ -102,7 +102,7 @@ pub fn fp8_row_dot_portable(codes: &[u8], scale_row: &[u8], x: &[f32]) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use super::{FP4_GROUP, FP8_BLOCK};
     use crate::model::formats::e8m0_to_f32;
     use std::arch::x86_64::*;
@@ -119,7 +119,8 @@ mod x86 {
     }
 
     /// E2M1 values times 2 as int8 (exact: 0.5 -> 1 ... 6 -> 12); the 0.5 goes into the scale.
-    const LUT2: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+    pub(in crate::backend::cpu) const LUT2: [i8; 16] =
+        [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
 
     /// E2M1 values as f32, for a 16-entry permute.
     const LUT_F32: [f32; 16] = [
@@ -307,7 +308,7 @@ mod x86 {
     /// exact for every finite code, subnormals included.
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn e4m3x16_to_f16(codes: __m128i) -> __m256i {
+    pub(in crate::backend::cpu) fn e4m3x16_to_f16(codes: __m128i) -> __m256i {
         let b = _mm256_cvtepu8_epi16(codes);
         _mm256_or_si256(
             _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8),

@@ -1,0 +1,586 @@
+//! The prefill product on fp32 FMAs (AVX2): y [t, n] = x [t, cols] · Wᵀ for rows of a weight in
+//! its stored format, blocked for the caches.
+//!
+//! The inputs go in blocks of [`TB`]; every task passes its [`TILE`] rows over one block
+//! before the next, so the block stays in the caches while the weight streams. A task walks
+//! the columns in blocks of [`KC`]: its rows' block is dequantized once (SIMD) into a panel
+//! that interleaves each pair of rows by 8 columns, then every group of [`TR`] inputs
+//! (packed the same way, 8 columns of each in turn) passes over it, [`MR`] rows at a time: the
+//! register block reads two sequential streams, the group's from L1. Each output keeps 8
+//! partial sums (lane `l` sums the columns `≡ l (mod 8)` in increasing order) across the column
+//! blocks, added lane by lane at the end and followed by the columns past the last multiple of
+//! 8: the summation order of [`super::linear`]'s portable tile, so where every product is exact
+//! (the reference numerics: E4M3-rounded inputs times E2M1/E4M3/BF16 weights) the two give the
+//! same bits.
+
+use super::rowdot::x86::{LUT2, e4m3x16_to_f16};
+use crate::model::formats::{FP4_GROUP, FP8_BLOCK, e8m0_to_f32};
+use crate::model::weights::Weight;
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// Rows per task.
+pub(crate) const TILE: usize = 32;
+/// Columns per block: a multiple of the FP8 block and the FP4 group, so a block's scales are
+/// whole. A group's 6 inputs of 512 columns (12 KB) stay in L1, the tile's panel (64 KB) and
+/// the block's partial sums in L2.
+pub(crate) const KC: usize = 512;
+/// Inputs per pass of the tiles.
+pub(crate) const TB: usize = 96;
+/// Rows and inputs of the register block: 12 accumulators, 2 weight vectors, 1 input vector.
+const MR: usize = 2;
+const TR: usize = 6;
+
+/// Whether [`gemm`] runs here (AVX2, FMA and F16C).
+pub(crate) fn available() -> bool {
+    super::has_x86!("avx2", "fma", "f16c")
+}
+
+/// y [t, rows.len()] for inputs `x` [t, cols]. Needs [`available`].
+pub(crate) fn gemm(w: &Weight, rows: Range<usize>, x: &[f32], t: usize, y: &mut [f32]) {
+    let (cols, n) = (w.cols(), rows.len());
+    assert!(available(), "the blocked GEMM needs AVX2, FMA and F16C");
+    assert!(rows.end <= w.rows() && x.len() == t * cols && y.len() == n * t);
+    if t == 0 || rows.is_empty() {
+        return;
+    }
+    let out = Out {
+        y: y.as_mut_ptr(),
+        n,
+        t,
+    };
+    let xp = pack_inputs(x, t, cols);
+    for tb in (0..t).step_by(TB) {
+        let tbn = TB.min(t - tb);
+        let inputs = Inputs {
+            x: &xp[tb * cols..(tb + tbn) * cols],
+            n: tbn,
+        };
+        (0..n.div_ceil(TILE)).into_par_iter().for_each_init(
+            || Scratch {
+                panel: vec![0f32; TILE.next_multiple_of(MR) * KC],
+                tails: vec![0f32; TILE * 8],
+                acc: vec![0f32; TILE * tbn * 8],
+                sums: vec![0f32; TILE * tbn],
+            },
+            |sc, tile| {
+                let j0 = tile * TILE;
+                let nr = TILE.min(n - j0);
+                // SAFETY: the CPU has AVX2, FMA and F16C (asserted above); `tile_product`
+                // checks the buffers' lengths.
+                unsafe { tile_product(w, rows.start + j0, nr, &inputs, sc) };
+                // SAFETY: this task alone writes outputs j0..j0+nr of inputs
+                // tb..tb+tbn, inside y (n x t).
+                unsafe { out.put(j0, nr, tb, tbn, &sc.sums) };
+            },
+        );
+    }
+}
+
+/// A task's buffers: the tile's panel, its rows' columns past the
+/// last multiple of 8, the partial sums, the outputs [nr, inputs].
+struct Scratch {
+    panel: Vec<f32>,
+    tails: Vec<f32>,
+    acc: Vec<f32>,
+    sums: Vec<f32>,
+}
+
+/// The product's output y [t, n], written by the tasks in disjoint rectangles.
+struct Out {
+    y: *mut f32,
+    n: usize,
+    t: usize,
+}
+
+// SAFETY: the tasks write disjoint elements (`put`'s contract); the buffer outlives them.
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// y[tb + k, j0 + i] = sums[i * tbn + k].
+    ///
+    /// # Safety
+    /// No other thread writes or reads these elements meanwhile.
+    unsafe fn put(&self, j0: usize, nr: usize, tb: usize, tbn: usize, sums: &[f32]) {
+        assert!(j0 + nr <= self.n && tb + tbn <= self.t && sums.len() >= nr * tbn);
+        for k in 0..tbn {
+            // SAFETY: row tb + k, columns j0..j0+nr of y lie inside it (asserted).
+            let row =
+                unsafe { std::slice::from_raw_parts_mut(self.y.add((tb + k) * self.n + j0), nr) };
+            for (i, v) in row.iter_mut().enumerate() {
+                *v = sums[i * tbn + k];
+            }
+        }
+    }
+}
+
+/// Where a group of inputs lies in a packed block of `kw` columns and `tbn` inputs: the group
+/// starting at input `tt` has `min(TR, tbn - tt)` inputs, 8 columns of each in turn up to the
+/// last multiple of 8, then each input's remaining columns.
+fn group_at(tt: usize, kw: usize) -> usize {
+    tt * kw
+}
+
+/// x [t, cols] as blocks of [`TB`] inputs, each block as [cols / KC column blocks][groups] in
+/// [`group_at`]'s layout (the last column block as wide as the columns left).
+fn pack_inputs(x: &[f32], t: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    for tb in (0..t).step_by(TB) {
+        let tbn = TB.min(t - tb);
+        for kb in (0..cols).step_by(KC) {
+            let kw = KC.min(cols - kb);
+            let k8 = kw / 8 * 8;
+            let blk = &mut out[tb * cols + kb * tbn..tb * cols + (kb + kw) * tbn];
+            for tt in (0..tbn).step_by(TR) {
+                let tn = TR.min(tbn - tt);
+                let g = &mut blk[group_at(tt, kw)..group_at(tt, kw) + tn * kw];
+                let (inter, tails) = g.split_at_mut(tn * k8);
+                for j in 0..tn {
+                    let src = &x[(tb + tt + j) * cols + kb..(tb + tt + j) * cols + kb + kw];
+                    for (c, v) in src[..k8].chunks_exact(8).enumerate() {
+                        inter[(c * tn + j) * 8..(c * tn + j + 1) * 8].copy_from_slice(v);
+                    }
+                    tails[j * (kw - k8)..(j + 1) * (kw - k8)].copy_from_slice(&src[k8..]);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// One block of inputs for [`tile_product`]: `n` inputs in [`pack_inputs`]'s layout.
+struct Inputs<'a> {
+    x: &'a [f32],
+    n: usize,
+}
+
+/// Rows r0..r0+nr of `w` times a block of inputs into `sc.sums` [nr, inputs].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_product(w: &Weight, r0: usize, nr: usize, inp: &Inputs, sc: &mut Scratch) {
+    let (cols, tbn) = (w.cols(), inp.n);
+    let Scratch {
+        panel,
+        tails,
+        acc,
+        sums,
+    } = sc;
+    assert!(nr <= TILE && panel.len() >= nr.next_multiple_of(MR) * KC);
+    assert!(tails.len() >= nr * 8 && acc.len() >= nr * tbn * 8);
+    assert!(inp.x.len() == tbn * cols && sums.len() >= nr * tbn);
+    let mut kb = 0;
+    while kb < cols {
+        let kw = KC.min(cols - kb);
+        let k8 = kw / 8 * 8;
+        for i in 0..nr {
+            // Chunk c of row i at pair (i / MR), slot (i % MR).
+            let base = (i / MR) * MR * KC + (i % MR) * 8;
+            let tail = &mut tails[i * 8..i * 8 + 8];
+            dequant_block(w, r0 + i, kb, kw, &mut panel[base..], MR * 8, tail);
+        }
+        // This column block of the inputs.
+        let xb = &inp.x[tbn * kb..tbn * (kb + kw)];
+        let mut tt = 0;
+        while tt < tbn {
+            let tn = TR.min(tbn - tt);
+            let mut i = 0;
+            while i < nr {
+                let rn = MR.min(nr - i);
+                let blk = Block {
+                    w: &panel[i * KC..],
+                    x: &xb[group_at(tt, kw)..],
+                    k8,
+                    acc: &mut acc[(i * tbn + tt) * 8..],
+                    acc_stride: tbn * 8,
+                    first: kb == 0,
+                };
+                // SAFETY: the CPU has AVX2 and FMA; `Block::check` bounds every access.
+                unsafe {
+                    match (rn, tn) {
+                        (2, 6) => micro::<2, 6>(blk),
+                        (2, 5) => micro::<2, 5>(blk),
+                        (2, 4) => micro::<2, 4>(blk),
+                        (2, 3) => micro::<2, 3>(blk),
+                        (2, 2) => micro::<2, 2>(blk),
+                        (2, _) => micro::<2, 1>(blk),
+                        (_, 6) => micro::<1, 6>(blk),
+                        (_, 5) => micro::<1, 5>(blk),
+                        (_, 4) => micro::<1, 4>(blk),
+                        (_, 3) => micro::<1, 3>(blk),
+                        (_, 2) => micro::<1, 2>(blk),
+                        (_, _) => micro::<1, 1>(blk),
+                    }
+                }
+                i += rn;
+            }
+            tt += tn;
+        }
+        if kb + kw == cols {
+            // The lanes in order, then the columns past the last multiple of 8.
+            let rest = kw - k8;
+            for i in 0..nr {
+                let sums = &mut sums[i * tbn..(i + 1) * tbn];
+                lane_sums(&acc[i * tbn * 8..(i + 1) * tbn * 8], sums);
+                for (tt, s) in sums.iter_mut().enumerate().filter(|_| rest > 0) {
+                    let g = tt / TR * TR;
+                    let tn = TR.min(tbn - g);
+                    let xt = &xb[group_at(g, kw) + tn * k8 + (tt - g) * rest..];
+                    for k in 0..rest {
+                        *s += tails[i * 8 + k] * xt[k];
+                    }
+                }
+            }
+        }
+        kb += kw;
+    }
+}
+
+/// sums[j] = the 8 lanes of acc[8j..8j+8] added in order, from -0.0 (as `Iterator::sum`
+/// does): eight outputs at a time by an 8x8 transpose, the rest one by one.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn lane_sums(acc: &[f32], sums: &mut [f32]) {
+    use std::arch::x86_64::*;
+    assert_eq!(acc.len(), sums.len() * 8);
+    let n8 = sums.len() / 8 * 8;
+    for j in (0..n8).step_by(8) {
+        // SAFETY: rows j..j+8 of acc (64 floats) and sums[j..j+8] lie inside the slices.
+        unsafe {
+            let r: [__m256; 8] =
+                std::array::from_fn(|q| _mm256_loadu_ps(acc.as_ptr().add((j + q) * 8)));
+            // Transpose: column l of r (lane l of each output) into one vector.
+            let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+            let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+            let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+            let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+            let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+            let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+            let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+            let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+            let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+            let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+            let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+            let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+            let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+            let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+            let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+            let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+            let lanes = [
+                _mm256_permute2f128_ps::<0x20>(u0, u4),
+                _mm256_permute2f128_ps::<0x20>(u1, u5),
+                _mm256_permute2f128_ps::<0x20>(u2, u6),
+                _mm256_permute2f128_ps::<0x20>(u3, u7),
+                _mm256_permute2f128_ps::<0x31>(u0, u4),
+                _mm256_permute2f128_ps::<0x31>(u1, u5),
+                _mm256_permute2f128_ps::<0x31>(u2, u6),
+                _mm256_permute2f128_ps::<0x31>(u3, u7),
+            ];
+            let mut s = _mm256_set1_ps(-0.0);
+            for l in lanes {
+                s = _mm256_add_ps(s, l);
+            }
+            _mm256_storeu_ps(sums.as_mut_ptr().add(j), s);
+        }
+    }
+    for (j, s) in sums.iter_mut().enumerate().skip(n8) {
+        *s = acc[j * 8..j * 8 + 8].iter().sum();
+    }
+}
+
+/// One register block's operands: a pair of rows of the panel `w` (8 columns of each in
+/// turn, the second slot unused for a last odd row), a group of inputs `x` (8 columns of each
+/// in turn), the partial sums `acc` (8 lanes per input, `acc_stride` apart per row), `k8`
+/// columns; `first`: start from zero.
+struct Block<'a> {
+    w: &'a [f32],
+    x: &'a [f32],
+    k8: usize,
+    acc: &'a mut [f32],
+    acc_stride: usize,
+    first: bool,
+}
+
+impl Block<'_> {
+    fn check(&self, r: usize, t: usize) {
+        assert!(self.k8 <= KC && self.k8.is_multiple_of(8) && r <= MR);
+        assert!(self.w.len() >= self.k8 * MR);
+        assert!(self.x.len() >= self.k8 * t);
+        assert!(self.acc.len() >= (r - 1) * self.acc_stride + t * 8);
+    }
+}
+
+/// acc[a][j] += Σ_k w[a][k] · x[j][k] lane-wise over k < k8, for R rows and T inputs.
+#[allow(clippy::needless_range_loop)] // j and a index the accumulators and the pointers
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn micro<const R: usize, const T: usize>(b: Block) {
+    use std::arch::x86_64::*;
+    b.check(R, T);
+    // SAFETY (whole block): `check` bounds every offset read and written below.
+    unsafe {
+        let mut c = [[_mm256_setzero_ps(); T]; R];
+        let ap = b.acc.as_mut_ptr();
+        if !b.first {
+            for (a, row) in c.iter_mut().enumerate() {
+                for (j, v) in row.iter_mut().enumerate() {
+                    *v = _mm256_loadu_ps(ap.add(a * b.acc_stride + j * 8));
+                }
+            }
+        }
+        let (mut wp, mut xp) = (b.w.as_ptr(), b.x.as_ptr());
+        for _ in 0..b.k8 / 8 {
+            let wv: [__m256; R] = std::array::from_fn(|a| _mm256_loadu_ps(wp.add(a * 8)));
+            for j in 0..T {
+                let xv = _mm256_loadu_ps(xp.add(j * 8));
+                for a in 0..R {
+                    c[a][j] = _mm256_fmadd_ps(wv[a], xv, c[a][j]);
+                }
+            }
+            wp = wp.add(MR * 8);
+            xp = xp.add(T * 8);
+        }
+        for (a, row) in c.iter().enumerate() {
+            for (j, v) in row.iter().enumerate() {
+                _mm256_storeu_ps(ap.add(a * b.acc_stride + j * 8), *v);
+            }
+        }
+    }
+}
+
+/// Columns k0..k0+kw of row `r` of `w` as f32 (k0 a multiple of [`KC`]), the same values
+/// as [`super::dequant_row`]: 8 columns at a time into `panel`, chunk c at `c * stride`, the
+/// columns past the last multiple of 8 into `tail`.
+#[allow(clippy::needless_range_loop)] // g also drives the byte offsets and the chunks
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dequant_block(
+    w: &Weight,
+    r: usize,
+    k0: usize,
+    kw: usize,
+    panel: &mut [f32],
+    stride: usize,
+    tail: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let k8 = kw / 8 * 8;
+    assert!(k8 == 0 || panel.len() >= (k8 / 8 - 1) * stride + 8);
+    assert!(tail.len() >= kw - k8 && k0 + kw <= w.cols() && r < w.rows());
+    let pp = panel.as_mut_ptr();
+    // Chunk c of the columns: one 8-float store, at most k8 / 8 chunks (asserted above).
+    // SAFETY: each caller passes c < k8 / 8.
+    let put = |c: usize, v: __m256| unsafe { _mm256_storeu_ps(pp.add(c * stride), v) };
+    // Columns from `done` on, by the portable dequantizer: into the panel and the tail.
+    let mut rest = |done: usize, f: &dyn Fn(&mut [f32])| {
+        let mut tmp = vec![0f32; kw - done];
+        f(&mut tmp);
+        for (i, v) in tmp.iter().enumerate() {
+            let k = done + i;
+            if k < k8 {
+                panel[k / 8 * stride + k % 8] = *v;
+            } else {
+                tail[k - k8] = *v;
+            }
+        }
+    };
+    match w {
+        Weight::Fp4 {
+            cols,
+            packed,
+            scales,
+            ..
+        } => {
+            let g0 = (r * cols + k0) / FP4_GROUP;
+            let p = &packed[(r * cols + k0) / 2..(r * cols + k0 + kw) / 2];
+            let s = &scales[g0..g0 + kw.div_ceil(FP4_GROUP)];
+            let whole = kw / FP4_GROUP;
+            // SAFETY: LUT2 holds 16 bytes.
+            let lut = unsafe { _mm_loadu_si128(LUT2.as_ptr() as *const __m128i) };
+            let mask = _mm_set1_epi8(0x0F);
+            for g in 0..whole {
+                // SAFETY: group g < whole reads 16 bytes inside `p`.
+                let b = unsafe { _mm_loadu_si128(p.as_ptr().add(g * 16) as *const __m128i) };
+                let lo = _mm_shuffle_epi8(lut, _mm_and_si128(b, mask));
+                let hi = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(b, 4), mask));
+                let w0 = _mm_unpacklo_epi8(lo, hi);
+                let w1 = _mm_unpackhi_epi8(lo, hi);
+                let sc = _mm256_set1_ps(e8m0_to_f32(s[g]) * 0.5);
+                for (j, v) in [w0, _mm_srli_si128(w0, 8), w1, _mm_srli_si128(w1, 8)]
+                    .into_iter()
+                    .enumerate()
+                {
+                    let f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+                    put(4 * g + j, _mm256_mul_ps(f, sc));
+                }
+            }
+            let done = whole * FP4_GROUP;
+            if done < kw {
+                let f = |o: &mut [f32]| {
+                    crate::model::formats::dequant_fp4_row(&p[done / 2..], &s[whole..], o)
+                };
+                rest(done, &f);
+            }
+        }
+        Weight::Fp8 {
+            cols,
+            codes,
+            scales,
+            ..
+        } => {
+            let bc = cols.div_ceil(FP8_BLOCK);
+            let srow = &scales[(r / FP8_BLOCK) * bc + k0 / FP8_BLOCK..(r / FP8_BLOCK + 1) * bc];
+            let c = &codes[r * cols + k0..r * cols + k0 + kw];
+            let n16 = kw / 16 * 16;
+            for k in (0..n16).step_by(16) {
+                let sc = _mm256_set1_ps(e8m0_to_f32(srow[k / FP8_BLOCK]) * 256.0);
+                // SAFETY: k + 16 <= n16 <= kw codes.
+                let v = unsafe { _mm_loadu_si128(c.as_ptr().add(k) as *const __m128i) };
+                let h = e4m3x16_to_f16(v);
+                let f0 = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+                let f1 = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+                put(k / 8, _mm256_mul_ps(f0, sc));
+                put(k / 8 + 1, _mm256_mul_ps(f1, sc));
+            }
+            if n16 < kw {
+                // The columns left lie inside one scale block (n16 and kw share it).
+                let b = n16 / FP8_BLOCK;
+                let from = n16 - b * FP8_BLOCK;
+                let f = |o: &mut [f32]| {
+                    let mut blk = vec![0f32; from + o.len()];
+                    crate::model::formats::dequant_fp8_row(
+                        &c[b * FP8_BLOCK..],
+                        &srow[b..],
+                        &mut blk,
+                    );
+                    o.copy_from_slice(&blk[from..]);
+                };
+                rest(n16, &f);
+            }
+        }
+        Weight::Bf16 { cols, data, .. } => {
+            let d = &data[(r * cols + k0) * 2..(r * cols + k0 + kw) * 2];
+            for k in (0..k8).step_by(8) {
+                // SAFETY: k + 8 <= k8 <= kw values, 2 bytes each.
+                let v = unsafe { _mm_loadu_si128(d.as_ptr().add(2 * k) as *const __m128i) };
+                let f = _mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16);
+                put(k / 8, _mm256_castsi256_ps(f));
+            }
+            let f = |o: &mut [f32]| crate::model::formats::dequant_bf16_row(&d[2 * k8..], o);
+            if k8 < kw {
+                rest(k8, &f);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::formats::fake_quant_e4m3_blocks;
+    use crate::model::synth::{SplitMix64, random_weight_scaled};
+
+    /// Rows of `w` dequantized by the portable code, the portable tile's products with x [t,
+    /// cols], as y [t, rows.len()].
+    fn portable(w: &Weight, rows: Range<usize>, x: &[f32], t: usize) -> Vec<f32> {
+        let (cols, n) = (w.cols(), rows.len());
+        let mut deq = vec![0f32; n * cols];
+        for (i, d) in deq.chunks_exact_mut(cols).enumerate() {
+            super::super::dequant_row(w, rows.start + i, d);
+        }
+        let mut yt = vec![0f32; n * t];
+        super::super::linear::gemm_tile_portable(&deq, n, x, t, cols, &mut yt);
+        let mut y = vec![0f32; n * t];
+        for j in 0..n {
+            for tt in 0..t {
+                y[tt * n + j] = yt[j * t + tt];
+            }
+        }
+        y
+    }
+
+    /// Ragged shapes: rows past a whole tile and odd (a last register block of one row),
+    /// columns past a column block, not a multiple of 8, 16 or an FP8 block, inputs past an
+    /// input block and not a multiple of a register block's 6.
+    fn shapes(kind: &str) -> Vec<(usize, usize, usize)> {
+        let cols: &[usize] = match kind {
+            "fp4" => &[32, 96, 544, 1056],
+            "fp8" => &[37, 136, 520, 1003, 1024],
+            _ => &[13, 515, 1032],
+        };
+        let mut v = Vec::new();
+        for (i, &c) in cols.iter().enumerate() {
+            let (rows, t) = [(1, 1), (33, 7), (70, 97), (5, 13), (40, 193)][i % 5];
+            v.push((rows, c, t));
+        }
+        v.push((3, cols[0], 2));
+        v
+    }
+
+    /// With the reference numerics' inputs (E4M3 values times a power of two per 128) every
+    /// product of an E2M1, E4M3 or BF16 weight is exact, so the blocked GEMM and the portable
+    /// tile, which add in the same order, give the same bits, on every row range and with an
+    /// all-zero input among the others.
+    #[test]
+    fn blocked_gemm_equals_portable_tile_bit_for_bit() {
+        if !available() {
+            eprintln!("skipped: no AVX2/FMA/F16C here");
+            return;
+        }
+        let mut r = SplitMix64::new(71);
+        for kind in ["fp4", "fp8", "bf16"] {
+            for (rows, cols, t) in shapes(kind) {
+                let w = random_weight_scaled(kind, rows + 2, cols, &mut r, |b| 115 + b % 20);
+                let mut x: Vec<f32> = (0..t * cols).map(|_| r.uniform() - 0.5).collect();
+                fake_quant_e4m3_blocks(&mut x, 128);
+                x[(t / 2) * cols..(t / 2 + 1) * cols].fill(0.0);
+                for range in [0..rows, 2..rows + 2] {
+                    let want = portable(&w, range.clone(), &x, t);
+                    let mut got = vec![f32::NAN; want.len()];
+                    gemm(&w, range.clone(), &x, t, &mut got);
+                    for (k, (a, b)) in got.iter().zip(&want).enumerate() {
+                        assert_eq!(
+                            a.to_bits(),
+                            b.to_bits(),
+                            "{kind} {rows}x{cols} t={t} rows {range:?}, output {k}: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Any fp32 input: within the fp32 summation bound of an f64 sum of the same products.
+    #[test]
+    fn blocked_gemm_matches_f64_for_any_input() {
+        if !available() {
+            eprintln!("skipped: no AVX2/FMA/F16C here");
+            return;
+        }
+        let mut r = SplitMix64::new(72);
+        for kind in ["fp4", "fp8", "bf16"] {
+            for (rows, cols, t) in shapes(kind) {
+                let w = random_weight_scaled(kind, rows, cols, &mut r, |b| 115 + b % 20);
+                let x: Vec<f32> = (0..t * cols).map(|_| r.uniform() - 0.5).collect();
+                let mut got = vec![f32::NAN; rows * t];
+                gemm(&w, 0..rows, &x, t, &mut got);
+                let mut deq = vec![0f32; cols];
+                for i in 0..rows {
+                    super::super::dequant_row(&w, i, &mut deq);
+                    for tt in 0..t {
+                        let (mut s, mut m) = (0f64, 0f64);
+                        for (a, b) in deq.iter().zip(&x[tt * cols..(tt + 1) * cols]) {
+                            s += *a as f64 * *b as f64;
+                            m += (*a as f64 * *b as f64).abs();
+                        }
+                        let v = got[tt * rows + i] as f64;
+                        assert!(
+                            (v - s).abs() <= 1e-6 * m.max(1e-30),
+                            "{kind} {rows}x{cols} t={t} [{i},{tt}]: {v} vs {s}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
