@@ -48,6 +48,49 @@ fn bench_json_reports_every_kernel_against_its_own_bound() {
         assert!(rel(f("gflops") / f("gbs"), flops_per_byte) < 1e-9, "{k}");
         assert!(rel(f("ratio"), f("gbs") / f("bound_gbs")) < 1e-9, "{k}");
     }
+    // The prefill products (--quick: 64 tokens each) at the experts' and the attention's
+    // shapes, each against the peaks measured in the same run.
+    let fma = v["fma_peak_gflops"].as_f64().unwrap();
+    let shapes = [
+        ("expert w1/w3", "fp4", 2048, 4096),
+        ("expert w2", "fp4", 4096, 2048),
+        ("wq_a", "fp8", 1024, 4096),
+        ("wq_b", "fp8", 32768, 1024),
+        ("wo_b", "fp8", 4096, 8192),
+    ];
+    let gs = v["gemm"].as_array().unwrap();
+    assert_eq!(gs.len(), shapes.len(), "{gs:?}");
+    for (g, (name, format, rows, cols)) in gs.iter().zip(shapes) {
+        assert_eq!(
+            (
+                &g["name"],
+                &g["format"],
+                &g["rows"],
+                &g["cols"],
+                &g["tokens"]
+            ),
+            (
+                &name.into(),
+                &format.into(),
+                &rows.into(),
+                &cols.into(),
+                &64.into()
+            ),
+            "{g}"
+        );
+        let gf = g["gflops"].as_f64().unwrap();
+        assert!(gf > 0.0, "{g}");
+        assert!((g["of_fma_peak"].as_f64().unwrap() - gf / fma).abs() <= 1e-9 * gf / fma);
+        for (key, peak) in [
+            ("of_bf16_peak", "bf16_dot_peak_gflops"),
+            ("of_int8_peak", "int8_dot_peak_gops"),
+        ] {
+            match v[peak].as_f64() {
+                Some(p) => assert!((g[key].as_f64().unwrap() - gf / p).abs() <= 1e-9 * gf / p),
+                None => assert!(g[key].is_null(), "{key} without a measured peak: {g}"),
+            }
+        }
+    }
 }
 
 #[test]

@@ -23,6 +23,9 @@ pub struct BenchArgs {
     /// Skip the end-to-end runs (they write a ~9 GB synthetic checkpoint once).
     #[arg(long)]
     pub kernels_only: bool,
+    /// Only the peaks and the prefill-sized products (the `gemm` list).
+    #[arg(long, conflicts_with = "kernels_only")]
+    pub gemm_only: bool,
     /// Benchmark the CUDA GPU instead: matvec GB/s per format against the card's
     /// device-to-device copy bandwidth, and FP8 GEMM TFLOP/s at prefill batch sizes.
     #[arg(long)]
@@ -77,6 +80,23 @@ pub struct KernelResult {
     pub all_cores_in_cache_gbs: f64,
 }
 
+/// One prefill-sized product (`linear` with `tokens` inputs) at a real shape, the weight in
+/// its stored format and the input as the default numerics give it.
+#[derive(Serialize, Debug)]
+pub struct GemmResult {
+    pub name: String,
+    pub format: String,
+    pub rows: usize,
+    pub cols: usize,
+    pub tokens: usize,
+    pub gflops: f64,
+    /// Of the fp32 FMA peak, the bf16 dot-product peak and the int8 dot-product peak measured
+    /// in the same run (the last two where the CPU has the instructions).
+    pub of_fma_peak: f64,
+    pub of_bf16_peak: Option<f64>,
+    pub of_int8_peak: Option<f64>,
+}
+
 #[derive(Serialize, Debug)]
 pub struct Decode {
     /// Tokens in the context before the timed steps (`--context`).
@@ -104,15 +124,33 @@ pub struct TierDecode {
     pub wait_s: f64,
 }
 
+/// One prefill chunk of `tokens` after `context - tokens` tokens of context.
 #[derive(Serialize, Debug)]
 pub struct Prefill {
     pub tokens: usize,
+    /// Tokens in the context at the chunk's end. The ones before the chunk are stood for by
+    /// state rows of random values (`Session::fill_context_for_bench`), not computed.
+    pub context: usize,
     pub tokens_per_s: f64,
+    /// Of the weight products (every matrix once per token, the routed ones k times; the head
+    /// once per chunk, as prefill computes it): the attention's and the indexer's scores over
+    /// the context are not counted.
     pub gflops: f64,
     /// Of the peak of the instructions the prefill products use (`bound`).
     pub ratio: f64,
-    /// "bf16 dot" (AVX-512 BF16, inputs exactly bf16) or "fp32 FMA".
+    /// "bf16 dot peak" (AVX-512 BF16, inputs exactly bf16) or "FMA peak".
     pub bound: String,
+    /// Seconds per section of the forward pass over the chunk.
+    pub sections: Vec<SectionTime>,
+    /// Tokens per routed expert with tokens, over the chunk's MoE layers: each expert's
+    /// weights are read once per chunk for that many tokens.
+    pub tokens_per_expert: f64,
+}
+
+#[derive(Serialize, Debug)]
+pub struct SectionTime {
+    pub name: String,
+    pub seconds: f64,
 }
 
 #[derive(Serialize, Debug)]
@@ -124,11 +162,16 @@ pub struct BenchReport {
     pub fma_peak_gflops: f64,
     /// AVX-512 BF16 dot-product peak, where the CPU has it.
     pub bf16_dot_peak_gflops: Option<f64>,
+    /// AVX-512 VNNI int8 dot-product peak (2 ops per multiply-add), where the CPU has it.
+    pub int8_dot_peak_gops: Option<f64>,
     pub kernels: Vec<KernelResult>,
+    /// Prefill-sized products (batches of 64, 256 and 512 tokens).
+    pub gemm: Vec<GemmResult>,
     pub decode: Option<Decode>,
     /// The same decode under `--numerics fast` (int8 inputs to the FP8/FP4 products).
     pub decode_fast: Option<Decode>,
-    pub prefill: Option<Prefill>,
+    /// A chunk at each of the contexts 256, 8192 and 65536 (`--quick`: 64 tokens at 64).
+    pub prefill: Option<Vec<Prefill>>,
     /// Reads from the bench model's drive: what `inspect --plan --disk-gbs` takes.
     pub disk: Option<crate::fsutil::DiskSpeed>,
 }
@@ -194,6 +237,90 @@ fn bench_kernel(
     }
 }
 
+/// The peaks of the arithmetic instructions, measured once per run (GFLOP/s; int8 in GOP/s).
+struct Peaks {
+    fma: f64,
+    bf16: Option<f64>,
+    int8: Option<f64>,
+}
+
+/// `linear` with `tokens` inputs on one weight of the shape (the product reads its weight
+/// once per tile and reuses it across the tokens, so one matrix is the working set a prefill
+/// chunk has): best of `reps` after a warm-up.
+fn bench_gemm(
+    shape: (&str, &str, usize, usize),
+    tokens: usize,
+    reps: usize,
+    peaks: &Peaks,
+    rng: &mut SplitMix64,
+) -> GemmResult {
+    let (name, kind, rows, cols) = shape;
+    let w = random_weight(kind, rows, cols, rng);
+    let x: Vec<f32> = (0..tokens * cols).map(|_| rng.uniform() - 0.5).collect();
+    let x = Numerics::Reference.gemm_input(&x, cols).into_owned();
+    std::hint::black_box(linear(&w, &x, tokens));
+    let mut best = f64::INFINITY;
+    for _ in 0..reps {
+        let t = Instant::now();
+        std::hint::black_box(linear(&w, &x, tokens));
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    let gflops = 2.0 * (rows * cols * tokens) as f64 / best / 1e9;
+    GemmResult {
+        name: name.to_string(),
+        format: kind.to_string(),
+        rows,
+        cols,
+        tokens,
+        gflops,
+        of_fma_peak: gflops / peaks.fma,
+        of_bf16_peak: peaks.bf16.map(|p| gflops / p),
+        of_int8_peak: peaks.int8.map(|p| gflops / p),
+    }
+}
+
+/// The prefill products at the routed experts' and the attention's shapes, batches of 64, 256
+/// and 512 tokens (`--quick`: 64 only).
+fn gemm_list(
+    a: &BenchArgs,
+    peaks: &Peaks,
+    rng: &mut SplitMix64,
+) -> anyhow::Result<Vec<GemmResult>> {
+    let tokens: &[usize] = if a.quick { &[64] } else { &[64, 256, 512] };
+    let mut out = Vec::new();
+    for shape in [
+        ("expert w1/w3", "fp4", 2048, 4096),
+        ("expert w2", "fp4", 4096, 2048),
+        ("wq_a", "fp8", 1024, 4096),
+        ("wq_b", "fp8", 32768, 1024),
+        ("wo_b", "fp8", 4096, 8192),
+    ] {
+        for &n in tokens {
+            super::signals::check()?;
+            let r = bench_gemm(shape, n, if a.quick { 1 } else { 3 }, peaks, rng);
+            let of = |name: &str, v: Option<f64>| {
+                v.map_or(String::new(), |v| {
+                    format!(", {:.0}% of the {name} peak", 100.0 * v)
+                })
+            };
+            eprintln!(
+                "  gemm {:<14} {} {:>5}x{:<5} n={:<4} {:>7.1} GFLOP/s: {:.0}% of the FMA peak{}{}",
+                r.name,
+                r.format,
+                r.rows,
+                r.cols,
+                r.tokens,
+                r.gflops,
+                100.0 * r.of_fma_peak,
+                of("bf16 dot", r.of_bf16_peak),
+                of("int8 dot", r.of_int8_peak)
+            );
+            out.push(r);
+        }
+    }
+    Ok(out)
+}
+
 /// The first rows of a matrix that fit in 256 KiB (so they stay in L2), and the bytes of one
 /// row: the in-cache passes' working set.
 fn cached_rows(w: &Weight, rows: usize) -> (usize, usize) {
@@ -257,12 +384,13 @@ fn two_layer_config() -> anyhow::Result<Vec<u8>> {
     Ok(serde_json::to_vec_pretty(&v)?)
 }
 
-/// Multiply-adds per token at batch 1: every dense matrix once, k routed experts per layer,
-/// the head.
-fn macs_per_token(e: &Engine) -> f64 {
+/// Multiply-adds of the weight products per token: every dense matrix of the layers once, k
+/// routed experts per layer; and those of the head, which prefill computes once per chunk.
+fn macs_per_token(e: &Engine) -> (f64, f64) {
     let w = &e.weights;
     let k = e.cfg.num_experts_per_tok as f64;
-    let mut macs = (w.head.rows() * w.head.cols()) as f64;
+    let head = (w.head.rows() * w.head.cols()) as f64;
+    let mut macs = 0.0;
     let m = |x: &Weight| (x.rows() * x.cols()) as f64;
     for b in &w.layers {
         let a = &b.attn;
@@ -279,7 +407,7 @@ fn macs_per_token(e: &Engine) -> f64 {
         macs += m(&f.gate) + m(&f.shared.w1) + m(&f.shared.w2) + m(&f.shared.w3);
         macs += k * (m(&f.experts[0].w1) + m(&f.experts[0].w2) + m(&f.experts[0].w3));
     }
-    macs
+    (macs, head)
 }
 
 /// The 2-layer real-dimension checkpoint, written on first use.
@@ -471,7 +599,7 @@ fn end_to_end(
     a: &BenchArgs,
     probe: &probe::ReadProbe,
     peak: (f64, &str),
-) -> anyhow::Result<(Decode, Decode, Prefill)> {
+) -> anyhow::Result<(Decode, Decode, Vec<Prefill>)> {
     ensure_synth(a)?;
     let ck = crate::model::Checkpoint::open(&a.synth_dir)?;
     // (With --ram the experts are read from the files: only the warm-up steps touch pages.)
@@ -523,21 +651,47 @@ fn end_to_end(
         fast.use_ram(b);
     }
     let decode_fast = decode_with(&fast)?;
-    // Prefill: a fresh session, one batch of n tokens.
+    // Prefill: one chunk of n tokens in a fresh session, after contexts of 0, 8192 - n and
+    // 65536 - n tokens (stood for by random state rows, which take the same work).
     let n = if a.quick { 64 } else { 256 };
-    let mut s = Session::new(&e, 1 << 16, n);
-    let p = random_tokens(&e, n, 6);
-    let t = Instant::now();
-    s.prefill(&p, Want::Last)?;
-    let dt = t.elapsed().as_secs_f64();
-    let gflops = 2.0 * macs_per_token(&e) * n as f64 / dt / 1e9;
-    let prefill = Prefill {
-        tokens: n,
-        tokens_per_s: n as f64 / dt,
-        gflops,
-        ratio: gflops / peak.0,
-        bound: peak.1.to_string(),
+    let contexts: &[usize] = if a.quick {
+        &[0]
+    } else {
+        &[0, 8192 - n, 65536 - n]
     };
+    let (body, head) = macs_per_token(&e);
+    e.time_sections(true);
+    let mut prefill = Vec::new();
+    for (i, &before) in contexts.iter().enumerate() {
+        super::signals::check()?;
+        let mut s = Session::new(&e, before + n, n);
+        s.fill_context_for_bench(before, 7 + i as u64);
+        let p = random_tokens(&e, n, 6);
+        e.section_times(); // from zero
+        let t = Instant::now();
+        s.prefill(&p, Want::Last)?;
+        let dt = t.elapsed().as_secs_f64();
+        let split = e.section_times();
+        let gflops = 2.0 * (body * n as f64 + head) / dt / 1e9;
+        prefill.push(Prefill {
+            tokens: n,
+            context: before + n,
+            tokens_per_s: n as f64 / dt,
+            gflops,
+            ratio: gflops / peak.0,
+            bound: peak.1.to_string(),
+            sections: split
+                .secs
+                .into_iter()
+                .map(|(name, seconds)| SectionTime {
+                    name: name.to_string(),
+                    seconds,
+                })
+                .collect(),
+            tokens_per_expert: split.tokens_per_expert,
+        });
+    }
+    e.time_sections(false);
     Ok((decode, decode_fast, prefill))
 }
 
@@ -559,6 +713,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     let bw = read_probe.best_of(reps);
     let peak = probe::fma_peak(if a.quick { 0.3 } else { 1.0 });
     let bf16_peak = probe::bf16_dot_peak(if a.quick { 0.3 } else { 1.0 });
+    let int8_peak = probe::int8_dot_peak(if a.quick { 0.3 } else { 1.0 });
     // Prefill runs on bf16 dot products where the CPU has them (the default numerics' inputs
     // are exactly bf16), so that is its bound there.
     let prefill_bound = match bf16_peak {
@@ -566,8 +721,9 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
         None => (peak, "FMA peak"),
     };
     eprintln!(
-        "bench: read bandwidth {bw:.1} GB/s, FMA peak {peak:.1} GFLOP/s{} ({} threads)",
+        "bench: read bandwidth {bw:.1} GB/s, FMA peak {peak:.1} GFLOP/s{}{} ({} threads)",
         bf16_peak.map_or(String::new(), |p| format!(", bf16 dot peak {p:.1} GFLOP/s")),
+        int8_peak.map_or(String::new(), |p| format!(", int8 dot peak {p:.1} GOP/s")),
         rayon::current_num_threads()
     );
     let mut rng = SplitMix64::new(42);
@@ -576,7 +732,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     // The default numerics (reference: E4M3 inputs, bf16 dot products), and the FP4 experts
     // again under `--numerics fast` (int8 inputs, int8 dot products).
     let (rf, fast) = (Numerics::Reference, Numerics::Fast);
-    for (shape, num) in [
+    let shapes = [
         (("expert w1/w3", "fp4", 2048, 4096), rf),
         (("expert w2", "fp4", 4096, 2048), rf),
         (("expert w1/w3", "fp4", 2048, 4096), fast),
@@ -585,7 +741,8 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
         (("wo_b", "fp8", 4096, 8192), rf),
         (("shared w1/w3", "fp8", 2048, 4096), rf),
         (("head", "bf16", 129280, 4096), rf),
-    ] {
+    ];
+    for (shape, num) in shapes.into_iter().filter(|_| !a.gemm_only) {
         super::signals::check()?;
         let r = bench_kernel(shape, num, min, kreps, &read_probe, &mut rng);
         eprintln!(
@@ -602,7 +759,13 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
         );
         kernels.push(r);
     }
-    let (decode, decode_fast, prefill, disk) = if a.kernels_only {
+    let peaks = Peaks {
+        fma: peak,
+        bf16: bf16_peak,
+        int8: int8_peak,
+    };
+    let gemm = gemm_list(a, &peaks, &mut rng)?;
+    let (decode, decode_fast, prefill, disk) = if a.kernels_only || a.gemm_only {
         (None, None, None, None)
     } else {
         super::signals::check()?;
@@ -629,14 +792,27 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
                 );
             }
         }
-        eprintln!(
-            "  prefill {:>7.1} tok/s at batch {}: {:.1} GFLOP/s, {:.1}% of the {}",
-            p.tokens_per_s,
-            p.tokens,
-            p.gflops,
-            p.ratio * 100.0,
-            p.bound
-        );
+        for p in &p {
+            let total: f64 = p.sections.iter().map(|s| s.seconds).sum();
+            let split: Vec<String> = p
+                .sections
+                .iter()
+                .filter(|s| s.seconds > 0.0)
+                .map(|s| format!("{} {:.0}%", s.name, 100.0 * s.seconds / total))
+                .collect();
+            eprintln!(
+                "  prefill {:>7.1} tok/s, chunk {} at context {}: {:.1} GFLOP/s, {:.1}% of the {}; \
+                 {:.1} tokens per expert; {}",
+                p.tokens_per_s,
+                p.tokens,
+                p.context,
+                p.gflops,
+                p.ratio * 100.0,
+                p.bound,
+                p.tokens_per_expert,
+                split.join(", ")
+            );
+        }
         // Expert-sized reads (three matrices and scales: ~13.4 MB on the real model).
         let shards: Vec<std::path::PathBuf> = std::fs::read_dir(&a.synth_dir)?
             .flatten()
@@ -668,7 +844,9 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
         read_bandwidth_gbs: bw,
         fma_peak_gflops: peak,
         bf16_dot_peak_gflops: bf16_peak,
+        int8_dot_peak_gops: int8_peak,
         kernels,
+        gemm,
         decode,
         decode_fast,
         prefill,

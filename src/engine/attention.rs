@@ -8,6 +8,7 @@ use super::kv_cache::WindowRing;
 use super::numerics::Numerics;
 use super::ops::{Ops, QueryKeys};
 use super::rope::Rope;
+use super::sections::Section;
 use super::snapshot::{Dec, Enc, SnapshotError, damaged};
 use super::traps::Deviations;
 use crate::model::config::{AttnKind, ModelConfig};
@@ -162,6 +163,7 @@ pub struct AttnCtx<'a> {
     pub rope: &'a Rope,
     pub numerics: Numerics,
     pub dv: Deviations,
+    pub clock: &'a super::sections::SectionClock,
 }
 
 /// Attention for `t` tokens at positions t0..t0+t (§5.4-5.9). `x` is the normed block
@@ -237,12 +239,19 @@ pub(crate) fn forward<O: Ops>(
         let s = (ihd as f32).powf(-0.5) * (ih as f32).powf(-0.5);
         (iq, next().into_iter().map(|v| v * s).collect::<Vec<f32>>())
     });
-    feed_compressors(ctx, w, st, comp_in, index_in, t0);
+    let clock = ctx.clock;
+    clock.time(Section::Compressors, || {
+        feed_compressors(ctx, w, st, comp_in, index_in, t0)
+    });
 
     // Core attention (§5.8) over each query's keys, then the inverse RoPE at the query's
     // position, which makes the values' rotation relative.
-    let keys = query_keys(o, ctx, st, index_q.as_ref(), t0, t)?;
-    let mut att = o.attend(st, &q, &kv, &keys, &w.sink, t0, (h, hd))?;
+    let keys = clock.time(Section::Indexer, || {
+        query_keys(o, ctx, st, index_q.as_ref(), t0, t)
+    })?;
+    let mut att = clock.time(Section::AttnCore, || {
+        o.attend(st, &q, &kv, &keys, &w.sink, t0, (h, hd))
+    })?;
     if !dv.no_inverse_rope {
         o.rope(rope, &mut att, hd, t0, h, true)?;
     }

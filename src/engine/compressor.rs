@@ -67,6 +67,18 @@ impl CompressorState {
         self.ratio
     }
 
+    /// Benchmarks only: the rows `n` tokens (a multiple of the ratio) would have left, with
+    /// values from `next` in place of computed ones (the work a later step does depends on
+    /// how many rows there are, not on their values).
+    pub(crate) fn fill_for_bench(&mut self, n: usize, next: &mut impl FnMut() -> f32) {
+        let row: Vec<f32> = (0..self.dim).map(|_| next()).collect();
+        for _ in self.rows.len()..n / self.ratio {
+            self.rows.push(&row);
+        }
+        self.carry.has_prev = n >= self.ratio;
+        self.carry.n_pending = 0;
+    }
+
     /// Rows visible to a query at position `p`: i < ⌊(p+1)/ratio⌋ (spec §5.6 step 6).
     pub fn visible(&self, p: usize) -> usize {
         ((p + 1) / self.ratio).min(self.rows.len())

@@ -19,6 +19,7 @@ mod placement;
 pub mod plan;
 mod rope;
 pub mod sampler;
+pub mod sections;
 pub mod session;
 pub mod snapshot;
 pub mod traps;

@@ -9,6 +9,7 @@ use super::numerics::Numerics;
 use super::offload::{Act, Dev, GaveUp};
 use super::ops::{HcDims, Ops};
 use super::rope::Rope;
+use super::sections::Section::{Attention, Head, Mhc, Moe};
 use super::traps::Deviations;
 #[cfg(feature = "traps")]
 use super::traps::Trap;
@@ -52,6 +53,8 @@ pub struct Engine {
     fingerprint: String,
     /// The traps injected (tests only), as part of the identity.
     traps: String,
+    /// Wall time per section, when switched on ([`Engine::time_sections`]).
+    pub(crate) clock: super::sections::SectionClock,
 }
 
 impl Engine {
@@ -88,6 +91,7 @@ impl Engine {
             ram: None,
             fingerprint,
             traps: String::new(),
+            clock: Default::default(),
         })
     }
 
@@ -241,13 +245,29 @@ impl Engine {
         tokens: &[u32],
         t0: usize,
     ) -> Result<(), O::Err> {
-        let k = HcDims::of(&self.cfg);
-        let (coef, u) = hyper::site_input(o, &b.hc_attn, &b.attn_norm, x, k)?;
-        let a = attention::forward(o, &self.attn_ctx(b), &b.attn, st, &u, t0, tokens.len())?;
-        hyper::write_back(o, x, &a, &coef, k)?;
-        let (coef, u) = hyper::site_input(o, &b.hc_ffn, &b.ffn_norm, x, k)?;
-        let f = moe::forward(o, &self.moe_ctx(b), &b.ffn, &u, tokens)?;
-        hyper::write_back(o, x, &f, &coef, k)
+        let (k, c) = (HcDims::of(&self.cfg), &self.clock);
+        let (coef, u) = c.time(Mhc, || hyper::site_input(o, &b.hc_attn, &b.attn_norm, x, k))?;
+        let a = c.time(Attention, || {
+            attention::forward(o, &self.attn_ctx(b), &b.attn, st, &u, t0, tokens.len())
+        })?;
+        c.time(Mhc, || hyper::write_back(o, x, &a, &coef, k))?;
+        let (coef, u) = c.time(Mhc, || hyper::site_input(o, &b.hc_ffn, &b.ffn_norm, x, k))?;
+        let f = c.time(Moe, || {
+            moe::forward(o, &self.moe_ctx(b), &b.ffn, &u, tokens)
+        })?;
+        c.time(Mhc, || hyper::write_back(o, x, &f, &coef, k))
+    }
+
+    /// Time each section of the forward pass from now on (`on`) or not; [`Engine::section_times`]
+    /// reads and resets the sums.
+    pub fn time_sections(&mut self, on: bool) {
+        self.clock.set(on);
+    }
+
+    /// Seconds per section since the last call (host wall time; with device placement, the
+    /// time the host waited), and tokens per routed expert.
+    pub fn section_times(&self) -> super::sections::SectionTimes {
+        self.clock.take()
     }
 
     /// The head (§5.11) on rows `rows` of the residual states x [t, hc·D]: the HC head's
@@ -256,10 +276,12 @@ impl Engine {
         let (w, k) = (&self.weights, HcDims::of(&self.cfg));
         let n = rows.len();
         let head = (&w.hc_head_fn[..], &w.hc_head_base[..], w.hc_head_scale[0]);
-        let mut hidden = o.hc_head(head, x, rows, k)?;
-        o.rms_norm(&mut hidden, Some(&w.norm), k.d, k.norm_eps)?;
-        let logits = o.linear(&w.head, &hidden, n)?;
-        Ok(o.read(&[], vec![logits])?.pop().unwrap_or_default())
+        self.clock.time(Head, || {
+            let mut hidden = o.hc_head(head, x, rows, k)?;
+            o.rms_norm(&mut hidden, Some(&w.norm), k.d, k.norm_eps)?;
+            let logits = o.linear(&w.head, &hidden, n)?;
+            Ok(o.read(&[], vec![logits])?.pop().unwrap_or_default())
+        })
     }
 
     fn attn_ctx(&self, b: &BlockWeights) -> AttnCtx<'_> {
@@ -269,6 +291,7 @@ impl Engine {
             rope: &self.ropes[b.layer],
             numerics: self.numerics,
             dv: self.deviations,
+            clock: &self.clock,
         }
     }
 
@@ -281,6 +304,7 @@ impl Engine {
             num: self.numerics,
             dv: self.deviations,
             layer: b.layer,
+            clock: &self.clock,
         }
     }
 

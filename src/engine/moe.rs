@@ -82,6 +82,8 @@ pub struct MoeCtx<'a> {
     pub dv: Deviations,
     /// The block index (the expert cache keys experts by layer).
     pub layer: usize,
+    /// Counts the routed experts' tokens when switched on.
+    pub clock: &'a super::sections::SectionClock,
 }
 
 /// Where a chunk's routed experts run: the tokens each expert got, the experts with tokens
@@ -170,6 +172,10 @@ pub(crate) fn forward<O: Ops>(
     let (routes, route_w, x_host) = o.route(ctx.cfg, w, &logits, x, tokens)?;
     drop(logits);
     let plan = Dispatch::new(ctx, w, &routes);
+    ctx.clock.count_experts(
+        plan.active.len(),
+        routes.len() * ctx.cfg.num_experts_per_tok,
+    );
     // The CPU's experts not in RAM start coming from the drive while the shared expert and
     // the others compute (in the order `experts` takes them).
     if let Some(r) = ctx.ram {

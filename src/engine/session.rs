@@ -80,6 +80,35 @@ impl<'e> Session<'e> {
         self.engine.identity()
     }
 
+    /// Benchmarks only (`dsflash bench`'s prefill at long contexts): an empty session stands
+    /// for `n` tokens of context (a multiple of every compression ratio) without computing
+    /// them: the window ring and the compressors hold rows of random values, as many as those
+    /// tokens would have left, so a following step does the work it would do there.
+    pub fn fill_context_for_bench(&mut self, n: usize, seed: u64) {
+        assert!(
+            self.tokens.is_empty() && n <= self.max_ctx,
+            "an empty session with room"
+        );
+        let mut rng = crate::model::synth::SplitMix64::new(seed);
+        let mut next = || rng.uniform() - 0.5;
+        for st in &mut self.state {
+            let win = st.window.size();
+            let row: Vec<f32> = (0..self.engine.cfg.head_dim).map(|_| next()).collect();
+            for p in n.saturating_sub(win)..n {
+                st.window.put(p, &row);
+            }
+            st.ring_synced = None;
+            for c in [st.comp.as_mut(), st.index.as_mut()].into_iter().flatten() {
+                assert!(n.is_multiple_of(c.ratio()), "n a multiple of the ratios");
+                c.fill_for_bench(n, &mut next);
+            }
+        }
+        self.tokens.resize(n, 0);
+        if n > 0 {
+            self.steps.push(0);
+        }
+    }
+
     /// Prefill chunk size.
     pub fn chunk(&self) -> usize {
         self.chunk

@@ -97,19 +97,7 @@ unsafe fn sum_chunk_avx2(c: &[u64]) -> u64 {
 
 /// Peak fp32 FMA throughput in GFLOP/s (2 flops per FMA) over all threads, ~`seconds` long.
 pub fn fma_peak(seconds: f64) -> f64 {
-    let threads = rayon::current_num_threads();
-    let iters = 20_000_000u64;
-    let flops_per_iter = fma_flops_per_iter();
-    // Calibrate on one thread, then run all threads for about `seconds`.
-    let t = Instant::now();
-    std::hint::black_box(fma_loop(iters / 10));
-    let per_iter = t.elapsed().as_secs_f64() / (iters / 10) as f64;
-    let n = ((seconds / per_iter) as u64).max(1000);
-    let t = Instant::now();
-    let s: f32 = (0..threads).into_par_iter().map(|_| fma_loop(n)).sum();
-    let dt = t.elapsed().as_secs_f64();
-    std::hint::black_box(s);
-    (n as f64 * threads as f64 * flops_per_iter) / dt / 1e9
+    loop_peak(seconds, 2_000_000, fma_flops_per_iter(), fma_loop)
 }
 
 fn fma_flops_per_iter() -> f64 {
@@ -170,24 +158,63 @@ pub fn bf16_dot_peak(seconds: f64) -> Option<f64> {
     }
     #[cfg(target_arch = "x86_64")]
     {
-        let threads = rayon::current_num_threads();
-        let iters = 2_000_000u64;
-        // SAFETY (both calls): the CPU has AVX-512 BF16 (checked by available()).
-        let t = Instant::now();
-        std::hint::black_box(unsafe { dp_loop(iters) });
-        let per_iter = t.elapsed().as_secs_f64() / iters as f64;
-        let n = ((seconds / per_iter) as u64).max(1000);
-        let t = Instant::now();
-        let s: f32 = (0..threads)
-            .into_par_iter()
-            .map(|_| unsafe { dp_loop(n) })
-            .sum();
-        let dt = t.elapsed().as_secs_f64();
-        std::hint::black_box(s);
-        Some((n as f64 * threads as f64 * 12.0 * 32.0 * 2.0) / dt / 1e9)
+        // SAFETY: the CPU has AVX-512 BF16 (checked by available()).
+        let f = |n| unsafe { dp_loop(n) };
+        Some(loop_peak(seconds, 2_000_000, 12.0 * 32.0 * 2.0, f))
     }
     #[cfg(not(target_arch = "x86_64"))]
     None
+}
+
+/// Peak GOP/s (2 per multiply-add) of int8 dot-product instructions (`vpdpbusd`, 64
+/// multiply-adds each) on all threads, or None where the CPU has none.
+pub fn int8_dot_peak(seconds: f64) -> Option<f64> {
+    if !super::q8dot::available() {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: the CPU has AVX-512 VNNI (checked by available()).
+        let f = |n| unsafe { dpbusd_loop(n) };
+        Some(loop_peak(seconds, 2_000_000, 12.0 * 64.0 * 2.0, f))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    None
+}
+
+/// Operations per second (in 1e9) of `f(n)`, a loop of `ops_per_iter` per iteration, on all
+/// threads for about `seconds`: calibrated on one thread over `iters`.
+fn loop_peak(seconds: f64, iters: u64, ops_per_iter: f64, f: impl Fn(u64) -> f32 + Sync) -> f64 {
+    let threads = rayon::current_num_threads();
+    let t = Instant::now();
+    std::hint::black_box(f(iters));
+    let per_iter = t.elapsed().as_secs_f64() / iters as f64;
+    let n = ((seconds / per_iter) as u64).max(1000);
+    let t = Instant::now();
+    let s: f32 = (0..threads).into_par_iter().map(|_| f(n)).sum();
+    let dt = t.elapsed().as_secs_f64();
+    std::hint::black_box(s);
+    n as f64 * threads as f64 * ops_per_iter / dt / 1e9
+}
+
+/// 12 independent chains of `vpdpbusd`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vnni")]
+unsafe fn dpbusd_loop(n: u64) -> f32 {
+    use std::arch::x86_64::*;
+    let a = _mm512_set1_epi8(1);
+    let b = _mm512_set1_epi8(1);
+    let mut acc = [_mm512_setzero_si512(); 12];
+    for _ in 0..n {
+        for v in acc.iter_mut() {
+            *v = _mm512_dpbusd_epi32(*v, a, b);
+        }
+    }
+    let mut s = acc[0];
+    for v in &acc[1..] {
+        s = _mm512_add_epi32(s, *v);
+    }
+    _mm512_reduce_add_epi32(s) as f32
 }
 
 /// 12 independent chains of `vdpbf16ps`.
