@@ -172,48 +172,33 @@ unsafe fn tile_product(w: &Weight, r0: usize, nr: usize, inp: &Inputs, sc: &mut 
     while kb < cols {
         let kw = KC.min(cols - kb);
         let k8 = kw / 8 * 8;
-        for i in 0..nr {
-            // Chunk c of row i at pair (i / MR), slot (i % MR).
-            let base = (i / MR) * MR * KC + (i % MR) * 8;
-            let tail = &mut tails[i * 8..i * 8 + 8];
-            dequant_block(w, r0 + i, kb, kw, &mut panel[base..], MR * 8, tail);
-        }
-        // This column block of the inputs.
         let xb = &inp.x[tbn * kb..tbn * (kb + kw)];
-        let mut tt = 0;
-        while tt < tbn {
-            let tn = TR.min(tbn - tt);
-            let mut i = 0;
-            while i < nr {
+        let at = BlockAt {
+            kw,
+            tbn,
+            first: kb == 0,
+        };
+        if tbn <= FEW {
+            // Few inputs: all of the block's fit in L1 next to a pair of rows, so each pair is
+            // dequantized right before its products, which hides the one behind the other.
+            for i in (0..nr).step_by(MR) {
                 let rn = MR.min(nr - i);
-                let blk = Block {
-                    w: &panel[i * KC..],
-                    x: &xb[group_at(tt, kw)..],
-                    k8,
-                    acc: &mut acc[(i * tbn + tt) * 8..],
-                    acc_stride: tbn * 8,
-                    first: kb == 0,
-                };
-                // SAFETY: the CPU has AVX2 and FMA; `Block::check` bounds every access.
-                unsafe {
-                    match (rn, tn) {
-                        (2, 6) => micro::<2, 6>(blk),
-                        (2, 5) => micro::<2, 5>(blk),
-                        (2, 4) => micro::<2, 4>(blk),
-                        (2, 3) => micro::<2, 3>(blk),
-                        (2, 2) => micro::<2, 2>(blk),
-                        (2, _) => micro::<2, 1>(blk),
-                        (_, 6) => micro::<1, 6>(blk),
-                        (_, 5) => micro::<1, 5>(blk),
-                        (_, 4) => micro::<1, 4>(blk),
-                        (_, 3) => micro::<1, 3>(blk),
-                        (_, 2) => micro::<1, 2>(blk),
-                        (_, _) => micro::<1, 1>(blk),
-                    }
+                dequant_rows(w, (r0, nr), i..i + rn, kb, panel, tails);
+                for tt in (0..tbn).step_by(TR) {
+                    // SAFETY: the CPU has AVX2 and FMA (the caller's features).
+                    unsafe { block_product(panel, xb, acc, at, (i, rn), (tt, TR.min(tbn - tt))) };
                 }
-                i += rn;
             }
-            tt += tn;
+        } else {
+            // A group of inputs stays in L1 while every pair of rows passes.
+            dequant_rows(w, (r0, nr), 0..nr, kb, panel, tails);
+            for tt in (0..tbn).step_by(TR) {
+                for i in (0..nr).step_by(MR) {
+                    let (rn, tn) = (MR.min(nr - i), TR.min(tbn - tt));
+                    // SAFETY: the CPU has AVX2 and FMA (the caller's features).
+                    unsafe { block_product(panel, xb, acc, at, (i, rn), (tt, tn)) };
+                }
+            }
         }
         if kb + kw == cols {
             // The lanes in order, then the columns past the last multiple of 8.
@@ -232,6 +217,24 @@ unsafe fn tile_product(w: &Weight, r0: usize, nr: usize, inp: &Inputs, sc: &mut 
             }
         }
         kb += kw;
+    }
+}
+
+/// Prefetch into the caches the stored bytes of columns k0..k0+KC of row `r` (a hint: no
+/// effect on the values).
+#[cfg(target_arch = "x86_64")]
+fn prefetch_block(w: &Weight, r: usize, k0: usize) {
+    use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+    let cols = w.cols();
+    let kw = KC.min(cols - k0);
+    let bytes: &[u8] = match w {
+        Weight::Fp4 { packed, .. } => &packed[(r * cols + k0) / 2..(r * cols + k0 + kw) / 2],
+        Weight::Fp8 { codes, .. } => &codes[r * cols + k0..r * cols + k0 + kw],
+        Weight::Bf16 { data, .. } => &data[(r * cols + k0) * 2..(r * cols + k0 + kw) * 2],
+    };
+    for line in bytes.chunks(64) {
+        // SAFETY: a prefetch of an address inside `bytes` reads nothing.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr() as *const i8) };
     }
 }
 
@@ -284,6 +287,91 @@ fn lane_sums(acc: &[f32], sums: &mut [f32]) {
     }
     for (j, s) in sums.iter_mut().enumerate().skip(n8) {
         *s = acc[j * 8..j * 8 + 8].iter().sum();
+    }
+}
+
+/// Up to this many inputs a block's inputs (with 512 columns: 32 KB) stay in L1.
+const FEW: usize = 16;
+
+/// Rows `rows` of the tile (its first row r0, nr rows) dequantized for columns kb..kb+KC into
+/// the panel and the tails.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dequant_rows(
+    w: &Weight,
+    (r0, nr): (usize, usize),
+    rows: Range<usize>,
+    kb: usize,
+    panel: &mut [f32],
+    tails: &mut [f32],
+) {
+    let cols = w.cols();
+    let kw = KC.min(cols - kb);
+    for i in rows {
+        // Chunk c of row i at pair (i / MR), slot (i % MR).
+        let base = (i / MR) * MR * KC + (i % MR) * 8;
+        let tail = &mut tails[i * 8..i * 8 + 8];
+        dequant_block(w, r0 + i, kb, kw, &mut panel[base..], MR * 8, tail);
+        // Each row's bytes of a block are a few cache lines, too short a run for the
+        // hardware prefetcher: ask for the row's next block (or, after the last, the next
+        // tile's first) while this one computes.
+        match kb + kw < cols {
+            true => prefetch_block(w, r0 + i, kb + kw),
+            false if r0 + nr + i < w.rows() => prefetch_block(w, r0 + nr + i, 0),
+            false => {}
+        }
+    }
+}
+
+/// Where a register block works in a column block: its width, the inputs, whether the
+/// partial sums start from zero.
+#[derive(Clone, Copy)]
+struct BlockAt {
+    kw: usize,
+    tbn: usize,
+    first: bool,
+}
+
+/// The register block of rows i..i+rn of the panel and inputs tt..tt+tn of the column
+/// block `xb`, into their partial sums.
+///
+/// # Safety
+/// Needs AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn block_product(
+    panel: &[f32],
+    xb: &[f32],
+    acc: &mut [f32],
+    at: BlockAt,
+    (i, rn): (usize, usize),
+    (tt, tn): (usize, usize),
+) {
+    let blk = Block {
+        w: &panel[i * KC..],
+        x: &xb[group_at(tt, at.kw)..],
+        k8: at.kw / 8 * 8,
+        acc: &mut acc[(i * at.tbn + tt) * 8..],
+        acc_stride: at.tbn * 8,
+        first: at.first,
+    };
+    // SAFETY: the CPU has AVX2 and FMA (the caller's contract); `Block::check` bounds every
+    // access.
+    unsafe {
+        match (rn, tn) {
+            (2, 6) => micro::<2, 6>(blk),
+            (2, 5) => micro::<2, 5>(blk),
+            (2, 4) => micro::<2, 4>(blk),
+            (2, 3) => micro::<2, 3>(blk),
+            (2, 2) => micro::<2, 2>(blk),
+            (2, _) => micro::<2, 1>(blk),
+            (_, 6) => micro::<1, 6>(blk),
+            (_, 5) => micro::<1, 5>(blk),
+            (_, 4) => micro::<1, 4>(blk),
+            (_, 3) => micro::<1, 3>(blk),
+            (_, 2) => micro::<1, 2>(blk),
+            (_, _) => micro::<1, 1>(blk),
+        }
     }
 }
 
