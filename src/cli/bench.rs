@@ -90,8 +90,11 @@ pub struct GemmResult {
     pub cols: usize,
     pub tokens: usize,
     pub gflops: f64,
-    /// Of the fp32 FMA peak, the bf16 dot-product peak and the int8 dot-product peak measured
-    /// in the same run (the last two where the CPU has the instructions).
+    /// The FMA peak measured right before and right after this product (the better): the
+    /// ratios below are of the peaks measured there.
+    pub fma_peak_gflops: f64,
+    /// Of the fp32 FMA peak, the bf16 dot-product peak and the int8 dot-product peak (the
+    /// last two where the CPU has the instructions).
     pub of_fma_peak: f64,
     pub of_bf16_peak: Option<f64>,
     pub of_int8_peak: Option<f64>,
@@ -138,8 +141,10 @@ pub struct Prefill {
     pub gflops: f64,
     /// Of the peak of the instructions the prefill products use (`bound`).
     pub ratio: f64,
-    /// "bf16 dot peak" (AVX-512 BF16, inputs exactly bf16) or "FMA peak".
+    /// "bf16 dot peak" (AVX-512 BF16, inputs exactly bf16) or "FMA peak", measured right
+    /// before and right after the chunk (the better).
     pub bound: String,
+    pub bound_gflops: f64,
     /// Seconds per section of the forward pass over the chunk.
     pub sections: Vec<SectionTime>,
     /// Tokens per routed expert with tokens, over the chunk's MoE layers: each expert's
@@ -237,11 +242,38 @@ fn bench_kernel(
     }
 }
 
-/// The peaks of the arithmetic instructions, measured once per run (GFLOP/s; int8 in GOP/s).
+/// The peaks of the arithmetic instructions (GFLOP/s; int8 in GOP/s).
+#[derive(Clone, Copy)]
 struct Peaks {
     fma: f64,
     bf16: Option<f64>,
     int8: Option<f64>,
+}
+
+impl Peaks {
+    /// Each peak as the best of two short probes: on a shared host the neighbours take
+    /// arithmetic too, and one probe can land in their burst.
+    fn measure(seconds: f64) -> Peaks {
+        let best = |f: &dyn Fn() -> Option<f64>| {
+            let (a, b) = (f(), f());
+            a.zip(b).map(|(a, b)| a.max(b))
+        };
+        Peaks {
+            fma: best(&|| Some(probe::fma_peak(seconds))).unwrap_or(f64::NAN),
+            bf16: best(&|| probe::bf16_dot_peak(seconds)),
+            int8: best(&|| probe::int8_dot_peak(seconds)),
+        }
+    }
+
+    /// The better of two measurements of each peak.
+    fn max(self, o: Peaks) -> Peaks {
+        let m = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a.max(b));
+        Peaks {
+            fma: self.fma.max(o.fma),
+            bf16: m(self.bf16, o.bf16),
+            int8: m(self.int8, o.int8),
+        }
+    }
 }
 
 /// `linear` with `tokens` inputs on one weight of the shape (the product reads its weight
@@ -251,7 +283,6 @@ fn bench_gemm(
     shape: (&str, &str, usize, usize),
     tokens: usize,
     reps: usize,
-    peaks: &Peaks,
     rng: &mut SplitMix64,
 ) -> GemmResult {
     let (name, kind, rows, cols) = shape;
@@ -259,12 +290,14 @@ fn bench_gemm(
     let x: Vec<f32> = (0..tokens * cols).map(|_| rng.uniform() - 0.5).collect();
     let x = Numerics::Reference.gemm_input(&x, cols).into_owned();
     std::hint::black_box(linear(&w, &x, tokens));
+    let before = Peaks::measure(0.1);
     let mut best = f64::INFINITY;
     for _ in 0..reps {
         let t = Instant::now();
         std::hint::black_box(linear(&w, &x, tokens));
         best = best.min(t.elapsed().as_secs_f64());
     }
+    let peaks = before.max(Peaks::measure(0.1));
     let gflops = 2.0 * (rows * cols * tokens) as f64 / best / 1e9;
     GemmResult {
         name: name.to_string(),
@@ -273,6 +306,7 @@ fn bench_gemm(
         cols,
         tokens,
         gflops,
+        fma_peak_gflops: peaks.fma,
         of_fma_peak: gflops / peaks.fma,
         of_bf16_peak: peaks.bf16.map(|p| gflops / p),
         of_int8_peak: peaks.int8.map(|p| gflops / p),
@@ -281,11 +315,7 @@ fn bench_gemm(
 
 /// The prefill products at the routed experts' and the attention's shapes, batches of 64, 256
 /// and 512 tokens (`--quick`: 64 only).
-fn gemm_list(
-    a: &BenchArgs,
-    peaks: &Peaks,
-    rng: &mut SplitMix64,
-) -> anyhow::Result<Vec<GemmResult>> {
+fn gemm_list(a: &BenchArgs, rng: &mut SplitMix64) -> anyhow::Result<Vec<GemmResult>> {
     let tokens: &[usize] = if a.quick { &[64] } else { &[64, 256, 512] };
     let mut out = Vec::new();
     for shape in [
@@ -297,14 +327,14 @@ fn gemm_list(
     ] {
         for &n in tokens {
             super::signals::check()?;
-            let r = bench_gemm(shape, n, if a.quick { 1 } else { 3 }, peaks, rng);
+            let r = bench_gemm(shape, n, if a.quick { 1 } else { 3 }, rng);
             let of = |name: &str, v: Option<f64>| {
                 v.map_or(String::new(), |v| {
                     format!(", {:.0}% of the {name} peak", 100.0 * v)
                 })
             };
             eprintln!(
-                "  gemm {:<14} {} {:>5}x{:<5} n={:<4} {:>7.1} GFLOP/s: {:.0}% of the FMA peak{}{}",
+                "  gemm {:<14} {} {:>5}x{:<5} n={:<4} {:>7.1} GFLOP/s: {:.0}% of the FMA peak ({:.0}){}{}",
                 r.name,
                 r.format,
                 r.rows,
@@ -312,6 +342,7 @@ fn gemm_list(
                 r.tokens,
                 r.gflops,
                 100.0 * r.of_fma_peak,
+                r.fma_peak_gflops,
                 of("bf16 dot", r.of_bf16_peak),
                 of("int8 dot", r.of_int8_peak)
             );
@@ -594,11 +625,9 @@ fn touch_every_page(ck: &crate::model::Checkpoint) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `peak` = (GFLOP/s, name) of the instructions the prefill products run on.
 fn end_to_end(
     a: &BenchArgs,
     probe: &probe::ReadProbe,
-    peak: (f64, &str),
 ) -> anyhow::Result<(Decode, Decode, Vec<Prefill>)> {
     ensure_synth(a)?;
     let ck = crate::model::Checkpoint::open(&a.synth_dir)?;
@@ -667,11 +696,19 @@ fn end_to_end(
         let mut s = Session::new(&e, before + n, n);
         s.fill_context_for_bench(before, 7 + i as u64);
         let p = random_tokens(&e, n, 6);
+        let near = Peaks::measure(0.2);
         e.section_times(); // from zero
         let t = Instant::now();
         s.prefill(&p, Want::Last)?;
         let dt = t.elapsed().as_secs_f64();
         let split = e.section_times();
+        let near = near.max(Peaks::measure(0.2));
+        // Prefill runs on bf16 dot products where the CPU has them (the default numerics'
+        // inputs are exactly bf16), so that is its bound there.
+        let peak = match near.bf16 {
+            Some(p) => (p, "bf16 dot peak"),
+            None => (near.fma, "FMA peak"),
+        };
         let gflops = 2.0 * (body * n as f64 + head) / dt / 1e9;
         prefill.push(Prefill {
             tokens: n,
@@ -680,6 +717,7 @@ fn end_to_end(
             gflops,
             ratio: gflops / peak.0,
             bound: peak.1.to_string(),
+            bound_gflops: peak.0,
             sections: split
                 .secs
                 .into_iter()
@@ -714,12 +752,6 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     let peak = probe::fma_peak(if a.quick { 0.3 } else { 1.0 });
     let bf16_peak = probe::bf16_dot_peak(if a.quick { 0.3 } else { 1.0 });
     let int8_peak = probe::int8_dot_peak(if a.quick { 0.3 } else { 1.0 });
-    // Prefill runs on bf16 dot products where the CPU has them (the default numerics' inputs
-    // are exactly bf16), so that is its bound there.
-    let prefill_bound = match bf16_peak {
-        Some(p) => (p, "bf16 dot peak"),
-        None => (peak, "FMA peak"),
-    };
     eprintln!(
         "bench: read bandwidth {bw:.1} GB/s, FMA peak {peak:.1} GFLOP/s{}{} ({} threads)",
         bf16_peak.map_or(String::new(), |p| format!(", bf16 dot peak {p:.1} GFLOP/s")),
@@ -759,17 +791,12 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
         );
         kernels.push(r);
     }
-    let peaks = Peaks {
-        fma: peak,
-        bf16: bf16_peak,
-        int8: int8_peak,
-    };
-    let gemm = gemm_list(a, &peaks, &mut rng)?;
+    let gemm = gemm_list(a, &mut rng)?;
     let (decode, decode_fast, prefill, disk) = if a.kernels_only || a.gemm_only {
         (None, None, None, None)
     } else {
         super::signals::check()?;
-        let (d, df, p) = end_to_end(a, &read_probe, prefill_bound)?;
+        let (d, df, p) = end_to_end(a, &read_probe)?;
         super::signals::check()?;
         for (what, d) in [("decode ", &d), ("  fast ", &df)] {
             eprintln!(
@@ -801,14 +828,15 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
                 .map(|s| format!("{} {:.0}%", s.name, 100.0 * s.seconds / total))
                 .collect();
             eprintln!(
-                "  prefill {:>7.1} tok/s, chunk {} at context {}: {:.1} GFLOP/s, {:.1}% of the {}; \
-                 {:.1} tokens per expert; {}",
+                "  prefill {:>7.1} tok/s, chunk {} at context {}: {:.1} GFLOP/s, {:.1}% of the {} \
+                 ({:.0}); {:.1} tokens per expert; {}",
                 p.tokens_per_s,
                 p.tokens,
                 p.context,
                 p.gflops,
                 p.ratio * 100.0,
                 p.bound,
+                p.bound_gflops,
                 p.tokens_per_expert,
                 split.join(", ")
             );

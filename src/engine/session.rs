@@ -308,3 +308,37 @@ pub fn plan_steps(len: usize, chunk: usize, cuts: &[usize]) -> Vec<usize> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Numerics;
+
+    /// A session that stands for n tokens holds, layer by layer, as many compressed rows as a
+    /// session that computed n tokens, and the same window positions.
+    #[test]
+    fn a_filled_context_has_the_rows_of_a_computed_one() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny");
+        let e = Engine::open(&dir, Numerics::Reference).unwrap();
+        let vocab = e.cfg.vocab_size as u32;
+        for n in [128, 512] {
+            let ids: Vec<u32> = (0..n as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+            let mut computed = Session::new(&e, 1024, 128);
+            computed.prefill(&ids, Want::None).unwrap();
+            let mut filled = Session::new(&e, 1024, 128);
+            filled.fill_context_for_bench(n, 5);
+            assert_eq!(filled.len(), computed.len());
+            for (a, b) in filled.state.iter().zip(&computed.state) {
+                let rows = |c: &Option<super::super::compressor::CompressorState>| {
+                    c.as_ref().map(|c| c.rows.len())
+                };
+                assert_eq!(rows(&a.comp), rows(&b.comp), "n = {n}");
+                assert_eq!(rows(&a.index), rows(&b.index), "n = {n}");
+                let win = a.window.size();
+                for p in n.saturating_sub(win)..n {
+                    assert!(a.window.get(p).iter().any(|v| *v != 0.0), "window row {p}");
+                }
+            }
+        }
+    }
+}
