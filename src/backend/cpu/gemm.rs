@@ -114,9 +114,17 @@ impl Out {
     }
 }
 
-/// Where a group of inputs lies in a packed block of `kw` columns and `tbn` inputs: the group
-/// starting at input `tt` has `min(TR, tbn - tt)` inputs, 8 columns of each in turn up to the
-/// last multiple of 8, then each input's remaining columns.
+/// The groups of a register block's inputs among `n`: (first, count), as even as [`TR`]
+/// allows (7 inputs as 4 + 3, not 6 + 1: a block of few inputs waits on its few sums).
+fn groups(n: usize) -> impl Iterator<Item = (usize, usize)> {
+    let ng = n.div_ceil(TR);
+    let (base, extra) = (n / ng.max(1), n % ng.max(1));
+    (0..ng).map(move |g| (g * base + g.min(extra), base + usize::from(g < extra)))
+}
+
+/// Where a group of inputs lies in a packed block of `kw` columns: the group starting at input
+/// `tt` (of [`groups`]) has its inputs' columns 8 at a time, each input in turn, up to the last
+/// multiple of 8, then each input's remaining columns.
 fn group_at(tt: usize, kw: usize) -> usize {
     tt * kw
 }
@@ -131,8 +139,7 @@ fn pack_inputs(x: &[f32], t: usize, cols: usize) -> Vec<f32> {
             let kw = KC.min(cols - kb);
             let k8 = kw / 8 * 8;
             let blk = &mut out[tb * cols + kb * tbn..tb * cols + (kb + kw) * tbn];
-            for tt in (0..tbn).step_by(TR) {
-                let tn = TR.min(tbn - tt);
+            for (tt, tn) in groups(tbn) {
                 let g = &mut blk[group_at(tt, kw)..group_at(tt, kw) + tn * kw];
                 let (inter, tails) = g.split_at_mut(tn * k8);
                 for j in 0..tn {
@@ -184,19 +191,18 @@ unsafe fn tile_product(w: &Weight, r0: usize, nr: usize, inp: &Inputs, sc: &mut 
             for i in (0..nr).step_by(MR) {
                 let rn = MR.min(nr - i);
                 dequant_rows(w, (r0, nr), i..i + rn, kb, panel, tails);
-                for tt in (0..tbn).step_by(TR) {
+                for g in groups(tbn) {
                     // SAFETY: the CPU has AVX2 and FMA (the caller's features).
-                    unsafe { block_product(panel, xb, acc, at, (i, rn), (tt, TR.min(tbn - tt))) };
+                    unsafe { block_product(panel, xb, acc, at, (i, rn), g) };
                 }
             }
         } else {
             // A group of inputs stays in L1 while every pair of rows passes.
             dequant_rows(w, (r0, nr), 0..nr, kb, panel, tails);
-            for tt in (0..tbn).step_by(TR) {
+            for g in groups(tbn) {
                 for i in (0..nr).step_by(MR) {
-                    let (rn, tn) = (MR.min(nr - i), TR.min(tbn - tt));
                     // SAFETY: the CPU has AVX2 and FMA (the caller's features).
-                    unsafe { block_product(panel, xb, acc, at, (i, rn), (tt, tn)) };
+                    unsafe { block_product(panel, xb, acc, at, (i, MR.min(nr - i)), g) };
                 }
             }
         }
@@ -207,8 +213,7 @@ unsafe fn tile_product(w: &Weight, r0: usize, nr: usize, inp: &Inputs, sc: &mut 
                 let sums = &mut sums[i * tbn..(i + 1) * tbn];
                 lane_sums(&acc[i * tbn * 8..(i + 1) * tbn * 8], sums);
                 for (tt, s) in sums.iter_mut().enumerate().filter(|_| rest > 0) {
-                    let g = tt / TR * TR;
-                    let tn = TR.min(tbn - g);
+                    let (g, tn) = groups(tbn).find(|&(g, tn)| tt < g + tn).unwrap_or((tt, 1));
                     let xt = &xb[group_at(g, kw) + tn * k8 + (tt - g) * rest..];
                     for k in 0..rest {
                         *s += tails[i * 8 + k] * xt[k];
