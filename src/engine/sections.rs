@@ -7,7 +7,7 @@ use std::time::Instant;
 /// The timed sections. `Attention` is the whole of §5.4-5.9; the compressors, the indexer's
 /// top-k and the core are parts of it, and the rest of it is its projections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Section {
+pub(crate) enum Section {
     Mhc,
     Attention,
     Compressors,
@@ -20,7 +20,7 @@ pub enum Section {
 const N: usize = 7;
 
 #[derive(Debug, Default)]
-pub struct SectionClock {
+pub(crate) struct SectionClock {
     on: bool,
     sums: Mutex<Sums>,
 }
@@ -43,12 +43,12 @@ pub struct SectionTimes {
 }
 
 impl SectionClock {
-    pub fn set(&mut self, on: bool) {
+    pub(crate) fn set(&mut self, on: bool) {
         self.on = on;
     }
 
     /// `f`, its wall time added to `s` while the clock is on.
-    pub fn time<R>(&self, s: Section, f: impl FnOnce() -> R) -> R {
+    pub(crate) fn time<R>(&self, s: Section, f: impl FnOnce() -> R) -> R {
         if !self.on {
             return f();
         }
@@ -62,7 +62,7 @@ impl SectionClock {
     }
 
     /// One MoE layer's step: `experts` routed experts got `selections` tokens between them.
-    pub fn count_experts(&self, experts: usize, selections: usize) {
+    pub(crate) fn count_experts(&self, experts: usize, selections: usize) {
         if self.on
             && let Ok(mut v) = self.sums.lock()
         {
@@ -73,7 +73,7 @@ impl SectionClock {
 
     /// The sums since the last call (then zero): seconds per section, attention split into
     /// its projections, the compressors, the indexer and the core; tokens per expert.
-    pub fn take(&self) -> SectionTimes {
+    pub(crate) fn take(&self) -> SectionTimes {
         let v = match self.sums.lock() {
             Ok(mut v) => std::mem::take(&mut *v),
             Err(_) => Sums::default(),

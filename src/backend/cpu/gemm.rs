@@ -20,13 +20,13 @@ use rayon::prelude::*;
 use std::ops::Range;
 
 /// Rows per task.
-pub(crate) const TILE: usize = 32;
+const TILE: usize = 32;
 /// Columns per block: a multiple of the FP8 block and the FP4 group, so a block's scales are
 /// whole. A group's 6 inputs of 512 columns (12 KB) stay in L1, the tile's panel (64 KB) and
 /// the block's partial sums in L2.
-pub(crate) const KC: usize = 512;
+const KC: usize = 512;
 /// Inputs per pass of the tiles.
-pub(crate) const TB: usize = 96;
+const TB: usize = 96;
 /// Rows and inputs of the register block: 12 accumulators, 2 weight vectors, 1 input vector.
 const MR: usize = 2;
 const TR: usize = 6;
