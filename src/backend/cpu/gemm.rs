@@ -13,6 +13,7 @@
 //! (the reference numerics: E4M3-rounded inputs times E2M1/E4M3/BF16 weights) the two give the
 //! same bits.
 
+use super::linear::{Row, row};
 use super::rowdot::x86::{LUT2, e4m3x16_to_f16};
 use crate::model::formats::{FP4_GROUP, FP8_BLOCK, e8m0_to_f32};
 use crate::model::weights::Weight;
@@ -230,12 +231,11 @@ unsafe fn tile_product(w: &Weight, r0: usize, nr: usize, inp: &Inputs, sc: &mut 
 #[cfg(target_arch = "x86_64")]
 fn prefetch_block(w: &Weight, r: usize, k0: usize) {
     use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-    let cols = w.cols();
-    let kw = KC.min(cols - k0);
-    let bytes: &[u8] = match w {
-        Weight::Fp4 { packed, .. } => &packed[(r * cols + k0) / 2..(r * cols + k0 + kw) / 2],
-        Weight::Fp8 { codes, .. } => &codes[r * cols + k0..r * cols + k0 + kw],
-        Weight::Bf16 { data, .. } => &data[(r * cols + k0) * 2..(r * cols + k0 + kw) * 2],
+    let kw = KC.min(w.cols() - k0);
+    let bytes: &[u8] = match row(w, r) {
+        Row::Fp4 { packed, .. } => &packed[k0 / 2..(k0 + kw) / 2],
+        Row::Fp8 { codes, .. } => &codes[k0..k0 + kw],
+        Row::Bf16(data) => &data[k0 * 2..(k0 + kw) * 2],
     };
     for line in bytes.chunks(64) {
         // SAFETY: a prefetch of an address inside `bytes` reads nothing.
@@ -477,16 +477,12 @@ fn dequant_block(
             }
         }
     };
-    match w {
-        Weight::Fp4 {
-            cols,
-            packed,
-            scales,
-            ..
-        } => {
-            let g0 = (r * cols + k0) / FP4_GROUP;
-            let p = &packed[(r * cols + k0) / 2..(r * cols + k0 + kw) / 2];
-            let s = &scales[g0..g0 + kw.div_ceil(FP4_GROUP)];
+    // The row's stored form from column k0 on (k0 is a multiple of the FP8 block and the FP4
+    // group, so the scales start with k0's block).
+    match row(w, r) {
+        Row::Fp4 { packed, scales } => {
+            let p = &packed[k0 / 2..(k0 + kw) / 2];
+            let s = &scales[k0 / FP4_GROUP..(k0 + kw).div_ceil(FP4_GROUP)];
             let whole = kw / FP4_GROUP;
             // SAFETY: LUT2 holds 16 bytes.
             let lut = unsafe { _mm_loadu_si128(LUT2.as_ptr() as *const __m128i) };
@@ -515,15 +511,9 @@ fn dequant_block(
                 rest(done, &f);
             }
         }
-        Weight::Fp8 {
-            cols,
-            codes,
-            scales,
-            ..
-        } => {
-            let bc = cols.div_ceil(FP8_BLOCK);
-            let srow = &scales[(r / FP8_BLOCK) * bc + k0 / FP8_BLOCK..(r / FP8_BLOCK + 1) * bc];
-            let c = &codes[r * cols + k0..r * cols + k0 + kw];
+        Row::Fp8 { codes, scales } => {
+            let srow = &scales[k0 / FP8_BLOCK..];
+            let c = &codes[k0..k0 + kw];
             let n16 = kw / 16 * 16;
             for k in (0..n16).step_by(16) {
                 let sc = _mm256_set1_ps(e8m0_to_f32(srow[k / FP8_BLOCK]) * 256.0);
@@ -551,8 +541,8 @@ fn dequant_block(
                 rest(n16, &f);
             }
         }
-        Weight::Bf16 { cols, data, .. } => {
-            let d = &data[(r * cols + k0) * 2..(r * cols + k0 + kw) * 2];
+        Row::Bf16(data) => {
+            let d = &data[k0 * 2..(k0 + kw) * 2];
             for k in (0..k8).step_by(8) {
                 // SAFETY: k + 8 <= k8 <= kw values, 2 bytes each.
                 let v = unsafe { _mm_loadu_si128(d.as_ptr().add(2 * k) as *const __m128i) };

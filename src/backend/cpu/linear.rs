@@ -26,7 +26,7 @@ const FUSED_MAX_T_BF16: usize = 16;
 const FUSED_TASK_BYTES: usize = 128 << 10;
 
 /// One row of a weight in its stored form: the bytes and scales a row kernel reads.
-enum Row<'a> {
+pub(super) enum Row<'a> {
     /// E4M3 codes and the row's 128-column block scales.
     Fp8 {
         codes: &'a [u8],
@@ -42,7 +42,7 @@ enum Row<'a> {
 
 /// Row `r` of `w`.
 #[inline]
-fn row(w: &Weight, r: usize) -> Row<'_> {
+pub(super) fn row(w: &Weight, r: usize) -> Row<'_> {
     match w {
         Weight::Fp8 {
             cols,
@@ -621,7 +621,10 @@ mod tests {
             for (row, d) in deq.chunks_exact_mut(cols).enumerate() {
                 dequant_row(&w, row, d);
             }
-            let forms = [(0, 1), (1, 1), (2, 2), (0, 3)];
+            // Three inputs are decode-sized where the bf16 kernels take them; the fp32 row
+            // dots take at most FUSED_MAX_T.
+            let most = if Kernels::Any.bf16() { 3 } else { FUSED_MAX_T };
+            let forms = [(0, 1), (1, 1), (2, 2), (0, most)];
             for ((form, t), k) in forms
                 .into_iter()
                 .flat_map(|f| [(f, Kernels::Any), (f, Kernels::Fp32)])
