@@ -12,10 +12,16 @@
 //! 8: the summation order of [`super::linear`]'s portable tile, so where every product is exact
 //! (the reference numerics: E4M3-rounded inputs times E2M1/E4M3/BF16 weights) the two give the
 //! same bits.
+//!
+//! With few inputs (a routed expert's share of a prefill chunk) the dequantization costs about
+//! as much as the multiply-adds. For FP4 the first group's register block then decodes its
+//! pair of rows itself, 8 columns at a time (a permute of the group's scaled E2M1 table), so
+//! the decoding's instructions interleave with the multiply-adds; it leaves the values in the
+//! panel for the groups after it.
 
 use super::linear::{Row, row};
 use super::rowdot::x86::{LUT2, e4m3x16_to_f16};
-use crate::model::formats::{FP4_GROUP, FP8_BLOCK, e8m0_to_f32};
+use crate::model::formats::{E2M1_TABLE, FP4_GROUP, FP8_BLOCK, e8m0_to_f32};
 use crate::model::weights::Weight;
 use rayon::prelude::*;
 use std::ops::Range;
@@ -60,6 +66,7 @@ pub(crate) fn gemm(w: &Weight, rows: Range<usize>, x: &[f32], t: usize, y: &mut 
         (0..n.div_ceil(TILE)).into_par_iter().for_each_init(
             || Scratch {
                 panel: vec![0f32; TILE.next_multiple_of(MR) * KC],
+                luts: vec![0f32; MR * KC / FP4_GROUP * 8],
                 tails: vec![0f32; TILE * 8],
                 acc: vec![0f32; TILE * tbn * 8],
                 sums: vec![0f32; TILE * tbn],
@@ -78,10 +85,11 @@ pub(crate) fn gemm(w: &Weight, rows: Range<usize>, x: &[f32], t: usize, y: &mut 
     }
 }
 
-/// A task's buffers: the tile's panel, its rows' columns past the
-/// last multiple of 8, the partial sums, the outputs [nr, inputs].
+/// A task's buffers: the tile's panel, a pair of FP4 rows' group tables, its rows' columns
+/// past the last multiple of 8, the partial sums, the outputs [nr, inputs].
 struct Scratch {
     panel: Vec<f32>,
+    luts: Vec<f32>,
     tails: Vec<f32>,
     acc: Vec<f32>,
     sums: Vec<f32>,
@@ -169,10 +177,13 @@ unsafe fn tile_product(w: &Weight, r0: usize, nr: usize, inp: &Inputs, sc: &mut 
     let (cols, tbn) = (w.cols(), inp.n);
     let Scratch {
         panel,
+        luts,
         tails,
         acc,
         sums,
     } = sc;
+    // (Whole groups only: the checkpoint's FP4 rows are; the panel's way takes any width.)
+    let fp4 = matches!(row(w, r0), Row::Fp4 { .. }) && cols.is_multiple_of(FP4_GROUP);
     assert!(nr <= TILE && panel.len() >= nr.next_multiple_of(MR) * KC);
     assert!(tails.len() >= nr * 8 && acc.len() >= nr * tbn * 8);
     assert!(inp.x.len() == tbn * cols && sums.len() >= nr * tbn);
@@ -186,15 +197,36 @@ unsafe fn tile_product(w: &Weight, r0: usize, nr: usize, inp: &Inputs, sc: &mut 
             tbn,
             first: kb == 0,
         };
-        if tbn <= FEW {
+        if tbn <= FEW && fp4 && groups(tbn).next().is_some_and(|g| g.1 <= FUSED_TR) {
+            // Few inputs, FP4: the first group's register block decodes each pair's weights
+            // itself (its instructions interleave with the multiply-adds) and leaves them in
+            // the panel for the other groups.
+            for i in (0..nr).step_by(MR) {
+                let rn = MR.min(nr - i);
+                let f = fp4_pair(w, (r0, nr), i..i + rn, kb, luts);
+                let mut gs = groups(tbn);
+                let Some(first) = gs.next() else { break };
+                let more = first.1 < tbn;
+                // SAFETY: the CPU has AVX2 and FMA (the caller's features).
+                unsafe {
+                    match more {
+                        true => block_product::<FP4_STORE>(panel, xb, acc, at, (i, rn), first, f),
+                        false => block_product::<FP4>(panel, xb, acc, at, (i, rn), first, f),
+                    }
+                    for g in gs {
+                        block_product::<PANEL>(panel, xb, acc, at, (i, rn), g, f);
+                    }
+                }
+            }
+        } else if tbn <= FEW {
             // Few inputs: all of the block's fit in L1 next to a pair of rows, so each pair is
-            // dequantized right before its products, which hides the one behind the other.
+            // dequantized right before its products, while its panel rows are in L1.
             for i in (0..nr).step_by(MR) {
                 let rn = MR.min(nr - i);
                 dequant_rows(w, (r0, nr), i..i + rn, kb, panel, tails);
                 for g in groups(tbn) {
                     // SAFETY: the CPU has AVX2 and FMA (the caller's features).
-                    unsafe { block_product(panel, xb, acc, at, (i, rn), g) };
+                    unsafe { block_product::<PANEL>(panel, xb, acc, at, (i, rn), g, NO_FP4) };
                 }
             }
         } else {
@@ -203,7 +235,9 @@ unsafe fn tile_product(w: &Weight, r0: usize, nr: usize, inp: &Inputs, sc: &mut 
             for g in groups(tbn) {
                 for i in (0..nr).step_by(MR) {
                     // SAFETY: the CPU has AVX2 and FMA (the caller's features).
-                    unsafe { block_product(panel, xb, acc, at, (i, MR.min(nr - i)), g) };
+                    unsafe {
+                        block_product::<PANEL>(panel, xb, acc, at, (i, MR.min(nr - i)), g, NO_FP4)
+                    };
                 }
             }
         }
@@ -230,10 +264,20 @@ unsafe fn tile_product(w: &Weight, r0: usize, nr: usize, inp: &Inputs, sc: &mut 
 /// effect on the values).
 #[cfg(target_arch = "x86_64")]
 fn prefetch_block(w: &Weight, r: usize, k0: usize) {
+    prefetch_row_block(&row(w, r), k0, KC.min(w.cols() - k0));
+}
+
+/// [`prefetch_block`] for a row at hand, columns k0..k0+kw.
+#[cfg(target_arch = "x86_64")]
+fn prefetch_row_block(rw: &Row, k0: usize, kw: usize) {
     use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-    let kw = KC.min(w.cols() - k0);
-    let bytes: &[u8] = match row(w, r) {
-        Row::Fp4 { packed, .. } => &packed[k0 / 2..(k0 + kw) / 2],
+    let bytes: &[u8] = match *rw {
+        Row::Fp4 { packed, scales } => {
+            // The group scales too: a row's lie in one or two lines apart from its bytes.
+            // SAFETY: a prefetch of an address inside `scales` reads nothing.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(scales[k0 / FP4_GROUP..].as_ptr() as *const i8) };
+            &packed[k0 / 2..(k0 + kw) / 2]
+        }
         Row::Fp8 { codes, .. } => &codes[k0..k0 + kw],
         Row::Bf16(data) => &data[k0 * 2..(k0 + kw) * 2],
     };
@@ -297,6 +341,10 @@ fn lane_sums(acc: &[f32], sums: &mut [f32]) {
 
 /// Up to this many inputs a block's inputs (with 512 columns: 32 KB) stay in L1.
 const FEW: usize = 16;
+/// The most inputs of a register block that decodes FP4 itself. Measured on Zen 3: with 6
+/// (12 accumulators) it is no faster than the panel's way, and slower as the first of two
+/// groups; with 3-5 it is 5-18 % faster.
+const FUSED_TR: usize = 5;
 
 /// Rows `rows` of the tile (its first row r0, nr rows) dequantized for columns kb..kb+KC into
 /// the panel and the tails.
@@ -344,16 +392,17 @@ struct BlockAt {
 /// Needs AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn block_product(
-    panel: &[f32],
+unsafe fn block_product<const S: u8>(
+    panel: &mut [f32],
     xb: &[f32],
     acc: &mut [f32],
     at: BlockAt,
     (i, rn): (usize, usize),
     (tt, tn): (usize, usize),
+    fp4: Fp4Rows,
 ) {
     let blk = Block {
-        w: &panel[i * KC..],
+        w: &mut panel[i * KC..],
         x: &xb[group_at(tt, at.kw)..],
         k8: at.kw / 8 * 8,
         acc: &mut acc[(i * at.tbn + tt) * 8..],
@@ -364,18 +413,18 @@ unsafe fn block_product(
     // access.
     unsafe {
         match (rn, tn) {
-            (2, 6) => micro::<2, 6>(blk),
-            (2, 5) => micro::<2, 5>(blk),
-            (2, 4) => micro::<2, 4>(blk),
-            (2, 3) => micro::<2, 3>(blk),
-            (2, 2) => micro::<2, 2>(blk),
-            (2, _) => micro::<2, 1>(blk),
-            (_, 6) => micro::<1, 6>(blk),
-            (_, 5) => micro::<1, 5>(blk),
-            (_, 4) => micro::<1, 4>(blk),
-            (_, 3) => micro::<1, 3>(blk),
-            (_, 2) => micro::<1, 2>(blk),
-            (_, _) => micro::<1, 1>(blk),
+            (2, 6) => micro::<2, 6, S>(blk, fp4),
+            (2, 5) => micro::<2, 5, S>(blk, fp4),
+            (2, 4) => micro::<2, 4, S>(blk, fp4),
+            (2, 3) => micro::<2, 3, S>(blk, fp4),
+            (2, 2) => micro::<2, 2, S>(blk, fp4),
+            (2, _) => micro::<2, 1, S>(blk, fp4),
+            (_, 6) => micro::<1, 6, S>(blk, fp4),
+            (_, 5) => micro::<1, 5, S>(blk, fp4),
+            (_, 4) => micro::<1, 4, S>(blk, fp4),
+            (_, 3) => micro::<1, 3, S>(blk, fp4),
+            (_, 2) => micro::<1, 2, S>(blk, fp4),
+            (_, _) => micro::<1, 1, S>(blk, fp4),
         }
     }
 }
@@ -385,7 +434,7 @@ unsafe fn block_product(
 /// in turn), the partial sums `acc` (8 lanes per input, `acc_stride` apart per row), `k8`
 /// columns; `first`: start from zero.
 struct Block<'a> {
-    w: &'a [f32],
+    w: &'a mut [f32],
     x: &'a [f32],
     k8: usize,
     acc: &'a mut [f32],
@@ -407,9 +456,12 @@ impl Block<'_> {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn micro<const R: usize, const T: usize>(b: Block) {
+unsafe fn micro<const R: usize, const T: usize, const S: u8>(b: Block, f: Fp4Rows) {
     use std::arch::x86_64::*;
     b.check(R, T);
+    if S != PANEL {
+        f.check(R, b.k8);
+    }
     // SAFETY (whole block): `check` bounds every offset read and written below.
     unsafe {
         let mut c = [[_mm256_setzero_ps(); T]; R];
@@ -421,9 +473,18 @@ unsafe fn micro<const R: usize, const T: usize>(b: Block) {
                 }
             }
         }
-        let (mut wp, mut xp) = (b.w.as_ptr(), b.x.as_ptr());
-        for _ in 0..b.k8 / 8 {
-            let wv: [__m256; R] = std::array::from_fn(|a| _mm256_loadu_ps(wp.add(a * 8)));
+        let (mut wp, mut xp) = (b.w.as_mut_ptr(), b.x.as_ptr());
+        for ck in 0..b.k8 / 8 {
+            let wv: [__m256; R] = std::array::from_fn(|a| match S {
+                PANEL => _mm256_loadu_ps(wp.add(a * 8)),
+                _ => {
+                    let v = fp4_chunk(f.bytes[a], f.luts[a], ck);
+                    if S == FP4_STORE {
+                        _mm256_storeu_ps(wp.add(a * 8), v);
+                    }
+                    v
+                }
+            });
             for j in 0..T {
                 let xv = _mm256_loadu_ps(xp.add(j * 8));
                 for a in 0..R {
@@ -439,6 +500,131 @@ unsafe fn micro<const R: usize, const T: usize>(b: Block) {
             }
         }
     }
+}
+
+/// Where a register block's weight vectors come from: the panel, or a pair of FP4 rows
+/// decoded in the register block (and also stored into the panel for the groups after it).
+const PANEL: u8 = 0;
+const FP4: u8 = 1;
+const FP4_STORE: u8 = 2;
+
+/// A pair of FP4 rows' column block for a register block that decodes them: each row's
+/// packed bytes from the block's first column and its groups' tables (8 floats per group:
+/// the group's row of [`SCALED_E2M1`]); a last odd row's second slot repeats the first.
+#[derive(Clone, Copy)]
+struct Fp4Rows<'a> {
+    bytes: [&'a [u8]; MR],
+    luts: [&'a [f32]; MR],
+}
+
+/// For the register blocks that read the panel only.
+const NO_FP4: Fp4Rows = Fp4Rows {
+    bytes: [&[]; MR],
+    luts: [&[]; MR],
+};
+
+impl Fp4Rows<'_> {
+    fn check(&self, r: usize, k8: usize) {
+        assert!(r <= MR);
+        for a in 0..r {
+            assert!(self.bytes[a].len() >= k8 / 2);
+            assert!(self.luts[a].len() >= k8.div_ceil(FP4_GROUP) * 8);
+        }
+    }
+}
+
+/// Columns 8c..8c+8 of an FP4 row as f32: each nibble's magnitude picked by a permute from
+/// its group's table (`lut[8g..8g + 8]`, g = c / 4: a row of [`SCALED_E2M1`]), its sign bit
+/// moved to the float's. The values of [`crate::model::formats::dequant_fp4_row`].
+///
+/// # Safety
+/// Needs AVX2; `bytes` holds 4c + 4 bytes and `lut` 8 (c / 4 + 1) floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn fp4_chunk(bytes: &[u8], lut: &[f32], c: usize) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    // SAFETY: 4 bytes at 4c and 8 floats at 8 (c / 4) lie inside the slices (the contract).
+    unsafe {
+        let w = _mm256_set1_epi32(bytes.as_ptr().add(4 * c).cast::<i32>().read_unaligned());
+        // Nibble l (column 8c + l) in the low bits of lane l; its sign (bit 3) at bit 31.
+        let idx = _mm256_srlv_epi32(w, _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28));
+        let sign = _mm256_sllv_epi32(w, _mm256_setr_epi32(28, 24, 20, 16, 12, 8, 4, 0));
+        let sign = _mm256_and_si256(sign, _mm256_set1_epi32(i32::MIN));
+        let mag = _mm256_permutevar8x32_ps(_mm256_loadu_ps(lut.as_ptr().add(8 * (c / 4))), idx);
+        _mm256_xor_ps(mag, _mm256_castsi256_ps(sign))
+    }
+}
+
+/// Rows `rows` (a pair, or a last odd row) of the tile (its first row r0, nr rows), FP4 of
+/// whole groups, for columns kb..kb+KC: their groups' tables into `luts` (a slot of KC / 4
+/// floats per row); the rows' next block prefetched as [`dequant_rows`] does.
+#[cfg(target_arch = "x86_64")]
+fn fp4_pair<'a>(
+    w: &'a Weight,
+    (r0, nr): (usize, usize),
+    rows: Range<usize>,
+    kb: usize,
+    luts: &'a mut [f32],
+) -> Fp4Rows<'a> {
+    let cols = w.cols();
+    let kw = KC.min(cols - kb);
+    let slot = KC / FP4_GROUP * 8;
+    assert!(!rows.is_empty() && rows.len() <= MR && luts.len() >= MR * slot);
+    assert!(kw.is_multiple_of(FP4_GROUP));
+    let mut bytes = NO_FP4.bytes;
+    for (a, i) in rows.clone().enumerate() {
+        let rw = row(w, r0 + i);
+        let Row::Fp4 { packed, scales } = rw else {
+            unreachable!("fp4_pair is called for FP4 weights")
+        };
+        bytes[a] = &packed[kb / 2..(kb + kw) / 2];
+        let sc = &scales[kb / FP4_GROUP..(kb + kw).div_ceil(FP4_GROUP)];
+        for (t, &s) in luts[a * slot..(a + 1) * slot].chunks_exact_mut(8).zip(sc) {
+            t.copy_from_slice(&SCALED_E2M1[s as usize]);
+        }
+        match kb + kw < cols {
+            true => prefetch_row_block(&rw, kb + kw, KC.min(cols - kb - kw)),
+            false if r0 + nr + i < w.rows() => prefetch_block(w, r0 + nr + i, 0),
+            false => {}
+        }
+    }
+    let (l0, l1) = luts.split_at(slot);
+    match rows.len() {
+        1 => Fp4Rows {
+            bytes: [bytes[0]; MR],
+            luts: [l0; MR],
+        },
+        _ => Fp4Rows {
+            bytes,
+            luts: [l0, &l1[..slot]],
+        },
+    }
+}
+
+/// The E2M1 magnitudes times each E8M0 scale: row s is the first 8 entries of
+/// [`E2M1_TABLE`] times 2^(s - 127) (0: the subnormal 2^-127, 255: NaN, as
+/// [`e8m0_to_f32`]), the table an FP4 register block permutes by nibble. Every product is
+/// exact, so these are the portable decoder's values.
+static SCALED_E2M1: [[f32; 8]; 256] = scaled_e2m1();
+
+const fn scaled_e2m1() -> [[f32; 8]; 256] {
+    let mut t = [[0f32; 8]; 256];
+    let mut s = 0;
+    while s < 256 {
+        let scale = match s {
+            0 => f32::from_bits(0x0040_0000),
+            255 => f32::NAN,
+            _ => f32::from_bits((s as u32) << 23),
+        };
+        let mut j = 0;
+        while j < 8 {
+            t[s][j] = E2M1_TABLE[j] * scale;
+            j += 1;
+        }
+        s += 1;
+    }
+    t
 }
 
 /// Columns k0..k0+kw of row `r` of `w` as f32 (k0 a multiple of [`KC`]), the same values
@@ -597,6 +783,11 @@ mod tests {
             v.push((rows, c, t));
         }
         v.push((3, cols[0], 2));
+        if kind == "fp4" {
+            // The register blocks that decode FP4 themselves: one group of inputs (3, 4, 5)
+            // or the first of several (10: 5 + 5), a last odd row.
+            v.extend([(7, 544, 5), (4, 1056, 3), (9, 96, 10), (5, 544, 4)]);
+        }
         v
     }
 
@@ -629,6 +820,22 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// The compile-time table of scaled E2M1 magnitudes holds what the decoder computes at
+    /// run time: the magnitude times `e8m0_to_f32` of the scale, for all 256 scale bytes.
+    #[test]
+    fn scaled_e2m1_is_each_magnitude_times_each_scale() {
+        for s in 0..=255u8 {
+            for j in 0..8 {
+                let want = E2M1_TABLE[j] * e8m0_to_f32(s);
+                let got = SCALED_E2M1[s as usize][j];
+                assert!(
+                    got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                    "scale {s}, magnitude {j}: {got} vs {want}"
+                );
             }
         }
     }
