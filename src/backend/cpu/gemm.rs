@@ -20,7 +20,7 @@
 //! panel for the groups after it.
 
 use super::linear::{Row, row};
-use super::rowdot::x86::{LUT2, e4m3x16_to_f16};
+use super::rowdot::x86::e4m3x16_to_f16;
 use crate::model::formats::{E2M1_TABLE, FP4_GROUP, FP8_BLOCK, e8m0_to_f32};
 use crate::model::weights::Weight;
 use rayon::prelude::*;
@@ -673,23 +673,11 @@ fn dequant_block(
             let p = &packed[k0 / 2..(k0 + kw) / 2];
             let s = &scales[k0 / FP4_GROUP..(k0 + kw).div_ceil(FP4_GROUP)];
             let whole = kw / FP4_GROUP;
-            // SAFETY: LUT2 holds 16 bytes.
-            let lut = unsafe { _mm_loadu_si128(LUT2.as_ptr() as *const __m128i) };
-            let mask = _mm_set1_epi8(0x0F);
             for g in 0..whole {
-                // SAFETY: group g < whole reads 16 bytes inside `p`.
-                let b = unsafe { _mm_loadu_si128(p.as_ptr().add(g * 16) as *const __m128i) };
-                let lo = _mm_shuffle_epi8(lut, _mm_and_si128(b, mask));
-                let hi = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(b, 4), mask));
-                let w0 = _mm_unpacklo_epi8(lo, hi);
-                let w1 = _mm_unpackhi_epi8(lo, hi);
-                let sc = _mm256_set1_ps(e8m0_to_f32(s[g]) * 0.5);
-                for (j, v) in [w0, _mm_srli_si128(w0, 8), w1, _mm_srli_si128(w1, 8)]
-                    .into_iter()
-                    .enumerate()
-                {
-                    let f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
-                    put(4 * g + j, _mm256_mul_ps(f, sc));
+                let (bytes, lut) = (&p[g * 16..g * 16 + 16], &SCALED_E2M1[s[g] as usize]);
+                for j in 0..4 {
+                    // SAFETY: chunk j < 4 of the group's 16 bytes, its table's 8 floats.
+                    put(4 * g + j, unsafe { fp4_chunk(bytes, lut, j) });
                 }
             }
             let done = whole * FP4_GROUP;

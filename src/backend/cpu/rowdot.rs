@@ -119,8 +119,7 @@ pub(super) mod x86 {
     }
 
     /// E2M1 values times 2 as int8 (exact: 0.5 -> 1 ... 6 -> 12); the 0.5 goes into the scale.
-    pub(in crate::backend::cpu) const LUT2: [i8; 16] =
-        [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+    const LUT2: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
 
     /// E2M1 values as f32, for a 16-entry permute.
     const LUT_F32: [f32; 16] = [
