@@ -265,6 +265,14 @@ impl Peaks {
         }
     }
 
+    /// `f` between two measurements of the peaks: its result, and the better of each peak
+    /// (the ratios of what `f` timed are to the peaks measured right there).
+    fn around<R>(seconds: f64, f: impl FnOnce() -> R) -> (R, Peaks) {
+        let before = Peaks::measure(seconds);
+        let r = f();
+        (r, before.max(Peaks::measure(seconds)))
+    }
+
     /// The better of two measurements of each peak.
     fn max(self, o: Peaks) -> Peaks {
         let m = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a.max(b));
@@ -290,14 +298,15 @@ fn bench_gemm(
     let x: Vec<f32> = (0..tokens * cols).map(|_| rng.uniform() - 0.5).collect();
     let x = Numerics::Reference.gemm_input(&x, cols).into_owned();
     std::hint::black_box(linear(&w, &x, tokens));
-    let before = Peaks::measure(0.1);
-    let mut best = f64::INFINITY;
-    for _ in 0..reps {
-        let t = Instant::now();
-        std::hint::black_box(linear(&w, &x, tokens));
-        best = best.min(t.elapsed().as_secs_f64());
-    }
-    let peaks = before.max(Peaks::measure(0.1));
+    let (best, peaks) = Peaks::around(0.1, || {
+        let mut best = f64::INFINITY;
+        for _ in 0..reps {
+            let t = Instant::now();
+            std::hint::black_box(linear(&w, &x, tokens));
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        best
+    });
     let gflops = 2.0 * (rows * cols * tokens) as f64 / best / 1e9;
     GemmResult {
         name: name.to_string(),
@@ -696,13 +705,14 @@ fn end_to_end(
         let mut s = Session::new(&e, before + n, n);
         s.fill_context_for_bench(before, 7 + i as u64);
         let p = random_tokens(&e, n, 6);
-        let near = Peaks::measure(0.2);
-        e.section_times(); // from zero
-        let t = Instant::now();
-        s.prefill(&p, Want::Last)?;
-        let dt = t.elapsed().as_secs_f64();
-        let split = e.section_times();
-        let near = near.max(Peaks::measure(0.2));
+        let (timed, near) = Peaks::around(0.2, || {
+            e.section_times(); // from zero
+            let t = Instant::now();
+            let r = s.prefill(&p, Want::Last);
+            (r, t.elapsed().as_secs_f64(), e.section_times())
+        });
+        let (r, dt, split) = timed;
+        r?;
         // Prefill runs on bf16 dot products where the CPU has them (the default numerics'
         // inputs are exactly bf16), so that is its bound there.
         let peak = match near.bf16 {
